@@ -1,0 +1,222 @@
+"""The `ds-distill` command (also `python -m ds_distill`): one verb per user task.
+
+    ds-distill demo                                   the whole job on an embedded default, in minutes
+    ds-distill distill --config=RUN.yaml [--a.b=v]    one distillation run (or --recipe=NAME)
+    ds-distill export --checkpoint_dir=D --output_dir=O
+    ds-distill count_params PATH_OR_RECIPE
+    ds-distill list
+    ds-distill VERB --help
+
+Under the DeepSpeed launcher every rank runs `python -u -m ds_distill ... --local_rank=N`; that flag is
+taken out here (its value is in LOCAL_RANK) so fire never sees it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+from pathlib import Path
+
+import fire
+
+from ds_distill.config import ConfigError
+
+
+def demo(output_dir: str = "runs/demo", overwrite: bool = True):
+    """Runs the whole job on an embedded default: no network, no input files, minutes on a CPU.
+
+    Generates a small parallel corpus, trains a sentencepiece tokenizer and a small T5 teacher, distils the
+    teacher into a student at least 4x smaller (teacher under ZeRO-3 inference, student under ZeRO-2), trains
+    the same student without a teacher for the same steps, and prints parameters, validation loss, BLEU and
+    tokens/s for all three. Uses a GPU when there is one.
+
+    Args:
+        output_dir: where the corpus, tokenizer, runs, TensorBoard events and exported models go.
+        overwrite: replace the runs of an earlier demo in output_dir.
+    """
+    from ds_distill.demo import run_demo
+
+    run_demo(Path(output_dir), overwrite=overwrite)
+
+
+def distill(
+    config: str | None = None, recipe: str | None = None, resume: bool = False, overwrite: bool = False, **overrides
+):
+    """Runs one distillation from a YAML config or a shipped recipe, with dotted overrides.
+
+    Examples:
+        ds-distill distill --config=run.yaml --train.max_steps=100 --losses.kd.temperature=2
+        ds-distill distill --recipe=flan_t5_3b_145m --train.output_dir=runs/145m
+        deepspeed --num_gpus 8 --module ds_distill distill --recipe=flan_t5_3b_145m
+
+    Args:
+        config: path of a run YAML (sections teacher, student, data, losses, train).
+        recipe: name of a shipped recipe instead (`ds-distill list` shows them).
+        resume: continue from the newest complete checkpoint in train.output_dir.
+        overwrite: delete an earlier run in train.output_dir first.
+        **overrides: any config key as a dotted flag, e.g. --train.learning_rate=3e-4.
+    """
+    from ds_distill.config import load_config
+    from ds_distill.trainer import distill as run_distill
+
+    run = load_config(config, recipe, overrides)
+    run_distill(run, resume=_flag(resume, "resume"), overwrite=_flag(overwrite, "overwrite"))
+
+
+def export(checkpoint_dir: str, output_dir: str, tag: str | None = None):
+    """Turns a run's ZeRO checkpoint (stage 2 or 3) into a Hugging Face directory that from_pretrained loads.
+
+    Args:
+        checkpoint_dir: a run's `output_dir/checkpoints`.
+        output_dir: the directory to write (config, model.safetensors, tokenizer, generation config).
+        tag: a checkpoint such as step_200; default: the newest complete one.
+    """
+    from ds_distill.export import export_checkpoint
+
+    path = export_checkpoint(checkpoint_dir, output_dir, tag)
+    print(f"exported {checkpoint_dir} to {path}")
+
+
+def count_params(path_or_recipe: str):
+    """Counts parameters on the meta device (no weights needed) for a model path, hub id, run YAML or recipe.
+
+    For a run config or recipe it prints the teacher, the student and the compression ratio.
+    """
+    from ds_distill import config as config_module
+    from ds_distill import models
+    from ds_distill.student import student_hf_config
+
+    is_yaml = path_or_recipe.endswith((".yaml", ".yml"))
+    is_recipe = not is_yaml and (config_module.RECIPES_DIR / f"{path_or_recipe}.yaml").is_file()
+    if not (is_yaml or is_recipe):
+        hf_config = models.load_config(path_or_recipe, "model")
+        print(f"{path_or_recipe}: {models.count_parameters(hf_config) / 1e6:,.1f}M parameters")
+        return
+    run = config_module.load_config(path_or_recipe if is_yaml else None, None if is_yaml else path_or_recipe)
+    teacher_config = None
+    if run.teacher.model_name_or_path:
+        teacher_config = models.load_config(run.teacher.model_name_or_path, "teacher")
+    student = models.count_parameters(student_hf_config(run.student, teacher_config))
+    if teacher_config is not None:
+        teacher = models.count_parameters(teacher_config)
+        print(f"teacher {run.teacher.model_name_or_path}: {teacher / 1e6:,.1f}M parameters")
+        print(f"student: {student / 1e6:,.1f}M parameters ({teacher / student:.1f}x smaller)")
+    else:
+        print(f"student: {student / 1e6:,.1f}M parameters")
+
+
+def list_components():
+    """Lists shipped recipes, loss terms, model families and DeepSpeed configs, one line each."""
+    from ds_distill.config import RECIPES_DIR
+    from ds_distill.ds_config import PROJECT_ROOT
+    from ds_distill.losses import describe_losses
+    from ds_distill.models import ADAPTERS
+
+    print("recipes (ds-distill distill --recipe=NAME):")
+    for path in sorted(RECIPES_DIR.glob("*.yaml")):
+        first = path.read_text().splitlines()[0].lstrip("# ").strip()
+        print(f"  {path.stem:<24} {first}")
+    print("losses (the YAML's losses: section):")
+    for name, line in describe_losses().items():
+        print(f"  {name:<24} {line.split(': ', 1)[-1]}")
+    print("model families:")
+    for adapter in ADAPTERS:
+        print(f"  {adapter.name:<24} {adapter.kind}: {', '.join(adapter.model_types)}")
+    print("DeepSpeed configs (ds_configs/):")
+    for path in sorted((PROJECT_ROOT / "ds_configs").glob("*.json")):
+        print(f"  {path.name}")
+
+
+def _not_yet(verb: str, what: str):
+    def verb_function(*args, **kwargs):
+        raise ConfigError(f"`ds-distill {verb}` ({what}) is not available yet in this version")
+
+    verb_function.__doc__ = f"Coming: {what}. Not available yet in this version."
+    return verb_function
+
+
+VERBS = {
+    "demo": demo,
+    "distill": distill,
+    "export": export,
+    "count_params": count_params,
+    "list": list_components,
+    "chain": _not_yet("chain", "teacher -> assistant(s) -> student, resumable stage by stage"),
+    "make_student": _not_yet("make_student", "a student initialised by slicing the teacher's weights"),
+    "evaluate": _not_yet("evaluate", "BLEU/ROUGE/loss/accuracy of an exported model"),
+    "plan": _not_yet("plan", "memory per rank for teacher and student, with offload advice"),
+}
+
+
+def _flag(value, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ConfigError(f"--{name} takes no value (got {value!r})")
+
+
+def strip_launcher_flags(argv: list[str]) -> list[str]:
+    """Removes `--local_rank=N` / `--local_rank N` (the DeepSpeed launcher adds it) and exports LOCAL_RANK."""
+    out, skip_next = [], False
+    for i, arg in enumerate(argv):
+        if skip_next:
+            skip_next = False
+            continue
+        if arg.startswith("--local_rank=") or arg.startswith("--local-rank="):
+            os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+        elif arg in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            os.environ.setdefault("LOCAL_RANK", argv[i + 1])
+            skip_next = True
+        else:
+            out.append(arg)
+    return out
+
+
+def usage() -> str:
+    lines = ["usage: ds-distill VERB [ARGS]   (ds-distill VERB --help for details)", "", "verbs:"]
+    for name, function in VERBS.items():
+        lines.append(f"  {name:<14} {inspect.getdoc(function).splitlines()[0]}")
+    return "\n".join(lines)
+
+
+def verb_help(name: str) -> str:
+    function = VERBS[name]
+    signature = inspect.signature(function)
+    return f"usage: ds-distill {name} {_flags(signature)}\n\n{inspect.getdoc(function)}"
+
+
+def _flags(signature: inspect.Signature) -> str:
+    parts = []
+    for param in signature.parameters.values():
+        if param.kind is param.VAR_KEYWORD:
+            parts.append("[--SECTION.KEY=VALUE ...]")
+        elif param.kind is param.VAR_POSITIONAL:
+            continue
+        elif param.default is inspect.Parameter.empty:
+            parts.append(f"--{param.name}=VALUE")
+        else:
+            parts.append(f"[--{param.name}]")
+    return " ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = strip_launcher_flags(list(sys.argv[1:] if argv is None else argv))
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return
+    if argv[0] not in VERBS:
+        print(f"error: unknown verb '{argv[0]}'\n\n{usage()}", file=sys.stderr)
+        sys.exit(2)
+    if any(arg in ("-h", "--help") for arg in argv[1:]):
+        print(verb_help(argv[0]))
+        return
+    try:
+        fire.Fire(VERBS[argv[0]], command=argv[1:], name=f"ds-distill {argv[0]}")
+    except ConfigError as error:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,307 @@
+"""The run configuration: typed dataclasses, YAML loading, dotted overrides, validation.
+
+A run is one YAML file (see `ds_distill/recipes/`) with the sections `teacher`, `student`, `data`,
+`losses` and `train`. Every key can be overridden from the command line with a dotted flag::
+
+    ds-distill distill --config=run.yaml --train.max_steps=10 --losses.kd.temperature=2
+
+Unknown keys are errors that list the valid ones. Values are coerced to the declared field types here,
+at the boundary, because fire guesses types from text (`--data.prefix=1` arrives as an int).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, worded as the problem and its fix."""
+
+
+@dataclass
+class TeacherConfig:
+    """The frozen teacher, run under its own DeepSpeed (ZeRO-3 inference) config."""
+
+    model_name_or_path: str | None = None
+    """Hugging Face hub id or local directory. Empty: no teacher, the student is fine-tuned on labels alone."""
+    deepspeed_config: str = "ds_configs/teacher_zero3_inference_cpu.json"
+
+
+@dataclass
+class FromTeacherConfig:
+    """A student with the teacher's architecture at smaller depth and width; unset fields keep the teacher's."""
+
+    encoder_layers: int | None = None
+    """Encoder blocks (encoder-decoder and encoder-only models)."""
+    decoder_layers: int | None = None
+    """Decoder blocks (encoder-decoder and decoder-only models)."""
+    d_model: int | None = None
+    d_ff: int | None = None
+    num_heads: int | None = None
+    strategy: str = "random"
+    """How weights start. `random`: fresh initialisation from the shrunk config."""
+
+
+@dataclass
+class StudentInitConfig:
+    from_teacher: FromTeacherConfig | None = None
+
+
+@dataclass
+class StudentConfig:
+    """The student, trained under ZeRO-2 or ZeRO-3. Give a model path, or `init.from_teacher`."""
+
+    model_name_or_path: str | None = None
+    init: StudentInitConfig = field(default_factory=StudentInitConfig)
+    deepspeed_config: str = "ds_configs/student_zero2.json"
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from and how it becomes batches. Read with `datasets.load_dataset`."""
+
+    task: str = "translation"
+    """translation | seq2seq | causal_lm | masked_lm"""
+    dataset: str | None = None
+    """Hub name (`wmt16`) or a builder for local files (`json`, `csv`, `parquet`, `text`)."""
+    dataset_config_name: str | None = None
+    data_files: dict[str, str] | None = None
+    """Local files per split, e.g. {train: a.jsonl, validation: b.jsonl}."""
+    train_split: str = "train"
+    validation_split: str | None = "validation"
+    tokenizer: str | None = None
+    """Tokenizer path; defaults to the teacher's (or the student's without a teacher)."""
+    source_lang: str | None = None
+    target_lang: str | None = None
+    prefix: str = ""
+    source_field: str | None = None
+    target_field: str | None = None
+    text_field: str = "text"
+    max_source_length: int = 128
+    max_target_length: int = 128
+    block_size: int = 128
+    mlm_probability: float = 0.15
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    preprocessing_num_workers: int | None = None
+
+
+@dataclass
+class TrainConfig:
+    """Loop settings; names follow Hugging Face `TrainingArguments`."""
+
+    output_dir: str = "runs/distill"
+    max_steps: int = -1
+    """Optimizer steps. -1: derive from num_train_epochs."""
+    num_train_epochs: float = 1.0
+    per_device_train_batch_size: int = 8
+    per_device_eval_batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 3e-4
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    warmup_steps: int = 0
+    logging_steps: int = 10
+    eval_steps: int = 0
+    """0: evaluate only at the end."""
+    save_steps: int = 0
+    """0: checkpoint only at the end."""
+    save_total_limit: int = 2
+    seed: int = 42
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    eval_metric: str = "loss"
+    """loss | bleu | rouge: what evaluation reports besides the validation loss."""
+    generation_max_length: int = 128
+    num_beams: int = 1
+
+
+@dataclass
+class RunConfig:
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    losses: dict[str, dict[str, Any]] = field(default_factory=lambda: {"ce": {"weight": 1.0}})
+    """Loss terms by registry name, each with its `weight` and options (`ds-distill list`)."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building dataclasses from plain dicts, with type coercion and helpful errors.
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], True
+    return tp, False
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    tp, optional = _unwrap_optional(tp)
+    if value is None or (optional and value in ("", "none", "None", "null")):
+        if optional:
+            return None
+        raise ConfigError(f"{where} must not be empty")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping of {_field_names(tp)}, got {value!r}")
+        return from_dict(tp, value, where)
+    origin = typing.get_origin(tp)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        key_tp, value_tp = typing.get_args(tp)
+        return {str(k): _coerce(v, value_tp, f"{where}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("true", "1", "yes", "on"):
+            return True
+        if text in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        try:
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} must be an integer, got {value!r}") from None
+    if tp is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} must be a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (tuple, list)):  # fire reads `a,b` as a tuple
+            return ",".join(str(v) for v in value)
+        return str(value)
+    return value
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def unknown_key_error(key: str, valid: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"unknown key '{where}{key}'.{hint} Valid keys: {', '.join(valid)}")
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Builds dataclass `cls` from `data`, coercing values to the field types; unknown keys are errors."""
+    hints = typing.get_type_hints(cls)
+    valid = _field_names(cls)
+    prefix = f"{where}." if where else ""
+    for key in data:
+        if key not in valid:
+            raise unknown_key_error(key, valid, prefix)
+    kwargs = {key: _coerce(value, hints[key], f"{prefix}{key}") for key, value in data.items()}
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# YAML + overrides.
+
+
+def recipe_path(name: str) -> Path:
+    """The shipped recipe `name` (with or without `.yaml`)."""
+    path = RECIPES_DIR / (name if name.endswith(".yaml") else f"{name}.yaml")
+    if not path.is_file():
+        available = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+        raise ConfigError(f"no recipe named '{name}'. Available: {available}")
+    return path
+
+
+def apply_override(tree: dict[str, Any], dotted_key: str, value: Any) -> None:
+    """Sets `a.b.c = value` inside nested dicts, creating mappings on the way."""
+    parts = dotted_key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set '{dotted_key}': '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(
+    config: str | None = None, recipe: str | None = None, overrides: dict[str, Any] | None = None
+) -> RunConfig:
+    """Reads a YAML file or shipped recipe, applies dotted overrides and validates the result."""
+    if config and recipe:
+        raise ConfigError("give either --config=FILE or --recipe=NAME, not both")
+    tree: dict[str, Any] = {}
+    if config or recipe:
+        path = Path(config) if config else recipe_path(recipe)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        tree = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path} must hold a mapping with the sections {_field_names(RunConfig)}")
+    for key, value in (overrides or {}).items():
+        apply_override(tree, key, value)
+    run = from_dict(RunConfig, tree)
+    validate(run)
+    return run
+
+
+TASKS = ("translation", "seq2seq", "causal_lm", "masked_lm")
+EVAL_METRICS = ("loss", "bleu", "rouge")
+
+
+def validate(run: RunConfig) -> None:
+    """Checks that need no weights and no files beyond the config itself."""
+    data, train, student = run.data, run.train, run.student
+    if data.task not in TASKS:
+        raise ConfigError(f"data.task '{data.task}' is unknown; choose one of {', '.join(TASKS)}")
+    if data.dataset is None:
+        raise ConfigError("data.dataset is missing: give a hub name, or `json`/`csv`/`parquet`/`text` with data_files")
+    if data.task == "translation" and not (data.source_lang and data.target_lang):
+        raise ConfigError("data.task 'translation' needs data.source_lang and data.target_lang (e.g. en, de)")
+    if data.task == "seq2seq" and not (data.source_field and data.target_field):
+        raise ConfigError("data.task 'seq2seq' needs data.source_field and data.target_field (e.g. document, summary)")
+    if bool(student.model_name_or_path) == bool(student.init.from_teacher):
+        raise ConfigError("give exactly one of student.model_name_or_path and student.init.from_teacher")
+    if student.init.from_teacher and not run.teacher.model_name_or_path:
+        raise ConfigError("student.init.from_teacher needs teacher.model_name_or_path")
+    if train.max_steps <= 0 and train.num_train_epochs <= 0:
+        raise ConfigError("set train.max_steps or train.num_train_epochs to a positive number")
+    if train.eval_metric not in EVAL_METRICS:
+        raise ConfigError(
+            f"train.eval_metric '{train.eval_metric}' is unknown; choose one of {', '.join(EVAL_METRICS)}"
+        )
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if getattr(train, name) < 1:
+            raise ConfigError(f"train.{name} must be at least 1")
+    if not run.losses:
+        raise ConfigError("losses is empty: configure at least one term, e.g. {ce: {weight: 1.0}}")
+
+
+def to_dict(run: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(run)
+
+
+def to_yaml(run: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(run), sort_keys=False)

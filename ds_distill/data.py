@@ -1,0 +1,259 @@
+"""Datasets to tokenized batches for translation, seq2seq, causal LM and masked LM tasks.
+
+Text is read with `datasets.load_dataset` (a hub name, or `json`/`csv`/`parquet`/`text` with `data_files`),
+tokenized once (the `datasets` cache keeps the result; rank 0 tokenizes while the other ranks wait), padded
+per batch by the Hugging Face collators, and served in a seeded order that can restart at any micro-batch,
+which is what makes resumed runs equal to uninterrupted ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+from transformers import (
+    AutoTokenizer,
+    DataCollatorForLanguageModeling,
+    DataCollatorForSeq2Seq,
+    DataCollatorWithPadding,
+    PreTrainedTokenizerBase,
+)
+
+from ds_distill import dist
+from ds_distill.config import ConfigError, DataConfig
+
+FILE_BUILDERS = ("json", "csv", "parquet", "text")
+IGNORE_INDEX = -100
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"no tokenizer at '{path}' ({str(error).splitlines()[0]}); set data.tokenizer") from None
+    if tokenizer.pad_token is None:  # GPT-2 and Llama ship without one; padded positions are masked anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def check_same_tokenizer(teacher_path: str, student_path: str) -> None:
+    """Refuses a teacher and a student whose tokenizers differ: their logits would not be comparable."""
+    teacher, student = load_tokenizer(teacher_path), load_tokenizer(student_path)
+    if teacher.get_vocab() != student.get_vocab():
+        raise ConfigError(
+            f"the teacher's tokenizer ({teacher_path}, {len(teacher)} tokens) and the student's ({student_path}, "
+            f"{len(student)} tokens) differ; logit distillation needs one vocabulary. Build the student from the "
+            "teacher (student.init.from_teacher) or give both the same tokenizer"
+        )
+
+
+def load_raw(data: DataConfig) -> datasets.DatasetDict:
+    """Loads the configured splits, with clear errors for missing files, splits and empty sets."""
+    if data.dataset in FILE_BUILDERS:
+        if not data.data_files:
+            raise ConfigError(
+                f"data.dataset '{data.dataset}' reads local files: set data.data_files.train (and validation)"
+            )
+        for split, path in data.data_files.items():
+            if not Path(path).is_file():
+                raise ConfigError(f"data.data_files.{split}: file {path} does not exist")
+    try:
+        raw = datasets.load_dataset(data.dataset, data.dataset_config_name, data_files=data.data_files)
+    except (FileNotFoundError, ConnectionError, ValueError) as error:
+        raise ConfigError(f"cannot load data.dataset '{data.dataset}': {str(error).splitlines()[0]}") from None
+    wanted = [s for s in (data.train_split, data.validation_split) if s]
+    for split in wanted:
+        if split not in raw:
+            raise ConfigError(f"dataset '{data.dataset}' has no split '{split}' (it has {', '.join(raw)})")
+        if len(raw[split]) == 0:
+            raise ConfigError(f"split '{split}' of dataset '{data.dataset}' is empty")
+    return datasets.DatasetDict({s: raw[s] for s in wanted})
+
+
+def _check_fields(dataset: datasets.Dataset, fields: list[str], split: str) -> None:
+    columns = dataset.column_names
+    for name in fields:
+        if name not in columns:
+            raise ConfigError(f"split '{split}' has no field '{name}' (fields: {', '.join(columns)}); set data.*_field")
+
+
+def _translation_pairs(data: DataConfig, dataset: datasets.Dataset, split: str):
+    _check_fields(dataset, ["translation"], split)
+    first = dataset[0]["translation"]
+    for lang in (data.source_lang, data.target_lang):
+        if lang not in first:
+            raise ConfigError(f"translation pairs have languages {', '.join(first)}, not '{lang}'; fix data.*_lang")
+
+    def pairs(batch):
+        return [t[data.source_lang] for t in batch["translation"]], [t[data.target_lang] for t in batch["translation"]]
+
+    return pairs
+
+
+def _tokenize_seq2seq(data: DataConfig, tokenizer, dataset: datasets.Dataset, split: str) -> datasets.Dataset:
+    if data.task == "translation":
+        pairs = _translation_pairs(data, dataset, split)
+    else:
+        _check_fields(dataset, [data.source_field, data.target_field], split)
+
+        def pairs(batch):
+            return batch[data.source_field], batch[data.target_field]
+
+    def tokenize(batch):
+        sources, targets = pairs(batch)
+        features = tokenizer([data.prefix + s for s in sources], max_length=data.max_source_length, truncation=True)
+        features["labels"] = tokenizer(text_target=targets, max_length=data.max_target_length, truncation=True)[
+            "input_ids"
+        ]
+        return features
+
+    return dataset.map(
+        tokenize,
+        batched=True,
+        remove_columns=dataset.column_names,
+        num_proc=data.preprocessing_num_workers,
+        desc=f"tokenizing {split}",
+    )
+
+
+def _tokenize_text(data: DataConfig, tokenizer, dataset: datasets.Dataset, split: str) -> datasets.Dataset:
+    _check_fields(dataset, [data.text_field], split)
+    dataset = dataset.filter(lambda row: bool(row[data.text_field].strip()), desc=f"dropping empty lines of {split}")
+    if data.task == "masked_lm":
+
+        def tokenize(batch):
+            return tokenizer(
+                batch[data.text_field],
+                max_length=data.max_source_length,
+                truncation=True,
+                return_special_tokens_mask=True,
+            )
+
+        return dataset.map(
+            tokenize,
+            batched=True,
+            remove_columns=dataset.column_names,
+            num_proc=data.preprocessing_num_workers,
+            desc=f"tokenizing {split}",
+        )
+
+    block = data.block_size
+
+    def tokenize_and_pack(batch):
+        # Concatenate documents (each ended by EOS) and cut into equal blocks, as run_clm.py does.
+        ids = [
+            token
+            for text in batch[data.text_field]
+            for token in tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
+        ]
+        usable = len(ids) // block * block
+        blocks = [ids[i : i + block] for i in range(0, usable, block)]
+        return {"input_ids": blocks, "attention_mask": [[1] * block for _ in blocks]}
+
+    return dataset.map(
+        tokenize_and_pack,
+        batched=True,
+        remove_columns=dataset.column_names,
+        num_proc=data.preprocessing_num_workers,
+        desc=f"packing {split} into blocks of {block}",
+    )
+
+
+def tokenize(data: DataConfig, tokenizer, raw: datasets.DatasetDict) -> datasets.DatasetDict:
+    """Tokenizes every split; rank 0 first so the other ranks read its cache instead of redoing the work."""
+    limits = {data.train_split: data.max_train_samples, data.validation_split: data.max_eval_samples}
+    out = {}
+    with dist.main_process_first():
+        for split, dataset in raw.items():
+            if limits.get(split):
+                dataset = dataset.select(range(min(limits[split], len(dataset))))
+            fn = _tokenize_seq2seq if data.task in ("translation", "seq2seq") else _tokenize_text
+            out[split] = fn(data, tokenizer, dataset, split)
+            if len(out[split]) == 0:
+                raise ConfigError(
+                    f"split '{split}' is empty after tokenization (block_size {data.block_size} too large?)"
+                )
+    return datasets.DatasetDict(out)
+
+
+def make_collator(data: DataConfig, tokenizer, model: torch.nn.Module | None = None):
+    """Dynamic padding; for seq2seq, `model` turns labels into decoder inputs its own way (T5 vs BART)."""
+    if data.task in ("translation", "seq2seq"):
+        return DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
+    if data.task == "causal_lm":
+        return DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    if data.mlm_probability > 0:
+        return DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=data.mlm_probability)
+    return DataCollatorWithPadding(tokenizer)
+
+
+def _drop_special_tokens_mask(collate):
+    def wrapped(features):
+        features = [{k: v for k, v in f.items() if k != "special_tokens_mask"} for f in features]
+        return collate(features)
+
+    return wrapped
+
+
+def batches_per_epoch(num_examples: int, batch_size: int) -> int:
+    """Micro-batches each rank gets per epoch (drop_last); at least one, or a `ConfigError`."""
+    batches = num_examples // dist.world_size() // batch_size
+    if batches == 0:
+        raise ConfigError(
+            f"the training set has {num_examples} examples, fewer than one batch of {batch_size} per rank on "
+            f"{dist.world_size()} ranks; lower train.per_device_train_batch_size or add data"
+        )
+    return batches
+
+
+@dataclass
+class TrainBatches:
+    """The training stream for one rank: seeded, epoch after epoch, restartable at any micro-batch.
+
+    Every rank gets the same number of micro-batches per epoch (drop_last), because the teacher's ZeRO-3
+    forward is collective: a rank that ran one batch fewer would hang the others.
+    """
+
+    dataset: datasets.Dataset
+    collate: Any
+    batch_size: int
+    seed: int
+
+    def __post_init__(self):
+        self.sampler = DistributedSampler(
+            self.dataset, num_replicas=dist.world_size(), rank=dist.rank(), shuffle=True, seed=self.seed, drop_last=True
+        )
+        self.batches_per_epoch = batches_per_epoch(len(self.dataset), self.batch_size)
+
+    def iterate(self, start: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        """Yields micro-batches forever, beginning after the first `start` ones."""
+        epoch, skip = divmod(start, self.batches_per_epoch)
+        collate = _drop_special_tokens_mask(self.collate)
+        while True:
+            self.sampler.set_epoch(epoch)
+            indices = list(self.sampler)[: self.batches_per_epoch * self.batch_size]
+            batches = [indices[i : i + self.batch_size] for i in range(0, len(indices), self.batch_size)][skip:]
+            yield from DataLoader(self.dataset, batch_sampler=batches, collate_fn=collate)
+            epoch, skip = epoch + 1, 0
+
+
+def eval_batches(dataset: datasets.Dataset, collate, batch_size: int) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
+    """This rank's share of the evaluation set as (batch, number of real rows).
+
+    Ranks get equal numbers of batches (ZeRO-3 needs every rank in every forward); the last batches are
+    filled with repeats of example 0, and the count of real rows tells the caller to leave those out.
+    """
+    world, rank = dist.world_size(), dist.rank()
+    per_rank = -(-len(dataset) // world)
+    mine = list(range(rank, len(dataset), world))
+    real = len(mine)
+    mine += [0] * (per_rank - real)
+    collate = _drop_special_tokens_mask(collate)
+    for start in range(0, per_rank, batch_size):
+        chunk = mine[start : start + batch_size]
+        yield collate([dataset[i] for i in chunk]), max(0, min(len(chunk), real - start))

@@ -1,0 +1,142 @@
+"""Plain DeepSpeed JSON in, checked and completed DeepSpeed dicts out.
+
+The JSON files in `ds_configs/` stay plain DeepSpeed JSON. Where they say "auto", the value comes from the
+run's YAML (`train.*`); what is left "auto" afterwards is an error, and so is a misspelt top-level key, which
+DeepSpeed itself would silently ignore (`zero_optimizaton` trains without ZeRO).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from ds_distill.config import ConfigError, TrainConfig, unknown_key_error
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+# Top-level keys DeepSpeed reads (runtime/config.py and the feature configs it hands sections to).
+KNOWN_TOP_LEVEL_KEYS = sorted(
+    """
+    activation_checkpointing aio amp autotuning bf16 checkpoint comet comms_logger communication_data_type compile
+    compression_training csv_monitor curriculum_learning data_efficiency data_types dataloader_drop_last
+    disable_allgather dump_state elasticity expert_parallel flops_profiler fp16 gradient_accumulation_steps
+    gradient_allreduce_op gradient_clipping gradient_predivide_factor hybrid_engine log_level
+    managed_gradient_accumulation memory_breakdown monitor_config nebula optimizer pipeline prescale_gradients
+    scheduler seq_parallel_communication_data_type sparse_attention sparse_gradients steps_per_print tensorboard
+    timers torch_autocast train_batch_size train_micro_batch_size_per_gpu use_data_before_expert_parallelism
+    vocabulary_size wall_clock_breakdown wandb weight_quantization zero_allow_untested_optimizer
+    zero_force_ds_cpu_optimizer zero_optimization
+    """.split()
+)
+
+
+def resolve_path(path: str) -> Path:
+    """A config path as given, else relative to the project root (so recipes work from any directory)."""
+    candidate = Path(path)
+    if candidate.is_file():
+        return candidate
+    if not candidate.is_absolute() and (PROJECT_ROOT / candidate).is_file():
+        return PROJECT_ROOT / candidate
+    raise ConfigError(f"DeepSpeed config {path} does not exist (looked in the working directory and {PROJECT_ROOT})")
+
+
+def load_json(path: str) -> dict[str, Any]:
+    resolved = resolve_path(path)
+    try:
+        config = json.loads(resolved.read_text())
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{resolved} is not valid JSON: {error}") from None
+    check_keys(config, str(resolved))
+    return config
+
+
+def check_keys(config: dict[str, Any], name: str) -> None:
+    """Rejects misspelt top-level keys and invalid `zero_optimization` entries before DeepSpeed sees them."""
+    for key in config:
+        if key not in KNOWN_TOP_LEVEL_KEYS:
+            error = unknown_key_error(key, KNOWN_TOP_LEVEL_KEYS, "")
+            raise ConfigError(f"{name}: {error} (DeepSpeed would silently ignore it)")
+    zero = config.get("zero_optimization")
+    if zero is not None:
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+        try:
+            DeepSpeedZeroConfig(**zero)
+        except Exception as error:  # pydantic's ValidationError; its message names the bad field
+            first_line = str(error).splitlines()
+            raise ConfigError(f"{name}: invalid zero_optimization: {' '.join(first_line[:3])}") from None
+
+
+def zero_stage(config: dict[str, Any]) -> int:
+    return int(config.get("zero_optimization", {}).get("stage", 0))
+
+
+def _fill(section: dict[str, Any], key: str, value: Any) -> None:
+    if section.get(key) == "auto":
+        section[key] = value
+
+
+def fill_auto(
+    config: dict[str, Any], train: TrainConfig, world_size: int, total_steps: int, on_cpu: bool, name: str
+) -> dict[str, Any]:
+    """Returns a copy of `config` with every documented "auto" taken from `train`, checked for leftovers.
+
+    Batch sizes are always set from the YAML, so one JSON serves any number of ranks; an explicit value that
+    disagrees with `train` is an error rather than a silent second source of truth.
+    """
+    config = copy.deepcopy(config)
+    micro, accumulation = train.per_device_train_batch_size, train.gradient_accumulation_steps
+    expected = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": micro * accumulation * world_size,
+    }
+    for key, value in expected.items():
+        given = config.get(key, "auto")
+        if given != "auto" and int(given) != value:
+            raise ConfigError(
+                f"{name}: {key}={given} disagrees with the run ({key} must be {value}: train_batch_size = "
+                f"per_device_train_batch_size {micro} x gradient_accumulation_steps {accumulation} x world size "
+                f'{world_size}). Set it to "auto" or change train.*'
+            )
+        config[key] = value
+    _fill(config, "gradient_clipping", train.max_grad_norm)
+    for precision, enabled in (("bf16", train.bf16), ("fp16", False)):
+        if precision in config:
+            _fill(config[precision], "enabled", enabled)
+
+    optimizer = config.get("optimizer")
+    if optimizer is not None:
+        params = optimizer.setdefault("params", {})
+        _fill(params, "lr", train.learning_rate)
+        _fill(params, "betas", [train.adam_beta1, train.adam_beta2])
+        _fill(params, "eps", train.adam_epsilon)
+        _fill(params, "weight_decay", train.weight_decay)
+        offloaded = config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
+        if on_cpu and not offloaded and optimizer.get("type", "").lower() in ("adam", "adamw"):
+            # DeepSpeed's fused Adam is a GPU kernel; on the CPU accelerator torch's AdamW does the same job.
+            params.setdefault("torch_adam", True)
+    scheduler = config.get("scheduler")
+    if scheduler is not None:
+        params = scheduler.setdefault("params", {})
+        _fill(params, "warmup_max_lr", train.learning_rate)
+        _fill(params, "warmup_num_steps", train.warmup_steps)
+        _fill(params, "total_num_steps", max(total_steps, train.warmup_steps + 1))
+        _fill(params, "warmup_min_lr", 0.0)
+
+    leftovers = list(_auto_keys(config))
+    if leftovers:
+        raise ConfigError(
+            f'{name}: "auto" left at {", ".join(leftovers)}; ds_distill fills only documented keys, set these'
+        )
+    return config
+
+
+def _auto_keys(node: Any, prefix: str = ""):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _auto_keys(value, f"{prefix}{key}.")
+    elif node == "auto":
+        yield prefix.rstrip(".")

@@ -1,0 +1,89 @@
+"""Student weights out of DeepSpeed into a Hugging Face directory that `from_pretrained` loads.
+
+Two routes: from a live engine at the end of a run (ZeRO-3 shards gathered one parameter at a time, so no
+rank needs more than one extra full tensor), and from a saved checkpoint with DeepSpeed's
+`zero_to_fp32` (works for ZeRO-2 and ZeRO-3 without starting a process group)::
+
+    ds-distill export --checkpoint_dir=runs/x/checkpoints --output_dir=runs/x/exported
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, GenerationConfig, PretrainedConfig
+
+from ds_distill import dist, models
+from ds_distill.checkpoint import latest_tag
+from ds_distill.config import ConfigError
+
+STUDENT_PREFIX = "student."
+TEMPLATE_DIR = "student_template"
+
+
+def gather_student_state(engine) -> dict[str, torch.Tensor] | None:
+    """The student's full state dict on rank 0 (None elsewhere). Collective under ZeRO-3."""
+    import deepspeed
+
+    student = engine.module.student
+    state = {}
+    for name, tensor in student.state_dict(keep_vars=True).items():
+        if hasattr(tensor, "ds_id"):  # a ZeRO-3 partition: empty outside forward until gathered
+            with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):
+                if dist.is_main():
+                    state[name] = tensor.detach().cpu().clone()
+        elif dist.is_main():
+            state[name] = tensor.detach().cpu().clone()
+    return state if dist.is_main() else None
+
+
+def save_template(output_dir: Path, hf_config: PretrainedConfig, tokenizer, generation_config) -> None:
+    """What a Hugging Face directory needs besides weights, written once at the start of a run."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    hf_config.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    if generation_config is not None:
+        generation_config.save_pretrained(output_dir)
+
+
+def save_hf_model(state: dict[str, torch.Tensor], template_dir: Path, output_dir: Path) -> None:
+    """Writes config, safetensors weights, tokenizer and generation config; the directory appears whole or not at all."""
+    hf_config = AutoConfig.from_pretrained(template_dir)
+    model = models.adapter_for(hf_config).model_class(hf_config).from_config(hf_config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise ConfigError(
+            f"checkpoint does not fit the student config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    staging = output_dir.with_name(output_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging, safe_serialization=True)
+    for item in template_dir.iterdir():
+        if item.name not in ("config.json", "model.safetensors") and not (staging / item.name).exists():
+            shutil.copy2(item, staging / item.name)
+    if (template_dir / "generation_config.json").is_file():
+        GenerationConfig.from_pretrained(template_dir).save_pretrained(staging)
+    shutil.rmtree(output_dir, ignore_errors=True)
+    os.replace(staging, output_dir)
+
+
+def export_checkpoint(checkpoint_dir: str, output_dir: str, tag: str | None = None) -> Path:
+    """ZeRO checkpoint (any stage) -> Hugging Face directory, on one process."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    root = Path(checkpoint_dir)
+    template = root / TEMPLATE_DIR
+    if not template.is_dir():
+        raise ConfigError(f"{checkpoint_dir} is not a ds_distill checkpoint directory (no {TEMPLATE_DIR}/ inside)")
+    tag = tag or latest_tag(root)
+    if tag is None:
+        raise ConfigError(f"no complete checkpoint in {checkpoint_dir}")
+    full = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+    state = {k[len(STUDENT_PREFIX) :]: v for k, v in full.items() if k.startswith(STUDENT_PREFIX)}
+    save_hf_model(state, template, Path(output_dir))
+    return Path(output_dir)

@@ -1,0 +1,28 @@
+"""The one interface every loss implements."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+
+@dataclass
+class NoOptions:
+    pass
+
+
+class DistillationLoss(torch.nn.Module):
+    """A loss term. Subclasses set `Options` (a dataclass the YAML fills), `needs` and `requires_teacher`."""
+
+    Options: ClassVar[type] = NoOptions
+    needs: ClassVar[frozenset[str]] = frozenset({"logits", "labels"})
+    requires_teacher: ClassVar[bool] = True
+
+    def __init__(self, options) -> None:
+        super().__init__()
+        self.options = options
+
+    def forward(self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor] | None) -> torch.Tensor:
+        raise NotImplementedError

@@ -1,0 +1,198 @@
+"""Model adapters: what differs between architecture families, kept in one place per family.
+
+An adapter knows which Hugging Face head class a checkpoint needs, which tasks it can train on, and how to
+name depth and width in its config (`ds-distill list` shows the families). Code elsewhere asks the adapter
+instead of testing `model_type`.
+
+Add a family by subclassing `ModelAdapter` and listing its `model_types` in `ADAPTERS`.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoConfig, PretrainedConfig
+
+from ds_distill.config import ConfigError, FromTeacherConfig
+
+KNOWN_CONFIGS_DIR = Path(__file__).parent / "known_configs"
+DIMENSIONS = ("encoder_layers", "decoder_layers", "d_model", "d_ff", "num_heads")
+
+
+@dataclass(frozen=True)
+class ModelAdapter:
+    """One architecture family.
+
+    `config_fields` maps each generic student dimension (`FromTeacherConfig`) to the config attributes that
+    hold it in this family; a dimension the family lacks (decoder layers of BERT) is absent.
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    kind: str  # "seq2seq" | "causal" | "encoder"
+    config_fields: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return {"seq2seq": ("translation", "seq2seq"), "causal": ("causal_lm",), "encoder": ("masked_lm",)}[self.kind]
+
+    def model_class(self, config: PretrainedConfig) -> type:
+        """The head class that matches the checkpoint: a bare `BertModel` stays bare (no LM head to invent)."""
+        architectures = getattr(config, "architectures", None) or []
+        if (
+            self.kind == "encoder"
+            and architectures
+            and not any("MaskedLM" in a or "PreTraining" in a for a in architectures)
+        ):
+            return transformers.AutoModel
+        return {
+            "seq2seq": transformers.AutoModelForSeq2SeqLM,
+            "causal": transformers.AutoModelForCausalLM,
+            "encoder": transformers.AutoModelForMaskedLM,
+        }[self.kind]
+
+    def has_lm_head(self, config: PretrainedConfig) -> bool:
+        return self.model_class(config) is not transformers.AutoModel
+
+    def shrink(self, config: PretrainedConfig, dims: FromTeacherConfig) -> PretrainedConfig:
+        """The teacher's config with the given depth and width; other settings (vocabulary, activation) kept."""
+        student = copy.deepcopy(config)
+        for dim in DIMENSIONS:
+            value = getattr(dims, dim)
+            if value is None:
+                continue
+            if dim not in self.config_fields:
+                valid = ", ".join(d for d in DIMENSIONS if d in self.config_fields)
+                raise ConfigError(
+                    f"student.init.from_teacher.{dim} does not apply to {self.name} ({self.kind}) models; use {valid}"
+                )
+            for attr in self.config_fields[dim]:
+                setattr(student, attr, value)
+        self._check_heads(student)
+        student.architectures = config.architectures
+        return student
+
+    def _check_heads(self, config: PretrainedConfig) -> None:
+        width = getattr(config, self.config_fields["d_model"][0])
+        heads = getattr(config, self.config_fields["num_heads"][0])
+        if self.name != "t5" and width % heads:  # T5 sets the head width (d_kv) apart from d_model
+            raise ConfigError(f"d_model {width} is not divisible by num_heads {heads}; pick widths that divide")
+
+    def layer_counts(self, config: PretrainedConfig) -> dict[str, int]:
+        """Blocks per stack, e.g. {"encoder": 24, "decoder": 24}."""
+        counts = {}
+        for stack in ("encoder", "decoder"):
+            fields = self.config_fields.get(f"{stack}_layers")
+            if fields:
+                counts[stack] = int(getattr(config, fields[0]))
+        return counts
+
+
+@dataclass(frozen=True)
+class DecoderOnlyAdapter(ModelAdapter):
+    """Llama-style configs: grouped key/value heads and an explicit head_dim follow the new width."""
+
+    def shrink(self, config: PretrainedConfig, dims: FromTeacherConfig) -> PretrainedConfig:
+        student = super().shrink(config, dims)
+        heads = student.num_attention_heads
+        if getattr(config, "num_key_value_heads", None) is not None:
+            groups = max(1, config.num_attention_heads // config.num_key_value_heads)
+            student.num_key_value_heads = max(1, heads // groups)
+        if getattr(config, "head_dim", None) is not None:
+            student.head_dim = student.hidden_size // heads
+        return student
+
+
+ADAPTERS: tuple[ModelAdapter, ...] = (
+    ModelAdapter(
+        name="t5",
+        model_types=("t5", "mt5", "umt5"),
+        kind="seq2seq",
+        config_fields={
+            "encoder_layers": ("num_layers",),
+            "decoder_layers": ("num_decoder_layers",),
+            "d_model": ("d_model",),
+            "d_ff": ("d_ff",),
+            "num_heads": ("num_heads",),
+        },
+    ),
+    ModelAdapter(
+        name="bart",
+        model_types=("bart", "mbart"),
+        kind="seq2seq",
+        config_fields={
+            "encoder_layers": ("encoder_layers",),
+            "decoder_layers": ("decoder_layers",),
+            "d_model": ("d_model",),
+            "d_ff": ("encoder_ffn_dim", "decoder_ffn_dim"),
+            "num_heads": ("encoder_attention_heads", "decoder_attention_heads"),
+        },
+    ),
+    ModelAdapter(
+        name="gpt2",
+        model_types=("gpt2",),
+        kind="causal",
+        config_fields={
+            "decoder_layers": ("n_layer",),
+            "d_model": ("n_embd",),
+            "d_ff": ("n_inner",),
+            "num_heads": ("n_head",),
+        },
+    ),
+    DecoderOnlyAdapter(
+        name="llama",
+        model_types=("llama", "qwen2", "qwen3", "mistral"),
+        kind="causal",
+        config_fields={
+            "decoder_layers": ("num_hidden_layers",),
+            "d_model": ("hidden_size",),
+            "d_ff": ("intermediate_size",),
+            "num_heads": ("num_attention_heads",),
+        },
+    ),
+    ModelAdapter(
+        name="bert",
+        model_types=("bert", "roberta"),
+        kind="encoder",
+        config_fields={
+            "encoder_layers": ("num_hidden_layers",),
+            "d_model": ("hidden_size",),
+            "d_ff": ("intermediate_size",),
+            "num_heads": ("num_attention_heads",),
+        },
+    ),
+)
+
+
+def adapter_for(config: PretrainedConfig) -> ModelAdapter:
+    for adapter in ADAPTERS:
+        if config.model_type in adapter.model_types:
+            return adapter
+    supported = ", ".join(t for a in ADAPTERS for t in a.model_types)
+    raise ConfigError(f"model_type '{config.model_type}' has no adapter yet; supported: {supported}")
+
+
+def load_config(name_or_path: str, role: str) -> PretrainedConfig:
+    """`AutoConfig.from_pretrained`, with a clear error, and shipped copies of recipe configs for offline use."""
+    try:
+        return AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as error:
+        known = KNOWN_CONFIGS_DIR / f"{name_or_path.replace('/', '--')}.json"
+        if known.is_file():
+            return AutoConfig.from_pretrained(known)
+        raise ConfigError(
+            f"{role}.model_name_or_path '{name_or_path}' is neither a local model directory nor a reachable hub id "
+            f"({str(error).splitlines()[0]}); check the path or download the model first"
+        ) from None
+
+
+def count_parameters(config: PretrainedConfig) -> int:
+    """Parameters of the model `config` describes, built on the meta device (no memory, no weights)."""
+    adapter = adapter_for(config)
+    with torch.device("meta"):
+        model = adapter.model_class(config).from_config(config)
+    return sum(p.numel() for p in model.parameters())  # parameters() yields tied weights once

@@ -1,0 +1,74 @@
+"""The student: built or loaded, wrapped with its loss terms, and trained under ZeRO-2 or ZeRO-3.
+
+The DeepSpeed engine wraps `DistillationModule` (student + losses), so one engine forward computes the
+student's features and every configured term, and trainable loss parameters (projections) share the
+student's optimizer, checkpoints and resumption while staying out of the exported model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import PretrainedConfig
+
+from ds_distill import models
+from ds_distill.config import ConfigError, StudentConfig
+from ds_distill.teacher import model_dtype, zero3_loading
+
+
+def student_hf_config(student: StudentConfig, teacher_hf_config: PretrainedConfig | None) -> PretrainedConfig:
+    """The student's architecture, known before any weights load (for validation and parameter counts)."""
+    if student.model_name_or_path:
+        return models.load_config(student.model_name_or_path, "student")
+    dims = student.init.from_teacher
+    if dims.strategy != "random":
+        raise ConfigError(
+            f"student.init.from_teacher.strategy '{dims.strategy}' is not available yet; use 'random' "
+            "(weight-slicing strategies are on the roadmap)"
+        )
+    return models.adapter_for(teacher_hf_config).shrink(teacher_hf_config, dims)
+
+
+def build_student(student: StudentConfig, hf_config: PretrainedConfig, ds_config: dict[str, Any], seed: int):
+    """The student's Hugging Face model, partitioned as it is built when the config is ZeRO-3."""
+    model_class = models.adapter_for(hf_config).model_class(hf_config)
+    torch.manual_seed(seed)  # the same initial weights for any ZeRO stage and world size
+    with zero3_loading(ds_config):
+        if student.model_name_or_path:
+            return model_class.from_pretrained(student.model_name_or_path, dtype=model_dtype(ds_config))
+        return model_class.from_config(hf_config)
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the Hugging Face forward takes: labels stay out, our losses use them (no wasted internal CE)."""
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+def forward_features(model, adapter: models.ModelAdapter, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Runs `model` on `batch` and returns the features losses read, aligned so logits[:, t] predicts labels[:, t]."""
+    output = model(**model_inputs(batch))
+    features = {"labels": batch.get("labels")}
+    if hasattr(output, "logits"):
+        features["logits"] = output.logits
+    if adapter.kind == "causal" and features["labels"] is not None:
+        features["logits"] = features["logits"][:, :-1]
+        features["labels"] = features["labels"][:, 1:]
+    return features
+
+
+class DistillationModule(torch.nn.Module):
+    """Student plus weighted loss terms; `forward` returns (total loss, {term: value})."""
+
+    def __init__(self, student: torch.nn.Module, losses: torch.nn.ModuleDict, weights: dict[str, float]):
+        super().__init__()
+        self.student = student
+        self.losses = losses
+        self.weights = weights
+        self.adapter = models.adapter_for(student.config)
+
+    def forward(self, batch: dict[str, torch.Tensor], teacher_features: dict[str, torch.Tensor] | None = None):
+        student_features = forward_features(self.student, self.adapter, batch)
+        terms = {name: loss(student_features, teacher_features) for name, loss in self.losses.items()}
+        total = sum(self.weights[name] * value for name, value in terms.items())
+        return total, {name: value.detach() for name, value in terms.items()}

@@ -1,0 +1,295 @@
+"""The distillation run, top to bottom: prepare -> load both engines -> train -> export.
+
+    ds-distill distill --config=RUN.yaml [--train.max_steps=10] [--resume | --overwrite]
+    deepspeed --num_gpus 2 --module ds_distill distill --config=RUN.yaml
+
+One optimizer step = `gradient_accumulation_steps` micro-batches, each: teacher forward under no_grad ->
+student engine forward (student features + every loss term) -> backward -> step (DeepSpeed applies the
+update on the accumulation boundary). Everything that can be checked without weights is checked first.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ds_distill import checkpoint, data, dist, ds_config, export, models
+from ds_distill.config import ConfigError, RunConfig, to_yaml
+from ds_distill.evaluation import evaluate
+from ds_distill.losses import build_losses
+from ds_distill.student import DistillationModule, build_student, forward_features, student_hf_config
+from ds_distill.teacher import load_teacher
+
+
+@dataclass
+class Prepared:
+    """Everything known before weights load."""
+
+    run: RunConfig
+    output_dir: Path
+    resume: bool
+    tokenizer: Any
+    datasets: Any
+    teacher_ds: dict | None
+    student_ds: dict
+    student_config: Any
+    total_steps: int
+
+
+def prepare(run: RunConfig, resume: bool = False, overwrite: bool = False) -> Prepared:
+    """Validates config, DeepSpeed JSON, models' configs, tokenizer and data; claims output_dir."""
+    train = run.train
+    output_dir = Path(train.output_dir)
+    resume = checkpoint.claim_output_dir(output_dir, to_yaml(run), resume, overwrite)
+    on_cpu = not torch.cuda.is_available()
+
+    teacher_config = None
+    if run.teacher.model_name_or_path:
+        teacher_config = models.load_config(run.teacher.model_name_or_path, "teacher")
+    student_config = student_hf_config(run.student, teacher_config)
+    adapter = models.adapter_for(student_config)
+    if run.data.task not in adapter.tasks:
+        raise ConfigError(
+            f"data.task '{run.data.task}' does not fit a {adapter.kind} student; use {' or '.join(adapter.tasks)}"
+        )
+    losses, _ = build_losses(run.losses, has_teacher=teacher_config is not None)
+    if any("logits" in loss.needs for loss in losses.values()) and not adapter.has_lm_head(student_config):
+        raise ConfigError("the student has no LM head (a bare encoder): logit losses (ce, kd) do not apply")
+
+    tokenizer_path = run.data.tokenizer or run.teacher.model_name_or_path or run.student.model_name_or_path
+    tokenizer = data.load_tokenizer(tokenizer_path)
+    if teacher_config is not None and run.student.model_name_or_path:
+        data.check_same_tokenizer(run.teacher.model_name_or_path, run.student.model_name_or_path)
+    for role, config in (("teacher", teacher_config), ("student", student_config)):
+        if config is not None and config.vocab_size < len(tokenizer):
+            raise ConfigError(
+                f"the {role}'s vocabulary ({config.vocab_size}) is smaller than the tokenizer's ({len(tokenizer)}); "
+                "they do not belong together: set data.tokenizer to the model's own tokenizer"
+            )
+
+    raw = data.load_raw(run.data)
+    tokenized = data.tokenize(run.data, tokenizer, raw)
+    batches_per_epoch = data.batches_per_epoch(len(tokenized[run.data.train_split]), train.per_device_train_batch_size)
+    total_steps = train.max_steps
+    if total_steps <= 0:
+        total_steps = math.ceil(train.num_train_epochs * batches_per_epoch / train.gradient_accumulation_steps)
+
+    world = dist.world_size()
+    student_ds = ds_config.fill_auto(
+        ds_config.load_json(run.student.deepspeed_config),
+        train,
+        world,
+        total_steps,
+        on_cpu,
+        run.student.deepspeed_config,
+    )
+    teacher_ds = None
+    if teacher_config is not None:
+        teacher_ds = ds_config.fill_auto(
+            ds_config.load_json(run.teacher.deepspeed_config),
+            train,
+            world,
+            total_steps,
+            on_cpu,
+            run.teacher.deepspeed_config,
+        )
+        if "optimizer" in teacher_ds:
+            raise ConfigError(f"{run.teacher.deepspeed_config}: the teacher is frozen; remove its optimizer section")
+    return Prepared(run, output_dir, resume, tokenizer, tokenized, teacher_ds, student_ds, student_config, total_steps)
+
+
+def _write_run_files(p: Prepared) -> None:
+    if not dist.is_main():
+        return
+    p.output_dir.mkdir(parents=True, exist_ok=True)
+    (p.output_dir / "config.yaml").write_text(to_yaml(p.run))
+    (p.output_dir / "ds_config_student.json").write_text(json.dumps(p.student_ds, indent=2))
+    if p.teacher_ds is not None:
+        (p.output_dir / "ds_config_teacher.json").write_text(json.dumps(p.teacher_ds, indent=2))
+    generation_config = None
+    if p.run.teacher.model_name_or_path and Path(p.run.teacher.model_name_or_path, "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        generation_config = GenerationConfig.from_pretrained(p.run.teacher.model_name_or_path)
+    export.save_template(
+        p.output_dir / "checkpoints" / export.TEMPLATE_DIR, p.student_config, p.tokenizer, generation_config
+    )
+
+
+def _peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # host RSS, kB on Linux
+
+
+def _count_tokens(batch: dict[str, torch.Tensor]) -> int:
+    tokens = int(batch["attention_mask"].sum())
+    if "decoder_input_ids" in batch:
+        tokens += int((batch["labels"] != data.IGNORE_INDEX).sum())
+    return tokens
+
+
+class Trainer:
+    """Owns both engines and the loop; `train()` runs from the current step to the last and exports."""
+
+    def __init__(self, p: Prepared):
+        import deepspeed
+
+        self.p, self.run, self.train_config = p, p.run, p.run.train
+        self.teacher = load_teacher(p.run.teacher.model_name_or_path, p.teacher_ds) if p.teacher_ds else None
+        self.teacher_adapter = models.adapter_for(self.teacher.module.config) if self.teacher else None
+        student = build_student(p.run.student, p.student_config, p.student_ds, self.train_config.seed)
+        if self.train_config.gradient_checkpointing:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        losses, weights = build_losses(p.run.losses, has_teacher=self.teacher is not None)
+        module = DistillationModule(student, losses, weights)
+        self.engine, *_ = deepspeed.initialize(
+            model=module, model_parameters=[q for q in module.parameters() if q.requires_grad], config=p.student_ds
+        )
+        self.device = self.engine.device
+        collate = data.make_collator(p.run.data, p.tokenizer, student)
+        self.collate = collate
+        self.batches = data.TrainBatches(
+            p.datasets[p.run.data.train_split],
+            collate,
+            self.train_config.per_device_train_batch_size,
+            self.train_config.seed,
+        )
+        self.checkpoints = p.output_dir / "checkpoints"
+        self.step = 0
+        self.micro_batches_done = 0
+        if p.resume:
+            self._resume()
+        self.writer = None
+        if dist.is_main():
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step drops events a crashed run wrote after the checkpoint we resume from
+            self.writer = SummaryWriter(str(p.output_dir / "tensorboard"), purge_step=self.step + 1)
+            self._truncate_log()
+
+    # -- resumption ---------------------------------------------------------------------------------------
+    def _resume(self) -> None:
+        tag = checkpoint.latest_tag(self.checkpoints)
+        state = checkpoint.load(self.engine, self.checkpoints, tag)
+        self.step, self.micro_batches_done = state["step"], state["micro_batches_done"]
+        dist.print_main(f"resumed from {self.checkpoints / tag} at step {self.step}")
+
+    def _truncate_log(self) -> None:
+        log = self.p.output_dir / "log.jsonl"
+        if log.is_file():
+            kept = [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= self.step]
+            log.write_text("".join(line + "\n" for line in kept))
+
+    # -- one step -----------------------------------------------------------------------------------------
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def micro_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        teacher_features = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_features = forward_features(self.teacher, self.teacher_adapter, batch)
+        total, terms = self.engine(batch, teacher_features)
+        self.engine.backward(total)
+        self.engine.step()
+        terms["loss"] = total.detach()
+        return terms
+
+    # -- the loop -----------------------------------------------------------------------------------------
+    def train(self) -> Path:
+        _write_run_files(self.p)
+        self.engine.train()
+        stream = self.batches.iterate(self.micro_batches_done)
+        accumulation = self.train_config.gradient_accumulation_steps
+        sums, window_steps, tokens, started = defaultdict(float), 0, 0, time.perf_counter()
+        progress = tqdm(
+            total=self.p.total_steps, initial=self.step, desc="distill", disable=not dist.is_main(), dynamic_ncols=True
+        )
+        while self.step < self.p.total_steps:
+            for _ in range(accumulation):
+                batch = self._to_device(next(stream))
+                tokens += _count_tokens(batch)
+                for name, value in self.micro_step(batch).items():
+                    sums[name] += float(value) / accumulation
+            self.step += 1
+            window_steps += 1
+            self.micro_batches_done += accumulation
+            progress.update(1)
+            if self.step % self.train_config.logging_steps == 0 or self.step == self.p.total_steps:
+                self._log_training(sums, window_steps, tokens, time.perf_counter() - started, progress)
+                sums, window_steps, tokens, started = defaultdict(float), 0, 0, time.perf_counter()
+            last = self.step == self.p.total_steps
+            if last or (self.train_config.eval_steps and self.step % self.train_config.eval_steps == 0):
+                self._evaluate()
+            if self.train_config.save_steps and self.step % self.train_config.save_steps == 0 or last:
+                self._save_checkpoint()
+        progress.close()
+        return self._export()
+
+    def _log_training(self, sums, steps: int, tokens: int, seconds: float, progress) -> None:
+        names = sorted(sums)
+        reduced = dist.all_reduce_sum([sums[n] / steps for n in names] + [tokens])
+        world = dist.world_size()
+        scalars = {("loss" if n == "loss" else f"loss/{n}"): v / world for n, v in zip(names, reduced)}
+        scalars["lr"] = self.engine.get_lr()[0]
+        scalars["tokens_per_s"] = reduced[-1] / seconds
+        scalars["peak_memory_gb"] = _peak_memory_gb()
+        self._write_scalars(scalars)
+        progress.set_postfix(loss=f"{scalars['loss']:.4f}", tok_s=f"{scalars['tokens_per_s']:.0f}")
+
+    def _write_scalars(self, scalars: dict[str, float]) -> None:
+        if not dist.is_main():
+            return
+        for name, value in scalars.items():
+            self.writer.add_scalar(name, value, self.step)
+        self.writer.flush()
+        with open(self.p.output_dir / "log.jsonl", "a") as log:
+            log.write(json.dumps({"step": self.step, **scalars}) + "\n")
+
+    def _evaluate(self) -> None:
+        split = self.run.data.validation_split
+        if not split:
+            return
+        results = evaluate(
+            self.engine.module.student,
+            self.p.datasets[split],
+            self.collate,
+            self.p.tokenizer,
+            self.run,
+            synced_gpus=ds_config.zero_stage(self.p.student_ds) == 3,
+        )
+        self.engine.train()
+        self._write_scalars({f"eval/{k}": v for k, v in results.items()})
+        dist.print_main(f"step {self.step}: " + ", ".join(f"eval {k} {v:.4f}" for k, v in results.items()))
+
+    def _save_checkpoint(self) -> None:
+        state = {"step": self.step, "micro_batches_done": self.micro_batches_done}
+        checkpoint.save(self.engine, self.checkpoints, self.step, state, self.train_config.save_total_limit)
+
+    def _export(self) -> Path:
+        state = export.gather_student_state(self.engine)
+        target = self.p.output_dir / "model"
+        if dist.is_main():
+            export.save_hf_model(state, self.checkpoints / export.TEMPLATE_DIR, target)
+            self.writer.close()
+            dist.print_main(f"exported the trained model to {target}")
+        dist.barrier()
+        return target
+
+
+def distill(run: RunConfig, resume: bool = False, overwrite: bool = False) -> Path:
+    """Runs one distillation (or, without a teacher, plain training) and returns the exported student's path."""
+    dist.select_accelerator()
+    dist.init()
+    prepared = prepare(run, resume=resume, overwrite=overwrite)
+    return Trainer(prepared).train()
