@@ -122,7 +122,7 @@ def fill_auto(
     if scheduler is not None:
         params = scheduler.setdefault("params", {})
         _fill(params, "warmup_max_lr", train.learning_rate)
-        _fill(params, "warmup_num_steps", train.warmup_steps)
+        _fill(params, "warmup_num_steps", max(1, train.warmup_steps))  # DeepSpeed needs >= 1
         _fill(params, "total_num_steps", max(total_steps, train.warmup_steps + 1))
         _fill(params, "warmup_min_lr", 0.0)
 

@@ -52,7 +52,7 @@ def save_template(output_dir: Path, hf_config: PretrainedConfig, tokenizer, gene
 def save_hf_model(state: dict[str, torch.Tensor], template_dir: Path, output_dir: Path) -> None:
     """Writes config, safetensors weights, tokenizer and generation config; the directory appears whole or not at all."""
     hf_config = AutoConfig.from_pretrained(template_dir)
-    model = models.adapter_for(hf_config).model_class(hf_config).from_config(hf_config)
+    model = models.adapter_for(hf_config).from_config(hf_config)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [k for k in missing if k not in tied]

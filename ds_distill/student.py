@@ -31,13 +31,15 @@ def student_hf_config(student: StudentConfig, teacher_hf_config: PretrainedConfi
 
 
 def build_student(student: StudentConfig, hf_config: PretrainedConfig, ds_config: dict[str, Any], seed: int):
-    """The student's Hugging Face model, partitioned as it is built when the config is ZeRO-3."""
+    """The student's Hugging Face model; loaded from a path it is partitioned as it loads under ZeRO-3."""
     model_class = models.adapter_for(hf_config).model_class(hf_config)
-    torch.manual_seed(seed)  # the same initial weights for any ZeRO stage and world size
-    with zero3_loading(ds_config):
-        if student.model_name_or_path:
+    if student.model_name_or_path:
+        with zero3_loading(ds_config):
             return model_class.from_pretrained(student.model_name_or_path, dtype=model_dtype(ds_config))
-        return model_class.from_config(hf_config)
+    # Built whole, then partitioned by deepspeed.initialize: zero.Init would draw other random numbers, and a
+    # run must start from the same weights under ZeRO-2 and ZeRO-3. A student fits in host memory.
+    torch.manual_seed(seed)
+    return models.adapter_for(hf_config).from_config(hf_config)
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

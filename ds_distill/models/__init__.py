@@ -55,6 +55,10 @@ class ModelAdapter:
             "encoder": transformers.AutoModelForMaskedLM,
         }[self.kind]
 
+    def from_config(self, config: PretrainedConfig) -> torch.nn.Module:
+        """A randomly initialised model of this architecture (on the current default device)."""
+        return self.model_class(config).from_config(config)
+
     def has_lm_head(self, config: PretrainedConfig) -> bool:
         return self.model_class(config) is not transformers.AutoModel
 
@@ -93,6 +97,19 @@ class ModelAdapter:
 
 
 @dataclass(frozen=True)
+class T5Adapter(ModelAdapter):
+    """T5 v1.1 and Flan-T5 have an LM head of their own, which transformers 5 ties to the embedding when it
+    builds from a config (their checkpoints load untied). Built students keep the teacher's separate head."""
+
+    def from_config(self, config: PretrainedConfig) -> torch.nn.Module:
+        model = super().from_config(config)
+        untied = not getattr(config, "scale_decoder_outputs", True)  # v1.1 marks the untied head this way
+        if untied and getattr(model, "lm_head", None) is not None and model.lm_head.weight is model.shared.weight:
+            model.lm_head.weight = torch.nn.Parameter(model.shared.weight.detach().clone())
+        return model
+
+
+@dataclass(frozen=True)
 class DecoderOnlyAdapter(ModelAdapter):
     """Llama-style configs: grouped key/value heads and an explicit head_dim follow the new width."""
 
@@ -108,7 +125,7 @@ class DecoderOnlyAdapter(ModelAdapter):
 
 
 ADAPTERS: tuple[ModelAdapter, ...] = (
-    ModelAdapter(
+    T5Adapter(
         name="t5",
         model_types=("t5", "mt5", "umt5"),
         kind="seq2seq",
@@ -177,13 +194,14 @@ def adapter_for(config: PretrainedConfig) -> ModelAdapter:
 
 
 def load_config(name_or_path: str, role: str) -> PretrainedConfig:
-    """`AutoConfig.from_pretrained`, with a clear error, and shipped copies of recipe configs for offline use."""
+    """`AutoConfig.from_pretrained` with a clear error. The recipes' hub teachers have their config shipped
+    (`known_configs/`), so counting and validating a recipe needs no network."""
+    known = KNOWN_CONFIGS_DIR / f"{name_or_path.replace('/', '--')}.json"
+    if not Path(name_or_path).exists() and known.is_file():
+        return AutoConfig.from_pretrained(known)
     try:
         return AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError) as error:
-        known = KNOWN_CONFIGS_DIR / f"{name_or_path.replace('/', '--')}.json"
-        if known.is_file():
-            return AutoConfig.from_pretrained(known)
         raise ConfigError(
             f"{role}.model_name_or_path '{name_or_path}' is neither a local model directory nor a reachable hub id "
             f"({str(error).splitlines()[0]}); check the path or download the model first"
@@ -192,7 +210,6 @@ def load_config(name_or_path: str, role: str) -> PretrainedConfig:
 
 def count_parameters(config: PretrainedConfig) -> int:
     """Parameters of the model `config` describes, built on the meta device (no memory, no weights)."""
-    adapter = adapter_for(config)
     with torch.device("meta"):
-        model = adapter.model_class(config).from_config(config)
+        model = adapter_for(config).from_config(config)
     return sum(p.numel() for p in model.parameters())  # parameters() yields tied weights once

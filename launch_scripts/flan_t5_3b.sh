@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+''':'
+# Flan-T5-XL (2.8B) -> student on WMT'13 EN->ES, on one node or many. Both of these work:
+#
+#   deepspeed launch_scripts/flan_t5_3b.sh                    # the DeepSpeed launcher runs this file with python
+#   bash launch_scripts/flan_t5_3b.sh [--train.max_steps=...] # starts the DeepSpeed launcher itself
+#
+# Settings (environment): SIZE=145m|250m|425m|780m (default 145m), ZERO_STAGE=2|3 (student, default 2),
+# OUTPUT=runs/flan_t5_3b_$SIZE, NUM_GPUS (default: all), HOSTFILE (multi-node, ssh), TEACHER_OFFLOAD=none|cpu|nvme.
+# Extra arguments are dotted config overrides. The file is both bash and python: bash runs this block and
+# exits; python reads it as a string and runs the part below.
+set -euo pipefail
+SIZE=${SIZE:-145m}
+ZERO_STAGE=${ZERO_STAGE:-2}
+OUTPUT=${OUTPUT:-runs/flan_t5_3b_${SIZE}}
+TEACHER_OFFLOAD=${TEACHER_OFFLOAD:-none}
+case "$TEACHER_OFFLOAD" in
+  none) TEACHER_DS=ds_configs/teacher_zero3_inference.json ;;
+  cpu|nvme) TEACHER_DS=ds_configs/teacher_zero3_inference_${TEACHER_OFFLOAD}.json ;;
+  *) echo "TEACHER_OFFLOAD must be none, cpu or nvme" >&2; exit 2 ;;
+esac
+LAUNCHER=(deepspeed)
+[ -n "${NUM_GPUS:-}" ] && LAUNCHER+=(--num_gpus "$NUM_GPUS")
+[ -n "${HOSTFILE:-}" ] && LAUNCHER+=(--hostfile "$HOSTFILE")
+mkdir -p "$OUTPUT"
+"${LAUNCHER[@]}" --module ds_distill distill --recipe="flan_t5_3b_${SIZE}" \
+  --train.output_dir="$OUTPUT" --student.deepspeed_config="ds_configs/student_zero${ZERO_STAGE}.json" \
+  --teacher.deepspeed_config="$TEACHER_DS" "$@" 2>&1 | tee -a "$OUTPUT/launch.log"
+exit "${PIPESTATUS[0]}"
+'''
+# Python side: each rank the DeepSpeed launcher starts lands here, with the same settings as above.
+import os
+import sys
+
+from ds_distill.cli import main
+
+size = os.environ.get("SIZE", "145m")
+offload = os.environ.get("TEACHER_OFFLOAD", "none")
+teacher = "ds_configs/teacher_zero3_inference.json" if offload == "none" else f"ds_configs/teacher_zero3_inference_{offload}.json"
+main([
+    "distill",
+    f"--recipe=flan_t5_3b_{size}",
+    f"--train.output_dir={os.environ.get('OUTPUT', f'runs/flan_t5_3b_{size}')}",
+    f"--student.deepspeed_config=ds_configs/student_zero{os.environ.get('ZERO_STAGE', '2')}.json",
+    f"--teacher.deepspeed_config={teacher}",
+    *sys.argv[1:],
+])

@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny models built from configs, real text from ../shared/data, run configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+# Set before anything imports deepspeed or the Hugging Face hub client.
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tests import tiny_models  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    """Paths of tiny random-weight models (t5, gpt2, bert, bert_bare), their tokenizer and text files."""
+    root = tmp_path_factory.mktemp("tiny")
+    tokenizer = tiny_models.train_tokenizer(root / "tokenizer")
+    paths = tiny_models.build(root, tokenizer)
+    paths["tokenizer"] = root / "tokenizer"
+    paths["text"] = tiny_models.write_text_files(root / "text")
+    return paths
+
+
+def translation_config(tiny: dict, output_dir: Path, **sections) -> dict:
+    """A T5 translation run on the shared WMT sample: tiny teacher, a student half its width and depth."""
+    config = {
+        "teacher": {"model_name_or_path": str(tiny["t5"]),
+                    "deepspeed_config": "ds_configs/teacher_zero3_inference_cpu.json"},
+        "student": {"init": {"from_teacher": {"encoder_layers": 1, "decoder_layers": 1, "d_model": 32, "d_ff": 64,
+                                              "num_heads": 2}},
+                    "deepspeed_config": "ds_configs/student_zero2.json"},
+        "data": {"task": "translation", "dataset": "json",
+                 "data_files": {"train": str(tiny_models.SHARED_DATA / "train.jsonl"),
+                                "validation": str(tiny_models.SHARED_DATA / "valid.jsonl")},
+                 "source_lang": "en", "target_lang": "de", "prefix": "translate English to German: ",
+                 "max_source_length": 48, "max_target_length": 48, "max_train_samples": 512},
+        "losses": {"ce": {"weight": 1.0}, "kd": {"weight": 1.0, "divergence": "forward_kl", "temperature": 2.0}},
+        "train": {"output_dir": str(output_dir), "max_steps": 12, "per_device_train_batch_size": 4,
+                  "gradient_accumulation_steps": 2, "learning_rate": 1e-3, "warmup_steps": 2, "logging_steps": 1,
+                  "save_steps": 4, "seed": 1},
+    }
+    for section, values in sections.items():
+        config[section] = {**config.get(section, {}), **values} if isinstance(values, dict) else values
+    return config
+
+
+def write_yaml(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config))
+    return path

@@ -1,0 +1,111 @@
+"""Tiny models of each family, built from configs (nothing downloads), and the real-text data they train on.
+
+Used by the tests and the benchmarks; run it directly to build them into a folder:
+
+    python tests/tiny_models.py /tmp/tiny
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wmt_ende_10k"
+
+
+def train_tokenizer(directory: Path, vocab_size: int = 1000):
+    """A sentencepiece model trained on the English and German sides of the shared WMT sample."""
+    import sentencepiece as spm
+    from transformers import T5Tokenizer
+
+    directory.mkdir(parents=True, exist_ok=True)
+    text = directory / "corpus.txt"
+    with open(text, "w") as out:
+        for line in open(SHARED_DATA / "train.jsonl"):
+            pair = json.loads(line)["translation"]
+            out.write(pair["en"] + "\n" + pair["de"] + "\n")
+    spm.SentencePieceTrainer.train(
+        input=str(text),
+        model_prefix=str(directory / "spiece"),
+        vocab_size=vocab_size,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        minloglevel=2,
+    )
+    text.unlink()
+    tokenizer = T5Tokenizer.from_pretrained(directory, extra_ids=0)
+    tokenizer.add_special_tokens({"mask_token": "<mask>"})  # for the masked-LM family
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+def padded_vocab(tokenizer) -> int:
+    return -(-len(tokenizer) // 64) * 64  # padded past the tokenizer, as T5 checkpoints are (32128 vs 32100)
+
+
+def build(directory: Path, tokenizer) -> dict[str, Path]:
+    """Saves tiny random-weight teachers: t5 (seq2seq), gpt2 (causal LM), bert (masked LM), bert_bare (no head)."""
+    from transformers import (
+        BertConfig,
+        BertForMaskedLM,
+        BertModel,
+        GPT2Config,
+        GPT2LMHeadModel,
+        T5Config,
+        T5ForConditionalGeneration,
+    )
+
+    vocab = padded_vocab(tokenizer)
+    specs = {
+        "t5": T5ForConditionalGeneration(
+            T5Config(
+                vocab_size=vocab, d_model=64, d_ff=128, d_kv=16, num_heads=4, num_layers=2, num_decoder_layers=2,
+                feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0,
+                pad_token_id=0, eos_token_id=1,
+            )
+        ),
+        "gpt2": GPT2LMHeadModel(
+            GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                       bos_token_id=1, eos_token_id=1, pad_token_id=0)
+        ),
+        "bert": BertForMaskedLM(
+            BertConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=128, max_position_embeddings=128, pad_token_id=0)
+        ),
+        "bert_bare": BertModel(
+            BertConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=128, max_position_embeddings=128, pad_token_id=0),
+            add_pooling_layer=False,
+        ),
+    }
+    paths = {}
+    for name, model in specs.items():
+        torch.manual_seed(0)
+        model.init_weights()
+        paths[name] = directory / name
+        model.save_pretrained(paths[name])
+        tokenizer.save_pretrained(paths[name])
+    return paths
+
+
+def write_text_files(directory: Path, max_lines: int = 2000) -> dict[str, str]:
+    """The German side of the shared sample as `text` files for the causal and masked LM tasks."""
+    directory.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for split, name in (("train", "train.jsonl"), ("validation", "valid.jsonl")):
+        lines = [json.loads(line)["translation"]["de"] for line in open(SHARED_DATA / name)][:max_lines]
+        files[split] = str(directory / f"{split}.txt")
+        Path(files[split]).write_text("\n".join(lines) + "\n")
+    return files
+
+
+if __name__ == "__main__":
+    root = Path(sys.argv[1])
+    built = build(root, train_tokenizer(root / "tokenizer"))
+    write_text_files(root / "text")
+    print("\n".join(f"{name}: {path}" for name, path in built.items()))

@@ -1,0 +1,137 @@
+"""Logit losses against their reference formulas, masks and vocabulary padding."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ds_distill.config import ConfigError
+from ds_distill.losses import build_losses
+
+torch.manual_seed(0)
+BATCH, SEQ, VOCAB = 2, 5, 7
+
+
+def features(logits, labels):
+    return {"logits": logits, "labels": labels}
+
+
+@pytest.fixture
+def pair():
+    student = torch.randn(BATCH, SEQ, VOCAB, dtype=torch.float64)
+    teacher = torch.randn(BATCH, SEQ, VOCAB, dtype=torch.float64)
+    labels = torch.randint(0, VOCAB, (BATCH, SEQ))
+    labels[1, 3:] = -100  # padding
+    return student, teacher, labels
+
+
+def kd(**options):
+    losses, _ = build_losses({"kd": options}, has_teacher=True)
+    return losses["kd"]
+
+
+def reference(name, p, q, beta=0.5, alpha=0.1):
+    """Divergence between teacher distribution p and student q, one position, written out term by term."""
+    def kl(a, b):
+        return sum(x * math.log(x / y) for x, y in zip(a, b))
+
+    if name == "forward_kl":
+        return kl(p, q)
+    if name == "reverse_kl":
+        return kl(q, p)
+    if name == "jsd":
+        m = [beta * x + (1 - beta) * y for x, y in zip(p, q)]
+        return beta * kl(p, m) + (1 - beta) * kl(q, m)
+    if name == "skew_kl":
+        return kl(p, [alpha * x + (1 - alpha) * y for x, y in zip(p, q)])
+    if name == "tvd":
+        return 0.5 * sum(abs(x - y) for x, y in zip(p, q))
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_kd_matches_reference_formula(pair, divergence, temperature):
+    student, teacher, labels = pair
+    loss = kd(divergence=divergence, temperature=temperature)(features(student, labels), features(teacher, labels))
+    expected, count = 0.0, 0
+    for b in range(BATCH):
+        for t in range(SEQ):
+            if labels[b, t] == -100:
+                continue
+            p = F.softmax(teacher[b, t] / temperature, -1).tolist()
+            q = F.softmax(student[b, t] / temperature, -1).tolist()
+            expected += reference(divergence, p, q)
+            count += 1
+    assert loss.item() == pytest.approx(expected / count * temperature**2, rel=1e-5)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd"])
+def test_kd_is_zero_for_identical_distributions_and_positive_otherwise(pair, divergence):
+    student, teacher, labels = pair
+    loss = kd(divergence=divergence)
+    assert loss(features(student, labels), features(student.clone(), labels)).item() == pytest.approx(0, abs=1e-6)
+    assert loss(features(student, labels), features(teacher, labels)).item() > 1e-3
+
+
+def test_kd_ignores_padded_positions(pair):
+    student, teacher, labels = pair
+    loss = kd()
+    before = loss(features(student, labels), features(teacher, labels))
+    changed = student.clone()
+    changed[1, 3:] += 100.0 * torch.randn_like(changed[1, 3:])
+    assert loss(features(changed, labels), features(teacher, labels)).item() == pytest.approx(before.item())
+    changed[0, 0, 0] += 5.0  # one logit: a uniform shift would not change the softmax
+    assert loss(features(changed, labels), features(teacher, labels)).item() != pytest.approx(before.item())
+
+
+def test_teacher_vocabulary_padding_is_compared_on_the_shared_vocabulary(pair):
+    student, teacher, labels = pair
+    padded = torch.cat([teacher, torch.full((BATCH, SEQ, 3), 50.0, dtype=teacher.dtype)], dim=-1)
+    loss = kd()
+    assert loss(features(student, labels), features(padded, labels)).item() == pytest.approx(
+        loss(features(student, labels), features(teacher, labels)).item()
+    )
+
+
+def test_kd_is_float32_inside_for_half_precision_inputs(pair):
+    student, teacher, labels = pair
+    loss = kd()(features(student.bfloat16(), labels), features(teacher.bfloat16(), labels))
+    assert loss.dtype == torch.float32
+
+
+def test_gradient_reaches_the_student_only(pair):
+    student, teacher, labels = pair
+    student.requires_grad_(True)
+    kd()(features(student, labels), features(teacher, labels)).backward()
+    assert student.grad is not None and student.grad.abs().sum() > 0
+    assert student.grad[1, 3:].abs().sum() == 0  # padded positions get no gradient
+    assert not teacher.requires_grad
+
+
+def test_ce_matches_torch_cross_entropy(pair):
+    student, _, labels = pair
+    losses, weights = build_losses({"ce": {"weight": 0.5}}, has_teacher=False)
+    expected = F.cross_entropy(student.reshape(-1, VOCAB), labels.reshape(-1), ignore_index=-100)
+    assert losses["ce"](features(student, labels), None).item() == pytest.approx(expected.item())
+    assert weights == {"ce": 0.5}
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"kd": {"divergence": "kl"}}, "losses.kd.divergence 'kl' is unknown"),
+        ({"kd": {"temprature": 2}}, "Did you mean 'temperature'"),
+        ({"kd": {"beta": 1.5}}, "losses.kd.beta must lie strictly between 0 and 1"),
+        ({"cka": {}}, "unknown key 'losses.cka'"),
+    ],
+)
+def test_bad_loss_configs_are_refused(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        build_losses(spec, has_teacher=True)
+
+
+def test_kd_without_a_teacher_is_refused():
+    with pytest.raises(ConfigError, match="compares with a teacher"):
+        build_losses({"kd": {}}, has_teacher=False)
