@@ -65,7 +65,10 @@ def load_raw(data: DataConfig) -> datasets.DatasetDict:
     try:
         raw = datasets.load_dataset(data.dataset, data.dataset_config_name, data_files=data.data_files)
     except (FileNotFoundError, ConnectionError, ValueError) as error:
-        raise ConfigError(f"cannot load data.dataset '{data.dataset}': {str(error).splitlines()[0]}") from None
+        reason = str(error).splitlines()[0]
+        if "corresponds to no data" in reason:  # what `datasets` says when a split's files hold no rows
+            raise ConfigError(f"dataset '{data.dataset}' is empty: {reason}; check data.data_files") from None
+        raise ConfigError(f"cannot load data.dataset '{data.dataset}': {reason}") from None
     wanted = [s for s in (data.train_split, data.validation_split) if s]
     for split in wanted:
         if split not in raw:

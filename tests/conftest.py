@@ -32,20 +32,42 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
 def translation_config(tiny: dict, output_dir: Path, **sections) -> dict:
     """A T5 translation run on the shared WMT sample: tiny teacher, a student half its width and depth."""
     config = {
-        "teacher": {"model_name_or_path": str(tiny["t5"]),
-                    "deepspeed_config": "ds_configs/teacher_zero3_inference_cpu.json"},
-        "student": {"init": {"from_teacher": {"encoder_layers": 1, "decoder_layers": 1, "d_model": 32, "d_ff": 64,
-                                              "num_heads": 2}},
-                    "deepspeed_config": "ds_configs/student_zero2.json"},
-        "data": {"task": "translation", "dataset": "json",
-                 "data_files": {"train": str(tiny_models.SHARED_DATA / "train.jsonl"),
-                                "validation": str(tiny_models.SHARED_DATA / "valid.jsonl")},
-                 "source_lang": "en", "target_lang": "de", "prefix": "translate English to German: ",
-                 "max_source_length": 48, "max_target_length": 48, "max_train_samples": 512},
+        "teacher": {
+            "model_name_or_path": str(tiny["t5"]),
+            "deepspeed_config": "ds_configs/teacher_zero3_inference_cpu.json",
+        },
+        "student": {
+            "init": {
+                "from_teacher": {"encoder_layers": 1, "decoder_layers": 1, "d_model": 32, "d_ff": 64, "num_heads": 2}
+            },
+            "deepspeed_config": "ds_configs/student_zero2.json",
+        },
+        "data": {
+            "task": "translation",
+            "dataset": "json",
+            "data_files": {
+                "train": str(tiny_models.SHARED_DATA / "train.jsonl"),
+                "validation": str(tiny_models.SHARED_DATA / "valid.jsonl"),
+            },
+            "source_lang": "en",
+            "target_lang": "de",
+            "prefix": "translate English to German: ",
+            "max_source_length": 48,
+            "max_target_length": 48,
+            "max_train_samples": 512,
+        },
         "losses": {"ce": {"weight": 1.0}, "kd": {"weight": 1.0, "divergence": "forward_kl", "temperature": 2.0}},
-        "train": {"output_dir": str(output_dir), "max_steps": 12, "per_device_train_batch_size": 4,
-                  "gradient_accumulation_steps": 2, "learning_rate": 1e-3, "warmup_steps": 2, "logging_steps": 1,
-                  "save_steps": 4, "seed": 1},
+        "train": {
+            "output_dir": str(output_dir),
+            "max_steps": 12,
+            "per_device_train_batch_size": 4,
+            "gradient_accumulation_steps": 2,
+            "learning_rate": 1e-3,
+            "warmup_steps": 2,
+            "logging_steps": 1,
+            "save_steps": 4,
+            "seed": 1,
+        },
     }
     for section, values in sections.items():
         config[section] = {**config.get(section, {}), **values} if isinstance(values, dict) else values

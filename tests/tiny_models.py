@@ -64,22 +64,53 @@ def build(directory: Path, tokenizer) -> dict[str, Path]:
     specs = {
         "t5": T5ForConditionalGeneration(
             T5Config(
-                vocab_size=vocab, d_model=64, d_ff=128, d_kv=16, num_heads=4, num_layers=2, num_decoder_layers=2,
-                feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0,
-                pad_token_id=0, eos_token_id=1,
+                vocab_size=vocab,
+                d_model=64,
+                d_ff=128,
+                d_kv=16,
+                num_heads=4,
+                num_layers=2,
+                num_decoder_layers=2,
+                feed_forward_proj="gated-gelu",
+                tie_word_embeddings=False,
+                decoder_start_token_id=0,
+                pad_token_id=0,
+                eos_token_id=1,
             )
         ),
         "gpt2": GPT2LMHeadModel(
-            GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=128,
-                       bos_token_id=1, eos_token_id=1, pad_token_id=0)
+            GPT2Config(
+                vocab_size=vocab,
+                n_embd=64,
+                n_layer=2,
+                n_head=4,
+                n_positions=128,
+                bos_token_id=1,
+                eos_token_id=1,
+                pad_token_id=0,
+            )
         ),
         "bert": BertForMaskedLM(
-            BertConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       intermediate_size=128, max_position_embeddings=128, pad_token_id=0)
+            BertConfig(
+                vocab_size=vocab,
+                hidden_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=128,
+                max_position_embeddings=128,
+                pad_token_id=0,
+            )
         ),
         "bert_bare": BertModel(
-            BertConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       intermediate_size=128, max_position_embeddings=128, pad_token_id=0),
+            BertConfig(
+                vocab_size=vocab,
+                hidden_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=128,
+                max_position_embeddings=128,
+                pad_token_id=0,
+            ),
             add_pooling_layer=False,
         ),
     }

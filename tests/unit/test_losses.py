@@ -33,6 +33,7 @@ def kd(**options):
 
 def reference(name, p, q, beta=0.5, alpha=0.1):
     """Divergence between teacher distribution p and student q, one position, written out term by term."""
+
     def kl(a, b):
         return sum(x * math.log(x / y) for x, y in zip(a, b))
 

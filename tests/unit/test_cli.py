@@ -1,0 +1,70 @@
+"""The command line: launcher flags, help for every verb, clean errors, parameter counts of the recipes."""
+
+import subprocess
+import sys
+
+import pytest
+
+from ds_distill import cli
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "ds_distill", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_launcher_local_rank_flag_is_removed(monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert cli.strip_launcher_flags(["--local_rank=1", "distill", "--config=a.yaml"]) == ["distill", "--config=a.yaml"]
+    assert cli.strip_launcher_flags(["distill", "--local_rank", "3", "--x=1"]) == ["distill", "--x=1"]
+
+
+@pytest.mark.parametrize("verb", list(cli.VERBS))
+def test_every_verb_has_help(verb, capsys):
+    cli.main([verb, "--help"])
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: ds-distill {verb}")
+    assert len(out.splitlines()) >= 3
+
+
+def test_top_level_help_lists_verbs(capsys):
+    cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert all(verb in out for verb in cli.VERBS)
+
+
+@pytest.mark.parametrize("verb", ["chain", "make_student", "evaluate", "plan"])
+def test_coming_verbs_say_so_and_fail(verb):
+    result = run_cli(verb)
+    assert result.returncode == 2
+    assert "not available yet" in result.stderr
+
+
+def test_config_error_is_one_line_without_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trian: {max_steps: 3}\n")
+    result = run_cli("distill", f"--config={bad}")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: unknown key 'trian'. Did you mean 'train'? Valid keys: teacher, student, data, losses, train"
+    ]
+
+
+# Flan-T5-XL -> the DESIGN's student sizes, counted on the meta device from the shipped teacher config.
+@pytest.mark.parametrize(
+    "recipe, millions",
+    [("flan_t5_3b_145m", 145), ("flan_t5_3b_250m", 250), ("flan_t5_3b_425m", 425), ("flan_t5_3b_780m", 780)],
+)
+def test_recipe_students_are_within_three_percent_of_their_size(recipe, millions, capsys):
+    cli.main(["count_params", recipe])
+    out = capsys.readouterr().out
+    teacher = float(out.splitlines()[0].split(": ")[1].split("M")[0].replace(",", ""))
+    student = float(out.splitlines()[1].split(": ")[1].split("M")[0].replace(",", ""))
+    assert teacher == pytest.approx(2849.8, abs=0.1)  # Flan-T5-XL with its separate LM head
+    assert student == pytest.approx(millions, rel=0.03)
+
+
+def test_list_shows_recipes_losses_and_families(capsys):
+    cli.main(["list"])
+    out = capsys.readouterr().out
+    for expected in ("flan_t5_3b_145m", "kd ", "ce ", "t5 ", "student_zero3.json"):
+        assert expected in out

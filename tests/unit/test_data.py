@@ -1,0 +1,72 @@
+"""Batches: restartable training order, equal evaluation shares, tokenization per task."""
+
+import itertools
+
+import pytest
+
+from ds_distill import data
+from ds_distill.config import DataConfig
+from tests import tiny_models
+
+
+@pytest.fixture(scope="module")
+def translation(tiny):
+    config = DataConfig(
+        task="translation",
+        dataset="json",
+        source_lang="en",
+        target_lang="de",
+        max_train_samples=64,
+        data_files={
+            "train": str(tiny_models.SHARED_DATA / "train.jsonl"),
+            "validation": str(tiny_models.SHARED_DATA / "valid.jsonl"),
+        },
+    )
+    tokenizer = data.load_tokenizer(str(tiny["tokenizer"]))
+    return config, tokenizer, data.tokenize(config, tokenizer, data.load_raw(config))
+
+
+def test_translation_rows_hold_source_and_target_ids(translation):
+    config, tokenizer, tokenized = translation
+    row = tokenized["train"][0]
+    assert tokenizer.decode(row["labels"], skip_special_tokens=True).startswith("Es geht nicht an")
+    assert row["input_ids"][-1] == tokenizer.eos_token_id
+    assert len(tokenized["train"]) == 64 and len(tokenized["validation"]) == 50
+
+
+def test_training_stream_restarts_exactly_where_it_stopped(translation):
+    config, tokenizer, tokenized = translation
+    batches = data.TrainBatches(tokenized["train"], data.make_collator(config, tokenizer), batch_size=4, seed=3)
+    assert batches.batches_per_epoch == 16
+    full = list(itertools.islice(batches.iterate(0), 40))  # crosses two epoch boundaries
+    resumed = list(itertools.islice(batches.iterate(21), 19))
+    for expected, got in zip(full[21:], resumed):
+        assert expected["input_ids"].equal(got["input_ids"]) and expected["labels"].equal(got["labels"])
+    first_epoch = {tuple(b["input_ids"][i].tolist()) for b in full[:16] for i in range(4)}
+    assert len(first_epoch) == 64  # every example once per epoch
+    assert not full[0]["input_ids"].equal(full[16]["input_ids"])  # reshuffled per epoch
+
+
+def test_evaluation_share_counts_real_rows(translation):
+    config, tokenizer, tokenized = translation
+    shares = list(data.eval_batches(tokenized["validation"], data.make_collator(config, tokenizer), batch_size=16))
+    assert [real for _, real in shares] == [16, 16, 16, 2]
+
+
+def test_causal_lm_text_is_packed_into_blocks(tiny):
+    config = DataConfig(task="causal_lm", dataset="text", block_size=32, data_files=tiny["text"])
+    tokenizer = data.load_tokenizer(str(tiny["tokenizer"]))
+    tokenized = data.tokenize(config, tokenizer, data.load_raw(config))
+    assert {len(ids) for ids in tokenized["train"]["input_ids"]} == {32}
+    batch = data.make_collator(config, tokenizer)([tokenized["train"][0], tokenized["train"][1]])
+    assert batch["labels"].equal(batch["input_ids"])
+
+
+def test_masked_lm_masks_a_share_of_tokens(tiny):
+    config = DataConfig(task="masked_lm", dataset="text", mlm_probability=0.3, data_files=tiny["text"])
+    tokenizer = data.load_tokenizer(str(tiny["tokenizer"]))
+    tokenized = data.tokenize(config, tokenizer, data.load_raw(config))
+    collate = data.make_collator(config, tokenizer)
+    batch = next(data.eval_batches(tokenized["train"], collate, batch_size=32))[0]
+    masked = (batch["labels"] != -100).float().sum() / batch["attention_mask"].sum()
+    assert 0.2 < masked < 0.4

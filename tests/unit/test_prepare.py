@@ -1,0 +1,91 @@
+"""Bad input is refused with one line naming the problem and the fix, before any weights load."""
+
+import json
+import shutil
+
+import pytest
+
+from ds_distill.config import ConfigError, from_dict, RunConfig
+from ds_distill.trainer import prepare
+from tests.conftest import translation_config
+
+
+def run_config(tiny, tmp_path, **sections):
+    return from_dict(RunConfig, translation_config(tiny, tmp_path / "out", **sections))
+
+
+def test_a_good_config_prepares(tiny, tmp_path):
+    prepared = prepare(run_config(tiny, tmp_path))
+    assert prepared.total_steps == 12
+    assert prepared.student_ds["train_batch_size"] == 8
+    assert set(prepared.datasets) == {"train", "validation"}
+    assert prepared.student_config.d_model == 32
+
+
+def test_missing_data_file(tiny, tmp_path):
+    files = {"train": str(tmp_path / "missing.jsonl")}
+    with pytest.raises(ConfigError, match="data.data_files.train: file .*missing.jsonl does not exist"):
+        prepare(run_config(tiny, tmp_path, data={"data_files": files, "validation_split": None}))
+
+
+def test_empty_dataset(tiny, tmp_path):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("en,de\n")
+    with pytest.raises(ConfigError, match="dataset 'csv' is empty"):
+        prepare(
+            run_config(
+                tiny, tmp_path, data={"dataset": "csv", "data_files": {"train": str(empty)}, "validation_split": None}
+            )
+        )
+
+
+def test_missing_text_field(tiny, tmp_path):
+    with pytest.raises(ConfigError, match="split 'train' has no field 'document'"):
+        prepare(
+            run_config(tiny, tmp_path, data={"task": "seq2seq", "source_field": "document", "target_field": "summary"})
+        )
+
+
+def test_wrong_language(tiny, tmp_path):
+    with pytest.raises(ConfigError, match="translation pairs have languages en, de, not 'es'"):
+        prepare(run_config(tiny, tmp_path, data={"target_lang": "es"}))
+
+
+def test_task_that_does_not_fit_the_model(tiny, tmp_path):
+    with pytest.raises(ConfigError, match="data.task 'causal_lm' does not fit a seq2seq student"):
+        prepare(run_config(tiny, tmp_path, data={"task": "causal_lm"}))
+
+
+def test_tokenizer_mismatch(tiny, tmp_path):
+    other = tmp_path / "other_student"
+    shutil.copytree(tiny["t5"], other)
+    tokenizer = json.loads((other / "tokenizer.json").read_text())
+    tokenizer["model"]["vocab"][10][0] = "\u2581renamed"  # one piece differs: ids no longer mean the same text
+    (other / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with pytest.raises(ConfigError, match="the teacher's tokenizer .* and the student's .* differ"):
+        prepare(run_config(tiny, tmp_path, student={"init": {}, "model_name_or_path": str(other)}))
+
+
+def test_missing_model_path(tiny, tmp_path):
+    with pytest.raises(ConfigError, match="teacher.model_name_or_path '/no/teacher' is neither"):
+        prepare(run_config(tiny, tmp_path, teacher={"model_name_or_path": "/no/teacher"}))
+
+
+def test_output_dir_clash(tiny, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.yaml").write_text("something else")
+    with pytest.raises(ConfigError, match="already holds a run with a different config; pass --resume .* --overwrite"):
+        prepare(run_config(tiny, tmp_path))
+    assert prepare(run_config(tiny, tmp_path), overwrite=True).resume is False
+    assert not (out / "config.yaml").exists()
+
+
+def test_resume_without_checkpoint(tiny, tmp_path):
+    with pytest.raises(ConfigError, match="--resume: no complete checkpoint"):
+        prepare(run_config(tiny, tmp_path), resume=True)
+
+
+def test_too_few_examples_for_one_batch(tiny, tmp_path):
+    with pytest.raises(ConfigError, match="fewer than one batch of 4"):
+        prepare(run_config(tiny, tmp_path, data={"max_train_samples": 3}))
