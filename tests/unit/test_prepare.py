@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from ds_distill.config import ConfigError, from_dict, RunConfig
+from ds_distill.config import ConfigError, RunConfig, from_dict
 from ds_distill.trainer import prepare
 from tests.conftest import translation_config
 
