@@ -241,7 +241,9 @@ class TrainBatches:
             self.sampler.set_epoch(epoch)
             indices = list(self.sampler)[: self.batches_per_epoch * self.batch_size]
             batches = [indices[i : i + self.batch_size] for i in range(0, len(indices), self.batch_size)][skip:]
-            yield from DataLoader(self.dataset, batch_sampler=batches, collate_fn=collate)
+            # A generator of its own: each new DataLoader iterator draws a seed, and drawing it from the global
+            # RNG would shift the dropout masks of a resumed run against the uninterrupted one.
+            yield from DataLoader(self.dataset, batch_sampler=batches, collate_fn=collate, generator=torch.Generator())
             epoch, skip = epoch + 1, 0
 
 

@@ -1,0 +1,113 @@
+"""Per-step cost of ds_distill's training loop against a minimal hand-written two-engine loop (CPU).
+
+    python bench/step_overhead.py [--rounds=6] [--steps_per_round=20]
+
+Both loops get the same tiny T5 teacher (ZeRO-3 inference, CPU offload) and student (ZeRO-2), the same
+DeepSpeed configs, the same data (the shared WMT sample) and the same objective (CE + forward KL). Rounds
+alternate between the two, so drift of the machine hits both alike; the ratio is toolkit time / hand time.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import fire
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ds_distill import dist  # noqa: E402
+from ds_distill.config import RunConfig, from_dict  # noqa: E402
+from tests import tiny_models  # noqa: E402
+
+
+def run_config(teacher: Path, output_dir: Path) -> RunConfig:
+    return from_dict(RunConfig, {
+        "teacher": {"model_name_or_path": str(teacher), "deepspeed_config": "ds_configs/teacher_zero3_inference_cpu.json"},
+        "student": {"init": {"from_teacher": {"encoder_layers": 1, "decoder_layers": 1, "d_model": 32, "d_ff": 64,
+                                              "num_heads": 2}},
+                    "deepspeed_config": "ds_configs/student_zero2.json"},
+        "data": {"task": "translation", "dataset": "json", "source_lang": "en", "target_lang": "de",
+                 "data_files": {"train": str(tiny_models.SHARED_DATA / "train.jsonl")}, "validation_split": None,
+                 "max_source_length": 64, "max_target_length": 64},
+        "losses": {"ce": {"weight": 1.0}, "kd": {"weight": 1.0, "temperature": 1.0}},
+        "train": {"output_dir": str(output_dir), "max_steps": 100000, "per_device_train_batch_size": 16,
+                  "logging_steps": 10, "learning_rate": 1e-3, "seed": 0},
+    })
+
+
+class HandLoop:
+    """What one would write by hand: two engines, a DataLoader, the loss inline."""
+
+    def __init__(self, prepared):
+        import deepspeed
+        from transformers import AutoModelForSeq2SeqLM
+
+        from ds_distill.data import make_collator
+        from ds_distill.models import adapter_for
+
+        run = prepared.run
+        teacher = AutoModelForSeq2SeqLM.from_pretrained(run.teacher.model_name_or_path).eval().requires_grad_(False)
+        self.teacher, *_ = deepspeed.initialize(model=teacher, config=prepared.teacher_ds)
+        torch.manual_seed(0)
+        student = adapter_for(prepared.student_config).from_config(prepared.student_config)
+        self.student, *_ = deepspeed.initialize(model=student, model_parameters=student.parameters(),
+                                                config=prepared.student_ds)
+        collate = make_collator(run.data, prepared.tokenizer, student)
+        self.loader = torch.utils.data.DataLoader(prepared.datasets["train"], batch_size=16, shuffle=True,
+                                                  drop_last=True, collate_fn=collate)
+        self.batches = iter(self.loader)
+
+    def steps(self, count: int) -> None:
+        for _ in range(count):
+            try:
+                batch = next(self.batches)
+            except StopIteration:
+                self.batches = iter(self.loader)
+                batch = next(self.batches)
+            labels = batch.pop("labels")
+            with torch.no_grad():
+                teacher_logits = self.teacher(**batch).logits
+            logits = self.student(**batch).logits.float()
+            mask = labels != -100
+            ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+            vocab = min(logits.shape[-1], teacher_logits.shape[-1])
+            log_s = F.log_softmax(logits[..., :vocab], -1)
+            log_t = F.log_softmax(teacher_logits[..., :vocab].float(), -1)
+            kl = ((log_t.exp() * (log_t - log_s)).sum(-1) * mask).sum() / mask.sum()
+            self.student.backward(ce + kl)
+            self.student.step()
+
+
+def main(rounds: int = 6, steps_per_round: int = 20) -> None:
+    from ds_distill.trainer import Trainer, prepare
+
+    dist.select_accelerator()
+    dist.init()
+    work = Path(tempfile.mkdtemp(prefix="step_overhead_"))
+    tokenizer = tiny_models.train_tokenizer(work / "tokenizer")
+    teacher = tiny_models.build(work, tokenizer)["t5"]
+    prepared = prepare(run_config(teacher, work / "run"))
+    toolkit, hand = Trainer(prepared), HandLoop(prepared)
+    toolkit.begin()
+    toolkit.train_steps(until=steps_per_round)  # warm-up, untimed
+    hand.steps(steps_per_round)
+    toolkit_seconds = hand_seconds = 0.0
+    for _ in range(rounds):
+        started = time.perf_counter()
+        toolkit.train_steps(until=toolkit.step + steps_per_round)
+        toolkit_seconds += time.perf_counter() - started
+        started = time.perf_counter()
+        hand.steps(steps_per_round)
+        hand_seconds += time.perf_counter() - started
+    steps = rounds * steps_per_round
+    print(f"toolkit {1000 * toolkit_seconds / steps:.1f} ms/step, hand-written {1000 * hand_seconds / steps:.1f} "
+          f"ms/step over {steps} steps each: ratio {toolkit_seconds / hand_seconds:.3f}")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
