@@ -26,18 +26,46 @@ from tests import tiny_models  # noqa: E402
 
 
 def run_config(teacher: Path, output_dir: Path) -> RunConfig:
-    return from_dict(RunConfig, {
-        "teacher": {"model_name_or_path": str(teacher), "deepspeed_config": "ds_configs/teacher_zero3_inference_cpu.json"},
-        "student": {"init": {"from_teacher": {"encoder_layers": 1, "decoder_layers": 1, "d_model": 32, "d_ff": 64,
-                                              "num_heads": 2}},
-                    "deepspeed_config": "ds_configs/student_zero2.json"},
-        "data": {"task": "translation", "dataset": "json", "source_lang": "en", "target_lang": "de",
-                 "data_files": {"train": str(tiny_models.SHARED_DATA / "train.jsonl")}, "validation_split": None,
-                 "max_source_length": 64, "max_target_length": 64},
-        "losses": {"ce": {"weight": 1.0}, "kd": {"weight": 1.0, "temperature": 1.0}},
-        "train": {"output_dir": str(output_dir), "max_steps": 100000, "per_device_train_batch_size": 16,
-                  "logging_steps": 10, "learning_rate": 1e-3, "seed": 0},
-    })
+    return from_dict(
+        RunConfig,
+        {
+            "teacher": {
+                "model_name_or_path": str(teacher),
+                "deepspeed_config": "ds_configs/teacher_zero3_inference_cpu.json",
+            },
+            "student": {
+                "init": {
+                    "from_teacher": {
+                        "encoder_layers": 1,
+                        "decoder_layers": 1,
+                        "d_model": 32,
+                        "d_ff": 64,
+                        "num_heads": 2,
+                    }
+                },
+                "deepspeed_config": "ds_configs/student_zero2.json",
+            },
+            "data": {
+                "task": "translation",
+                "dataset": "json",
+                "source_lang": "en",
+                "target_lang": "de",
+                "data_files": {"train": str(tiny_models.SHARED_DATA / "train.jsonl")},
+                "validation_split": None,
+                "max_source_length": 64,
+                "max_target_length": 64,
+            },
+            "losses": {"ce": {"weight": 1.0}, "kd": {"weight": 1.0, "temperature": 1.0}},
+            "train": {
+                "output_dir": str(output_dir),
+                "max_steps": 100000,
+                "per_device_train_batch_size": 16,
+                "logging_steps": 10,
+                "learning_rate": 1e-3,
+                "seed": 0,
+            },
+        },
+    )
 
 
 class HandLoop:
@@ -55,11 +83,13 @@ class HandLoop:
         self.teacher, *_ = deepspeed.initialize(model=teacher, config=prepared.teacher_ds)
         torch.manual_seed(0)
         student = adapter_for(prepared.student_config).from_config(prepared.student_config)
-        self.student, *_ = deepspeed.initialize(model=student, model_parameters=student.parameters(),
-                                                config=prepared.student_ds)
+        self.student, *_ = deepspeed.initialize(
+            model=student, model_parameters=student.parameters(), config=prepared.student_ds
+        )
         collate = make_collator(run.data, prepared.tokenizer, student)
-        self.loader = torch.utils.data.DataLoader(prepared.datasets["train"], batch_size=16, shuffle=True,
-                                                  drop_last=True, collate_fn=collate)
+        self.loader = torch.utils.data.DataLoader(
+            prepared.datasets["train"], batch_size=16, shuffle=True, drop_last=True, collate_fn=collate
+        )
         self.batches = iter(self.loader)
 
     def steps(self, count: int) -> None:
@@ -105,8 +135,10 @@ def main(rounds: int = 6, steps_per_round: int = 20) -> None:
         hand.steps(steps_per_round)
         hand_seconds += time.perf_counter() - started
     steps = rounds * steps_per_round
-    print(f"toolkit {1000 * toolkit_seconds / steps:.1f} ms/step, hand-written {1000 * hand_seconds / steps:.1f} "
-          f"ms/step over {steps} steps each: ratio {toolkit_seconds / hand_seconds:.3f}")
+    print(
+        f"toolkit {1000 * toolkit_seconds / steps:.1f} ms/step, hand-written {1000 * hand_seconds / steps:.1f} "
+        f"ms/step over {steps} steps each: ratio {toolkit_seconds / hand_seconds:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 import math
 import resource
+import sys
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +139,16 @@ def _count_tokens(batch: dict[str, torch.Tensor]) -> int:
     return tokens
 
 
+@dataclass
+class LogWindow:
+    """Loss sums and token counts since the last logged step."""
+
+    sums: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    steps: int = 0
+    tokens: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+
 class Trainer:
     """Owns both engines and the loop; `train()` runs from the current step to the last and exports."""
 
@@ -207,45 +218,59 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------------------
     def train(self) -> Path:
-        _write_run_files(self.p)
-        self.engine.train()
-        stream = self.batches.iterate(self.micro_batches_done)
-        accumulation = self.train_config.gradient_accumulation_steps
-        sums, window_steps, tokens, started = defaultdict(float), 0, 0, time.perf_counter()
-        progress = tqdm(
-            total=self.p.total_steps, initial=self.step, desc="distill", disable=not dist.is_main(), dynamic_ncols=True
-        )
-        while self.step < self.p.total_steps:
-            for _ in range(accumulation):
-                batch = self._to_device(next(stream))
-                tokens += _count_tokens(batch)
-                for name, value in self.micro_step(batch).items():
-                    sums[name] += float(value) / accumulation
-            self.step += 1
-            window_steps += 1
-            self.micro_batches_done += accumulation
-            progress.update(1)
-            if self.step % self.train_config.logging_steps == 0 or self.step == self.p.total_steps:
-                self._log_training(sums, window_steps, tokens, time.perf_counter() - started, progress)
-                sums, window_steps, tokens, started = defaultdict(float), 0, 0, time.perf_counter()
-            last = self.step == self.p.total_steps
-            if last or (self.train_config.eval_steps and self.step % self.train_config.eval_steps == 0):
-                self._evaluate()
-            if self.train_config.save_steps and self.step % self.train_config.save_steps == 0 or last:
-                self._save_checkpoint()
-        progress.close()
+        """Runs from the current step to the last, then exports the student; returns the export's path."""
+        self.begin()
+        self.train_steps(until=self.p.total_steps)
+        self.progress.close()
         return self._export()
 
-    def _log_training(self, sums, steps: int, tokens: int, seconds: float, progress) -> None:
-        names = sorted(sums)
-        reduced = dist.all_reduce_sum([sums[n] / steps for n in names] + [tokens])
+    def begin(self) -> None:
+        """Writes the run's files and opens the batch stream at the (possibly resumed) position."""
+        _write_run_files(self.p)
+        self.engine.train()
+        self.stream = self.batches.iterate(self.micro_batches_done)
+        self.window = LogWindow()
+        self.progress = tqdm(
+            total=self.p.total_steps,
+            initial=self.step,
+            desc="distill",
+            disable=not dist.is_main(),
+            dynamic_ncols=True,
+            mininterval=0.1 if sys.stderr.isatty() else 30.0,  # a log file gets a line every 30 s, not every step
+        )
+
+    def train_steps(self, until: int) -> None:
+        """Optimizer steps up to step `until`, logging, evaluating and checkpointing on their schedules."""
+        accumulation, last_step = self.train_config.gradient_accumulation_steps, self.p.total_steps
+        while self.step < until:
+            for _ in range(accumulation):
+                batch = self._to_device(next(self.stream))
+                self.window.tokens += _count_tokens(batch)
+                for name, value in self.micro_step(batch).items():
+                    self.window.sums[name] += float(value) / accumulation
+            self.step += 1
+            self.window.steps += 1
+            self.micro_batches_done += accumulation
+            self.progress.update(1)
+            last = self.step == last_step
+            if last or self.step % self.train_config.logging_steps == 0:
+                self._log_training()
+            if last or (self.train_config.eval_steps and self.step % self.train_config.eval_steps == 0):
+                self._evaluate()
+            if last or (self.train_config.save_steps and self.step % self.train_config.save_steps == 0):
+                self._save_checkpoint()
+
+    def _log_training(self) -> None:
+        window, self.window = self.window, LogWindow()
+        names = sorted(window.sums)
+        reduced = dist.all_reduce_sum([window.sums[n] / window.steps for n in names] + [window.tokens])
         world = dist.world_size()
         scalars = {("loss" if n == "loss" else f"loss/{n}"): v / world for n, v in zip(names, reduced)}
         scalars["lr"] = self.engine.get_lr()[0]
-        scalars["tokens_per_s"] = reduced[-1] / seconds
+        scalars["tokens_per_s"] = reduced[-1] / (time.perf_counter() - window.started)
         scalars["peak_memory_gb"] = _peak_memory_gb()
         self._write_scalars(scalars)
-        progress.set_postfix(loss=f"{scalars['loss']:.4f}", tok_s=f"{scalars['tokens_per_s']:.0f}")
+        self.progress.set_postfix(loss=f"{scalars['loss']:.4f}", tok_s=f"{scalars['tokens_per_s']:.0f}")
 
     def _write_scalars(self, scalars: dict[str, float]) -> None:
         if not dist.is_main():

@@ -31,13 +31,28 @@ def _free_port() -> int:
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-            "PYTHONPATH": str(REPO)}
+    return {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(REPO),
+    }
 
 
 def deepspeed_command(config: Path, *flags: str) -> list[str]:
-    return ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "ds_distill",
-            "distill", f"--config={config}", *flags]
+    return [
+        "deepspeed",
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        "--module",
+        "ds_distill",
+        "distill",
+        f"--config={config}",
+        *flags,
+    ]
 
 
 def launch(command: list[str], log: Path) -> None:
@@ -66,9 +81,12 @@ def runs(tiny, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("runs")
     out = {}
     for stage in (2, 3):
-        config = translation_config(tiny, tmp / f"zero{stage}",
-                                    student={"deepspeed_config": f"ds_configs/student_zero{stage}.json"},
-                                    train={"eval_metric": "bleu", "generation_max_length": 16})
+        config = translation_config(
+            tiny,
+            tmp / f"zero{stage}",
+            student={"deepspeed_config": f"ds_configs/student_zero{stage}.json"},
+            train={"eval_metric": "bleu", "generation_max_length": 16},
+        )
         out[stage] = (distill(tmp, f"zero{stage}", config), config)
     return out
 
@@ -99,7 +117,9 @@ def test_exported_student_loads_and_generates(runs, stage):
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     model_dir = runs[stage][0] / "model"
-    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json"} <= set(os.listdir(model_dir))
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json"} <= set(
+        os.listdir(model_dir)
+    )
     model = AutoModelForSeq2SeqLM.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     assert model.config.d_model == 32 and model.config.num_layers == 1
@@ -119,9 +139,21 @@ def test_zero2_and_zero3_exports_hold_the_same_weights(runs):
 @pytest.mark.parametrize("stage", [2, 3])
 def test_export_verb_turns_the_checkpoint_into_the_same_model(runs, stage, tmp_path):
     run_dir = runs[stage][0]
-    result = subprocess.run([sys.executable, "-m", "ds_distill", "export", f"--checkpoint_dir={run_dir / 'checkpoints'}",
-                             f"--output_dir={tmp_path / 'exported'}"], cwd=REPO, env=_env(), capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ds_distill",
+            "export",
+            f"--checkpoint_dir={run_dir / 'checkpoints'}",
+            f"--output_dir={tmp_path / 'exported'}",
+        ],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     final = load_file(run_dir / "model" / "model.safetensors")
     exported = load_file(tmp_path / "exported" / "model.safetensors")
@@ -137,8 +169,9 @@ def test_killed_run_resumes_to_the_uninterrupted_result(runs, tmp_path):
     checkpoints = tmp_path / "interrupted" / "checkpoints"
     path = write_yaml(tmp_path / "interrupted.yaml", config)
     with open(tmp_path / "killed.log", "w") as out:
-        process = subprocess.Popen(deepspeed_command(path), cwd=REPO, env=_env(), stdout=out,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            deepspeed_command(path), cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
         deadline = time.time() + 300
         while not (checkpoints / "latest").exists() and process.poll() is None and time.time() < deadline:
             time.sleep(0.02)
@@ -158,25 +191,46 @@ def test_killed_run_resumes_to_the_uninterrupted_result(runs, tmp_path):
 
 def test_same_output_dir_without_resume_or_overwrite_is_refused(runs, tmp_path):
     path = write_yaml(tmp_path / "again.yaml", runs[2][1])
-    result = subprocess.run([sys.executable, "-m", "ds_distill", "distill", f"--config={path}"], cwd=REPO,
-                            env=_env(), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "ds_distill", "distill", f"--config={path}"],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2
     assert "already holds this run's checkpoints; pass --resume" in result.stderr
 
 
 def test_decoder_only_family_under_torchrun(tiny, tmp_path):
     config = translation_config(
-        tiny, tmp_path / "gpt2",
+        tiny,
+        tmp_path / "gpt2",
         teacher={"model_name_or_path": str(tiny["gpt2"])},
-        student={"init": {"from_teacher": {"decoder_layers": 1, "d_model": 32, "num_heads": 2}},
-                 "deepspeed_config": "ds_configs/student_zero3.json"},
+        student={
+            "init": {"from_teacher": {"decoder_layers": 1, "d_model": 32, "num_heads": 2}},
+            "deepspeed_config": "ds_configs/student_zero3.json",
+        },
         data={"task": "causal_lm", "dataset": "text", "data_files": tiny["text"], "block_size": 32},
         losses={"ce": {"weight": 1.0}, "kd": {"weight": 1.0, "divergence": "reverse_kl"}},
         train={"max_steps": 4, "save_steps": 0},
     )
     path = write_yaml(tmp_path / "gpt2.yaml", config)
-    launch(["torchrun", "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "ds_distill", "distill",
-            f"--config={path}"], tmp_path / "gpt2.log")
+    launch(
+        [
+            "torchrun",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(_free_port()),
+            "-m",
+            "ds_distill",
+            "distill",
+            f"--config={path}",
+        ],
+        tmp_path / "gpt2.log",
+    )
     assert sorted(losses(tmp_path / "gpt2")) == [1, 2, 3, 4]
     from transformers import AutoModelForCausalLM
 
@@ -186,7 +240,8 @@ def test_decoder_only_family_under_torchrun(tiny, tmp_path):
 
 def test_encoder_only_family(tiny, tmp_path):
     config = translation_config(
-        tiny, tmp_path / "bert",
+        tiny,
+        tmp_path / "bert",
         teacher={"model_name_or_path": str(tiny["bert"])},
         student={"init": {"from_teacher": {"encoder_layers": 1, "d_model": 32, "d_ff": 64, "num_heads": 2}}},
         data={"task": "masked_lm", "dataset": "text", "data_files": tiny["text"], "max_source_length": 32},
