@@ -14,7 +14,7 @@ from transformers import PretrainedConfig
 
 from ds_distill import models
 from ds_distill.config import ConfigError, StudentConfig
-from ds_distill.teacher import model_dtype, zero3_loading
+from ds_distill.teacher import zero3_loading
 
 
 def student_hf_config(student: StudentConfig, teacher_hf_config: PretrainedConfig | None) -> PretrainedConfig:
@@ -31,15 +31,15 @@ def student_hf_config(student: StudentConfig, teacher_hf_config: PretrainedConfi
 
 
 def build_student(student: StudentConfig, hf_config: PretrainedConfig, ds_config: dict[str, Any], seed: int):
-    """The student's Hugging Face model; loaded from a path it is partitioned as it loads under ZeRO-3."""
-    model_class = models.adapter_for(hf_config).model_class(hf_config)
+    """The student's Hugging Face model, in fp32: DeepSpeed keeps the fp32 master weights and casts for bf16."""
+    adapter = models.adapter_for(hf_config)
     if student.model_name_or_path:
-        with zero3_loading(ds_config):
-            return model_class.from_pretrained(student.model_name_or_path, dtype=model_dtype(ds_config))
+        with zero3_loading(ds_config):  # partitioned as it loads under ZeRO-3
+            return adapter.from_pretrained(student.model_name_or_path, dtype=torch.float32)
     # Built whole, then partitioned by deepspeed.initialize: zero.Init would draw other random numbers, and a
     # run must start from the same weights under ZeRO-2 and ZeRO-3. A student fits in host memory.
     torch.manual_seed(seed)
-    return models.adapter_for(hf_config).from_config(hf_config)
+    return adapter.from_config(hf_config)
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -45,10 +45,9 @@ def load_teacher(model_name_or_path: str, ds_config: dict[str, Any]):
     """Returns the teacher's DeepSpeed engine, ready for `with torch.no_grad(): engine(**inputs)`."""
     import deepspeed
 
-    hf_config = models.load_config(model_name_or_path, "teacher")
-    model_class = models.adapter_for(hf_config).model_class(hf_config)
+    adapter = models.adapter_for(models.load_config(model_name_or_path, "teacher"))
     with zero3_loading(ds_config):
-        model = model_class.from_pretrained(model_name_or_path, dtype=model_dtype(ds_config))
+        model = adapter.from_pretrained(model_name_or_path, dtype=model_dtype(ds_config))
     model.eval().requires_grad_(False)
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     engine.eval()

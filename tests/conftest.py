@@ -6,10 +6,12 @@ import os
 from pathlib import Path
 
 import pytest
+import torch  # noqa: E402
 import yaml
 
 # Set before anything imports deepspeed or the Hugging Face hub client.
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

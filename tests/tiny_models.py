@@ -57,12 +57,14 @@ def build(directory: Path, tokenizer) -> dict[str, Path]:
         GPT2Config,
         GPT2LMHeadModel,
         T5Config,
-        T5ForConditionalGeneration,
     )
+
+    from ds_distill.models import adapter_for
 
     vocab = padded_vocab(tokenizer)
     specs = {
-        "t5": T5ForConditionalGeneration(
+        # through the adapter: a separate LM head like Flan-T5's (a plain T5 constructor ties it in transformers 5)
+        "t5": adapter_for(T5Config()).from_config(
             T5Config(
                 vocab_size=vocab,
                 d_model=64,

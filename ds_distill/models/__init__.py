@@ -55,9 +55,19 @@ class ModelAdapter:
             "encoder": transformers.AutoModelForMaskedLM,
         }[self.kind]
 
+    def runtime_config(self, config: PretrainedConfig) -> PretrainedConfig:
+        """The config to build or load with; families whose configs lose information override this."""
+        return config
+
     def from_config(self, config: PretrainedConfig) -> torch.nn.Module:
         """A randomly initialised model of this architecture (on the current default device)."""
+        config = self.runtime_config(config)
         return self.model_class(config).from_config(config)
+
+    def from_pretrained(self, name_or_path: str, **kwargs) -> torch.nn.Module:
+        """`from_pretrained` with the head class and runtime config of this family (ZeRO-3 loading included)."""
+        config = self.runtime_config(AutoConfig.from_pretrained(name_or_path))
+        return self.model_class(config).from_pretrained(name_or_path, config=config, **kwargs)
 
     def has_lm_head(self, config: PretrainedConfig) -> bool:
         return self.model_class(config) is not transformers.AutoModel
@@ -86,27 +96,20 @@ class ModelAdapter:
         if self.name != "t5" and width % heads:  # T5 sets the head width (d_kv) apart from d_model
             raise ConfigError(f"d_model {width} is not divisible by num_heads {heads}; pick widths that divide")
 
-    def layer_counts(self, config: PretrainedConfig) -> dict[str, int]:
-        """Blocks per stack, e.g. {"encoder": 24, "decoder": 24}."""
-        counts = {}
-        for stack in ("encoder", "decoder"):
-            fields = self.config_fields.get(f"{stack}_layers")
-            if fields:
-                counts[stack] = int(getattr(config, fields[0]))
-        return counts
-
 
 @dataclass(frozen=True)
 class T5Adapter(ModelAdapter):
-    """T5 v1.1 and Flan-T5 have an LM head of their own, which transformers 5 ties to the embedding when it
-    builds from a config (their checkpoints load untied). Built students keep the teacher's separate head."""
+    """T5 v1.1 and Flan-T5 have an LM head apart from the embedding. transformers 5 forces
+    `tie_word_embeddings=True` in every T5 config (keeping the v1.1 marker as `scale_decoder_outputs=False`)
+    and unties on load only when it can compare both tensors, which a ZeRO-3 partitioned load cannot: there the
+    head would silently become the embedding. Untying in the config keeps the head separate on every path."""
 
-    def from_config(self, config: PretrainedConfig) -> torch.nn.Module:
-        model = super().from_config(config)
-        untied = not getattr(config, "scale_decoder_outputs", True)  # v1.1 marks the untied head this way
-        if untied and getattr(model, "lm_head", None) is not None and model.lm_head.weight is model.shared.weight:
-            model.lm_head.weight = torch.nn.Parameter(model.shared.weight.detach().clone())
-        return model
+    def runtime_config(self, config: PretrainedConfig) -> PretrainedConfig:
+        if getattr(config, "scale_decoder_outputs", True) or not config.tie_word_embeddings:
+            return config
+        config = copy.deepcopy(config)
+        config.tie_word_embeddings = False
+        return config
 
 
 @dataclass(frozen=True)
@@ -119,7 +122,7 @@ class DecoderOnlyAdapter(ModelAdapter):
         if getattr(config, "num_key_value_heads", None) is not None:
             groups = max(1, config.num_attention_heads // config.num_key_value_heads)
             student.num_key_value_heads = max(1, heads // groups)
-        if getattr(config, "head_dim", None) is not None:
+        if getattr(config, "head_dim", None) is not None and (dims.d_model or dims.num_heads):
             student.head_dim = student.hidden_size // heads
         return student
 
