@@ -116,7 +116,6 @@ class HandLoop:
 def main(rounds: int = 6, steps_per_round: int = 20) -> None:
     from ds_distill.trainer import Trainer, prepare
 
-    dist.select_accelerator()
     dist.init()
     work = Path(tempfile.mkdtemp(prefix="step_overhead_"))
     tokenizer = tiny_models.train_tokenizer(work / "tokenizer")

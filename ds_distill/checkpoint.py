@@ -86,13 +86,15 @@ def latest_tag(root: Path) -> str | None:
 
 def load(engine, root: Path, tag: str) -> dict[str, Any]:
     """Restores engine state and this rank's RNG; returns the client state saved with the checkpoint."""
+    saved_ranks = len(list((root / tag).glob("rng_rank*.pt")))
+    if saved_ranks != dist.world_size():  # the same answer on every rank, so all of them stop
+        raise ConfigError(
+            f"{root / tag} was saved by {saved_ranks} ranks; resume it with {saved_ranks}, not {dist.world_size()}"
+        )
     _, client_state = engine.load_checkpoint(str(root), tag=tag)
     if client_state is None:
         raise ConfigError(f"checkpoint {root / tag} could not be loaded by DeepSpeed")
-    rng_file = root / tag / f"rng_rank{dist.rank()}.pt"
-    if not rng_file.is_file():
-        raise ConfigError(f"{rng_file} is missing: resume with the same number of ranks the run was saved with")
-    set_rng_state(torch.load(rng_file, weights_only=False))
+    set_rng_state(torch.load(root / tag / f"rng_rank{dist.rank()}.pt", weights_only=False))
     return client_state
 
 

@@ -23,21 +23,21 @@ import fire
 from ds_distill.config import ConfigError
 
 
-def demo(output_dir: str = "runs/demo", overwrite: bool = True):
+def demo(output_dir: str = "runs/demo"):
     """Runs the whole job on an embedded default: no network, no input files, minutes on a CPU.
 
     Generates a small parallel corpus, trains a sentencepiece tokenizer and a small T5 teacher, distils the
     teacher into a student at least 4x smaller (teacher under ZeRO-3 inference, student under ZeRO-2), trains
     the same student without a teacher for the same steps, and prints parameters, validation loss, BLEU and
-    tokens/s for all three. Uses a GPU when there is one.
+    inference tokens/s for all three. Uses the GPU when there is one (the teacher then stays on it).
 
     Args:
-        output_dir: where the corpus, tokenizer, runs, TensorBoard events and exported models go.
-        overwrite: replace the runs of an earlier demo in output_dir.
+        output_dir: where the corpus, tokenizer, runs, TensorBoard events and exported models go; an earlier
+            demo's results there are replaced.
     """
     from ds_distill.demo import run_demo
 
-    run_demo(Path(output_dir), overwrite=overwrite)
+    run_demo(Path(output_dir))
 
 
 def distill(
@@ -133,6 +133,7 @@ def _not_yet(verb: str, what: str):
         raise ConfigError(f"`ds-distill {verb}` ({what}) is not available yet in this version")
 
     verb_function.__doc__ = f"Coming: {what}. Not available yet in this version."
+    verb_function.__signature__ = inspect.Signature()  # no flags to advertise yet
     return verb_function
 
 

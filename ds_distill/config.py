@@ -75,8 +75,8 @@ class DataConfig:
     dataset: str | None = None
     """Hub name (`wmt16`) or a builder for local files (`json`, `csv`, `parquet`, `text`)."""
     dataset_config_name: str | None = None
-    data_files: dict[str, str] | None = None
-    """Local files per split, e.g. {train: a.jsonl, validation: b.jsonl}."""
+    data_files: dict[str, Any] | None = None
+    """Local files per split, e.g. {train: a.jsonl, validation: b.jsonl}; a list of files per split works too."""
     train_split: str = "train"
     validation_split: str | None = "validation"
     tokenizer: str | None = None
@@ -151,7 +151,7 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
+def coerce(value: Any, tp: Any, where: str) -> Any:
     tp, optional = _unwrap_optional(tp)
     if value is None or (optional and value in ("", "none", "None", "null")):
         if optional:
@@ -166,7 +166,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where} must be a mapping, got {value!r}")
         key_tp, value_tp = typing.get_args(tp)
-        return {str(k): _coerce(v, value_tp, f"{where}.{k}") for k, v in value.items()}
+        return {str(k): coerce(v, value_tp, f"{where}.{k}") for k, v in value.items()}
     if tp is Any:
         return value
     if tp is bool:
@@ -179,10 +179,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return False
         raise ConfigError(f"{where} must be true or false, got {value!r}")
     if tp is int:
-        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-            raise ConfigError(f"{where} must be an integer, got {value!r}")
         try:
-            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+            number = float(value) if isinstance(value, str) else value  # "1e3" from YAML or a flag
+            if isinstance(number, bool) or not float(number).is_integer():
+                raise ValueError
+            return int(number)
         except (TypeError, ValueError):
             raise ConfigError(f"{where} must be an integer, got {value!r}") from None
     if tp is float:
@@ -215,7 +216,7 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
     for key in data:
         if key not in valid:
             raise unknown_key_error(key, valid, prefix)
-    kwargs = {key: _coerce(value, hints[key], f"{prefix}{key}") for key, value in data.items()}
+    kwargs = {key: coerce(value, hints[key], f"{prefix}{key}") for key, value in data.items()}
     return cls(**kwargs)
 
 
@@ -292,9 +293,17 @@ def validate(run: RunConfig) -> None:
         raise ConfigError(
             f"train.eval_metric '{train.eval_metric}' is unknown; choose one of {', '.join(EVAL_METRICS)}"
         )
-    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+    for name in (
+        "per_device_train_batch_size",
+        "per_device_eval_batch_size",
+        "gradient_accumulation_steps",
+        "logging_steps",
+        "save_total_limit",
+    ):
         if getattr(train, name) < 1:
             raise ConfigError(f"train.{name} must be at least 1")
+    if data.task == "masked_lm" and not 0 <= data.mlm_probability < 1:
+        raise ConfigError("data.mlm_probability must lie in [0, 1)")
     if not run.losses:
         raise ConfigError("losses is empty: configure at least one term, e.g. {ce: {weight: 1.0}}")
 

@@ -22,13 +22,14 @@ from transformers import (
     DataCollatorForSeq2Seq,
     DataCollatorWithPadding,
     PreTrainedTokenizerBase,
+    default_data_collator,
 )
 
 from ds_distill import dist
 from ds_distill.config import ConfigError, DataConfig
+from ds_distill.losses.base import IGNORE_INDEX
 
 FILE_BUILDERS = ("json", "csv", "parquet", "text")
-IGNORE_INDEX = -100
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
@@ -59,9 +60,10 @@ def load_raw(data: DataConfig) -> datasets.DatasetDict:
             raise ConfigError(
                 f"data.dataset '{data.dataset}' reads local files: set data.data_files.train (and validation)"
             )
-        for split, path in data.data_files.items():
-            if not Path(path).is_file():
-                raise ConfigError(f"data.data_files.{split}: file {path} does not exist")
+        for split, paths in data.data_files.items():
+            for path in [paths] if isinstance(paths, str) else paths:
+                if not Path(path).is_file():
+                    raise ConfigError(f"data.data_files.{split}: file {path} does not exist")
     try:
         raw = datasets.load_dataset(data.dataset, data.dataset_config_name, data_files=data.data_files)
     except (FileNotFoundError, ConnectionError, ValueError) as error:
@@ -156,7 +158,9 @@ def _tokenize_text(data: DataConfig, tokenizer, dataset: datasets.Dataset, split
         ]
         usable = len(ids) // block * block
         blocks = [ids[i : i + block] for i in range(0, usable, block)]
-        return {"input_ids": blocks, "attention_mask": [[1] * block for _ in blocks]}
+        # Labels are the inputs (the model's logits are shifted against them later); blocks hold no padding,
+        # so EOS stays a target even where a tokenizer pads with EOS.
+        return {"input_ids": blocks, "attention_mask": [[1] * block for _ in blocks], "labels": [b[:] for b in blocks]}
 
     return dataset.map(
         tokenize_and_pack,
@@ -189,18 +193,10 @@ def make_collator(data: DataConfig, tokenizer, model: torch.nn.Module | None = N
     if data.task in ("translation", "seq2seq"):
         return DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
     if data.task == "causal_lm":
-        return DataCollatorForLanguageModeling(tokenizer, mlm=False)
+        return default_data_collator
     if data.mlm_probability > 0:
         return DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=data.mlm_probability)
     return DataCollatorWithPadding(tokenizer)
-
-
-def _drop_special_tokens_mask(collate):
-    def wrapped(features):
-        features = [{k: v for k, v in f.items() if k != "special_tokens_mask"} for f in features]
-        return collate(features)
-
-    return wrapped
 
 
 def batches_per_epoch(num_examples: int, batch_size: int) -> int:
@@ -236,14 +232,15 @@ class TrainBatches:
     def iterate(self, start: int = 0) -> Iterator[dict[str, torch.Tensor]]:
         """Yields micro-batches forever, beginning after the first `start` ones."""
         epoch, skip = divmod(start, self.batches_per_epoch)
-        collate = _drop_special_tokens_mask(self.collate)
         while True:
             self.sampler.set_epoch(epoch)
             indices = list(self.sampler)[: self.batches_per_epoch * self.batch_size]
             batches = [indices[i : i + self.batch_size] for i in range(0, len(indices), self.batch_size)][skip:]
             # A generator of its own: each new DataLoader iterator draws a seed, and drawing it from the global
             # RNG would shift the dropout masks of a resumed run against the uninterrupted one.
-            yield from DataLoader(self.dataset, batch_sampler=batches, collate_fn=collate, generator=torch.Generator())
+            yield from DataLoader(
+                self.dataset, batch_sampler=batches, collate_fn=self.collate, generator=torch.Generator()
+            )
             epoch, skip = epoch + 1, 0
 
 
@@ -258,7 +255,6 @@ def eval_batches(dataset: datasets.Dataset, collate, batch_size: int) -> Iterato
     mine = list(range(rank, len(dataset), world))
     real = len(mine)
     mine += [0] * (per_rank - real)
-    collate = _drop_special_tokens_mask(collate)
     for start in range(0, per_rank, batch_size):
         chunk = mine[start : start + batch_size]
         yield collate([dataset[i] for i in chunk]), max(0, min(len(chunk), real - start))

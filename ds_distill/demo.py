@@ -220,7 +220,8 @@ def inference_tokens_per_s(model_dir: Path, files: dict[str, str], tokenizer, ba
     """Teacher-forced forward throughput on the validation set (source + target tokens per second)."""
     from transformers import AutoModelForSeq2SeqLM
 
-    model = AutoModelForSeq2SeqLM.from_pretrained(model_dir).eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForSeq2SeqLM.from_pretrained(model_dir).eval().to(device)
     pairs = [json.loads(line)["translation"] for line in open(files["validation"])]
     batches = []
     for i in range(0, len(pairs), batch_size):
@@ -228,7 +229,7 @@ def inference_tokens_per_s(model_dir: Path, files: dict[str, str], tokenizer, ba
         inputs = tokenizer(
             [p["en"] for p in chunk], text_target=[p["zz"] for p in chunk], padding=True, return_tensors="pt"
         )
-        batches.append(inputs)
+        batches.append(inputs.to(device))
     model(**batches[0])  # warm-up
     tokens, started = 0, time.perf_counter()
     for inputs in batches:
@@ -242,18 +243,31 @@ def _final_eval(run_dir: Path) -> dict[str, float]:
     return {"loss": evals[-1]["eval/loss"], "bleu": evals[-1]["eval/bleu"]}
 
 
-def run_demo(output_dir: Path, overwrite: bool = True, teacher_steps: int = 400, student_steps: int = 200) -> None:
+DEMO_ENTRIES = ("data", "tokenizer", "teacher_init", "student_init", "teacher", "distilled", "no_teacher", "results.md")
+
+
+def _prepare_inputs(output_dir: Path) -> tuple[dict[str, str], Path, Path]:
+    """Corpus, tokenizer and initial models, written by rank 0 once; an earlier demo's entries are replaced
+    (only those: output_dir may hold other things, such as the log a launch script writes)."""
+    files = {split: str(output_dir / "data" / f"{split}.jsonl") for split in ("train", "validation")}
+    if dist.is_main():
+        for entry in DEMO_ENTRIES:
+            path = output_dir / entry
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        write_corpus(output_dir / "data", train_size=8000, valid_size=200)
+        tokenizer = train_tokenizer(files, output_dir / "tokenizer")
+        save_initial_models(tokenizer, output_dir, seed=0)
+    dist.barrier()
+    return files, output_dir / "teacher_init", output_dir / "student_init"
+
+
+def run_demo(output_dir: Path, teacher_steps: int = 400, student_steps: int = 200) -> None:
+    from ds_distill.data import load_tokenizer
     from ds_distill.trainer import distill
 
-    dist.select_accelerator()
     dist.init()
     started = time.perf_counter()
-    if overwrite and dist.is_main() and output_dir.exists():
-        shutil.rmtree(output_dir)
-    dist.barrier()
-    files = write_corpus(output_dir / "data", train_size=8000, valid_size=200)
-    tokenizer = train_tokenizer(files, output_dir / "tokenizer")
-    teacher_init, student_init = save_initial_models(tokenizer, output_dir, seed=0)
+    files, teacher_init, student_init = _prepare_inputs(output_dir)
 
     dist.print_main(f"[1/3] training the teacher for {teacher_steps} steps")
     teacher = distill(
@@ -285,7 +299,7 @@ def run_demo(output_dir: Path, overwrite: bool = True, teacher_steps: int = 400,
                 name,
                 models.count_parameters(hf_config),
                 _final_eval(model_dir.parent),
-                inference_tokens_per_s(model_dir, files, tokenizer),
+                inference_tokens_per_s(model_dir, files, load_tokenizer(str(output_dir / "tokenizer"))),
             )
         )
     table = ["| model | parameters | validation loss | BLEU | inference tokens/s |", "|---|---:|---:|---:|---:|"]

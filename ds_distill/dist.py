@@ -19,12 +19,6 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def select_accelerator() -> None:
-    """DeepSpeed's CPU accelerator where no GPU is visible; must run before deepspeed is imported."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
-
 def init() -> None:
     """Joins (or, for a lone process, creates) the process group DeepSpeed uses."""
     import deepspeed

@@ -48,6 +48,8 @@ def load_json(path: str) -> dict[str, Any]:
         config = json.loads(resolved.read_text())
     except json.JSONDecodeError as error:
         raise ConfigError(f"{resolved} is not valid JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{resolved} must hold a JSON object of DeepSpeed settings")
     check_keys(config, str(resolved))
     return config
 
@@ -95,7 +97,7 @@ def fill_auto(
     }
     for key, value in expected.items():
         given = config.get(key, "auto")
-        if given != "auto" and int(given) != value:
+        if given != "auto" and not (isinstance(given, int | float) and given == value):
             raise ConfigError(
                 f"{name}: {key}={given} disagrees with the run ({key} must be {value}: train_batch_size = "
                 f"per_device_train_batch_size {micro} x gradient_accumulation_steps {accumulation} x world size "

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from ds_distill import data, dist, models
 from ds_distill.config import RunConfig
+from ds_distill.losses.base import IGNORE_INDEX
 from ds_distill.student import forward_features
 
 
@@ -44,11 +45,11 @@ def evaluate(model, dataset, collate, tokenizer, run: RunConfig, synced_gpus: bo
         per_token = F.cross_entropy(
             features["logits"][:real_rows].float().transpose(1, 2),
             labels,
-            ignore_index=data.IGNORE_INDEX,
+            ignore_index=IGNORE_INDEX,
             reduction="sum",
         )
         loss_sum += float(per_token)
-        token_count += int((labels != data.IGNORE_INDEX).sum())
+        token_count += int((labels != IGNORE_INDEX).sum())
         if generate:
             outputs = model.generate(
                 input_ids=batch["input_ids"],
@@ -58,7 +59,7 @@ def evaluate(model, dataset, collate, tokenizer, run: RunConfig, synced_gpus: bo
                 synced_gpus=synced_gpus,
             )
             hypotheses += tokenizer.batch_decode(outputs[:real_rows], skip_special_tokens=True)
-            label_ids = labels.masked_fill(labels == data.IGNORE_INDEX, tokenizer.pad_token_id)
+            label_ids = labels.masked_fill(labels == IGNORE_INDEX, tokenizer.pad_token_id)
             references += tokenizer.batch_decode(label_ids, skip_special_tokens=True)
     loss_sum, token_count = dist.all_reduce_sum([loss_sum, token_count])
     loss = loss_sum / max(token_count, 1)

@@ -25,18 +25,24 @@ TEMPLATE_DIR = "student_template"
 
 
 def gather_student_state(engine) -> dict[str, torch.Tensor] | None:
-    """The student's full state dict on rank 0 (None elsewhere). Collective under ZeRO-3."""
-    import deepspeed
+    """The student's full state dict on rank 0 (None elsewhere); collective, every rank must call it.
 
-    student = engine.module.student
+    Trained parameters come from the optimizer's fp32 master copy, so a bf16 run exports the same weights as
+    `ds-distill export` of its checkpoint; ZeRO-3 shards are gathered one tensor at a time.
+    """
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
     state = {}
-    for name, tensor in student.state_dict(keep_vars=True).items():
-        if hasattr(tensor, "ds_id"):  # a ZeRO-3 partition: empty outside forward until gathered
+    for name, tensor in engine.module.student.state_dict(keep_vars=True).items():
+        full = safe_get_full_fp32_param(tensor) if tensor.requires_grad else None
+        if full is None and hasattr(tensor, "ds_id"):  # a frozen ZeRO-3 partition
             with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):
-                if dist.is_main():
-                    state[name] = tensor.detach().cpu().clone()
-        elif dist.is_main():
-            state[name] = tensor.detach().cpu().clone()
+                full = tensor.detach().clone()
+        if full is None:
+            full = tensor.detach()
+        if dist.is_main():
+            state[name] = full.cpu().clone()
     return state if dist.is_main() else None
 
 
@@ -54,8 +60,10 @@ def save_hf_model(state: dict[str, torch.Tensor], template_dir: Path, output_dir
     hf_config = AutoConfig.from_pretrained(template_dir)
     model = models.adapter_for(hf_config).from_config(hf_config)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    missing = [k for k in missing if k not in tied]
+    # A missing key is fine only when it names a tensor that is shared with a loaded one (tied embeddings).
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {id(params[k]) for k in state if k in params}
+    missing = [k for k in missing if not (k in params and id(params[k]) in loaded)]
     if missing or unexpected:
         raise ConfigError(
             f"checkpoint does not fit the student config: missing {missing[:5]}, unexpected {unexpected[:5]}"

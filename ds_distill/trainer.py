@@ -27,6 +27,7 @@ from ds_distill import checkpoint, data, dist, ds_config, export, models
 from ds_distill.config import ConfigError, RunConfig, to_yaml
 from ds_distill.evaluation import evaluate
 from ds_distill.losses import build_losses
+from ds_distill.losses.base import IGNORE_INDEX
 from ds_distill.student import DistillationModule, build_student, forward_features, student_hf_config
 from ds_distill.teacher import load_teacher
 
@@ -47,12 +48,39 @@ class Prepared:
 
 
 def prepare(run: RunConfig, resume: bool = False, overwrite: bool = False) -> Prepared:
-    """Validates config, DeepSpeed JSON, models' configs, tokenizer and data; claims output_dir."""
+    """Validates config, DeepSpeed JSON, the models' configs, tokenizer and data, then claims output_dir.
+
+    Nothing in output_dir is touched (not even by --overwrite) until every check has passed.
+    """
     train = run.train
+    teacher_json = ds_config.load_json(run.teacher.deepspeed_config) if run.teacher.model_name_or_path else None
+    student_json = ds_config.load_json(run.student.deepspeed_config)
+    if teacher_json is not None and "optimizer" in teacher_json:
+        raise ConfigError(f"{run.teacher.deepspeed_config}: the teacher is frozen; remove its optimizer section")
+    teacher_config, student_config = _check_models(run)
+    tokenizer = _check_tokenizer(run, teacher_config, student_config)
+
+    tokenized = data.tokenize(run.data, tokenizer, data.load_raw(run.data))
+    batches_per_epoch = data.batches_per_epoch(len(tokenized[run.data.train_split]), train.per_device_train_batch_size)
+    total_steps = train.max_steps
+    if total_steps <= 0:
+        total_steps = math.ceil(train.num_train_epochs * batches_per_epoch / train.gradient_accumulation_steps)
+
+    from deepspeed.accelerator import get_accelerator
+
+    on_cpu = get_accelerator().device_name() == "cpu"
+    world = dist.world_size()
+    student_ds = ds_config.fill_auto(student_json, train, world, total_steps, on_cpu, run.student.deepspeed_config)
+    teacher_ds = None
+    if teacher_json is not None:
+        teacher_ds = ds_config.fill_auto(teacher_json, train, world, total_steps, on_cpu, run.teacher.deepspeed_config)
     output_dir = Path(train.output_dir)
     resume = checkpoint.claim_output_dir(output_dir, to_yaml(run), resume, overwrite)
-    on_cpu = not torch.cuda.is_available()
+    return Prepared(run, output_dir, resume, tokenizer, tokenized, teacher_ds, student_ds, student_config, total_steps)
 
+
+def _check_models(run: RunConfig):
+    """Both models' configs (no weights), checked against the task, the losses and the metric."""
     teacher_config = None
     if run.teacher.model_name_or_path:
         teacher_config = models.load_config(run.teacher.model_name_or_path, "teacher")
@@ -62,12 +90,23 @@ def prepare(run: RunConfig, resume: bool = False, overwrite: bool = False) -> Pr
         raise ConfigError(
             f"data.task '{run.data.task}' does not fit a {adapter.kind} student; use {' or '.join(adapter.tasks)}"
         )
+    if run.train.eval_metric != "loss" and adapter.kind != "seq2seq":
+        raise ConfigError(f"train.eval_metric '{run.train.eval_metric}' needs a seq2seq model; use loss")
     losses, _ = build_losses(run.losses, has_teacher=teacher_config is not None)
-    if any("logits" in loss.needs for loss in losses.values()) and not adapter.has_lm_head(student_config):
-        raise ConfigError("the student has no LM head (a bare encoder): logit losses (ce, kd) do not apply")
+    if any("logits" in loss.needs for loss in losses.values()):
+        for role, config in (("teacher", teacher_config), ("student", student_config)):
+            if config is not None and not models.adapter_for(config).has_lm_head(config):
+                raise ConfigError(f"the {role} has no LM head (a bare encoder): logit losses (ce, kd) do not apply")
+        if run.data.task == "masked_lm" and run.data.mlm_probability == 0:
+            raise ConfigError("data.mlm_probability is 0, so no token is a target for ce or kd; set it above 0")
+    return teacher_config, student_config
 
-    tokenizer_path = run.data.tokenizer or run.teacher.model_name_or_path or run.student.model_name_or_path
-    tokenizer = data.load_tokenizer(tokenizer_path)
+
+def _check_tokenizer(run: RunConfig, teacher_config, student_config):
+    """The one tokenizer both models must share."""
+    tokenizer = data.load_tokenizer(
+        run.data.tokenizer or run.teacher.model_name_or_path or run.student.model_name_or_path
+    )
     if teacher_config is not None and run.student.model_name_or_path:
         data.check_same_tokenizer(run.teacher.model_name_or_path, run.student.model_name_or_path)
     for role, config in (("teacher", teacher_config), ("student", student_config)):
@@ -76,36 +115,7 @@ def prepare(run: RunConfig, resume: bool = False, overwrite: bool = False) -> Pr
                 f"the {role}'s vocabulary ({config.vocab_size}) is smaller than the tokenizer's ({len(tokenizer)}); "
                 "they do not belong together: set data.tokenizer to the model's own tokenizer"
             )
-
-    raw = data.load_raw(run.data)
-    tokenized = data.tokenize(run.data, tokenizer, raw)
-    batches_per_epoch = data.batches_per_epoch(len(tokenized[run.data.train_split]), train.per_device_train_batch_size)
-    total_steps = train.max_steps
-    if total_steps <= 0:
-        total_steps = math.ceil(train.num_train_epochs * batches_per_epoch / train.gradient_accumulation_steps)
-
-    world = dist.world_size()
-    student_ds = ds_config.fill_auto(
-        ds_config.load_json(run.student.deepspeed_config),
-        train,
-        world,
-        total_steps,
-        on_cpu,
-        run.student.deepspeed_config,
-    )
-    teacher_ds = None
-    if teacher_config is not None:
-        teacher_ds = ds_config.fill_auto(
-            ds_config.load_json(run.teacher.deepspeed_config),
-            train,
-            world,
-            total_steps,
-            on_cpu,
-            run.teacher.deepspeed_config,
-        )
-        if "optimizer" in teacher_ds:
-            raise ConfigError(f"{run.teacher.deepspeed_config}: the teacher is frozen; remove its optimizer section")
-    return Prepared(run, output_dir, resume, tokenizer, tokenized, teacher_ds, student_ds, student_config, total_steps)
+    return tokenizer
 
 
 def _write_run_files(p: Prepared) -> None:
@@ -127,15 +137,18 @@ def _write_run_files(p: Prepared) -> None:
 
 
 def _peak_memory_gb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # host RSS, kB on Linux
+    """Peak accelerator memory; on the CPU accelerator, the process's peak resident host memory."""
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu":
+        return get_accelerator().max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
 
 
 def _count_tokens(batch: dict[str, torch.Tensor]) -> int:
     tokens = int(batch["attention_mask"].sum())
     if "decoder_input_ids" in batch:
-        tokens += int((batch["labels"] != data.IGNORE_INDEX).sum())
+        tokens += int((batch["labels"] != IGNORE_INDEX).sum())
     return tokens
 
 
@@ -154,24 +167,25 @@ class Trainer:
 
     def __init__(self, p: Prepared):
         import deepspeed
+        from transformers import set_seed
 
         self.p, self.run, self.train_config = p, p.run, p.run.train
-        self.teacher = load_teacher(p.run.teacher.model_name_or_path, p.teacher_ds) if p.teacher_ds else None
+        self.teacher = load_teacher(self.run.teacher.model_name_or_path, p.teacher_ds) if p.teacher_ds else None
         self.teacher_adapter = models.adapter_for(self.teacher.module.config) if self.teacher else None
-        student = build_student(p.run.student, p.student_config, p.student_ds, self.train_config.seed)
+        student = build_student(self.run.student, p.student_config, p.student_ds, self.train_config.seed)
         if self.train_config.gradient_checkpointing:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        losses, weights = build_losses(p.run.losses, has_teacher=self.teacher is not None)
+        losses, weights = build_losses(self.run.losses, has_teacher=self.teacher is not None)
         module = DistillationModule(student, losses, weights)
         self.engine, *_ = deepspeed.initialize(
             model=module, model_parameters=[q for q in module.parameters() if q.requires_grad], config=p.student_ds
         )
+        set_seed(self.train_config.seed + dist.rank())  # dropout and masking; a resume restores the saved state
         self.device = self.engine.device
-        collate = data.make_collator(p.run.data, p.tokenizer, student)
-        self.collate = collate
+        self.collate = data.make_collator(self.run.data, p.tokenizer, student)
         self.batches = data.TrainBatches(
-            p.datasets[p.run.data.train_split],
-            collate,
+            p.datasets[self.run.data.train_split],
+            self.collate,
             self.train_config.per_device_train_batch_size,
             self.train_config.seed,
         )
@@ -314,7 +328,6 @@ class Trainer:
 
 def distill(run: RunConfig, resume: bool = False, overwrite: bool = False) -> Path:
     """Runs one distillation (or, without a teacher, plain training) and returns the exported student's path."""
-    dist.select_accelerator()
     dist.init()
     prepared = prepare(run, resume=resume, overwrite=overwrite)
     return Trainer(prepared).train()

@@ -7,6 +7,7 @@
 #
 # Settings (environment): SIZE=145m|250m|425m|780m (default 145m), ZERO_STAGE=2|3 (student, default 2),
 # OUTPUT=runs/flan_t5_3b_$SIZE, NUM_GPUS (default: all), HOSTFILE (multi-node, ssh), TEACHER_OFFLOAD=none|cpu|nvme.
+# The launcher's output is also appended to $OUTPUT.log.
 # Extra arguments are dotted config overrides. The file is both bash and python: bash runs this block and
 # exits; python reads it as a string and runs the part below.
 set -euo pipefail
@@ -22,11 +23,11 @@ esac
 LAUNCHER=(deepspeed)
 [ -n "${NUM_GPUS:-}" ] && LAUNCHER+=(--num_gpus "$NUM_GPUS")
 [ -n "${HOSTFILE:-}" ] && LAUNCHER+=(--hostfile "$HOSTFILE")
-mkdir -p "$OUTPUT"
+mkdir -p "$(dirname "$OUTPUT")"
 "${LAUNCHER[@]}" --module ds_distill distill --recipe="flan_t5_3b_${SIZE}" \
   --train.output_dir="$OUTPUT" --student.deepspeed_config="ds_configs/student_zero${ZERO_STAGE}.json" \
-  --teacher.deepspeed_config="$TEACHER_DS" "$@" 2>&1 | tee -a "$OUTPUT/launch.log"
-exit "${PIPESTATUS[0]}"
+  --teacher.deepspeed_config="$TEACHER_DS" "$@" 2>&1 | tee -a "$OUTPUT.log"
+exit 0  # (set -e and pipefail already left with the launcher's status on failure)
 '''
 # Python side: each rank the DeepSpeed launcher starts lands here, with the same settings as above.
 import os

@@ -7,7 +7,6 @@ HOSTFILE=${HOSTFILE:?set HOSTFILE to a DeepSpeed hostfile}
 RECIPE=${RECIPE:-flan_t5_3b_145m}
 ZERO_STAGE=${ZERO_STAGE:-2}
 OUTPUT=${OUTPUT:-runs/${RECIPE}}
-mkdir -p "$OUTPUT"
+mkdir -p "$(dirname "$OUTPUT")"
 deepspeed --hostfile "$HOSTFILE" --module ds_distill distill --recipe="$RECIPE" --train.output_dir="$OUTPUT" \
-  --student.deepspeed_config="ds_configs/student_zero${ZERO_STAGE}.json" "$@" 2>&1 | tee -a "$OUTPUT/launch.log"
-exit "${PIPESTATUS[0]}"
+  --student.deepspeed_config="ds_configs/student_zero${ZERO_STAGE}.json" "$@" 2>&1 | tee -a "$OUTPUT.log"

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ds_distill.config import ConfigError, from_dict, unknown_key_error
+from ds_distill.config import ConfigError, coerce, from_dict, unknown_key_error
 from ds_distill.losses.base import DistillationLoss
 from ds_distill.losses.logits import CrossEntropyLoss, LogitDistillationLoss
 
@@ -32,8 +32,10 @@ def build_losses(spec: dict[str, dict[str, Any]], has_teacher: bool) -> tuple[to
     for name, options in spec.items():
         if name not in LOSSES:
             raise unknown_key_error(name, sorted(LOSSES), "losses.")
+        if not isinstance(options, dict | type(None)):
+            raise ConfigError(f"losses.{name} must be a mapping such as {{weight: 1.0}}, got {options!r}")
         options = dict(options or {})
-        weight = float(options.pop("weight", 1.0))
+        weight = coerce(options.pop("weight", 1.0), float, f"losses.{name}.weight")
         loss_class = LOSSES[name]
         if loss_class.requires_teacher and not has_teacher:
             raise ConfigError(f"losses.{name} compares with a teacher, but teacher.model_name_or_path is empty")

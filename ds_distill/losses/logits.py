@@ -14,9 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ds_distill.config import ConfigError
-from ds_distill.losses.base import DistillationLoss
-
-IGNORE_INDEX = -100
+from ds_distill.losses.base import IGNORE_INDEX, DistillationLoss
 
 
 def _masked_mean(per_token: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

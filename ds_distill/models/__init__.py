@@ -55,19 +55,14 @@ class ModelAdapter:
             "encoder": transformers.AutoModelForMaskedLM,
         }[self.kind]
 
-    def runtime_config(self, config: PretrainedConfig) -> PretrainedConfig:
-        """The config to build or load with; families whose configs lose information override this."""
-        return config
-
     def from_config(self, config: PretrainedConfig) -> torch.nn.Module:
         """A randomly initialised model of this architecture (on the current default device)."""
-        config = self.runtime_config(config)
-        return self.model_class(config).from_config(config)
+        model_class = self.model_class(config)
+        return model_class.from_config(config) if hasattr(model_class, "from_config") else model_class(config)
 
     def from_pretrained(self, name_or_path: str, **kwargs) -> torch.nn.Module:
-        """`from_pretrained` with the head class and runtime config of this family (ZeRO-3 loading included)."""
-        config = self.runtime_config(AutoConfig.from_pretrained(name_or_path))
-        return self.model_class(config).from_pretrained(name_or_path, config=config, **kwargs)
+        """`from_pretrained` with this family's head class (also under ZeRO-3 partitioned loading)."""
+        return self.model_class(AutoConfig.from_pretrained(name_or_path)).from_pretrained(name_or_path, **kwargs)
 
     def has_lm_head(self, config: PretrainedConfig) -> bool:
         return self.model_class(config) is not transformers.AutoModel
@@ -97,19 +92,28 @@ class ModelAdapter:
             raise ConfigError(f"d_model {width} is not divisible by num_heads {heads}; pick widths that divide")
 
 
+class _T5WithSeparateHead(transformers.T5ForConditionalGeneration):
+    """T5 v1.1 / Flan-T5: the embedding is shared by encoder and decoder, the LM head is a matrix of its own.
+
+    transformers 5 forces `tie_word_embeddings=True` on every T5 config (the v1.1 marker survives as
+    `scale_decoder_outputs=False`) and unties the head on load only when it can compare the two tensors,
+    which a ZeRO-3 partitioned load cannot: there the head silently became the embedding. Leaving the head
+    out of the tied keys keeps it separate on every path. The class keeps its parent's name, so saved
+    configs name the stock class that loads them.
+    """
+
+    _tied_weights_keys = {"encoder.embed_tokens.weight": "shared.weight", "decoder.embed_tokens.weight": "shared.weight"}
+
+
+_T5WithSeparateHead.__name__ = _T5WithSeparateHead.__qualname__ = "T5ForConditionalGeneration"
+
+
 @dataclass(frozen=True)
 class T5Adapter(ModelAdapter):
-    """T5 v1.1 and Flan-T5 have an LM head apart from the embedding. transformers 5 forces
-    `tie_word_embeddings=True` in every T5 config (keeping the v1.1 marker as `scale_decoder_outputs=False`)
-    and unties on load only when it can compare both tensors, which a ZeRO-3 partitioned load cannot: there the
-    head would silently become the embedding. Untying in the config keeps the head separate on every path."""
-
-    def runtime_config(self, config: PretrainedConfig) -> PretrainedConfig:
-        if getattr(config, "scale_decoder_outputs", True) or not config.tie_word_embeddings:
-            return config
-        config = copy.deepcopy(config)
-        config.tie_word_embeddings = False
-        return config
+    def model_class(self, config: PretrainedConfig) -> type:
+        if getattr(config, "scale_decoder_outputs", True):  # original T5: the head is the embedding
+            return super().model_class(config)
+        return _T5WithSeparateHead
 
 
 @dataclass(frozen=True)

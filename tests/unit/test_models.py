@@ -63,7 +63,7 @@ def test_indivisible_heads_are_refused(tiny):
 
 def test_head_classes_follow_the_checkpoint(tiny):
     for name, head in (
-        ("t5", "AutoModelForSeq2SeqLM"),
+        ("t5", "T5ForConditionalGeneration"),  # with a separate LM head, as Flan-T5
         ("gpt2", "AutoModelForCausalLM"),
         ("bert", "AutoModelForMaskedLM"),
         ("bert_bare", "AutoModel"),
