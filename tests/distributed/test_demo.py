@@ -1,18 +1,17 @@
 """The README's first command: `ds-distill demo` runs end to end and the distilled student wins."""
 
-import os
 import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, subprocess_env
 
 pytestmark = pytest.mark.distributed
 
 
 def test_demo_distils_a_student_that_beats_training_without_the_teacher(tmp_path):
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    env = subprocess_env()
     result = subprocess.run(
         [sys.executable, "-m", "ds_distill", "demo", f"--output_dir={tmp_path}"],
         cwd=REPO,

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, translation_config, write_yaml
+from tests.conftest import REPO, subprocess_env, translation_config, write_yaml
 
 pytestmark = pytest.mark.distributed
 
@@ -28,16 +28,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def _env() -> dict[str, str]:
-    return {
-        **os.environ,
-        "DS_ACCELERATOR": "cpu",
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONPATH": str(REPO),
-    }
 
 
 def deepspeed_command(config: Path, *flags: str) -> list[str]:
@@ -57,7 +47,9 @@ def deepspeed_command(config: Path, *flags: str) -> list[str]:
 
 def launch(command: list[str], log: Path) -> None:
     with open(log, "w") as out:
-        result = subprocess.run(command, cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT, timeout=600)
+        result = subprocess.run(
+            command, cwd=REPO, env=subprocess_env(), stdout=out, stderr=subprocess.STDOUT, timeout=600
+        )
     assert result.returncode == 0, log.read_text()[-4000:]
 
 
@@ -149,7 +141,7 @@ def test_export_verb_turns_the_checkpoint_into_the_same_model(runs, stage, tmp_p
             f"--output_dir={tmp_path / 'exported'}",
         ],
         cwd=REPO,
-        env=_env(),
+        env=subprocess_env(),
         capture_output=True,
         text=True,
         timeout=300,
@@ -170,7 +162,12 @@ def test_killed_run_resumes_to_the_uninterrupted_result(runs, tmp_path):
     path = write_yaml(tmp_path / "interrupted.yaml", config)
     with open(tmp_path / "killed.log", "w") as out:
         process = subprocess.Popen(
-            deepspeed_command(path), cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            deepspeed_command(path),
+            cwd=REPO,
+            env=subprocess_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         deadline = time.time() + 300
         while not (checkpoints / "latest").exists() and process.poll() is None and time.time() < deadline:
@@ -194,7 +191,7 @@ def test_same_output_dir_without_resume_or_overwrite_is_refused(runs, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "ds_distill", "distill", f"--config={path}"],
         cwd=REPO,
-        env=_env(),
+        env=subprocess_env(),
         capture_output=True,
         text=True,
         timeout=300,

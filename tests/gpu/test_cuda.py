@@ -1,13 +1,12 @@
 """GPU checks: run them when a GPU machine is lent (`python -m pytest -q tests/gpu`); skipped without CUDA."""
 
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from tests.conftest import REPO, translation_config, write_yaml
+from tests.conftest import REPO, subprocess_env, translation_config, write_yaml
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -21,11 +20,10 @@ def test_bf16_distillation_with_a_resident_teacher_on_one_gpu(tiny, tmp_path):
         train={"bf16": True, "max_steps": 6, "save_steps": 3},
     )
     path = write_yaml(tmp_path / "gpu.yaml", config)
-    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
     result = subprocess.run(
         [sys.executable, "-m", "ds_distill", "distill", f"--config={path}"],
         cwd=REPO,
-        env=env,
+        env=subprocess_env(),
         capture_output=True,
         text=True,
         timeout=900,

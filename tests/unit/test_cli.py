@@ -6,10 +6,13 @@ import sys
 import pytest
 
 from ds_distill import cli
+from tests.conftest import subprocess_env
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "ds_distill", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "ds_distill", *args], capture_output=True, text=True, timeout=300, env=subprocess_env()
+    )
 
 
 def test_launcher_local_rank_flag_is_removed(monkeypatch):

@@ -76,3 +76,26 @@ def test_recipes_load_and_missing_ones_are_listed():
 
 def test_defaults_round_trip():
     assert from_dict(RunConfig, {}).train.output_dir == "runs/distill"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"train.logging_steps": 0}, "train.logging_steps must be at least 1"),
+        ({"train.save_total_limit": 0}, "train.save_total_limit must be at least 1"),
+        ({"train.max_steps": "2.5e0"}, "train.max_steps must be an integer"),
+        ({"losses.kd.weight": "heavy"}, "losses.kd.weight must be a number"),
+        ({"losses.kd": 3}, "losses.kd must be a mapping"),
+    ],
+)
+def test_values_that_would_fail_late_are_refused_early(run_yaml, override, message):
+    from ds_distill.losses import build_losses
+
+    with pytest.raises(ConfigError, match=message):
+        run = load_config(str(run_yaml), overrides=override)
+        build_losses(run.losses, has_teacher=True)
+
+
+def test_lists_of_data_files_stay_lists(run_yaml):
+    run = load_config(str(run_yaml), overrides={"data.data_files": {"train": ["a.jsonl", "b.jsonl"]}})
+    assert run.data.data_files == {"train": ["a.jsonl", "b.jsonl"]}

@@ -89,3 +89,39 @@ def test_resume_without_checkpoint(tiny, tmp_path):
 def test_too_few_examples_for_one_batch(tiny, tmp_path):
     with pytest.raises(ConfigError, match="fewer than one batch of 4"):
         prepare(run_config(tiny, tmp_path, data={"max_train_samples": 3}))
+
+
+def test_overwrite_deletes_nothing_when_a_check_fails(tiny, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.yaml").write_text("an earlier run")
+    with pytest.raises(ConfigError, match="DeepSpeed config ds_configs/nope.json does not exist"):
+        prepare(run_config(tiny, tmp_path, student={"deepspeed_config": "ds_configs/nope.json"}), overwrite=True)
+    assert (out / "config.yaml").read_text() == "an earlier run"
+
+
+def test_bare_encoder_teacher_cannot_give_logits(tiny, tmp_path):
+    with pytest.raises(ConfigError, match="the teacher has no LM head"):
+        prepare(
+            run_config(
+                tiny,
+                tmp_path,
+                teacher={"model_name_or_path": str(tiny["bert_bare"])},
+                student={"init": {}, "model_name_or_path": str(tiny["bert"])},
+                data={"task": "masked_lm", "dataset": "text", "data_files": tiny["text"]},
+            )
+        )
+
+
+def test_generation_metrics_need_a_seq2seq_model(tiny, tmp_path):
+    with pytest.raises(ConfigError, match="train.eval_metric 'bleu' needs a seq2seq model"):
+        prepare(
+            run_config(
+                tiny,
+                tmp_path,
+                teacher={"model_name_or_path": str(tiny["gpt2"])},
+                student={"init": {"from_teacher": {"decoder_layers": 1}}},
+                data={"task": "causal_lm", "dataset": "text", "data_files": tiny["text"]},
+                train={"eval_metric": "bleu"},
+            )
+        )
