@@ -8,6 +8,7 @@ which is what makes resumed runs equal to uninterrupted ones.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,35 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
         raise ConfigError(f"no tokenizer at '{path}' ({str(error).splitlines()[0]}); set data.tokenizer") from None
     if tokenizer.pad_token is None:  # GPT-2 and Llama ship without one; padded positions are masked anyway
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def train_sentencepiece_tokenizer(jsonl: str | Path, languages: tuple[str, ...], directory: Path, vocab_size: int):
+    """A sentencepiece unigram model on the given sides of a translation JSONL file, saved in `directory` as a
+    T5 tokenizer (pad 0, eos 1, unk 2, no sentinel tokens). For demos and tests that cannot download one."""
+    import sentencepiece as spm
+    from transformers import T5Tokenizer
+
+    directory.mkdir(parents=True, exist_ok=True)
+    text = directory / "corpus.txt"
+    with open(text, "w") as out:
+        for line in open(jsonl):
+            pair = json.loads(line)["translation"]
+            out.writelines(pair[lang] + "\n" for lang in languages)
+    spm.SentencePieceTrainer.train(
+        input=str(text),
+        model_prefix=str(directory / "spiece"),
+        vocab_size=vocab_size,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
+    text.unlink()
+    tokenizer = T5Tokenizer.from_pretrained(directory, extra_ids=0)
+    tokenizer.save_pretrained(directory)
     return tokenizer
 
 

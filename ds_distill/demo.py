@@ -23,6 +23,7 @@ import torch
 
 from ds_distill import dist, models
 from ds_distill.config import FromTeacherConfig, RunConfig, from_dict
+from ds_distill.data import train_sentencepiece_tokenizer
 from ds_distill.ds_config import PROJECT_ROOT
 
 # -- the corpus ------------------------------------------------------------------------------------------
@@ -104,35 +105,6 @@ def write_corpus(directory: Path, train_size: int, valid_size: int, seed: int = 
         files[split] = str(directory / f"{split}.jsonl")
         Path(files[split]).write_text("\n".join(rows) + "\n")
     return files
-
-
-def train_tokenizer(files: dict[str, str], directory: Path, vocab_size: int = 256):
-    """A sentencepiece unigram model on both languages, wrapped as a T5 tokenizer (pad 0, eos 1, unk 2)."""
-    import sentencepiece as spm
-    from transformers import T5Tokenizer
-
-    directory.mkdir(parents=True, exist_ok=True)
-    text = directory / "corpus.txt"
-    with open(text, "w") as out:
-        for line in open(files["train"]):
-            pair = json.loads(line)["translation"]
-            out.write(pair["en"] + "\n" + pair["zz"] + "\n")
-    spm.SentencePieceTrainer.train(
-        input=str(text),
-        model_prefix=str(directory / "spiece"),
-        vocab_size=vocab_size,
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,
-        model_type="unigram",
-        hard_vocab_limit=False,
-        minloglevel=2,
-    )
-    text.unlink()
-    tokenizer = T5Tokenizer.from_pretrained(directory, extra_ids=0)
-    tokenizer.save_pretrained(directory)
-    return tokenizer
 
 
 # -- models ----------------------------------------------------------------------------------------------
@@ -255,7 +227,9 @@ def _prepare_inputs(output_dir: Path) -> tuple[dict[str, str], Path, Path]:
             path = output_dir / entry
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         write_corpus(output_dir / "data", train_size=8000, valid_size=200)
-        tokenizer = train_tokenizer(files, output_dir / "tokenizer")
+        tokenizer = train_sentencepiece_tokenizer(
+            files["train"], ("en", "zz"), output_dir / "tokenizer", vocab_size=256
+        )
         save_initial_models(tokenizer, output_dir, seed=0)
     dist.barrier()
     return files, output_dir / "teacher_init", output_dir / "student_init"

@@ -13,33 +13,15 @@ from pathlib import Path
 
 import torch
 
+from ds_distill.data import train_sentencepiece_tokenizer
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wmt_ende_10k"
 
 
 def train_tokenizer(directory: Path, vocab_size: int = 1000):
-    """A sentencepiece model trained on the English and German sides of the shared WMT sample."""
-    import sentencepiece as spm
-    from transformers import T5Tokenizer
-
-    directory.mkdir(parents=True, exist_ok=True)
-    text = directory / "corpus.txt"
-    with open(text, "w") as out:
-        for line in open(SHARED_DATA / "train.jsonl"):
-            pair = json.loads(line)["translation"]
-            out.write(pair["en"] + "\n" + pair["de"] + "\n")
-    spm.SentencePieceTrainer.train(
-        input=str(text),
-        model_prefix=str(directory / "spiece"),
-        vocab_size=vocab_size,
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,
-        minloglevel=2,
-    )
-    text.unlink()
-    tokenizer = T5Tokenizer.from_pretrained(directory, extra_ids=0)
-    tokenizer.add_special_tokens({"mask_token": "<mask>"})  # for the masked-LM family
+    """A sentencepiece tokenizer trained on both sides of the shared WMT sample, with a mask token for BERT."""
+    tokenizer = train_sentencepiece_tokenizer(SHARED_DATA / "train.jsonl", ("en", "de"), directory, vocab_size)
+    tokenizer.add_special_tokens({"mask_token": "<mask>"})
     tokenizer.save_pretrained(directory)
     return tokenizer
 
@@ -62,6 +44,15 @@ def build(directory: Path, tokenizer) -> dict[str, Path]:
     from ds_distill.models import adapter_for
 
     vocab = padded_vocab(tokenizer)
+    bert = BertConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=128,
+        pad_token_id=0,
+    )
     specs = {
         # through the adapter: a separate LM head like Flan-T5's (a plain T5 constructor ties it in transformers 5)
         "t5": adapter_for(T5Config()).from_config(
@@ -74,7 +65,7 @@ def build(directory: Path, tokenizer) -> dict[str, Path]:
                 num_layers=2,
                 num_decoder_layers=2,
                 feed_forward_proj="gated-gelu",
-                tie_word_embeddings=False,
+                tie_word_embeddings=False,  # the T5 v1.1 / Flan-T5 layout (kept as scale_decoder_outputs=False)
                 decoder_start_token_id=0,
                 pad_token_id=0,
                 eos_token_id=1,
@@ -92,29 +83,8 @@ def build(directory: Path, tokenizer) -> dict[str, Path]:
                 pad_token_id=0,
             )
         ),
-        "bert": BertForMaskedLM(
-            BertConfig(
-                vocab_size=vocab,
-                hidden_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                intermediate_size=128,
-                max_position_embeddings=128,
-                pad_token_id=0,
-            )
-        ),
-        "bert_bare": BertModel(
-            BertConfig(
-                vocab_size=vocab,
-                hidden_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                intermediate_size=128,
-                max_position_embeddings=128,
-                pad_token_id=0,
-            ),
-            add_pooling_layer=False,
-        ),
+        "bert": BertForMaskedLM(bert),
+        "bert_bare": BertModel(bert, add_pooling_layer=False),
     }
     paths = {}
     for name, model in specs.items():

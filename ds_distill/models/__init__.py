@@ -102,7 +102,10 @@ class _T5WithSeparateHead(transformers.T5ForConditionalGeneration):
     configs name the stock class that loads them.
     """
 
-    _tied_weights_keys = {"encoder.embed_tokens.weight": "shared.weight", "decoder.embed_tokens.weight": "shared.weight"}
+    _tied_weights_keys = {
+        "encoder.embed_tokens.weight": "shared.weight",
+        "decoder.embed_tokens.weight": "shared.weight",
+    }
 
 
 _T5WithSeparateHead.__name__ = _T5WithSeparateHead.__qualname__ = "T5ForConditionalGeneration"
