@@ -130,12 +130,28 @@ class TrainConfig:
 
 
 @dataclass
+class LayerMapConfig:
+    """Which student layer learns from which teacher layer, per stack. Layer 0 is the embeddings' output,
+    layer i the output of block i. A strategy name (`uniform`, `last`; `ds-distill list`) or explicit pairs
+    `[[student, teacher], ...]` (also `"1:2,2:4"` on the command line); many-to-one is allowed."""
+
+    encoder: Any = "uniform"
+    decoder: Any = "uniform"
+    include_embeddings: bool = True
+    """Also pair the embeddings (layer 0 with layer 0)."""
+
+
+@dataclass
 class RunConfig:
+    method: str | None = None
+    """A preset (`ds-distill list`): fills `losses` and `layer_map`; what the YAML sets itself wins."""
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    layer_map: LayerMapConfig = field(default_factory=LayerMapConfig)
+    """The default map of the layer-wise losses; each loss can carry its own `layer_map`."""
     losses: dict[str, dict[str, Any]] = field(default_factory=lambda: {"ce": {"weight": 1.0}})
-    """Loss terms by registry name, each with its `weight` and options (`ds-distill list`)."""
+    """Loss terms by registry name, each with its `weight` (0 turns a term off) and options (`ds-distill list`)."""
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -263,7 +279,9 @@ def load_config(
             raise ConfigError(f"{path} must hold a mapping with the sections {_field_names(RunConfig)}")
     for key, value in (overrides or {}).items():
         apply_override(tree, key, value)
-    run = from_dict(RunConfig, tree)
+    from ds_distill.methods import expand_method
+
+    run = from_dict(RunConfig, expand_method(tree))
     validate(run)
     return run
 
@@ -313,4 +331,8 @@ def to_dict(run: RunConfig) -> dict[str, Any]:
 
 
 def to_yaml(run: RunConfig) -> str:
-    return yaml.safe_dump(to_dict(run), sort_keys=False)
+    """The resolved config; a preset is already expanded into `losses` and `layer_map`, so it is only noted."""
+    tree = to_dict(run)
+    method = tree.pop("method")
+    header = f"# expanded from method: {method}\n" if method else ""
+    return header + yaml.safe_dump(tree, sort_keys=False)

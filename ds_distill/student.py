@@ -7,13 +7,16 @@ student's optimizer, checkpoints and resumption while staying out of the exporte
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
 from transformers import PretrainedConfig
 
 from ds_distill import models
+from ds_distill.capture import FeatureCapture
 from ds_distill.config import ConfigError, StudentConfig
+from ds_distill.losses.base import IGNORE_INDEX
 from ds_distill.teacher import zero3_loading
 
 
@@ -47,13 +50,30 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in batch.items() if k != "labels"}
 
 
-def forward_features(model, adapter: models.ModelAdapter, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Runs `model` on `batch` and returns the features losses read, aligned so logits[:, t] predicts labels[:, t]."""
-    output = model(**model_inputs(batch))
-    features = {"labels": batch.get("labels")}
+def stack_masks(adapter: models.ModelAdapter, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`{stack}.mask` [batch, seq] bool: the positions of each stack that hold real tokens."""
+    source = batch["attention_mask"].bool()
+    if adapter.kind == "seq2seq":
+        # decoder position t reads label t-1 and predicts label t, so it is real exactly when label t is
+        target = batch.get("decoder_attention_mask")
+        target = target.bool() if target is not None else batch["labels"] != IGNORE_INDEX
+        return {"encoder.mask": source, "decoder.mask": target}
+    return {f"{next(iter(adapter.layout))}.mask": source}
+
+
+def forward_features(
+    model, adapter: models.ModelAdapter, batch: dict[str, torch.Tensor], capture: FeatureCapture | None = None
+) -> dict[str, torch.Tensor]:
+    """Runs `model` on `batch` and returns the features losses read: logits aligned so logits[:, t] predicts
+    labels[:, t], the stack masks, and what `capture` collected during this forward."""
+    with capture.recording() if capture else contextlib.nullcontext():
+        output = model(**model_inputs(batch))
+    features = {"labels": batch.get("labels"), **stack_masks(adapter, batch)}
+    if capture:
+        features.update(capture.pop())
     if hasattr(output, "logits"):
         features["logits"] = output.logits
-    if adapter.kind == "causal" and features["labels"] is not None:
+    if adapter.kind == "causal" and features["labels"] is not None and "logits" in features:
         features["logits"] = features["logits"][:, :-1]
         features["labels"] = features["labels"][:, 1:]
     return features
@@ -68,9 +88,17 @@ class DistillationModule(torch.nn.Module):
         self.losses = losses
         self.weights = weights
         self.adapter = models.adapter_for(student.config)
+        keys = set().union(*(loss.student_keys for loss in losses.values()))
+        self.capture = FeatureCapture(student, self.adapter, keys) if keys else None
+
+    def set_step(self, step: int) -> None:
+        """Tells staged losses (makd) the optimizer step about to be taken."""
+        for loss in self.losses.values():
+            if hasattr(loss, "set_step"):
+                loss.set_step(step)
 
     def forward(self, batch: dict[str, torch.Tensor], teacher_features: dict[str, torch.Tensor] | None = None):
-        student_features = forward_features(self.student, self.adapter, batch)
+        student_features = forward_features(self.student, self.adapter, batch, self.capture)
         terms = {name: loss(student_features, teacher_features) for name, loss in self.losses.items()}
         total = sum(self.weights[name] * value for name, value in terms.items())
         return total, {name: value.detach() for name, value in terms.items()}

@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from ds_distill import checkpoint, data, dist, ds_config, export, models
 from ds_distill.config import ConfigError, RunConfig, to_yaml
 from ds_distill.evaluation import evaluate
-from ds_distill.losses import build_losses
+from ds_distill.capture import FeatureCapture
+from ds_distill.losses import LayerwiseLoss, ModelPair, build_losses
 from ds_distill.losses.base import IGNORE_INDEX
 from ds_distill.student import DistillationModule, build_student, forward_features, student_hf_config
 from ds_distill.teacher import load_teacher
@@ -92,7 +93,7 @@ def _check_models(run: RunConfig):
         )
     if run.train.eval_metric != "loss" and adapter.kind != "seq2seq":
         raise ConfigError(f"train.eval_metric '{run.train.eval_metric}' needs a seq2seq model; use loss")
-    losses, _ = build_losses(run.losses, has_teacher=teacher_config is not None)
+    losses, _ = build_losses(run.losses, model_pair(run, student_config, teacher_config))
     if any("logits" in loss.needs for loss in losses.values()):
         for role, config in (("teacher", teacher_config), ("student", student_config)):
             if config is not None and not models.adapter_for(config).has_lm_head(config):
@@ -100,6 +101,10 @@ def _check_models(run: RunConfig):
         if run.data.task == "masked_lm" and run.data.mlm_probability == 0:
             raise ConfigError("data.mlm_probability is 0, so no token is a target for ce or kd; set it above 0")
     return teacher_config, student_config
+
+
+def model_pair(run: RunConfig, student_config, teacher_config) -> ModelPair | None:
+    return ModelPair(student_config, teacher_config, run.layer_map) if teacher_config is not None else None
 
 
 def _check_tokenizer(run: RunConfig, teacher_config, student_config):
@@ -171,11 +176,20 @@ class Trainer:
 
         self.p, self.run, self.train_config = p, p.run, p.run.train
         self.teacher = load_teacher(self.run.teacher.model_name_or_path, p.teacher_ds) if p.teacher_ds else None
-        self.teacher_adapter = models.adapter_for(self.teacher.module.config) if self.teacher else None
         student = build_student(self.run.student, p.student_config, p.student_ds, self.train_config.seed)
         if self.train_config.gradient_checkpointing:
-            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        losses, weights = build_losses(self.run.losses, has_teacher=self.teacher is not None)
+            # non-reentrant: gradients also flow into features captured inside a checkpointed block
+            student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        teacher_config = self.teacher.module.config if self.teacher else None
+        losses, weights = build_losses(self.run.losses, model_pair(self.run, p.student_config, teacher_config))
+        self.teacher_capture = None
+        if self.teacher is not None:
+            self.teacher_adapter = models.adapter_for(teacher_config)
+            keys = set().union(*(loss.teacher_keys for loss in losses.values()))
+            self.teacher_capture = FeatureCapture(self.teacher.module, self.teacher_adapter, keys)
+        for name, loss in losses.items():
+            if isinstance(loss, LayerwiseLoss):
+                dist.print_main(f"losses.{name} layer pairs (student->teacher): {', '.join(map(str, loss.pairs))}")
         module = DistillationModule(student, losses, weights)
         self.engine, *_ = deepspeed.initialize(
             model=module, model_parameters=[q for q in module.parameters() if q.requires_grad], config=p.student_ds
@@ -223,7 +237,7 @@ class Trainer:
         teacher_features = None
         if self.teacher is not None:
             with torch.no_grad():
-                teacher_features = forward_features(self.teacher, self.teacher_adapter, batch)
+                teacher_features = forward_features(self.teacher, self.teacher_adapter, batch, self.teacher_capture)
         total, terms = self.engine(batch, teacher_features)
         self.engine.backward(total)
         self.engine.step()
@@ -257,6 +271,7 @@ class Trainer:
         """Optimizer steps up to step `until`, logging, evaluating and checkpointing on their schedules."""
         accumulation, last_step = self.train_config.gradient_accumulation_steps, self.p.total_steps
         while self.step < until:
+            self.engine.module.set_step(self.step)
             for _ in range(accumulation):
                 batch = self._to_device(next(self.stream))
                 self.window.tokens += _count_tokens(batch)

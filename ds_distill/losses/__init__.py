@@ -4,10 +4,11 @@ Every loss is a small `torch.nn.Module` with one signature::
 
     loss(student: dict[str, Tensor], teacher: dict[str, Tensor] | None) -> Tensor (scalar, float32)
 
-The feature dicts hold what `needs` names (`logits` [batch, seq, vocab], `labels` [batch, seq] with -100 on
-positions that do not count), already aligned so that `logits[:, t]` predicts `labels[:, t]`. Losses are
-built inside the student's DeepSpeed module, so any parameters they own (projections) train, checkpoint and
-resume with the student and stay out of the exported model.
+The feature dicts hold what a term asks for: `logits` [batch, seq, vocab] and `labels` [batch, seq] (-100 on
+positions that do not count), aligned so that `logits[:, t]` predicts `labels[:, t]`; for layer-wise terms the
+captured features of their mapped layers (`capture.py`) and `{stack}.mask`. Losses are built inside the
+student's DeepSpeed module, so any parameters they own (projections, aligners) train, checkpoint and resume
+with the student and stay out of the exported model.
 """
 
 from __future__ import annotations
@@ -17,17 +18,34 @@ from typing import Any
 import torch
 
 from ds_distill.config import ConfigError, coerce, from_dict, unknown_key_error
+from ds_distill.losses.attention import AttentionKLLoss, AttentionMSELoss, MiniEnDLoss, RelationLoss
 from ds_distill.losses.base import DistillationLoss
+from ds_distill.losses.hidden import CKALoss, EmbeddingMSELoss, HiddenCosineLoss, HiddenMSELoss, LinearLoss
+from ds_distill.losses.layerwise import LayerwiseLoss, ModelPair
 from ds_distill.losses.logits import CrossEntropyLoss, LogitDistillationLoss
+from ds_distill.losses.makd import MaKDLoss
 
 LOSSES: dict[str, type[DistillationLoss]] = {
     "ce": CrossEntropyLoss,
     "kd": LogitDistillationLoss,
+    "cka": CKALoss,
+    "linear": LinearLoss,
+    "hidden_mse": HiddenMSELoss,
+    "hidden_cosine": HiddenCosineLoss,
+    "embedding_mse": EmbeddingMSELoss,
+    "relation": RelationLoss,
+    "miniend": MiniEnDLoss,
+    "attention_kl": AttentionKLLoss,
+    "attention_mse": AttentionMSELoss,
+    "makd": MaKDLoss,
 }
 
 
-def build_losses(spec: dict[str, dict[str, Any]], has_teacher: bool) -> tuple[torch.nn.ModuleDict, dict[str, float]]:
-    """Builds the configured terms and their weights; raises `ConfigError` on unknown names or options."""
+def build_losses(
+    spec: dict[str, dict[str, Any]], models: ModelPair | None
+) -> tuple[torch.nn.ModuleDict, dict[str, float]]:
+    """Builds the configured terms (weight 0 leaves a term out) and their weights; `models` is None without a
+    teacher. Raises `ConfigError` on unknown names or options and on layer maps the models do not fit."""
     modules, weights = {}, {}
     for name, options in spec.items():
         if name not in LOSSES:
@@ -36,11 +54,19 @@ def build_losses(spec: dict[str, dict[str, Any]], has_teacher: bool) -> tuple[to
             raise ConfigError(f"losses.{name} must be a mapping such as {{weight: 1.0}}, got {options!r}")
         options = dict(options or {})
         weight = coerce(options.pop("weight", 1.0), float, f"losses.{name}.weight")
+        if weight == 0:
+            continue
         loss_class = LOSSES[name]
-        if loss_class.requires_teacher and not has_teacher:
+        if loss_class.requires_teacher and models is None:
             raise ConfigError(f"losses.{name} compares with a teacher, but teacher.model_name_or_path is empty")
-        modules[name] = loss_class(from_dict(loss_class.Options, options, f"losses.{name}"))
+        parsed = from_dict(loss_class.Options, options, f"losses.{name}")
+        if issubclass(loss_class, LayerwiseLoss):
+            modules[name] = loss_class(parsed, models, f"losses.{name}")
+        else:
+            modules[name] = loss_class(parsed, where=f"losses.{name}")
         weights[name] = weight
+    if not modules:
+        raise ConfigError("every loss term has weight 0; give at least one term a weight")
     return torch.nn.ModuleDict(modules), weights
 
 

@@ -1,8 +1,9 @@
 """Model adapters: what differs between architecture families, kept in one place per family.
 
-An adapter knows which Hugging Face head class a checkpoint needs, which tasks it can train on, and how to
-name depth and width in its config (`ds-distill list` shows the families). Code elsewhere asks the adapter
-instead of testing `model_type`.
+An adapter knows which Hugging Face head class a checkpoint needs, which tasks it can train on, how to
+name depth and width in its config, and where its blocks, attention projections and feed-forward modules
+are (`layouts.py`; `ds-distill list` shows the families). Code elsewhere asks the adapter instead of
+testing `model_type`.
 
 Add a family by subclassing `ModelAdapter` and listing its `model_types` in `ADAPTERS`.
 """
@@ -18,6 +19,8 @@ import transformers
 from transformers import AutoConfig, PretrainedConfig
 
 from ds_distill.config import ConfigError, FromTeacherConfig
+from ds_distill.models import layouts
+from ds_distill.models.layouts import Site, StackLayout
 
 KNOWN_CONFIGS_DIR = Path(__file__).parent / "known_configs"
 DIMENSIONS = ("encoder_layers", "decoder_layers", "d_model", "d_ff", "num_heads")
@@ -35,6 +38,7 @@ class ModelAdapter:
     model_types: tuple[str, ...]
     kind: str  # "seq2seq" | "causal" | "encoder"
     config_fields: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    layout: dict[str, StackLayout] = field(default_factory=dict)
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -84,6 +88,35 @@ class ModelAdapter:
         self._check_heads(student)
         student.architectures = config.architectures
         return student
+
+    # -- layers and feature sites ------------------------------------------------------------------------
+    def depths(self, config: PretrainedConfig) -> dict[str, int]:
+        """Blocks per stack, e.g. {"encoder": 24, "decoder": 24}; read from the config, no weights needed."""
+        return {stack: getattr(config, self.config_fields[f"{stack}_layers"][0]) for stack in self.layout}
+
+    def width(self, config: PretrainedConfig) -> int:
+        return getattr(config, self.config_fields["d_model"][0])
+
+    def num_heads(self, config: PretrainedConfig) -> int:
+        return getattr(config, self.config_fields["num_heads"][0])
+
+    def blocks(self, model: torch.nn.Module, stack: str) -> torch.nn.ModuleList:
+        return model.base_model.get_submodule(self.layout[stack].blocks)
+
+    def site(self, model: torch.nn.Module, stack: str, layer: int, name: str) -> tuple[torch.nn.Module, Site]:
+        """The module that produces feature `name` of `layer` (0: embeddings, i: block i), and how to read it."""
+        blocks = self.blocks(model, stack)
+        if name == "hidden":
+            if layer == 0:  # the embeddings' output is what the first block receives
+                return blocks[0], Site("", read="input")
+            return blocks[layer - 1], Site("", index=0)
+        if layer == 0:
+            raise ConfigError(f"{name} is a feature of a block; layer 0 (the embeddings) has none")
+        sites = self.layout[stack].sites
+        if name not in sites:
+            raise ConfigError(f"{self.name} {stack} blocks have no '{name}' (they have: {', '.join(sites)})")
+        site = sites[name]
+        return blocks[layer - 1].get_submodule(site.path), site
 
     def _check_heads(self, config: PretrainedConfig) -> None:
         width = getattr(config, self.config_fields["d_model"][0])
@@ -146,6 +179,7 @@ ADAPTERS: tuple[ModelAdapter, ...] = (
             "d_ff": ("d_ff",),
             "num_heads": ("num_heads",),
         },
+        layout=layouts.T5,
     ),
     ModelAdapter(
         name="bart",
@@ -158,6 +192,7 @@ ADAPTERS: tuple[ModelAdapter, ...] = (
             "d_ff": ("encoder_ffn_dim", "decoder_ffn_dim"),
             "num_heads": ("encoder_attention_heads", "decoder_attention_heads"),
         },
+        layout=layouts.BART,
     ),
     ModelAdapter(
         name="gpt2",
@@ -169,6 +204,7 @@ ADAPTERS: tuple[ModelAdapter, ...] = (
             "d_ff": ("n_inner",),
             "num_heads": ("n_head",),
         },
+        layout=layouts.GPT2,
     ),
     DecoderOnlyAdapter(
         name="llama",
@@ -180,6 +216,7 @@ ADAPTERS: tuple[ModelAdapter, ...] = (
             "d_ff": ("intermediate_size",),
             "num_heads": ("num_attention_heads",),
         },
+        layout=layouts.LLAMA,
     ),
     ModelAdapter(
         name="bert",
@@ -191,6 +228,7 @@ ADAPTERS: tuple[ModelAdapter, ...] = (
             "d_ff": ("intermediate_size",),
             "num_heads": ("num_attention_heads",),
         },
+        layout=layouts.BERT,
     ),
 )
 

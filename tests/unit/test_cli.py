@@ -48,7 +48,7 @@ def test_config_error_is_one_line_without_traceback(tmp_path):
     result = run_cli("distill", f"--config={bad}")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "error: unknown key 'trian'. Did you mean 'train'? Valid keys: teacher, student, data, losses, train"
+        "error: unknown key 'trian'. Did you mean 'train'? Valid keys: method, teacher, student, data, layer_map, losses, train"
     ]
 
 

@@ -90,10 +90,11 @@ def test_defaults_round_trip():
 )
 def test_values_that_would_fail_late_are_refused_early(run_yaml, override, message):
     from ds_distill.losses import build_losses
+    from tests.unit.test_losses import TEACHER_PRESENT
 
     with pytest.raises(ConfigError, match=message):
         run = load_config(str(run_yaml), overrides=override)
-        build_losses(run.losses, has_teacher=True)
+        build_losses(run.losses, TEACHER_PRESENT)
 
 
 def test_lists_of_data_files_stay_lists(run_yaml):

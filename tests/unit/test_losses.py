@@ -7,7 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from ds_distill.config import ConfigError
-from ds_distill.losses import build_losses
+from ds_distill.losses import ModelPair, build_losses
+from tests.unit.test_layer_losses import STUDENT, TEACHER
+
+TEACHER_PRESENT = ModelPair(STUDENT, TEACHER)
 
 torch.manual_seed(0)
 BATCH, SEQ, VOCAB = 2, 5, 7
@@ -27,7 +30,7 @@ def pair():
 
 
 def kd(**options):
-    losses, _ = build_losses({"kd": options}, has_teacher=True)
+    losses, _ = build_losses({"kd": options}, models=TEACHER_PRESENT)
     return losses["kd"]
 
 
@@ -113,7 +116,7 @@ def test_gradient_reaches_the_student_only(pair):
 
 def test_ce_matches_torch_cross_entropy(pair):
     student, _, labels = pair
-    losses, weights = build_losses({"ce": {"weight": 0.5}}, has_teacher=False)
+    losses, weights = build_losses({"ce": {"weight": 0.5}}, models=None)
     expected = F.cross_entropy(student.reshape(-1, VOCAB), labels.reshape(-1), ignore_index=-100)
     assert losses["ce"](features(student, labels), None).item() == pytest.approx(expected.item())
     assert weights == {"ce": 0.5}
@@ -125,14 +128,14 @@ def test_ce_matches_torch_cross_entropy(pair):
         ({"kd": {"divergence": "kl"}}, "losses.kd.divergence 'kl' is unknown"),
         ({"kd": {"temprature": 2}}, "Did you mean 'temperature'"),
         ({"kd": {"beta": 1.5}}, "losses.kd.beta must lie strictly between 0 and 1"),
-        ({"cka": {}}, "unknown key 'losses.cka'"),
+        ({"ckaa": {}}, "unknown key 'losses.ckaa'. Did you mean 'cka'"),
     ],
 )
 def test_bad_loss_configs_are_refused(spec, message):
     with pytest.raises(ConfigError, match=message):
-        build_losses(spec, has_teacher=True)
+        build_losses(spec, models=TEACHER_PRESENT)
 
 
 def test_kd_without_a_teacher_is_refused():
     with pytest.raises(ConfigError, match="compares with a teacher"):
-        build_losses({"kd": {}}, has_teacher=False)
+        build_losses({"kd": {}}, models=None)

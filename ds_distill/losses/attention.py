@@ -1,0 +1,223 @@
+"""Attention losses: relations between q/k/v vectors, and attention distributions.
+
+relation: MiniLMv2 (Wang et al. 2021, "MiniLMv2: Multi-Head Self-Attention Relation Distillation");
+miniend: the same relations for encoder-decoders, with cross-attention (MiniEnD);
+attention_kl: MiniLM (Wang et al. 2020); attention_mse: TinyBERT (Jiao et al. 2020).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from ds_distill import dist
+from ds_distill.config import ConfigError, LayerMapConfig
+from ds_distill.layer_map import LayerPair
+from ds_distill.losses.layerwise import LayerwiseLoss, LayerwiseOptions, ModelPair, features
+
+
+def _key_mask(query_mask: torch.Tensor, key_mask: torch.Tensor, causal: bool) -> torch.Tensor:
+    """[batch, 1, queries, keys] bool: which keys each query may see."""
+    allowed = key_mask[:, None, None, :].expand(-1, 1, query_mask.shape[1], -1)
+    if causal:
+        allowed = allowed & torch.ones(allowed.shape[-2:], dtype=torch.bool, device=allowed.device).tril()
+    return allowed
+
+
+def relation_log_probs(
+    queries: torch.Tensor, keys: torch.Tensor, heads: int, allowed: torch.Tensor, where: str
+) -> torch.Tensor:
+    """log softmax(X_q X_k^T / sqrt(d_r)) per relation head: `[batch, q, width]`, `[batch, k, width]` ->
+    `[batch, heads, q, k]`; disallowed keys get probability 0. The width is split into `heads` slices,
+    independently of the model's attention heads."""
+    width = queries.shape[-1]
+    if width % heads:
+        raise ConfigError(f"{where}: {heads} relation heads do not divide a projection width of {width}")
+    head_width = width // heads
+    queries = queries.float().unflatten(-1, (heads, head_width)).transpose(1, 2)
+    keys = keys.float().unflatten(-1, (heads, head_width)).transpose(1, 2)
+    scores = queries @ keys.transpose(-1, -2) / head_width**0.5
+    return F.log_softmax(scores.masked_fill(~allowed, torch.finfo(scores.dtype).min), dim=-1)
+
+
+def masked_kl(
+    log_teacher: torch.Tensor, log_student: torch.Tensor, allowed: torch.Tensor, rows: torch.Tensor
+) -> torch.Tensor:
+    """KL(teacher || student) per row over the allowed keys, averaged over heads and real query rows.
+
+    `[batch, heads, q, k]` log-probabilities, `allowed` `[batch, 1|heads, q, k]`, `rows` `[batch, q]`.
+    """
+    per_key = log_teacher.exp() * (log_teacher - log_student)
+    per_row = torch.where(allowed, per_key, 0.0).sum(-1)  # [batch, heads, q]
+    weights = rows[:, None, :].to(per_row.dtype).expand_as(per_row)
+    return (per_row * weights).sum() / weights.sum().clamp_min(1.0)
+
+
+def relation_kl(
+    student: tuple[torch.Tensor, torch.Tensor],
+    teacher: tuple[torch.Tensor, torch.Tensor],
+    query_mask: torch.Tensor,
+    key_mask: torch.Tensor,
+    heads: int,
+    causal: bool,
+    where: str,
+) -> torch.Tensor:
+    """KL(teacher || student) of one relation, from (queries, keys) of each model (q == k for Q-Q relations)."""
+    allowed = _key_mask(query_mask, key_mask, causal)
+    log_student = relation_log_probs(*student, heads, allowed, f"{where} (student)")
+    log_teacher = relation_log_probs(*teacher, heads, allowed, f"{where} (teacher)")
+    return masked_kl(log_teacher, log_student, allowed, query_mask)
+
+
+LAST_LAYERS = LayerMapConfig(encoder="last", decoder="last", include_embeddings=False)
+
+
+@dataclass
+class RelationOptions(LayerwiseOptions):
+    layer_map: LayerMapConfig | None = None
+    """Default: last student layer <- last teacher layer in each stack."""
+    relation_heads: int = 8
+    """R: the projected width of each model is split into R slices (must divide both)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.relation_heads < 1:
+            raise ConfigError("relation_heads must be at least 1")
+
+
+class RelationLoss(LayerwiseLoss):
+    """relation: MiniLMv2 Q-Q, K-K, V-V self-attention relations, KL(teacher || student), padding/causal masked."""
+
+    Options = RelationOptions
+    sites = ("self_q", "self_k", "self_v")
+    default_layer_map = LAST_LAYERS
+    takes_embeddings = False
+    causal_stacks: ClassVar[frozenset[str]] = frozenset({"decoder"})  # decoder positions see only earlier ones
+
+    def relations(self, pair: LayerPair) -> list[tuple[str, str, str]]:
+        """(query site, key site, mask kind) per relation; mask kind `self` or `cross` (keys over the encoder)."""
+        return [("self_q", "self_q", "self"), ("self_k", "self_k", "self"), ("self_v", "self_v", "self")]
+
+    def pair_loss(self, pair, student, teacher):
+        own_mask = student[f"{pair.stack}.mask"]
+        values = []
+        for query_site, key_site, kind in self.relations(pair):
+            student_queries, teacher_queries = features(pair, query_site, student, teacher)
+            student_keys, teacher_keys = features(pair, key_site, student, teacher)
+            if kind == "cross_keys":  # a relation among the encoder's positions (cross-attention k or v)
+                query_mask = key_mask = student["encoder.mask"]
+                causal = False
+            elif kind == "cross":  # decoder queries against encoder keys
+                query_mask, key_mask, causal = own_mask, student["encoder.mask"], False
+            else:
+                query_mask = key_mask = own_mask
+                causal = pair.stack in self.causal_stacks
+            values.append(
+                relation_kl(
+                    (student_queries, student_keys),
+                    (teacher_queries, teacher_keys),
+                    query_mask,
+                    key_mask,
+                    self.options.relation_heads,
+                    causal,
+                    f"{self.where} {pair} {query_site}-{key_site}",
+                )
+            )
+        return torch.stack(values).mean()
+
+
+@dataclass
+class MiniEnDOptions(RelationOptions):
+    encoder_self: bool = False
+    """MiniEnD-E: also the encoder's self-attention relations (MiniEnD-D without)."""
+    cross_query_key: bool = False
+    """Also the decoder-query / encoder-key relation of cross-attention."""
+
+
+class MiniEnDLoss(RelationLoss):
+    """miniend: decoder self + cross-attention relations (decoder Q-Q, encoder K-K and V-V), optional encoder self."""
+
+    Options = MiniEnDOptions
+
+    def resolve_pairs(self, spec, models, where):
+        if "encoder" not in models.depths() or "decoder" not in models.depths():
+            raise ConfigError(f"{self.where} needs encoder-decoder models; use relation for the others")
+        pairs = super().resolve_pairs(spec, models, where)
+        if not self.options.encoder_self:
+            pairs = [pair for pair in pairs if pair.stack == "decoder"]
+        return pairs
+
+    def relations(self, pair):
+        relations = super().relations(pair)
+        if pair.stack == "decoder":
+            relations += [
+                ("cross_q", "cross_q", "self"),
+                ("cross_k", "cross_k", "cross_keys"),
+                ("cross_v", "cross_v", "cross_keys"),
+            ]
+            if self.options.cross_query_key:
+                relations.append(("cross_q", "cross_k", "cross"))
+        return relations
+
+    def pair_sites(self, pair):
+        return tuple(sorted({site for q, k, _ in self.relations(pair) for site in (q, k)}))
+
+
+@dataclass
+class AttentionOptions(LayerwiseOptions):
+    average_heads: bool = False
+    """Compare head-averaged distributions even when the head counts match (they are averaged when they differ)."""
+
+
+def attention_probs(probs: torch.Tensor, average: bool) -> torch.Tensor:
+    probs = probs.float()
+    return probs.mean(1, keepdim=True) if average else probs
+
+
+class AttentionDistributionLoss(LayerwiseLoss):
+    """Base of attention_kl and attention_mse on self-attention probabilities of mapped layers."""
+
+    Options = AttentionOptions
+    sites = ("attention_probs",)
+    takes_embeddings = False
+
+    def __init__(self, options, models: ModelPair, where: str):
+        super().__init__(options, models, where)
+        student_heads, teacher_heads = models.heads()
+        self.average_heads = options.average_heads or student_heads != teacher_heads
+        if student_heads != teacher_heads and not options.average_heads:
+            dist.print_main(
+                f"{where}: the student has {student_heads} attention heads and the teacher {teacher_heads}; "
+                "comparing head-averaged attention distributions"
+            )
+
+    def pair_loss(self, pair, student, teacher):
+        mask = student[f"{pair.stack}.mask"]
+        student_probs, teacher_probs = features(pair, "attention_probs", student, teacher)
+        allowed = _key_mask(mask, mask, causal=False)  # future keys of a decoder have probability 0 on both sides
+        return self.compare(
+            attention_probs(student_probs, self.average_heads),
+            attention_probs(teacher_probs, self.average_heads),
+            allowed,
+            mask,
+        )
+
+
+class AttentionKLLoss(AttentionDistributionLoss):
+    """attention_kl: KL(teacher || student) of self-attention distributions on mapped layers (MiniLM)."""
+
+    def compare(self, student, teacher, allowed, rows):
+        tiny = torch.finfo(torch.float32).tiny
+        return masked_kl(teacher.clamp_min(tiny).log(), student.clamp_min(tiny).log(), allowed, rows)
+
+
+class AttentionMSELoss(AttentionDistributionLoss):
+    """attention_mse: MSE of self-attention distributions on mapped layers (TinyBERT)."""
+
+    def compare(self, student, teacher, allowed, rows):
+        valid = allowed & rows[:, None, :, None]
+        squared = torch.where(valid, (student - teacher) ** 2, 0.0)
+        return squared.sum() / (valid.sum() * student.shape[1]).clamp_min(1)

@@ -1,0 +1,140 @@
+"""Hidden-state losses on mapped layer pairs; padded positions never count.
+
+cka: 1 - sqrt(linear CKA) (Kornblith et al. 2019, "Similarity of Neural Network Representations Revisited",
+used as a distillation loss by Dasgupta & Cohn 2025, "Improving Language Model Distillation through Hidden
+State Matching"); linear / hidden_mse: FitNets (Romero et al. 2015) and TinyBERT (Jiao et al. 2020);
+hidden_cosine: DistilBERT (Sanh et al. 2019); embedding_mse: HomoDistil (Liang et al. 2023).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ds_distill.config import ConfigError
+from ds_distill.layer_map import LayerPair
+from ds_distill.losses.layerwise import LayerwiseLoss, LayerwiseOptions, ModelPair, build_aligners, features
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def cka_loss(
+    student: torch.Tensor, teacher: torch.Tensor, squared: bool = False, dtype=torch.float32, eps: float = 1e-8
+) -> torch.Tensor:
+    """1 - sqrt(linear CKA) of token rows (or 1 - CKA with `squared`); `[tokens, d_S]`, `[tokens, d_T]` -> scalar.
+
+    Only d x d products (never tokens x tokens), so the cost is linear in the tokens of the micro-batch.
+    Each side is scaled to unit Frobenius norm first; CKA does not change under isotropic scaling, and the
+    Gram norms then stay far from float32's range even for activations in the thousands (T5).
+    """
+    student = student.to(dtype)
+    teacher = teacher.to(dtype)
+    student = student - student.mean(0, keepdim=True)
+    teacher = teacher - teacher.mean(0, keepdim=True)
+    student = student / student.norm().clamp_min(torch.finfo(dtype).tiny)
+    teacher = teacher / teacher.norm().clamp_min(torch.finfo(dtype).tiny)
+    cross = torch.linalg.matrix_norm(student.T @ teacher)
+    student_gram = torch.linalg.matrix_norm(student.T @ student)
+    teacher_gram = torch.linalg.matrix_norm(teacher.T @ teacher)
+    denominator = (student_gram + eps) * (teacher_gram + eps)
+    similarity = cross**2 / denominator if squared else cross / denominator.sqrt()
+    return (1 - similarity).float()
+
+
+def stack_mask(features: dict[str, torch.Tensor], stack: str) -> torch.Tensor:
+    return features[f"{stack}.mask"]
+
+
+@dataclass
+class CKAOptions(LayerwiseOptions):
+    squared: bool = False
+    """1 - CKA instead of 1 - sqrt(CKA)."""
+    dtype: str = "float32"
+    """float32 | float64: precision of the d x d products."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"cka dtype '{self.dtype}' is unknown; choose float32 or float64")
+
+
+class CKALoss(LayerwiseLoss):
+    """cka: 1 - sqrt(linear CKA) between mapped hidden states over the micro-batch's tokens; any widths, no projection."""
+
+    Options = CKAOptions
+
+    def pair_loss(self, pair, student, teacher):
+        mask = stack_mask(student, pair.stack)
+        student_hidden, teacher_hidden = features(pair, "hidden", student, teacher)
+        return cka_loss(student_hidden[mask], teacher_hidden[mask], self.options.squared, DTYPES[self.options.dtype])
+
+
+@dataclass
+class ProjectedOptions(LayerwiseOptions):
+    projection: str = "none"
+    """none (equal widths) | linear (A h + b) | low_rank (d_S -> rank -> d_T)."""
+    rank: int = 64
+    per_pair: bool = False
+    """One projection per layer pair instead of one shared by all pairs."""
+
+
+class ProjectedHiddenLoss(LayerwiseLoss):
+    """Base for losses that compare (optionally projected) student states with teacher states."""
+
+    Options = ProjectedOptions
+
+    def __init__(self, options, models: ModelPair, where: str):
+        super().__init__(options, models, where)
+        if options.rank < 1:
+            raise ConfigError(f"{where}.rank must be at least 1")
+        self.aligners = build_aligners(
+            options.projection, options.per_pair, self.pairs, models.widths(), options.rank, where
+        )
+
+    def project(self, pair: LayerPair, hidden: torch.Tensor) -> torch.Tensor:
+        if self.aligners is None:
+            return hidden.float()
+        index = self.pairs.index(pair) if len(self.aligners) > 1 else 0
+        return self.aligners[index](hidden).float()
+
+    def compare(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def pair_loss(self, pair, student, teacher):
+        mask = stack_mask(student, pair.stack)
+        student_hidden, teacher_hidden = features(pair, "hidden", student, teacher)
+        return self.compare(self.project(pair, student_hidden[mask]), teacher_hidden[mask].float())
+
+
+class HiddenMSELoss(ProjectedHiddenLoss):
+    """hidden_mse: mean squared error between mapped hidden states, through an optional projection."""
+
+    def compare(self, student, teacher):
+        return F.mse_loss(student, teacher)
+
+
+@dataclass
+class LinearOptions(ProjectedOptions):
+    projection: str = "linear"
+
+
+class LinearLoss(HiddenMSELoss):
+    """linear: MSE(A h_S + b, h_T) through one learned projection shared by all pairs (per pair optional)."""
+
+    Options = LinearOptions
+
+
+class HiddenCosineLoss(ProjectedHiddenLoss):
+    """hidden_cosine: 1 - cosine similarity per token between mapped hidden states (optional projection)."""
+
+    def compare(self, student, teacher):
+        return (1 - F.cosine_similarity(student, teacher, dim=-1)).mean()
+
+
+class EmbeddingMSELoss(HiddenMSELoss):
+    """embedding_mse: MSE between the embeddings' outputs of each stack (optional projection)."""
+
+    def resolve_pairs(self, spec, models, where):
+        return [LayerPair(stack, 0, 0) for stack in models.depths()]

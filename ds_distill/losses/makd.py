@@ -1,0 +1,111 @@
+"""makd: multi-aspect module matching (MaKD), a weighted, optionally staged sum of four aspects per layer pair.
+
+    attention          KL(teacher || student) of self-attention distributions (heads averaged if counts differ)
+    hidden             MSE of block outputs
+    attention_output   MSE of the self-attention sub-layer outputs
+    ffn_output         MSE of the feed-forward sub-layer outputs
+
+Student states pass through a low-rank aligner (d_S -> rank -> d_T, one per aspect, shared by the pairs)
+wherever the widths differ. `stages` trains some aspects first, e.g. the module terms:
+
+    makd: {weight: 1.0, rank: 64, stages: [{steps: 2000, aspects: [attention_output, ffn_output]}]}
+
+Each stage lasts `steps` optimizer steps; after the last stage every aspect with a non-zero weight counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ds_distill.config import ConfigError
+from ds_distill.losses.attention import AttentionKLLoss, AttentionOptions
+from ds_distill.losses.layerwise import Aligner, ModelPair, features
+
+ASPECTS = ("attention", "hidden", "attention_output", "ffn_output")
+SITES = {
+    "attention": "attention_probs",
+    "hidden": "hidden",
+    "attention_output": "attention_output",
+    "ffn_output": "ffn_output",
+}
+
+
+@dataclass
+class MaKDOptions(AttentionOptions):
+    rank: int = 64
+    aspect_weights: dict[str, float] = field(default_factory=lambda: dict.fromkeys(ASPECTS, 1.0))
+    """Weight per aspect: attention, hidden, attention_output, ffn_output."""
+    stages: list[dict] = field(default_factory=list)
+    """[{steps: N, aspects: [...]}, ...]: which aspects count in each stage; empty: all, always."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        unknown = set(self.aspect_weights) - set(ASPECTS)
+        if unknown:
+            raise ConfigError(
+                f"losses.makd.aspect_weights: unknown aspects {sorted(unknown)}; use {', '.join(ASPECTS)}"
+            )
+        self.aspect_weights = {**dict.fromkeys(ASPECTS, 1.0), **{k: float(v) for k, v in self.aspect_weights.items()}}
+        for stage in self.stages:
+            if not isinstance(stage, dict) or set(stage) != {"steps", "aspects"} or int(stage["steps"]) < 1:
+                raise ConfigError(f"losses.makd.stages: each stage is {{steps: N >= 1, aspects: [...]}}, got {stage!r}")
+            if set(stage["aspects"]) - set(ASPECTS):
+                raise ConfigError(f"losses.makd.stages: aspects are {', '.join(ASPECTS)}; got {stage['aspects']}")
+        if self.rank < 1:
+            raise ConfigError("losses.makd.rank must be at least 1")
+
+
+class MaKDLoss(AttentionKLLoss):
+    """makd: MaKD aspects (attention KL, hidden, attention-output and FFN-output MSE) via low-rank aligners."""
+
+    Options = MaKDOptions
+    takes_embeddings = True  # layer 0 contributes its hidden aspect only
+
+    def __init__(self, options, models: ModelPair, where: str):
+        super().__init__(options, models, where)
+        self.step = 0
+        student_width, teacher_width = models.widths()
+        self.aligners = torch.nn.ModuleDict()
+        if student_width != teacher_width:
+            for aspect in ("hidden", "attention_output", "ffn_output"):
+                self.aligners[aspect] = Aligner("low_rank", student_width, teacher_width, options.rank)
+
+    def pair_sites(self, pair):
+        if pair.student == 0 or pair.teacher == 0:
+            return ("hidden",)
+        return tuple(SITES[aspect] for aspect in ASPECTS if self.options.aspect_weights[aspect])
+
+    def active_aspects(self) -> tuple[str, ...]:
+        """The aspects of the current stage (the trainer sets `step` before each optimizer step)."""
+        start = 0
+        for stage in self.options.stages:
+            start += int(stage["steps"])
+            if self.step < start:
+                return tuple(stage["aspects"])
+        return ASPECTS
+
+    def set_step(self, step: int) -> None:
+        self.step = step
+
+    def pair_loss(self, pair, student, teacher):
+        active = self.active_aspects()
+        total = torch.zeros((), device=student[f"{pair.stack}.mask"].device)
+        for site in self.pair_sites(pair):
+            aspect = next(a for a in ASPECTS if SITES[a] == site)
+            # an aspect outside the current stage still runs, at weight 0, so every aligner keeps a gradient
+            # (DeepSpeed's ZeRO stages expect the same parameters to take part in every step)
+            weight = self.options.aspect_weights[aspect] if aspect in active else 0.0
+            if aspect == "attention":
+                value = super().pair_loss(pair, student, teacher)
+            else:
+                mask = student[f"{pair.stack}.mask"]
+                student_states, teacher_states = features(pair, site, student, teacher)
+                student_states = student_states[mask]
+                if aspect in self.aligners:
+                    student_states = self.aligners[aspect](student_states)
+                value = F.mse_loss(student_states.float(), teacher_states[mask].float())
+            total = total + weight * value
+        return total

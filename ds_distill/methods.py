@@ -1,0 +1,97 @@
+"""Method presets: one top-level line (`method: cka`) that fills in the loss terms and layer maps of a paper.
+
+    ds-distill distill --config=run.yaml --method=minilmv2
+    ds-distill distill --config=run.yaml --method=cka --losses.cka.squared=true --losses.kd.weight=0
+
+What the run config sets itself wins, key by key: `losses.<term>.<option>` and `layer_map.<key>` override the
+preset's, extra terms are added, and `weight: 0` turns a preset term off. The saved `config.yaml` of a run
+holds the expanded result.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+from ds_distill.config import ConfigError
+
+LOGITS = {"ce": {"weight": 1.0}, "kd": {"weight": 1.0, "divergence": "forward_kl", "temperature": 1.0}}
+
+
+@dataclass(frozen=True)
+class Method:
+    summary: str
+    losses: dict[str, dict[str, Any]]
+    layer_map: dict[str, Any] | None = None
+
+
+METHODS: dict[str, Method] = {
+    "kd": Method("cross-entropy plus logit KD (Hinton et al. 2015)", {**LOGITS}),
+    "cka": Method(
+        "CE + KD + 1 - sqrt(CKA) on every uniformly mapped hidden state, embeddings included",
+        {**LOGITS, "cka": {"weight": 1.0}},
+        {"encoder": "uniform", "decoder": "uniform", "include_embeddings": True},
+    ),
+    "linear": Method(
+        "CE + KD + MSE of hidden states through one learned linear projection (the CKA paper's baseline)",
+        {**LOGITS, "linear": {"weight": 1.0}},
+        {"encoder": "uniform", "decoder": "uniform", "include_embeddings": True},
+    ),
+    "minilmv2": Method(
+        "Q-Q, K-K, V-V self-attention relations of the last layers (Wang et al. 2021), plus CE + KD",
+        {**LOGITS, "relation": {"weight": 1.0}},
+    ),
+    "miniend_d": Method(
+        "MiniEnD-D: decoder self-attention and cross-attention relations of the last layers, plus CE + KD",
+        {**LOGITS, "miniend": {"weight": 1.0, "encoder_self": False}},
+    ),
+    "miniend_e": Method(
+        "MiniEnD-E: MiniEnD-D plus the encoder's self-attention relations, plus CE + KD",
+        {**LOGITS, "miniend": {"weight": 1.0, "encoder_self": True}},
+    ),
+    "makd": Method(
+        "MaKD: attention KL, hidden, attention-output and FFN-output MSE through low-rank aligners, plus CE + KD",
+        {**LOGITS, "makd": {"weight": 1.0}},
+        {"encoder": "uniform", "decoder": "uniform", "include_embeddings": False},
+    ),
+    "tinybert": Method(
+        "TinyBERT: embedding, hidden (projected) and attention MSE on uniformly mapped layers, plus logit KD",
+        {
+            "kd": {"weight": 1.0, "divergence": "forward_kl", "temperature": 1.0},
+            "embedding_mse": {"weight": 1.0, "projection": "linear"},
+            "hidden_mse": {"weight": 1.0, "projection": "linear"},
+            "attention_mse": {"weight": 1.0},
+        },
+        {"encoder": "uniform", "decoder": "uniform", "include_embeddings": False},
+    ),
+}
+
+
+def _merge(preset: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(preset)
+    for key, value in own.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def expand_method(tree: dict[str, Any]) -> dict[str, Any]:
+    """The config tree with its `method` preset filled in under the config's own keys."""
+    name = tree.get("method")
+    if not name:
+        return tree
+    if name not in METHODS:
+        raise ConfigError(f"method '{name}' is unknown; choose one of {', '.join(METHODS)}")
+    method = METHODS[name]
+    for section in ("losses", "layer_map"):
+        if tree.get(section) is not None and not isinstance(tree[section], dict):
+            raise ConfigError(f"{section} must be a mapping, got {tree[section]!r}")
+    expanded = dict(tree)
+    own_losses = {k: (v if v is not None else {}) for k, v in (tree.get("losses") or {}).items()}
+    expanded["losses"] = _merge(method.losses, own_losses)
+    if method.layer_map is not None:
+        expanded["layer_map"] = _merge(method.layer_map, tree.get("layer_map") or {})
+    return expanded

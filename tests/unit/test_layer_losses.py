@@ -1,0 +1,240 @@
+"""Layer-wise losses against their definitions, on small tensors and on tiny teacher/student pairs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import transformers
+
+from ds_distill import models
+from ds_distill.capture import FeatureCapture
+from ds_distill.config import ConfigError, FromTeacherConfig, LayerMapConfig
+from ds_distill.losses import ModelPair, build_losses
+from ds_distill.losses.attention import relation_kl
+from ds_distill.losses.hidden import cka_loss
+from ds_distill.student import DistillationModule, forward_features
+
+
+def reference_cka_loss(student: torch.Tensor, teacher: torch.Tensor, squared: bool = False) -> float:
+    """The design's formula in float64, written out: 1 - ||S^T T|| / sqrt((||S^T S|| + eps)(||T^T T|| + eps))."""
+    s = student.double() - student.double().mean(0)
+    t = teacher.double() - teacher.double().mean(0)
+    cross = torch.linalg.matrix_norm(s.T @ t)
+    denominator = (torch.linalg.matrix_norm(s.T @ s) + 1e-8) * (torch.linalg.matrix_norm(t.T @ t) + 1e-8)
+    return float(1 - (cross**2 / denominator if squared else cross / denominator.sqrt()))
+
+
+def random_orthogonal(size: int, seed: int) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(size, size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    return q.float()
+
+
+class TestCKA:
+    teacher = torch.randn(40, 24, generator=torch.Generator().manual_seed(0))
+    student = torch.randn(40, 12, generator=torch.Generator().manual_seed(1))
+
+    def test_zero_for_identical_rotated_and_scaled_copies(self):
+        rotated = self.teacher @ random_orthogonal(24, 2)
+        for copy in (self.teacher, rotated, 7.5 * self.teacher, 0.01 * rotated + 3.0):  # a shift is centred away
+            assert cka_loss(copy, self.teacher).item() == pytest.approx(0.0, abs=1e-5)
+
+    @pytest.mark.parametrize("squared", [False, True])
+    def test_matches_the_float64_reference(self, squared):
+        expected = reference_cka_loss(self.student, self.teacher, squared)
+        assert 0.05 < expected < 1
+        assert cka_loss(self.student, self.teacher, squared).item() == pytest.approx(expected, rel=1e-5)
+        assert cka_loss(self.student, self.teacher, squared, torch.float64).item() == pytest.approx(expected, rel=1e-7)
+
+    def test_squared_form_is_one_minus_the_square_of_sqrt_cka(self):
+        sqrt_cka = 1 - cka_loss(self.student, self.teacher).item()
+        assert cka_loss(self.student, self.teacher, squared=True).item() == pytest.approx(1 - sqrt_cka**2, rel=1e-5)
+
+    def test_large_activations_stay_finite_in_float32(self):
+        assert cka_loss(3e4 * self.student, 1e4 * self.teacher).item() == pytest.approx(
+            reference_cka_loss(self.student, self.teacher), rel=1e-4
+        )
+
+
+def t5_config(d_model: int, layers: int, heads: int) -> transformers.T5Config:
+    return transformers.T5Config(
+        vocab_size=64,
+        d_model=d_model,
+        d_kv=8,
+        d_ff=2 * d_model,
+        num_layers=layers,
+        num_decoder_layers=layers,
+        num_heads=heads,
+        dropout_rate=0.0,
+        decoder_start_token_id=0,
+    )
+
+
+TEACHER = t5_config(32, 4, 4)
+STUDENT = t5_config(16, 2, 2)
+
+
+def build(spec: dict, layer_map: LayerMapConfig | None = None):
+    return build_losses(spec, ModelPair(STUDENT, TEACHER, layer_map or LayerMapConfig()))
+
+
+def seq2seq_features(width: int, layers: int, seed: int, source_mask: torch.Tensor, target_mask: torch.Tensor):
+    generator = torch.Generator().manual_seed(seed)
+    features = {"encoder.mask": source_mask, "decoder.mask": target_mask}
+    for stack, mask in (("encoder", source_mask), ("decoder", target_mask)):
+        for layer in range(layers + 1):
+            features[f"{stack}.{layer}.hidden"] = torch.randn(*mask.shape, width, generator=generator)
+    return features
+
+
+def test_cka_loss_ignores_padded_rows_and_sums_over_pairs():
+    losses, _ = build({"cka": {}})
+    cka = losses["cka"]
+    assert [str(p) for p in cka.pairs] == [
+        "encoder 0->0", "encoder 1->2", "encoder 2->4", "decoder 0->0", "decoder 1->2", "decoder 2->4",
+    ]  # fmt: skip
+    source = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    target = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.bool)
+    student = seq2seq_features(16, 2, 0, source, target)
+    teacher = seq2seq_features(32, 4, 1, source, target)
+    value = cka(student, teacher)
+    expected = sum(
+        reference_cka_loss(student[f"{p.stack}.{p.student}.hidden"][student[f"{p.stack}.mask"]],
+                           teacher[f"{p.stack}.{p.teacher}.hidden"][student[f"{p.stack}.mask"]])
+        for p in cka.pairs
+    )  # fmt: skip
+    assert value.item() == pytest.approx(expected, rel=1e-5)
+    for features in (student, teacher):  # what sits in padded positions must not matter
+        for key, tensor in features.items():
+            if key.endswith(".hidden"):
+                mask = features[f"{key.split('.')[0]}.mask"]
+                tensor[~mask] = 1e6
+    assert cka(student, teacher).item() == pytest.approx(value.item(), rel=1e-6)
+
+
+def reference_relation_kl(student, teacher, mask, heads, causal) -> float:
+    """KL(teacher || student) of softmax(x x^T / sqrt(d_r)) per relation head, with explicit loops, float64."""
+    total, rows = 0.0, 0
+    for b in range(mask.shape[0]):
+        for i in range(mask.shape[1]):
+            if not mask[b, i]:
+                continue
+            keys = [j for j in range(mask.shape[1]) if mask[b, j] and (not causal or j <= i)]
+            for h in range(heads):
+                def log_probs(x):
+                    width = x.shape[-1] // heads
+                    x = x[b, :, h * width : (h + 1) * width].double()
+                    scores = torch.stack([x[i] @ x[j] / math.sqrt(width) for j in keys])
+                    return torch.log_softmax(scores, 0)
+
+                log_t, log_s = log_probs(teacher), log_probs(student)
+                total += float((log_t.exp() * (log_t - log_s)).sum())
+                rows += 1
+    return total / rows
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_relation_kl_matches_the_definition(causal):
+    generator = torch.Generator().manual_seed(3)
+    student, teacher = torch.randn(2, 6, 8, generator=generator), torch.randn(2, 6, 16, generator=generator)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    value = relation_kl((student, student), (teacher, teacher), mask, mask, 2, causal, "test")
+    assert value.item() == pytest.approx(reference_relation_kl(student, teacher, mask, 2, causal), rel=1e-5)
+    assert value.item() > 0
+    assert relation_kl((teacher, teacher), (teacher, teacher), mask, mask, 2, causal, "test").item() == pytest.approx(
+        0.0, abs=1e-6
+    )
+    changed = teacher.clone()
+    changed[1, 4:] = 100.0  # padded positions
+    assert relation_kl((student, student), (changed, changed), mask, mask, 2, causal, "t").item() == pytest.approx(
+        value.item(), rel=1e-6
+    )
+
+
+def test_relation_heads_must_divide_the_width():
+    x = torch.randn(1, 3, 12)
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="5 relation heads do not divide a projection width of 12"):
+        relation_kl((x, x), (x, x), mask, mask, 5, False, "losses.relation")
+
+
+def run_pair(spec: dict, layer_map: LayerMapConfig | None = None, teacher=TEACHER, student_dims=None):
+    """One step of the real code path: teacher forward under no_grad with its hooks, then the student module."""
+    torch.manual_seed(0)
+    student_config = models.adapter_for(teacher).shrink(teacher, student_dims or FromTeacherConfig(2, 2, 16, 32, 2))
+    teacher_model = models.adapter_for(teacher).from_config(teacher).eval()
+    student_model = models.adapter_for(student_config).from_config(student_config)
+    losses, weights = build_losses(spec, ModelPair(student_config, teacher, layer_map or LayerMapConfig()))
+    module = DistillationModule(student_model, losses, weights)
+    adapter = models.adapter_for(teacher)
+    capture = FeatureCapture(teacher_model, adapter, set().union(*(loss.teacher_keys for loss in losses.values())))
+    batch = {
+        "input_ids": torch.randint(2, 64, (2, 6)),
+        "attention_mask": torch.tensor([[1] * 6, [1] * 4 + [0] * 2]),
+        "labels": torch.tensor([[5, 6, 7, 1], [8, 9, -100, -100]]),
+    }
+    batch["decoder_input_ids"] = teacher_model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
+    with torch.no_grad():
+        teacher_features = forward_features(teacher_model, adapter, batch, capture)
+    total, terms = module(batch, teacher_features)
+    total.backward()
+    return module, teacher_model, total, terms
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"cka": {}},
+        {"linear": {}},
+        {"hidden_cosine": {"projection": "low_rank", "rank": 4}},
+        {"embedding_mse": {"projection": "linear"}},
+        {"relation": {"relation_heads": 2}},
+        {"miniend": {"relation_heads": 2, "encoder_self": True, "cross_query_key": True}},
+        {"attention_kl": {}},
+        {"attention_mse": {}},
+        {"makd": {"rank": 4}},
+    ],
+    ids=lambda spec: next(iter(spec)),
+)
+def test_gradients_reach_the_student_and_projections_never_the_teacher(spec):
+    module, teacher_model, total, terms = run_pair(spec)
+    assert torch.isfinite(total) and total.item() > 0
+    assert set(terms) == set(spec)
+    assert all(p.grad is None for p in teacher_model.parameters())
+    student_grads = [p.grad for p in module.student.parameters() if p.grad is not None]
+    assert student_grads and any(g.abs().sum() > 0 for g in student_grads)
+    for name, parameter in module.losses.named_parameters():  # projections and aligners train with the student
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+def test_makd_stages_switch_aspects_by_step():
+    spec = {"makd": {"rank": 4, "stages": [{"steps": 2, "aspects": ["attention_output", "ffn_output"]}]}}
+    module, _, staged, _ = run_pair(spec)
+    module.set_step(2)
+    assert module.losses["makd"].active_aspects() == ("attention", "hidden", "attention_output", "ffn_output")
+    _, _, everything, _ = run_pair({"makd": {"rank": 4}})
+    assert 0 < staged.item() < everything.item()
+
+
+def test_head_counts_that_differ_are_averaged_and_said(capsys):
+    losses, _ = build({"attention_kl": {}})
+    assert losses["attention_kl"].average_heads
+    assert "2 attention heads and the teacher 4" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"hidden_mse": {}}, "student width 16 differs from teacher width 32; set losses.hidden_mse.projection"),
+        ({"cka": {"dtype": "float16"}}, "choose float32 or float64"),
+        ({"relation": {"layer_map": {"include_embeddings": True}}}, "layer 0 .* has no attention"),
+        ({"makd": {"stages": [{"steps": 0, "aspects": []}]}}, "each stage is"),
+        ({"makd": {"aspect_weights": {"ffn": 1.0}}}, "unknown aspects"),
+        ({"cka": {"layer_map": {"encoder": "1:5"}}}, "losses.cka.layer_map.encoder maps teacher layer 5"),
+        ({"cka": {"weight": 0}}, "every loss term has weight 0"),
+    ],
+)
+def test_bad_options_fail_before_weights_load(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        build(spec)
