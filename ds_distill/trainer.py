@@ -24,9 +24,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ds_distill import checkpoint, data, dist, ds_config, export, models
+from ds_distill.capture import FeatureCapture
 from ds_distill.config import ConfigError, RunConfig, to_yaml
 from ds_distill.evaluation import evaluate
-from ds_distill.capture import FeatureCapture
 from ds_distill.losses import LayerwiseLoss, ModelPair, build_losses
 from ds_distill.losses.base import IGNORE_INDEX
 from ds_distill.student import DistillationModule, build_student, forward_features, student_hf_config
@@ -233,12 +233,14 @@ class Trainer:
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device) for k, v in batch.items()}
 
+    def teacher_features(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        if self.teacher is None:
+            return None
+        with torch.no_grad():
+            return forward_features(self.teacher, self.teacher_adapter, batch, self.teacher_capture)
+
     def micro_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        teacher_features = None
-        if self.teacher is not None:
-            with torch.no_grad():
-                teacher_features = forward_features(self.teacher, self.teacher_adapter, batch, self.teacher_capture)
-        total, terms = self.engine(batch, teacher_features)
+        total, terms = self.engine(batch, self.teacher_features(batch))
         self.engine.backward(total)
         self.engine.step()
         terms["loss"] = total.detach()
@@ -314,17 +316,37 @@ class Trainer:
         split = self.run.data.validation_split
         if not split:
             return
-        results = evaluate(
-            self.engine.module.student,
-            self.p.datasets[split],
-            self.collate,
-            self.p.tokenizer,
-            self.run,
-            synced_gpus=ds_config.zero_stage(self.p.student_ds) == 3,
-        )
+        student = self.engine.module.student
+        if models.adapter_for(student.config).has_lm_head(student.config):
+            results = evaluate(
+                student,
+                self.p.datasets[split],
+                self.collate,
+                self.p.tokenizer,
+                self.run,
+                synced_gpus=ds_config.zero_stage(self.p.student_ds) == 3,
+            )
+        else:
+            results = self._evaluate_objective(self.p.datasets[split])
         self.engine.train()
         self._write_scalars({f"eval/{k}": v for k, v in results.items()})
         dist.print_main(f"step {self.step}: " + ", ".join(f"eval {k} {v:.4f}" for k, v in results.items()))
+
+    @torch.no_grad()
+    def _evaluate_objective(self, dataset) -> dict[str, float]:
+        """A student without an LM head has no token loss: report the distillation objective and its terms."""
+        self.engine.eval()
+        sums, rows = defaultdict(float), 0
+        for batch, real_rows in data.eval_batches(dataset, self.collate, self.train_config.per_device_eval_batch_size):
+            batch = self._to_device(batch)
+            total, terms = self.engine(batch, self.teacher_features(batch))
+            # terms are micro-batch means; the last batch repeats rows to keep ranks in step, weighted by real rows
+            for name, value in {"loss": total, **terms}.items():
+                sums[name] += float(value) * real_rows
+            rows += real_rows
+        names = sorted(sums)
+        reduced = dist.all_reduce_sum([sums[name] for name in names] + [rows])
+        return {("loss" if n == "loss" else f"loss/{n}"): v / max(reduced[-1], 1) for n, v in zip(names, reduced)}
 
     def _save_checkpoint(self) -> None:
         state = {"step": self.step, "micro_batches_done": self.micro_batches_done}

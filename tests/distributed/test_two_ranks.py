@@ -9,62 +9,18 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from tests.conftest import REPO, subprocess_env, translation_config, write_yaml
+from tests.distributed.launch import deepspeed_command, distill, free_port, launch, losses, training_log
 
 pytestmark = pytest.mark.distributed
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def deepspeed_command(config: Path, *flags: str) -> list[str]:
-    return [
-        "deepspeed",
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(_free_port()),
-        "--module",
-        "ds_distill",
-        "distill",
-        f"--config={config}",
-        *flags,
-    ]
-
-
-def launch(command: list[str], log: Path) -> None:
-    with open(log, "w") as out:
-        result = subprocess.run(
-            command, cwd=REPO, env=subprocess_env(), stdout=out, stderr=subprocess.STDOUT, timeout=600
-        )
-    assert result.returncode == 0, log.read_text()[-4000:]
-
-
-def distill(tmp_path: Path, name: str, config: dict, *flags: str) -> Path:
-    path = write_yaml(tmp_path / f"{name}.yaml", config)
-    launch(deepspeed_command(path, *flags), tmp_path / f"{name}.log")
-    return Path(config["train"]["output_dir"])
-
-
-def training_log(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in open(run_dir / "log.jsonl")]
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    return {row["step"]: row["loss"] for row in training_log(run_dir) if "loss" in row}
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +176,7 @@ def test_decoder_only_family_under_torchrun(tiny, tmp_path):
             "--nproc_per_node",
             "2",
             "--master_port",
-            str(_free_port()),
+            str(free_port()),
             "-m",
             "ds_distill",
             "distill",

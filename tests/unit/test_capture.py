@@ -64,9 +64,7 @@ def test_every_site_is_captured_with_its_shape(family):
     model = tiny_model(family)
     adapter = models.adapter_for(model.config)
     keys = {
-        feature_key(stack, 1, site)
-        for stack, layout in adapter.layout.items()
-        for site in ("hidden", *layout.sites)
+        feature_key(stack, 1, site) for stack, layout in adapter.layout.items() for site in ("hidden", *layout.sites)
     } | {feature_key(stack, 0, "hidden") for stack in adapter.layout}
     capture = FeatureCapture(model, adapter, keys)
     assert len(capture.handles) == len(keys)  # one hook per requested feature, none elsewhere

@@ -113,6 +113,12 @@ def test_cka_loss_ignores_padded_rows_and_sums_over_pairs():
     assert cka(student, teacher).item() == pytest.approx(value.item(), rel=1e-6)
 
 
+def reference_log_relation(x: torch.Tensor, b: int, i: int, keys: list[int], head: int, heads: int) -> torch.Tensor:
+    width = x.shape[-1] // heads
+    x = x[b, :, head * width : (head + 1) * width].double()
+    return torch.log_softmax(torch.stack([x[i] @ x[j] / math.sqrt(width) for j in keys]), 0)
+
+
 def reference_relation_kl(student, teacher, mask, heads, causal) -> float:
     """KL(teacher || student) of softmax(x x^T / sqrt(d_r)) per relation head, with explicit loops, float64."""
     total, rows = 0.0, 0
@@ -121,14 +127,9 @@ def reference_relation_kl(student, teacher, mask, heads, causal) -> float:
             if not mask[b, i]:
                 continue
             keys = [j for j in range(mask.shape[1]) if mask[b, j] and (not causal or j <= i)]
-            for h in range(heads):
-                def log_probs(x):
-                    width = x.shape[-1] // heads
-                    x = x[b, :, h * width : (h + 1) * width].double()
-                    scores = torch.stack([x[i] @ x[j] / math.sqrt(width) for j in keys])
-                    return torch.log_softmax(scores, 0)
-
-                log_t, log_s = log_probs(teacher), log_probs(student)
+            for head in range(heads):
+                log_t = reference_log_relation(teacher, b, i, keys, head, heads)
+                log_s = reference_log_relation(student, b, i, keys, head, heads)
                 total += float((log_t.exp() * (log_t - log_s)).sum())
                 rows += 1
     return total / rows

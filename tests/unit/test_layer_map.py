@@ -25,7 +25,10 @@ def test_strategies_embeddings_and_explicit_pairs():
 
 
 def test_stacks_resolve_apart():
-    pairs = resolve(LayerMapConfig(encoder="last", decoder="uniform", include_embeddings=False), {"encoder": (2, 4), "decoder": (2, 6)})
+    pairs = resolve(
+        LayerMapConfig(encoder="last", decoder="uniform", include_embeddings=False),
+        {"encoder": (2, 4), "decoder": (2, 6)},
+    )
     assert [str(p) for p in pairs] == ["encoder 2->4", "decoder 1->3", "decoder 2->6"]
 
 

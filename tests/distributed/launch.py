@@ -1,0 +1,53 @@
+"""Launching real 2-rank CPU runs from tests and reading what they wrote."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+from pathlib import Path
+
+from tests.conftest import REPO, subprocess_env, write_yaml
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def deepspeed_command(config: Path, *flags: str) -> list[str]:
+    return [
+        "deepspeed",
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "--module",
+        "ds_distill",
+        "distill",
+        f"--config={config}",
+        *flags,
+    ]
+
+
+def launch(command: list[str], log: Path) -> None:
+    with open(log, "w") as out:
+        result = subprocess.run(
+            command, cwd=REPO, env=subprocess_env(), stdout=out, stderr=subprocess.STDOUT, timeout=600
+        )
+    assert result.returncode == 0, log.read_text()[-4000:]
+
+
+def distill(tmp_path: Path, name: str, config: dict, *flags: str) -> Path:
+    path = write_yaml(tmp_path / f"{name}.yaml", config)
+    launch(deepspeed_command(path, *flags), tmp_path / f"{name}.log")
+    return Path(config["train"]["output_dir"])
+
+
+def training_log(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in open(run_dir / "log.jsonl")]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {row["step"]: row["loss"] for row in training_log(run_dir) if "loss" in row}
