@@ -190,6 +190,8 @@ class Trainer:
         for name, loss in losses.items():
             if isinstance(loss, LayerwiseLoss):
                 dist.print_main(f"losses.{name} layer pairs (student->teacher): {', '.join(map(str, loss.pairs))}")
+                for note in loss.notes:
+                    dist.print_main(f"losses.{name}: {note}")
         module = DistillationModule(student, losses, weights)
         self.engine, *_ = deepspeed.initialize(
             model=module, model_parameters=[q for q in module.parameters() if q.requires_grad], config=p.student_ds

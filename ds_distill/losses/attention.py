@@ -13,7 +13,6 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from ds_distill import dist
 from ds_distill.config import ConfigError, LayerMapConfig
 from ds_distill.layer_map import LayerPair
 from ds_distill.losses.layerwise import LayerwiseLoss, LayerwiseOptions, ModelPair, features
@@ -189,8 +188,8 @@ class AttentionDistributionLoss(LayerwiseLoss):
         student_heads, teacher_heads = models.heads()
         self.average_heads = options.average_heads or student_heads != teacher_heads
         if student_heads != teacher_heads and not options.average_heads:
-            dist.print_main(
-                f"{where}: the student has {student_heads} attention heads and the teacher {teacher_heads}; "
+            self.notes.append(
+                f"the student has {student_heads} attention heads and the teacher {teacher_heads}; "
                 "comparing head-averaged attention distributions"
             )
 

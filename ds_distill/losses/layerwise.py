@@ -76,6 +76,7 @@ class LayerwiseLoss(DistillationLoss):
 
     def __init__(self, options, models: ModelPair, where: str):
         super().__init__(options, models, where)
+        self.notes: list[str] = []  # said once at start, beside the resolved map
         self.own_map = options.layer_map is not None
         spec = options.layer_map or self.default_layer_map or models.layer_map
         self.pairs = self.resolve_pairs(spec, models, f"{where}.layer_map" if self.own_map else "layer_map")

@@ -218,10 +218,10 @@ def test_makd_stages_switch_aspects_by_step():
     assert 0 < staged.item() < everything.item()
 
 
-def test_head_counts_that_differ_are_averaged_and_said(capsys):
+def test_head_counts_that_differ_are_averaged_and_said():
     losses, _ = build({"attention_kl": {}})
     assert losses["attention_kl"].average_heads
-    assert "2 attention heads and the teacher 4" in capsys.readouterr().out
+    assert "2 attention heads and the teacher 4; comparing head-averaged" in losses["attention_kl"].notes[0]
 
 
 @pytest.mark.parametrize(
