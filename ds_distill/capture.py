@@ -3,8 +3,9 @@
 A feature key is `"{stack}.{layer}.{site}"`, e.g. `encoder.0.hidden` (the embeddings' output) or
 `decoder.6.cross_k`; sites are listed in `models/layouts.py`. Hooks sit on the mapped layers' modules only,
 so memory grows with the layer map, not with depth. They work on ZeRO-3-partitioned models (activations
-are full size; no weight is gathered) and under gradient checkpointing, where blocks run again during
-backward: captures are stored by overwriting, so the recomputation replaces rather than appends.
+are full size; no weight is gathered) and under non-reentrant gradient checkpointing: the blocks that run
+again during backward do so outside `recording()`, so they store nothing, and gradients flow into the
+features captured by the first forward.
 
     capture = FeatureCapture(model, adapter, {"encoder.2.hidden", "decoder.2.self_q"})
     with capture.recording():
@@ -20,6 +21,7 @@ import contextlib
 
 import torch
 
+from ds_distill.config import ConfigError
 from ds_distill.models import ModelAdapter
 from ds_distill.models.layouts import Site
 
@@ -38,13 +40,22 @@ def _read(value, site: Site, key: str) -> torch.Tensor:
         value = value[site.index if site.index is not None else 0]
     if value is None:
         raise RuntimeError(
-            f"{key}: the model did not compute this feature; attention probabilities need eager attention "
-            "(FeatureCapture switches it on when asked for attention_probs)"
+            f"{key}: the model returned no value here; attention probabilities need eager attention, which "
+            "FeatureCapture switches on (was the implementation changed after it was built?)"
         )
     if site.chunk is not None:
         part, parts = site.chunk
         value = value.chunk(parts, dim=-1)[part]
     return value
+
+
+def _switch_off_dropout(module: torch.nn.Module, attribute: str) -> None:
+    """Dropout on attention probabilities would hand the losses zeroed, rescaled distributions."""
+    dropout = getattr(module, attribute)
+    if isinstance(dropout, torch.nn.Dropout):
+        dropout.p = 0.0
+    else:
+        setattr(module, attribute, 0.0)
 
 
 class FeatureCapture:
@@ -54,11 +65,19 @@ class FeatureCapture:
         self.features: dict[str, torch.Tensor] = {}
         self.handles = []
         self.active = False
+        layerdrop = {a: getattr(model.config, a, 0) for a in ("layerdrop", "encoder_layerdrop", "decoder_layerdrop")}
+        if keys and any(layerdrop.values()):
+            raise ConfigError(
+                f"layer-wise losses need every block to run, but the model skips blocks at random ({layerdrop}); "
+                "set its layerdrop to 0 in config.json"
+            )
         if any(parse_key(key)[2] == "attention_probs" for key in keys):
             # sdpa and flash attention never form the probabilities; eager attention returns them
             model.set_attn_implementation("eager")
         for key in sorted(keys):
             module, site = adapter.site(model, *parse_key(key))
+            if site.dropout:
+                _switch_off_dropout(module, site.dropout)
             self.handles.append(self._hook(module, site, key))
 
     def _hook(self, module: torch.nn.Module, site: Site, key: str):

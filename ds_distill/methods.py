@@ -56,7 +56,7 @@ METHODS: dict[str, Method] = {
         {"encoder": "uniform", "decoder": "uniform", "include_embeddings": False},
     ),
     "tinybert": Method(
-        "TinyBERT: embedding, hidden (projected) and attention MSE on uniformly mapped layers, plus logit KD",
+        "TinyBERT: embedding, hidden (projected) and attention MSE (on probabilities) per mapped layer, plus logit KD",
         {
             "kd": {"weight": 1.0, "divergence": "forward_kl", "temperature": 1.0},
             "embedding_mse": {"weight": 1.0, "projection": "linear"},

@@ -42,10 +42,10 @@ LOSSES: dict[str, type[DistillationLoss]] = {
 
 
 def build_losses(
-    spec: dict[str, dict[str, Any]], models: ModelPair | None
+    spec: dict[str, dict[str, Any]], model_pair: ModelPair | None
 ) -> tuple[torch.nn.ModuleDict, dict[str, float]]:
-    """Builds the configured terms (weight 0 leaves a term out) and their weights; `models` is None without a
-    teacher. Raises `ConfigError` on unknown names or options and on layer maps the models do not fit."""
+    """Builds the configured terms (weight 0 leaves a term out) and their weights; `model_pair` is None without
+    a teacher. Raises `ConfigError` on unknown names or options and on layer maps the models do not fit."""
     modules, weights = {}, {}
     for name, options in spec.items():
         if name not in LOSSES:
@@ -57,11 +57,11 @@ def build_losses(
         if weight == 0:
             continue
         loss_class = LOSSES[name]
-        if loss_class.requires_teacher and models is None:
+        if loss_class.requires_teacher and model_pair is None:
             raise ConfigError(f"losses.{name} compares with a teacher, but teacher.model_name_or_path is empty")
         parsed = from_dict(loss_class.Options, options, f"losses.{name}")
         if issubclass(loss_class, LayerwiseLoss):
-            modules[name] = loss_class(parsed, models, f"losses.{name}")
+            modules[name] = loss_class(parsed, model_pair, f"losses.{name}")
         else:
             modules[name] = loss_class(parsed, where=f"losses.{name}")
         weights[name] = weight

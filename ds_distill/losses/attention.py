@@ -7,6 +7,7 @@ attention_kl: MiniLM (Wang et al. 2020); attention_mse: TinyBERT (Jiao et al. 20
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -96,8 +97,22 @@ class RelationLoss(LayerwiseLoss):
     takes_embeddings = False
     causal_stacks: ClassVar[frozenset[str]] = frozenset({"decoder"})  # decoder positions see only earlier ones
 
+    def __init__(self, options, model_pair: ModelPair, where: str):
+        super().__init__(options, model_pair, where)
+        widths = model_pair.attention_widths()
+        for role, (query_width, key_value_width) in widths.items():
+            for width in {query_width, key_value_width}:
+                if width % options.relation_heads:
+                    divisor = math.gcd(*(w for pair in widths.values() for w in pair))
+                    raise ConfigError(
+                        f"{where}.relation_heads {options.relation_heads} does not divide the {role}'s attention "
+                        f"projection width {width}; pick a divisor of {divisor}"
+                    )
+
     def relations(self, pair: LayerPair) -> list[tuple[str, str, str]]:
-        """(query site, key site, mask kind) per relation; mask kind `self` or `cross` (keys over the encoder)."""
+        """(query site, key site, mask kind) per relation. Mask kinds: `self` (the pair's own stack; causal in a
+        decoder, which also holds for the decoder queries of cross-attention), `cross_keys` (among the encoder's
+        positions, for cross-attention keys and values) and `cross` (decoder queries against encoder keys)."""
         return [("self_q", "self_q", "self"), ("self_k", "self_k", "self"), ("self_v", "self_v", "self")]
 
     def pair_loss(self, pair, student, teacher):
@@ -141,10 +156,10 @@ class MiniEnDLoss(RelationLoss):
 
     Options = MiniEnDOptions
 
-    def resolve_pairs(self, spec, models, where):
-        if "encoder" not in models.depths() or "decoder" not in models.depths():
+    def resolve_pairs(self, spec, model_pair, where):
+        if "encoder" not in model_pair.depths() or "decoder" not in model_pair.depths():
             raise ConfigError(f"{self.where} needs encoder-decoder models; use relation for the others")
-        pairs = super().resolve_pairs(spec, models, where)
+        pairs = super().resolve_pairs(spec, model_pair, where)
         if not self.options.encoder_self:
             pairs = [pair for pair in pairs if pair.stack == "decoder"]
         return pairs
@@ -183,9 +198,9 @@ class AttentionDistributionLoss(LayerwiseLoss):
     sites = ("attention_probs",)
     takes_embeddings = False
 
-    def __init__(self, options, models: ModelPair, where: str):
-        super().__init__(options, models, where)
-        student_heads, teacher_heads = models.heads()
+    def __init__(self, options, model_pair: ModelPair, where: str):
+        super().__init__(options, model_pair, where)
+        student_heads, teacher_heads = model_pair.heads()
         self.average_heads = options.average_heads or student_heads != teacher_heads
         if student_heads != teacher_heads and not options.average_heads:
             self.notes.append(

@@ -26,7 +26,7 @@ class DistillationLoss(torch.nn.Module):
     needs: ClassVar[frozenset[str]] = frozenset({"logits", "labels"})
     requires_teacher: ClassVar[bool] = True
 
-    def __init__(self, options, models=None, where: str = "") -> None:
+    def __init__(self, options, model_pair=None, where: str = "") -> None:
         super().__init__()
         self.options = options
         self.where = where  # e.g. "losses.cka", for error messages

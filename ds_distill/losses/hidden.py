@@ -85,12 +85,12 @@ class ProjectedHiddenLoss(LayerwiseLoss):
 
     Options = ProjectedOptions
 
-    def __init__(self, options, models: ModelPair, where: str):
-        super().__init__(options, models, where)
+    def __init__(self, options, model_pair: ModelPair, where: str):
+        super().__init__(options, model_pair, where)
         if options.rank < 1:
             raise ConfigError(f"{where}.rank must be at least 1")
         self.aligners = build_aligners(
-            options.projection, options.per_pair, self.pairs, models.widths(), options.rank, where
+            options.projection, options.per_pair, self.pairs, model_pair.widths(), options.rank, where
         )
 
     def project(self, pair: LayerPair, hidden: torch.Tensor) -> torch.Tensor:
@@ -136,5 +136,7 @@ class HiddenCosineLoss(ProjectedHiddenLoss):
 class EmbeddingMSELoss(HiddenMSELoss):
     """embedding_mse: MSE between the embeddings' outputs of each stack (optional projection)."""
 
-    def resolve_pairs(self, spec, models, where):
-        return [LayerPair(stack, 0, 0) for stack in models.depths()]
+    def resolve_pairs(self, spec, model_pair, where):
+        if self.own_map:
+            raise ConfigError(f"{self.where} always pairs the embeddings of each stack; remove its layer_map")
+        return [LayerPair(stack, 0, 0) for stack in model_pair.depths()]

@@ -52,6 +52,14 @@ class ModelPair:
         student_adapter, teacher_adapter = self.adapters()
         return student_adapter.num_heads(self.student), teacher_adapter.num_heads(self.teacher)
 
+    def attention_widths(self) -> dict[str, tuple[int, int]]:
+        """Role -> (query width, key/value width) of the attention projections."""
+        student_adapter, teacher_adapter = self.adapters()
+        return {
+            "student": student_adapter.attention_widths(self.student),
+            "teacher": teacher_adapter.attention_widths(self.teacher),
+        }
+
 
 @dataclass
 class LayerwiseOptions:
@@ -74,19 +82,19 @@ class LayerwiseLoss(DistillationLoss):
     default_layer_map: ClassVar[LayerMapConfig | None] = None
     takes_embeddings: ClassVar[bool] = True  # whether layer 0 (the embeddings' output) has the sites
 
-    def __init__(self, options, models: ModelPair, where: str):
-        super().__init__(options, models, where)
+    def __init__(self, options, model_pair: ModelPair, where: str):
+        super().__init__(options, model_pair, where)
         self.notes: list[str] = []  # said once at start, beside the resolved map
         self.own_map = options.layer_map is not None
-        spec = options.layer_map or self.default_layer_map or models.layer_map
-        self.pairs = self.resolve_pairs(spec, models, f"{where}.layer_map" if self.own_map else "layer_map")
+        spec = options.layer_map or self.default_layer_map or model_pair.layer_map
+        self.pairs = self.resolve_pairs(spec, model_pair, f"{where}.layer_map" if self.own_map else "layer_map")
         for pair in self.pairs:
             for site in self.pair_sites(pair):
                 self.student_keys.add(feature_key(pair.stack, pair.student, site))
                 self.teacher_keys.add(feature_key(pair.stack, pair.teacher, site))
 
-    def resolve_pairs(self, spec: LayerMapConfig, models: ModelPair, where: str) -> list[LayerPair]:
-        pairs = layer_map.resolve(spec, models.depths(), where)
+    def resolve_pairs(self, spec: LayerMapConfig, model_pair: ModelPair, where: str) -> list[LayerPair]:
+        pairs = layer_map.resolve(spec, model_pair.depths(), where)
         if self.takes_embeddings:
             return pairs
         embeddings = [p for p in pairs if p.student == 0 or p.teacher == 0]

@@ -64,19 +64,23 @@ class MaKDLoss(AttentionKLLoss):
     Options = MaKDOptions
     takes_embeddings = True  # layer 0 contributes its hidden aspect only
 
-    def __init__(self, options, models: ModelPair, where: str):
-        super().__init__(options, models, where)
+    def __init__(self, options, model_pair: ModelPair, where: str):
+        super().__init__(options, model_pair, where)
         self.step = 0
-        student_width, teacher_width = models.widths()
+        student_width, teacher_width = model_pair.widths()
         self.aligners = torch.nn.ModuleDict()
         if student_width != teacher_width:
             for aspect in ("hidden", "attention_output", "ffn_output"):
-                self.aligners[aspect] = Aligner("low_rank", student_width, teacher_width, options.rank)
+                if options.aspect_weights[aspect]:  # an aspect at weight 0 is never computed: no idle aligner
+                    self.aligners[aspect] = Aligner("low_rank", student_width, teacher_width, options.rank)
+
+    def pair_aspects(self, pair) -> tuple[str, ...]:
+        if pair.student == 0 or pair.teacher == 0:  # the embeddings' output: a hidden state, no modules
+            return ("hidden",) if self.options.aspect_weights["hidden"] else ()
+        return tuple(aspect for aspect in ASPECTS if self.options.aspect_weights[aspect])
 
     def pair_sites(self, pair):
-        if pair.student == 0 or pair.teacher == 0:
-            return ("hidden",)
-        return tuple(SITES[aspect] for aspect in ASPECTS if self.options.aspect_weights[aspect])
+        return tuple(SITES[aspect] for aspect in self.pair_aspects(pair))
 
     def active_aspects(self) -> tuple[str, ...]:
         """The aspects of the current stage (the trainer sets `step` before each optimizer step)."""
@@ -93,8 +97,7 @@ class MaKDLoss(AttentionKLLoss):
     def pair_loss(self, pair, student, teacher):
         active = self.active_aspects()
         total = torch.zeros((), device=student[f"{pair.stack}.mask"].device)
-        for site in self.pair_sites(pair):
-            aspect = next(a for a in ASPECTS if SITES[a] == site)
+        for aspect in self.pair_aspects(pair):
             # an aspect outside the current stage still runs, at weight 0, so every aligner keeps a gradient
             # (DeepSpeed's ZeRO stages expect the same parameters to take part in every step)
             weight = self.options.aspect_weights[aspect] if aspect in active else 0.0
@@ -102,7 +105,7 @@ class MaKDLoss(AttentionKLLoss):
                 value = super().pair_loss(pair, student, teacher)
             else:
                 mask = student[f"{pair.stack}.mask"]
-                student_states, teacher_states = features(pair, site, student, teacher)
+                student_states, teacher_states = features(pair, SITES[aspect], student, teacher)
                 student_states = student_states[mask]
                 if aspect in self.aligners:
                     student_states = self.aligners[aspect](student_states)

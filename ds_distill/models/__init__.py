@@ -100,6 +100,10 @@ class ModelAdapter:
     def num_heads(self, config: PretrainedConfig) -> int:
         return getattr(config, self.config_fields["num_heads"][0])
 
+    def attention_widths(self, config: PretrainedConfig) -> tuple[int, int]:
+        """Output widths of the query and of the key/value projections."""
+        return self.width(config), self.width(config)
+
     def blocks(self, model: torch.nn.Module, stack: str) -> torch.nn.ModuleList:
         return model.base_model.get_submodule(self.layout[stack].blocks)
 
@@ -146,6 +150,9 @@ _T5WithSeparateHead.__name__ = _T5WithSeparateHead.__qualname__ = "T5ForConditio
 
 @dataclass(frozen=True)
 class T5Adapter(ModelAdapter):
+    def attention_widths(self, config: PretrainedConfig) -> tuple[int, int]:
+        return config.num_heads * config.d_kv, config.num_heads * config.d_kv
+
     def model_class(self, config: PretrainedConfig) -> type:
         if getattr(config, "scale_decoder_outputs", True):  # original T5: the head is the embedding
             return super().model_class(config)
@@ -155,6 +162,11 @@ class T5Adapter(ModelAdapter):
 @dataclass(frozen=True)
 class DecoderOnlyAdapter(ModelAdapter):
     """Llama-style configs: grouped key/value heads and an explicit head_dim follow the new width."""
+
+    def attention_widths(self, config: PretrainedConfig) -> tuple[int, int]:
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        key_value_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        return config.num_attention_heads * head_dim, key_value_heads * head_dim
 
     def shrink(self, config: PretrainedConfig, dims: FromTeacherConfig) -> PretrainedConfig:
         student = super().shrink(config, dims)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 from tests.conftest import REPO, subprocess_env, write_yaml
@@ -51,3 +54,21 @@ def training_log(run_dir: Path) -> list[dict]:
 
 def losses(run_dir: Path) -> dict[int, float]:
     return {row["step"]: row["loss"] for row in training_log(run_dir) if "loss" in row}
+
+
+def distill_until_first_checkpoint(tmp_path: Path, name: str, config: dict) -> Path:
+    """Starts a run and kill -9s all its ranks as soon as its first checkpoint is complete; returns output_dir."""
+    run_dir = Path(config["train"]["output_dir"])
+    path = write_yaml(tmp_path / f"{name}.yaml", config)
+    with open(tmp_path / f"{name}.log", "w") as out:
+        process = subprocess.Popen(
+            deepspeed_command(path), cwd=REPO, env=subprocess_env(), stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        deadline = time.time() + 300
+        while not (run_dir / "checkpoints" / "latest").exists() and process.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert not (run_dir / "model").exists(), "the run finished before it could be killed"
+    return run_dir

@@ -7,17 +7,13 @@ bare BERT encoder. Every configured term must reach TensorBoard, and projections
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, subprocess_env, translation_config, write_yaml
-from tests.distributed.launch import deepspeed_command, distill, losses, training_log
+from tests.conftest import translation_config
+from tests.distributed.launch import distill, distill_until_first_checkpoint, losses, training_log
 
 pytestmark = pytest.mark.distributed
 
@@ -86,19 +82,7 @@ def test_resume_restores_projection_weights_and_optimizer_state(tiny, tmp_path):
     config = method_config(tiny, tmp_path / "whole", "linear", stage=2, max_steps=8, save_steps=3)
     whole = distill(tmp_path, "whole", config)
     config["train"]["output_dir"] = str(tmp_path / "interrupted")
-    path = write_yaml(tmp_path / "interrupted.yaml", config)
-    with open(tmp_path / "killed.log", "w") as out:
-        process = subprocess.Popen(
-            deepspeed_command(path), cwd=REPO, env=subprocess_env(), stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-        deadline = time.time() + 300
-        latest = tmp_path / "interrupted" / "checkpoints" / "latest"
-        while not latest.exists() and process.poll() is None and time.time() < deadline:
-            time.sleep(0.02)
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    assert not (tmp_path / "interrupted" / "model").exists(), "the run finished before it could be killed"
+    distill_until_first_checkpoint(tmp_path, "interrupted", config)
     assert 3 <= max(losses(tmp_path / "interrupted")) < 8
     distill(tmp_path, "resumed", config, "--resume")
 

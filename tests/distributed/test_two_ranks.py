@@ -8,17 +8,22 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from tests.conftest import REPO, subprocess_env, translation_config, write_yaml
-from tests.distributed.launch import deepspeed_command, distill, free_port, launch, losses, training_log
+from tests.distributed.launch import (
+    distill,
+    distill_until_first_checkpoint,
+    free_port,
+    launch,
+    losses,
+    training_log,
+)
 
 pytestmark = pytest.mark.distributed
 
@@ -114,23 +119,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(runs, tmp_path):
     reference_dir, reference_config = runs[2]
     config = json.loads(json.dumps(reference_config))
     config["train"]["output_dir"] = str(tmp_path / "interrupted")
-    checkpoints = tmp_path / "interrupted" / "checkpoints"
-    path = write_yaml(tmp_path / "interrupted.yaml", config)
-    with open(tmp_path / "killed.log", "w") as out:
-        process = subprocess.Popen(
-            deepspeed_command(path),
-            cwd=REPO,
-            env=subprocess_env(),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        deadline = time.time() + 300
-        while not (checkpoints / "latest").exists() and process.poll() is None and time.time() < deadline:
-            time.sleep(0.02)
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    assert not (tmp_path / "interrupted" / "model").exists(), "the run finished before it could be killed"
+    distill_until_first_checkpoint(tmp_path, "interrupted", config)
     killed_at = max(losses(tmp_path / "interrupted"), default=0)
     assert 4 <= killed_at < 12
 

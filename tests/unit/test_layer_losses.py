@@ -234,8 +234,43 @@ def test_head_counts_that_differ_are_averaged_and_said():
         ({"makd": {"aspect_weights": {"ffn": 1.0}}}, "unknown aspects"),
         ({"cka": {"layer_map": {"encoder": "1:5"}}}, "losses.cka.layer_map.encoder maps teacher layer 5"),
         ({"cka": {"weight": 0}}, "every loss term has weight 0"),
+        ({"relation": {"relation_heads": 5}}, "relation_heads 5 does not divide the student's attention projection"),
+        ({"embedding_mse": {"layer_map": {"encoder": "last"}}}, "always pairs the embeddings"),
     ],
 )
 def test_bad_options_fail_before_weights_load(spec, message):
     with pytest.raises(ConfigError, match=message):
         build(spec)
+
+
+def test_makd_builds_no_aligner_for_an_aspect_at_weight_zero():
+    losses, _ = build({"makd": {"aspect_weights": {"ffn_output": 0}}})
+    assert set(losses["makd"].aligners) == {"hidden", "attention_output"}
+    assert not any(key.endswith("ffn_output") for key in losses["makd"].student_keys)
+
+
+def test_captured_attention_of_a_training_model_is_a_distribution():
+    """Eager attention returns probabilities after dropout; capture switches that dropout off at mapped layers."""
+    config = t5_config(32, 2, 4)
+    config.dropout_rate = 0.3
+    model = models.adapter_for(config).from_config(config).train()
+    capture = FeatureCapture(
+        model, models.adapter_for(config), {"encoder.1.attention_probs", "decoder.2.attention_probs"}
+    )
+    batch = {"input_ids": torch.randint(2, 64, (2, 6)), "decoder_input_ids": torch.randint(2, 64, (2, 4))}
+    with capture.recording():
+        model(**batch)
+    for key, probs in capture.pop().items():
+        torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:-1]), msg=key)
+    assert model.encoder.block[0].layer[0].SelfAttention.dropout == 0.0  # layer 1 is block 0: off
+    assert model.encoder.block[1].layer[0].SelfAttention.dropout == 0.3  # unmapped blocks keep their dropout
+
+
+def test_models_that_drop_layers_at_random_are_refused():
+    config = transformers.BartConfig(
+        vocab_size=64, d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, encoder_layerdrop=0.1,
+    )  # fmt: skip
+    model = models.adapter_for(config).from_config(config)
+    with pytest.raises(ConfigError, match="set its layerdrop to 0"):
+        FeatureCapture(model, models.adapter_for(config), {"encoder.1.hidden"})

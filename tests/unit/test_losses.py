@@ -30,7 +30,7 @@ def pair():
 
 
 def kd(**options):
-    losses, _ = build_losses({"kd": options}, models=TEACHER_PRESENT)
+    losses, _ = build_losses({"kd": options}, model_pair=TEACHER_PRESENT)
     return losses["kd"]
 
 
@@ -116,7 +116,7 @@ def test_gradient_reaches_the_student_only(pair):
 
 def test_ce_matches_torch_cross_entropy(pair):
     student, _, labels = pair
-    losses, weights = build_losses({"ce": {"weight": 0.5}}, models=None)
+    losses, weights = build_losses({"ce": {"weight": 0.5}}, model_pair=None)
     expected = F.cross_entropy(student.reshape(-1, VOCAB), labels.reshape(-1), ignore_index=-100)
     assert losses["ce"](features(student, labels), None).item() == pytest.approx(expected.item())
     assert weights == {"ce": 0.5}
@@ -133,9 +133,9 @@ def test_ce_matches_torch_cross_entropy(pair):
 )
 def test_bad_loss_configs_are_refused(spec, message):
     with pytest.raises(ConfigError, match=message):
-        build_losses(spec, models=TEACHER_PRESENT)
+        build_losses(spec, model_pair=TEACHER_PRESENT)
 
 
 def test_kd_without_a_teacher_is_refused():
     with pytest.raises(ConfigError, match="compares with a teacher"):
-        build_losses({"kd": {}}, models=None)
+        build_losses({"kd": {}}, model_pair=None)
