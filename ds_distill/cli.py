@@ -48,10 +48,11 @@ def distill(
     Examples:
         ds-distill distill --config=run.yaml --train.max_steps=100 --losses.kd.temperature=2
         ds-distill distill --recipe=flan_t5_3b_145m --train.output_dir=runs/145m
+        ds-distill distill --recipe=flan_t5_3b_145m --method=cka --layer_map.decoder=last
         deepspeed --num_gpus 8 --module ds_distill distill --recipe=flan_t5_3b_145m
 
     Args:
-        config: path of a run YAML (sections teacher, student, data, losses, train).
+        config: path of a run YAML (method, teacher, student, data, layer_map, losses, train).
         recipe: name of a shipped recipe instead (`ds-distill list` shows them).
         resume: continue from the newest complete checkpoint in train.output_dir.
         overwrite: delete an earlier run in train.output_dir first.
