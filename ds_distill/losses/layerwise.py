@@ -88,6 +88,8 @@ class LayerwiseLoss(DistillationLoss):
         self.own_map = options.layer_map is not None
         spec = options.layer_map or self.default_layer_map or model_pair.layer_map
         self.pairs = self.resolve_pairs(spec, model_pair, f"{where}.layer_map" if self.own_map else "layer_map")
+        if not self.pairs:
+            raise ConfigError(f"{where}: its layer map leaves no layer pair it can compare; map some blocks")
         for pair in self.pairs:
             for site in self.pair_sites(pair):
                 self.student_keys.add(feature_key(pair.stack, pair.student, site))

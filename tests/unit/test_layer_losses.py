@@ -236,6 +236,7 @@ def test_head_counts_that_differ_are_averaged_and_said():
         ({"cka": {"weight": 0}}, "every loss term has weight 0"),
         ({"relation": {"relation_heads": 5}}, "relation_heads 5 does not divide the student's attention projection"),
         ({"embedding_mse": {"layer_map": {"encoder": "last"}}}, "always pairs the embeddings"),
+        ({"attention_kl": {"layer_map": {"encoder": "0:0", "decoder": "0:0"}}}, "has no attention"),
     ],
 )
 def test_bad_options_fail_before_weights_load(spec, message):
@@ -274,3 +275,8 @@ def test_models_that_drop_layers_at_random_are_refused():
     model = models.adapter_for(config).from_config(config)
     with pytest.raises(ConfigError, match="set its layerdrop to 0"):
         FeatureCapture(model, models.adapter_for(config), {"encoder.1.hidden"})
+
+
+def test_a_map_with_nothing_to_compare_is_refused():
+    with pytest.raises(ConfigError, match="losses.attention_kl: its layer map leaves no layer pair"):
+        build({"attention_kl": {}}, LayerMapConfig(encoder="0:0", decoder="0:0"))
