@@ -86,6 +86,23 @@ def translation_config(tiny: dict, output_dir: Path, **sections) -> dict:
     return config
 
 
+def causal_lm_config(tiny: dict, output_dir: Path, **sections) -> dict:
+    """GPT-2 on the German side of the sample, packed into 32-token blocks; a student of one block, half as wide,
+    under ZeRO-3."""
+    defaults = {
+        "teacher": {"model_name_or_path": str(tiny["gpt2"])},
+        "student": {
+            "init": {"from_teacher": {"decoder_layers": 1, "d_model": 32, "num_heads": 2}},
+            "deepspeed_config": "ds_configs/student_zero3.json",
+        },
+        "data": {"task": "causal_lm", "dataset": "text", "data_files": tiny["text"], "block_size": 32},
+        "train": {"max_steps": 4, "save_steps": 0},
+    }
+    for section, values in sections.items():
+        defaults[section] = {**defaults.get(section, {}), **values}
+    return translation_config(tiny, output_dir, **defaults)
+
+
 def write_yaml(path: Path, config: dict) -> Path:
     path.write_text(yaml.safe_dump(config))
     return path

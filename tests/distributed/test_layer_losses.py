@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import translation_config
+from tests.conftest import causal_lm_config, translation_config
 from tests.distributed.launch import distill, distill_until_first_checkpoint, losses, training_log
 
 pytestmark = pytest.mark.distributed
@@ -97,18 +97,7 @@ def test_resume_restores_projection_weights_and_optimizer_state(tiny, tmp_path):
 
 
 def test_cka_on_a_decoder_only_pair(tiny, tmp_path):
-    config = translation_config(
-        tiny,
-        tmp_path / "gpt2",
-        teacher={"model_name_or_path": str(tiny["gpt2"])},
-        student={
-            "init": {"from_teacher": {"decoder_layers": 1, "d_model": 32, "num_heads": 2}},
-            "deepspeed_config": "ds_configs/student_zero3.json",
-        },
-        data={"task": "causal_lm", "dataset": "text", "data_files": tiny["text"], "block_size": 32},
-        losses={"kd": {"weight": 1.0}, "cka": {"weight": 1.0}},
-        train={"max_steps": 4, "save_steps": 0},
-    )
+    config = causal_lm_config(tiny, tmp_path / "gpt2", losses={"kd": {"weight": 1.0}, "cka": {"weight": 1.0}})
     run_dir = distill(tmp_path, "gpt2", config)
     assert {"loss/kd", "loss/cka"} <= tensorboard_tags(run_dir)
     assert "decoder 0->0, decoder 1->2" in (tmp_path / "gpt2.log").read_text()

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, subprocess_env, translation_config, write_yaml
+from tests.conftest import REPO, causal_lm_config, subprocess_env, translation_config, write_yaml
 from tests.distributed.launch import (
     distill,
     distill_until_first_checkpoint,
@@ -146,17 +146,8 @@ def test_same_output_dir_without_resume_or_overwrite_is_refused(runs, tmp_path):
 
 
 def test_decoder_only_family_under_torchrun(tiny, tmp_path):
-    config = translation_config(
-        tiny,
-        tmp_path / "gpt2",
-        teacher={"model_name_or_path": str(tiny["gpt2"])},
-        student={
-            "init": {"from_teacher": {"decoder_layers": 1, "d_model": 32, "num_heads": 2}},
-            "deepspeed_config": "ds_configs/student_zero3.json",
-        },
-        data={"task": "causal_lm", "dataset": "text", "data_files": tiny["text"], "block_size": 32},
-        losses={"ce": {"weight": 1.0}, "kd": {"weight": 1.0, "divergence": "reverse_kl"}},
-        train={"max_steps": 4, "save_steps": 0},
+    config = causal_lm_config(
+        tiny, tmp_path / "gpt2", losses={"ce": {"weight": 1.0}, "kd": {"weight": 1.0, "divergence": "reverse_kl"}}
     )
     path = write_yaml(tmp_path / "gpt2.yaml", config)
     launch(
