@@ -1,25 +1,14 @@
 """The README's first command: `ds-distill demo` runs end to end and the distilled student wins."""
 
-import subprocess
-import sys
-
 import pytest
 
-from tests.conftest import REPO, subprocess_env
+from tests.conftest import run_cli
 
 pytestmark = pytest.mark.distributed
 
 
 def test_demo_distils_a_student_that_beats_training_without_the_teacher(tmp_path):
-    env = subprocess_env()
-    result = subprocess.run(
-        [sys.executable, "-m", "ds_distill", "demo", f"--output_dir={tmp_path}"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    result = run_cli("demo", f"--output_dir={tmp_path}", timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     rows = {}
     for line in (tmp_path / "results.md").read_text().splitlines()[2:]:

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, causal_lm_config, subprocess_env, translation_config, write_yaml
+from tests.conftest import causal_lm_config, run_cli, translation_config, write_yaml
 from tests.distributed.launch import (
     distill,
     distill_until_first_checkpoint,
@@ -92,21 +90,7 @@ def test_zero2_and_zero3_exports_hold_the_same_weights(runs):
 @pytest.mark.parametrize("stage", [2, 3])
 def test_export_verb_turns_the_checkpoint_into_the_same_model(runs, stage, tmp_path):
     run_dir = runs[stage][0]
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ds_distill",
-            "export",
-            f"--checkpoint_dir={run_dir / 'checkpoints'}",
-            f"--output_dir={tmp_path / 'exported'}",
-        ],
-        cwd=REPO,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_cli("export", f"--checkpoint_dir={run_dir / 'checkpoints'}", f"--output_dir={tmp_path / 'exported'}")
     assert result.returncode == 0, result.stderr[-3000:]
     final = load_file(run_dir / "model" / "model.safetensors")
     exported = load_file(tmp_path / "exported" / "model.safetensors")
@@ -133,14 +117,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(runs, tmp_path):
 
 def test_same_output_dir_without_resume_or_overwrite_is_refused(runs, tmp_path):
     path = write_yaml(tmp_path / "again.yaml", runs[2][1])
-    result = subprocess.run(
-        [sys.executable, "-m", "ds_distill", "distill", f"--config={path}"],
-        cwd=REPO,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_cli("distill", f"--config={path}")
     assert result.returncode == 2
     assert "already holds this run's checkpoints; pass --resume" in result.stderr
 

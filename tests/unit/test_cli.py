@@ -1,18 +1,9 @@
 """The command line: launcher flags, help for every verb, clean errors, parameter counts of the recipes."""
 
-import subprocess
-import sys
-
 import pytest
 
 from ds_distill import cli
-from tests.conftest import subprocess_env
-
-
-def run_cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "ds_distill", *args], capture_output=True, text=True, timeout=300, env=subprocess_env()
-    )
+from tests.conftest import run_cli
 
 
 def test_launcher_local_rank_flag_is_removed(monkeypatch):
