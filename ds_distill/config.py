@@ -127,6 +127,10 @@ class TrainConfig:
     """loss | bleu | rouge: what evaluation reports besides the validation loss."""
     generation_max_length: int = 128
     num_beams: int = 1
+    dataloader_num_workers: int | None = None
+    """Processes that collate batches ahead of the loop. None: 2 when training on a GPU, 0 on the CPU."""
+    dataloader_pin_memory: bool = True
+    """Pinned host memory for batches on their way to a GPU (the copy then overlaps compute)."""
 
 
 @dataclass
@@ -320,6 +324,8 @@ def validate(run: RunConfig) -> None:
     ):
         if getattr(train, name) < 1:
             raise ConfigError(f"train.{name} must be at least 1")
+    if train.dataloader_num_workers is not None and train.dataloader_num_workers < 0:
+        raise ConfigError("train.dataloader_num_workers must be 0 or more")
     if data.task == "masked_lm" and not 0 <= data.mlm_probability < 1:
         raise ConfigError("data.mlm_probability must lie in [0, 1)")
     if not run.losses:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import (
@@ -240,18 +241,41 @@ def batches_per_epoch(num_examples: int, batch_size: int) -> int:
     return batches
 
 
+class _Batches(torch.utils.data.Dataset):
+    """Item g is micro-batch g of an epoch, collated where it is fetched (in a DataLoader worker, if any).
+
+    Random collators (masked LM) draw from a generator seeded by (seed, rank, epoch, g): a batch's masks do
+    not depend on which worker made it or on what was drawn before, so a resumed run sees the same masks.
+    """
+
+    def __init__(self, dataset, batches: list[list[int]], collate, key: tuple[int, ...]):
+        self.dataset, self.batches, self.collate, self.key = dataset, batches, collate, key
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, g: int) -> dict[str, torch.Tensor]:
+        if hasattr(self.collate, "generator"):
+            seed = np.random.SeedSequence([*self.key, g]).generate_state(1, np.uint64)[0]
+            self.collate.generator = torch.Generator().manual_seed(int(seed))
+        return self.collate([self.dataset[i] for i in self.batches[g]])
+
+
 @dataclass
 class TrainBatches:
     """The training stream for one rank: seeded, epoch after epoch, restartable at any micro-batch.
 
     Every rank gets the same number of micro-batches per epoch (drop_last), because the teacher's ZeRO-3
-    forward is collective: a rank that ran one batch fewer would hang the others.
+    forward is collective: a rank that ran one batch fewer would hang the others. `num_workers` processes
+    collate ahead of the loop (pinned memory, so copies to the GPU can overlap compute).
     """
 
     dataset: datasets.Dataset
     collate: Any
     batch_size: int
     seed: int
+    num_workers: int = 0
+    pin_memory: bool = False
 
     def __post_init__(self):
         self.sampler = DistributedSampler(
@@ -265,11 +289,16 @@ class TrainBatches:
         while True:
             self.sampler.set_epoch(epoch)
             indices = list(self.sampler)[: self.batches_per_epoch * self.batch_size]
-            batches = [indices[i : i + self.batch_size] for i in range(0, len(indices), self.batch_size)][skip:]
-            # A generator of its own: each new DataLoader iterator draws a seed, and drawing it from the global
-            # RNG would shift the dropout masks of a resumed run against the uninterrupted one.
+            batches = [indices[i : i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
             yield from DataLoader(
-                self.dataset, batch_sampler=batches, collate_fn=self.collate, generator=torch.Generator()
+                _Batches(self.dataset, batches, self.collate, (self.seed, dist.rank(), epoch)),
+                batch_size=None,  # items are whole micro-batches
+                sampler=range(skip, len(batches)),
+                num_workers=self.num_workers,
+                pin_memory=self.pin_memory,
+                # a generator of its own: each DataLoader iterator draws a seed, and drawing it from the global
+                # RNG would shift the dropout masks of a resumed run against the uninterrupted one
+                generator=torch.Generator(),
             )
             epoch, skip = epoch + 1, 0
 

@@ -65,13 +65,14 @@ def main_process_first():
         barrier()
 
 
-def all_reduce_sum(values: list[float]) -> list[float]:
-    """Sums a few floats over ranks (one collective for all of them)."""
+def all_reduce_sum(values: list) -> list[float]:
+    """Sums a few numbers (floats or one-element tensors) over ranks: one collective, one host sync."""
     if not initialized() or world_size() == 1:
-        return list(values)
+        return [float(v) for v in values]
     from deepspeed.accelerator import get_accelerator
 
-    tensor = torch.tensor(values, dtype=torch.float64, device=get_accelerator().current_device_name())
+    device = get_accelerator().current_device_name()
+    tensor = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(device).reshape(()) for v in values])
     torch.distributed.all_reduce(tensor)
     return tensor.tolist()
 

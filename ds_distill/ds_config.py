@@ -117,9 +117,13 @@ def fill_auto(
         _fill(params, "eps", train.adam_epsilon)
         _fill(params, "weight_decay", train.weight_decay)
         offloaded = config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
-        if on_cpu and not offloaded and optimizer.get("type", "").lower() in ("adam", "adamw"):
-            # DeepSpeed's fused Adam is a GPU kernel; on the CPU accelerator torch's AdamW does the same job.
+        if not offloaded and optimizer.get("type", "").lower() in ("adam", "adamw"):
+            # torch's AdamW (fused on a GPU) does the job of DeepSpeed's FusedAdam without building it at start:
+            # DeepSpeed's build is a GPU kernel only, and it fails where TORCH_CUDA_ARCH_LIST names an arch
+            # such as 9.0a (seen on an H100 machine with DeepSpeed 0.19.8).
             params.setdefault("torch_adam", True)
+            if not on_cpu:
+                params.setdefault("fused", True)
     scheduler = config.get("scheduler")
     if scheduler is not None:
         params = scheduler.setdefault("params", {})

@@ -66,8 +66,11 @@ def forward_features(
 ) -> dict[str, torch.Tensor]:
     """Runs `model` on `batch` and returns the features losses read: logits aligned so logits[:, t] predicts
     labels[:, t], the stack masks, and what `capture` collected during this forward."""
+    inputs = model_inputs(batch)
+    if adapter.kind != "encoder":
+        inputs["use_cache"] = False  # no key/value cache to build and hold for a forward that generates nothing
     with capture.recording() if capture else contextlib.nullcontext():
-        output = model(**model_inputs(batch))
+        output = model(**inputs)
     features = {"labels": batch.get("labels"), **stack_masks(adapter, batch)}
     if capture:
         features.update(capture.pop())

@@ -151,6 +151,7 @@ def _peak_memory_gb() -> float:
 
 
 def _count_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Real tokens of a batch still on the host (counting on the device would stall it every micro-step)."""
     tokens = int(batch["attention_mask"].sum())
     if "decoder_input_ids" in batch:
         tokens += int((batch["labels"] != IGNORE_INDEX).sum())
@@ -159,9 +160,10 @@ def _count_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 @dataclass
 class LogWindow:
-    """Loss sums and token counts since the last logged step."""
+    """Loss sums (device tensors: read once per logging step, not per micro-step) and token counts since the
+    last logged step."""
 
-    sums: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    sums: dict[str, Any] = field(default_factory=lambda: defaultdict(float))
     steps: int = 0
     tokens: int = 0
     started: float = field(default_factory=time.perf_counter)
@@ -170,12 +172,16 @@ class LogWindow:
 class Trainer:
     """Owns both engines and the loop; `train()` runs from the current step to the last and exports."""
 
-    def __init__(self, p: Prepared):
+    def __init__(self, p: Prepared, teacher=None):
+        """`teacher`: an already loaded teacher engine to reuse (a benchmark comparing objectives on one
+        teacher); by default the run's teacher is loaded here."""
         import deepspeed
         from transformers import set_seed
 
         self.p, self.run, self.train_config = p, p.run, p.run.train
-        self.teacher = load_teacher(self.run.teacher.model_name_or_path, p.teacher_ds) if p.teacher_ds else None
+        if teacher is None and p.teacher_ds:
+            teacher = load_teacher(self.run.teacher.model_name_or_path, p.teacher_ds)
+        self.teacher = teacher
         student = build_student(self.run.student, p.student_config, p.student_ds, self.train_config.seed)
         if self.train_config.gradient_checkpointing:
             # non-reentrant: gradients also flow into features captured inside a checkpointed block
@@ -199,11 +205,15 @@ class Trainer:
         set_seed(self.train_config.seed + dist.rank())  # dropout and masking; a resume restores the saved state
         self.device = self.engine.device
         self.collate = data.make_collator(self.run.data, p.tokenizer, student)
+        on_gpu = self.device.type != "cpu"
+        workers = self.train_config.dataloader_num_workers
         self.batches = data.TrainBatches(
             p.datasets[self.run.data.train_split],
             self.collate,
             self.train_config.per_device_train_batch_size,
             self.train_config.seed,
+            num_workers=(2 if on_gpu else 0) if workers is None else workers,
+            pin_memory=on_gpu and self.train_config.dataloader_pin_memory,
         )
         self.checkpoints = p.output_dir / "checkpoints"
         self.step = 0
@@ -233,7 +243,7 @@ class Trainer:
 
     # -- one step -----------------------------------------------------------------------------------------
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.device) for k, v in batch.items()}
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def teacher_features(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
         if self.teacher is None:
@@ -277,10 +287,10 @@ class Trainer:
         while self.step < until:
             self.engine.module.set_step(self.step)
             for _ in range(accumulation):
-                batch = self._to_device(next(self.stream))
+                batch = next(self.stream)
                 self.window.tokens += _count_tokens(batch)
-                for name, value in self.micro_step(batch).items():
-                    self.window.sums[name] += float(value) / accumulation
+                for name, value in self.micro_step(self._to_device(batch)).items():
+                    self.window.sums[name] += value / accumulation
             self.step += 1
             self.window.steps += 1
             self.micro_batches_done += accumulation

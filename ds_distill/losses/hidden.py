@@ -21,18 +21,23 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def cka_loss(
-    student: torch.Tensor, teacher: torch.Tensor, squared: bool = False, dtype=torch.float32, eps: float = 1e-8
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    squared: bool = False,
+    dtype=torch.float32,
+    eps: float = 1e-8,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """1 - sqrt(linear CKA) of token rows (or 1 - CKA with `squared`); `[tokens, d_S]`, `[tokens, d_T]` -> scalar.
 
+    `mask` ([tokens] bool) leaves rows out: they are zeroed after centring on the kept rows' mean, which equals
+    selecting the rows but keeps the shapes static (no device-to-host sync per layer pair).
     Only d x d products (never tokens x tokens), so the cost is linear in the tokens of the micro-batch.
     Each side is scaled to unit Frobenius norm first; CKA does not change under isotropic scaling, and the
     Gram norms then stay far from float32's range even for activations in the thousands (T5).
     """
-    student = student.to(dtype)
-    teacher = teacher.to(dtype)
-    student = student - student.mean(0, keepdim=True)
-    teacher = teacher - teacher.mean(0, keepdim=True)
+    student = _centred(student.to(dtype), mask)
+    teacher = _centred(teacher.to(dtype), mask)
     student = student / student.norm().clamp_min(torch.finfo(dtype).tiny)
     teacher = teacher / teacher.norm().clamp_min(torch.finfo(dtype).tiny)
     cross = torch.linalg.matrix_norm(student.T @ teacher)
@@ -41,6 +46,16 @@ def cka_loss(
     denominator = (student_gram + eps) * (teacher_gram + eps)
     similarity = cross**2 / denominator if squared else cross / denominator.sqrt()
     return (1 - similarity).float()
+
+
+def _centred(rows: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Rows minus the column mean of the kept rows; rows left out become zero. `[tokens, d]` -> `[tokens, d]`."""
+    if mask is None:
+        return rows - rows.mean(0, keepdim=True)
+    keep = mask.unsqueeze(-1)
+    rows = rows.where(keep, 0)  # where, not a product: whatever sits in a padded row (even inf) stays out
+    mean = rows.sum(0, keepdim=True) / keep.sum().clamp_min(1)
+    return (rows - mean).where(keep, 0)
 
 
 def stack_mask(features: dict[str, torch.Tensor], stack: str) -> torch.Tensor:
@@ -66,9 +81,15 @@ class CKALoss(LayerwiseLoss):
     Options = CKAOptions
 
     def pair_loss(self, pair, student, teacher):
-        mask = stack_mask(student, pair.stack)
+        mask = stack_mask(student, pair.stack).flatten()
         student_hidden, teacher_hidden = features(pair, "hidden", student, teacher)
-        return cka_loss(student_hidden[mask], teacher_hidden[mask], self.options.squared, DTYPES[self.options.dtype])
+        return cka_loss(
+            student_hidden.flatten(0, -2),
+            teacher_hidden.flatten(0, -2),
+            self.options.squared,
+            DTYPES[self.options.dtype],
+            mask=mask,
+        )
 
 
 @dataclass

@@ -20,6 +20,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from ds_distill.config import ConfigError, FromTeacherConfig
 from ds_distill.models import layouts
+from ds_distill.models.fused import use_fused_kernels
 from ds_distill.models.layouts import Site, StackLayout
 
 KNOWN_CONFIGS_DIR = Path(__file__).parent / "known_configs"
@@ -60,13 +61,18 @@ class ModelAdapter:
         }[self.kind]
 
     def from_config(self, config: PretrainedConfig) -> torch.nn.Module:
-        """A randomly initialised model of this architecture (on the current default device)."""
+        """A randomly initialised model of this architecture (on the current default device), fused kernels on."""
         model_class = self.model_class(config)
-        return model_class.from_config(config) if hasattr(model_class, "from_config") else model_class(config)
+        model = model_class.from_config(config) if hasattr(model_class, "from_config") else model_class(config)
+        use_fused_kernels(model)
+        return model
 
     def from_pretrained(self, name_or_path: str, **kwargs) -> torch.nn.Module:
-        """`from_pretrained` with this family's head class (also under ZeRO-3 partitioned loading)."""
-        return self.model_class(AutoConfig.from_pretrained(name_or_path)).from_pretrained(name_or_path, **kwargs)
+        """`from_pretrained` with this family's head class (also under ZeRO-3 partitioned loading), fused
+        kernels on."""
+        model = self.model_class(AutoConfig.from_pretrained(name_or_path)).from_pretrained(name_or_path, **kwargs)
+        use_fused_kernels(model)
+        return model
 
     def has_lm_head(self, config: PretrainedConfig) -> bool:
         return self.model_class(config) is not transformers.AutoModel

@@ -42,13 +42,14 @@ def test_shipped_configs_fill_completely(name):
         assert config["zero_optimization"]["memory_efficient_linear"] is False
 
 
-def test_cpu_uses_torch_adamw_unless_the_optimizer_is_offloaded():
+def test_torch_adamw_unless_the_optimizer_is_offloaded_fused_on_a_gpu():
     zero2 = fill_auto(load_json("ds_configs/student_zero2.json"), TRAIN, 1, 10, on_cpu=True, name="z2")
     assert zero2["optimizer"]["params"]["torch_adam"] is True
     offload = fill_auto(load_json("ds_configs/student_zero3_offload.json"), TRAIN, 1, 10, on_cpu=True, name="off")
     assert "torch_adam" not in offload["optimizer"]["params"]
+    assert "fused" not in zero2["optimizer"]["params"]
     gpu = fill_auto(load_json("ds_configs/student_zero2.json"), TRAIN, 1, 10, on_cpu=False, name="z2")
-    assert "torch_adam" not in gpu["optimizer"]["params"]
+    assert gpu["optimizer"]["params"]["torch_adam"] is True and gpu["optimizer"]["params"]["fused"] is True
 
 
 def test_misspelt_top_level_key_is_refused(tmp_path):

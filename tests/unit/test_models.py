@@ -86,3 +86,45 @@ def test_missing_model_path_is_named():
 def test_unsupported_family_is_named():
     with pytest.raises(ConfigError, match="model_type 'vit' has no adapter yet"):
         models.adapter_for(transformers.ViTConfig())
+
+
+@pytest.mark.parametrize("family", ["t5", "gpt2", "llama"])
+def test_fused_kernels_compute_what_the_eager_modules_compute(tiny, family):
+    import copy
+
+    import torch
+
+    if family == "llama":
+        config = transformers.LlamaConfig(
+            hidden_size=64, num_attention_heads=4, intermediate_size=128, num_hidden_layers=2, vocab_size=200
+        )
+    else:
+        config = AutoConfig.from_pretrained(tiny[family])
+    torch.manual_seed(0)
+    fused = models.adapter_for(config).from_config(config).eval()
+    eager = copy.deepcopy(fused)
+    swapped = [m for m in eager.modules() if m.__dict__.pop("forward", None) is not None]  # back to the class's own
+    assert swapped, "nothing of this family was swapped"
+    inputs = {"input_ids": torch.randint(3, 200, (2, 7))}
+    if family == "t5":
+        inputs["decoder_input_ids"] = inputs["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(fused(**inputs).logits, eager(**inputs).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_each_fused_module_equals_its_eager_forward_over_a_wide_range():
+    import torch
+    from transformers.activations import NewGELUActivation
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.t5.modeling_t5 import T5LayerNorm
+
+    from ds_distill.models.fused import use_fused_kernels
+
+    torch.manual_seed(0)
+    inputs = torch.linspace(-8, 8, 4096).reshape(2, 32, 64) * torch.rand(2, 32, 1) * 3
+    for module in (NewGELUActivation(), T5LayerNorm(64, eps=1e-3), LlamaRMSNorm(64, eps=1e-3)):
+        if hasattr(module, "weight"):
+            module.weight.data = torch.randn(64)
+        expected = module(inputs)
+        assert use_fused_kernels(module) == 1
+        torch.testing.assert_close(module(inputs), expected, rtol=1e-6, atol=1e-6)
