@@ -1,6 +1,7 @@
 """Distillation throughput on one GPU: a Flan-T5-XL-shaped teacher (bf16) and the 145M recipe student.
 
-    python bench/gpu_throughput.py [--work_dir=/tmp/gpu_throughput] [--batch_sizes=256,192,128,64] [--steps=10]
+    python bench/gpu_throughput.py [--work_dir=/tmp/gpu_throughput] [--batch_sizes=320,256,192] [--steps=10]
+    python bench/gpu_throughput.py --torch_compile --compile_plain   # also the compiled toolkit and plain loops
     python bench/gpu_throughput.py --smoke        # the same pipeline at toy sizes on the CPU, to check the script
 
 Random weights at Flan-T5-XL's shapes (2.85B parameters) and the `flan_t5_3b_145m` recipe's student (12+12
@@ -8,14 +9,16 @@ blocks, d_model 512), 128 source and 128 target tokens per example, no padding. 
 (`teacher_replicated_bf16.json`: a bf16 copy on the GPU; `teacher_zero3_inference.json`: ZeRO-3 on the GPU;
 `teacher_zero3_inference_cpu.json`: ZeRO-3 with parameters in pinned CPU memory) and each objective (`kd`:
 CE + KD; `cka`: CE + KD + CKA on every mapped hidden state), the toolkit's own loop (`Trainer.train_steps`)
-trains the student under ZeRO-2 in bf16. A plain PyTorch loop (teacher bf16 resident, student fp32 weights
-under bf16 autocast, fused AdamW, one pre-tokenised batch) runs CE + KD at the toolkit's batch as the
-reference. Each configuration runs in a process of its own, at the largest of `--batch_sizes` that fits.
+trains the student under ZeRO-2 in bf16. A plain PyTorch loop (teacher bf16 resident, the stock Hugging Face
+modules, student fp32 weights under bf16 autocast, fused AdamW, one pre-tokenised batch) runs CE + KD at the
+toolkit's batch as the reference. Each configuration runs in a process of its own, at the largest of
+`--batch_sizes` that fits; `profile` (a subcommand) times one configuration's phases and writes
+torch.profiler's kernel table.
 
 Figures: tokens/s (source + target tokens), model FLOPs utilisation (teacher forward + student forward and
 backward, counted by torch's FlopCounterMode on the real models; CKA's products count as overhead) against
-the datasheet's dense bf16 rate and against a measured 8192^3 bf16 matmul, peak GPU memory, and the time the
-data pipeline takes per micro-batch. Also the cost of one CKA layer pair at the run's shapes in float32,
+the datasheet's dense bf16 rate and against a measured 8192^3 bf16 matmul, peak GPU memory, and how fast the
+data pipeline delivers micro-batches. Also the cost of one CKA layer pair at the run's shapes in float32,
 TF32 and float64. Results go to `work_dir/results.json` and, as a table, to stdout.
 """
 
@@ -199,7 +202,9 @@ def _is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
-def toolkit_run_config(assets: Path, work_dir: Path, placement: str, method: str, batch: int, steps: int, smoke: bool):
+def toolkit_run_config(
+    assets: Path, work_dir: Path, placement: str, method: str, batch: int, steps: int, smoke: bool, compile: bool
+):
     overrides = {"student.init.from_teacher": vars(SMOKE_STUDENT)} if smoke else {}
     return load_config(
         recipe=RECIPE,
@@ -215,7 +220,7 @@ def toolkit_run_config(assets: Path, work_dir: Path, placement: str, method: str
             "data.source_lang": "en",
             "data.target_lang": "de",
             "data.prefix": "",
-            "train.output_dir": str(work_dir / f"{placement}_{method}_{batch}"),
+            "train.output_dir": str(work_dir / f"{placement}_{method}_{batch}{'_compiled' if compile else ''}"),
             "train.per_device_train_batch_size": batch,
             "train.max_steps": 100000,
             "train.warmup_steps": 0,
@@ -223,6 +228,7 @@ def toolkit_run_config(assets: Path, work_dir: Path, placement: str, method: str
             "train.eval_steps": 0,
             "train.save_steps": 0,
             "train.bf16": True,
+            "train.torch_compile": compile,
         },
     )
 
@@ -233,11 +239,19 @@ def _names(value) -> list[str]:
 
 
 def build_trainer(
-    assets: Path, work_dir: Path, placement: str, method: str, batch: int, steps: int, smoke: bool, teacher
+    assets: Path,
+    work_dir: Path,
+    placement: str,
+    method: str,
+    batch: int,
+    steps: int,
+    smoke: bool,
+    compile: bool,
+    teacher,
 ):
     from ds_distill.trainer import Trainer, prepare
 
-    run = toolkit_run_config(assets, work_dir, placement, method, batch, steps, smoke)
+    run = toolkit_run_config(assets, work_dir, placement, method, batch, steps, smoke, compile)
     return Trainer(prepare(run, overwrite=True), teacher=teacher)
 
 
@@ -249,7 +263,18 @@ def release(trainer) -> None:
     trainer.engine.destroy()
 
 
-def toolkit(assets, work_dir, placement, methods, batch: int, steps: int, warmup: int, result, smoke: bool = False):
+def toolkit(
+    assets,
+    work_dir,
+    placement,
+    methods,
+    batch: int,
+    steps: int,
+    warmup: int,
+    result,
+    smoke: bool = False,
+    compile: bool = False,
+):
     """Times the toolkit's loop for each method on one teacher engine; appends JSON lines to `result`."""
     from ds_distill import dist
 
@@ -257,11 +282,12 @@ def toolkit(assets, work_dir, placement, methods, batch: int, steps: int, warmup
     assets, work_dir = Path(assets), Path(work_dir)
     teacher = None
     for method in _names(methods):
-        record = {"kind": "toolkit", "placement": placement, "method": method, "batch": batch}
+        kind = "toolkit, torch.compile" if compile else "toolkit"
+        record = {"kind": kind, "placement": placement, "method": method, "batch": batch}
         try:
             record["memory_before_gb"] = reset_peak_memory()
             started = time.perf_counter()
-            trainer = build_trainer(assets, work_dir, placement, method, batch, steps, smoke, teacher)
+            trainer = build_trainer(assets, work_dir, placement, method, batch, steps, smoke, compile, teacher)
             teacher = trainer.teacher
             record["setup_s"] = time.perf_counter() - started
             trainer.begin()
@@ -315,7 +341,7 @@ def profile(assets, work_dir, placement, method, batch: int, steps: int, warmup:
     dist.init()
     record = {"kind": "profile", "placement": placement, "method": method, "batch": batch}
     try:
-        trainer = build_trainer(Path(assets), Path(work_dir), placement, method, batch, steps, smoke, None)
+        trainer = build_trainer(Path(assets), Path(work_dir), placement, method, batch, steps, smoke, False, None)
         trainer.begin()
         trainer.train_steps(until=warmup)
         phases = defaultdict(list)
@@ -453,7 +479,9 @@ def main(
     warmup: int = 3,
     placements: str = ",".join(PLACEMENTS),
     child_timeout: int = 300,
+    plain_loop: bool = True,
     compile_plain: bool = False,
+    torch_compile: bool = False,
     smoke: bool = False,
 ):
     """Builds the assets and the teacher, then times every configuration in its own process (see the module doc).
@@ -466,7 +494,9 @@ def main(
         steps: timed optimizer steps per configuration, after `warmup` untimed ones.
         placements: which teacher placements to time (replicated, zero3_gpu, zero3_cpu_offload).
         child_timeout: seconds before a configuration's process is stopped.
+        plain_loop: time the plain loop at the largest batch the replicated teacher fitted.
         compile_plain: also time the plain loop with both models through torch.compile (minutes of compiling).
+        torch_compile: time the toolkit with `train.torch_compile` (ZeRO-3 placements then run their teacher eagerly).
         smoke: toy shapes, batch 2, 2 steps: checks the whole script on a CPU in a minute or two.
     """
     if smoke:
@@ -492,15 +522,20 @@ def main(
         pending = ["kd", "cka"]
         for batch in sizes:
             args = ["toolkit", f"--work_dir={work}", f"--placement={placement}", f"--methods={','.join(pending)}"]
+            args += ["--compile"] if torch_compile else []
             code = _child(args + [f"--batch={batch}", *common], log, child_timeout)
-            done = {r["method"] for r in _records(results) if r.get("placement") == placement and "error" not in r}
+            done = {
+                r["method"]
+                for r in _records(results)
+                if r["placement"] == placement and r["kind"].startswith("toolkit") and "error" not in r
+            }
             pending = [m for m in pending if m not in done]
             if not pending or code not in (OOM_EXIT, 0):
                 break
         if not pending:  # later placements start from the size that fitted
             sizes = sizes[sizes.index(batch) :]
-    fitted = [r["batch"] for r in _records(results) if r.get("placement") == "replicated" and "error" not in r]
-    for batch in [b for b in sizes if not fitted or b <= max(fitted)]:
+    fitted = [r["batch"] for r in _records(results) if r["placement"] == "replicated" and "error" not in r]
+    for batch in [b for b in sizes if plain_loop and (not fitted or b <= max(fitted))]:
         if _child(["plain", f"--batch={batch}", *common], log, child_timeout) != OOM_EXIT:
             if compile_plain:
                 _child(["plain", f"--batch={batch}", "--compile", *common], log, child_timeout)

@@ -123,6 +123,9 @@ class TrainConfig:
     seed: int = 42
     bf16: bool = False
     gradient_checkpointing: bool = False
+    torch_compile: bool = False
+    """Run the training forwards of the student and of a whole (not ZeRO-3-partitioned) teacher through
+    torch.compile. Same losses and gradients (tested); no speed-up measured yet on an H100 (bench/RESULTS.md)."""
     eval_metric: str = "loss"
     """loss | bleu | rouge: what evaluation reports besides the validation loss."""
     generation_max_length: int = 128

@@ -85,7 +85,13 @@ def forward_features(
 class DistillationModule(torch.nn.Module):
     """Student plus weighted loss terms; `forward` returns (total loss, {term: value})."""
 
-    def __init__(self, student: torch.nn.Module, losses: torch.nn.ModuleDict, weights: dict[str, float]):
+    def __init__(
+        self,
+        student: torch.nn.Module,
+        losses: torch.nn.ModuleDict,
+        weights: dict[str, float],
+        compile: bool = False,
+    ):
         super().__init__()
         self.student = student
         self.losses = losses
@@ -93,6 +99,9 @@ class DistillationModule(torch.nn.Module):
         self.adapter = models.adapter_for(student.config)
         keys = set().union(*(loss.student_keys for loss in losses.values()))
         self.capture = FeatureCapture(student, self.adapter, keys) if keys else None
+        # Kept out of the module tree (a registered wrapper would list every weight twice in checkpoints);
+        # generation and evaluation call the student itself.
+        self.__dict__["training_forward"] = torch.compile(student) if compile else student
 
     def set_step(self, step: int) -> None:
         """Tells staged losses (makd) the optimizer step about to be taken."""
@@ -101,7 +110,7 @@ class DistillationModule(torch.nn.Module):
                 loss.set_step(step)
 
     def forward(self, batch: dict[str, torch.Tensor], teacher_features: dict[str, torch.Tensor] | None = None):
-        student_features = forward_features(self.student, self.adapter, batch, self.capture)
+        student_features = forward_features(self.training_forward, self.adapter, batch, self.capture)
         terms = {name: loss(student_features, teacher_features) for name, loss in self.losses.items()}
         total = sum(self.weights[name] * value for name, value in terms.items())
         return total, {name: value.detach() for name, value in terms.items()}

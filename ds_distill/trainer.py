@@ -193,12 +193,25 @@ class Trainer:
             self.teacher_adapter = models.adapter_for(teacher_config)
             keys = set().union(*(loss.teacher_keys for loss in losses.values()))
             self.teacher_capture = FeatureCapture(self.teacher.module, self.teacher_adapter, keys)
+            self.teacher_forward = self.teacher
+            if self.train_config.torch_compile:
+                # graphs compiled earlier in this process (a reused teacher) would ignore the hooks added above
+                torch.compiler.reset()
+                if ds_config.zero_stage(p.teacher_ds) < 3:
+                    self.teacher_forward = torch.compile(self.teacher.module)
+                else:
+                    dist.print_main(
+                        "train.torch_compile: the ZeRO-3 teacher runs eagerly (weights gathered per module)"
+                    )
         for name, loss in losses.items():
             if isinstance(loss, LayerwiseLoss):
                 dist.print_main(f"losses.{name} layer pairs (student->teacher): {', '.join(map(str, loss.pairs))}")
                 for note in loss.notes:
                     dist.print_main(f"losses.{name}: {note}")
-        module = DistillationModule(student, losses, weights)
+        compile_student = self.train_config.torch_compile and ds_config.zero_stage(p.student_ds) < 3
+        if self.train_config.torch_compile and not compile_student:
+            dist.print_main("train.torch_compile: the ZeRO-3 student runs eagerly (weights gathered per module)")
+        module = DistillationModule(student, losses, weights, compile=compile_student)
         self.engine, *_ = deepspeed.initialize(
             model=module, model_parameters=[q for q in module.parameters() if q.requires_grad], config=p.student_ds
         )
@@ -249,7 +262,7 @@ class Trainer:
         if self.teacher is None:
             return None
         with torch.no_grad():
-            return forward_features(self.teacher, self.teacher_adapter, batch, self.teacher_capture)
+            return forward_features(self.teacher_forward, self.teacher_adapter, batch, self.teacher_capture)
 
     def micro_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         total, terms = self.engine(batch, self.teacher_features(batch))

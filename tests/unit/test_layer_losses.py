@@ -160,14 +160,16 @@ def test_relation_heads_must_divide_the_width():
         relation_kl((x, x), (x, x), mask, mask, 5, False, "losses.relation")
 
 
-def run_pair(spec: dict, layer_map: LayerMapConfig | None = None, teacher=TEACHER, student_dims=None):
+def run_pair(
+    spec: dict, layer_map: LayerMapConfig | None = None, teacher=TEACHER, student_dims=None, compile: bool = False
+):
     """One step of the real code path: teacher forward under no_grad with its hooks, then the student module."""
     torch.manual_seed(0)
     student_config = models.adapter_for(teacher).shrink(teacher, student_dims or FromTeacherConfig(2, 2, 16, 32, 2))
     teacher_model = models.adapter_for(teacher).from_config(teacher).eval()
     student_model = models.adapter_for(student_config).from_config(student_config)
     losses, weights = build_losses(spec, ModelPair(student_config, teacher, layer_map or LayerMapConfig()))
-    module = DistillationModule(student_model, losses, weights)
+    module = DistillationModule(student_model, losses, weights, compile=compile)
     adapter = models.adapter_for(teacher)
     capture = FeatureCapture(teacher_model, adapter, set().union(*(loss.teacher_keys for loss in losses.values())))
     batch = {
@@ -177,7 +179,8 @@ def run_pair(spec: dict, layer_map: LayerMapConfig | None = None, teacher=TEACHE
     }
     batch["decoder_input_ids"] = teacher_model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
     with torch.no_grad():
-        teacher_features = forward_features(teacher_model, adapter, batch, capture)
+        teacher_forward = torch.compile(teacher_model) if compile else teacher_model
+        teacher_features = forward_features(teacher_forward, adapter, batch, capture)
     total, terms = module(batch, teacher_features)
     total.backward()
     return module, teacher_model, total, terms
@@ -280,3 +283,15 @@ def test_models_that_drop_layers_at_random_are_refused():
 def test_a_map_with_nothing_to_compare_is_refused():
     with pytest.raises(ConfigError, match="losses.attention_kl: its layer map leaves no layer pair"):
         build({"attention_kl": {}}, LayerMapConfig(encoder="0:0", decoder="0:0"))
+
+
+def test_compiled_forwards_give_the_eager_losses_and_gradients():
+    """train.torch_compile: the hooks that capture features keep working inside compiled graphs."""
+    spec = {"ce": {}, "kd": {}, "cka": {}}
+    eager, _, eager_total, eager_terms = run_pair(spec)
+    compiled, _, compiled_total, compiled_terms = run_pair(spec, compile=True)
+    assert compiled_total.item() == pytest.approx(eager_total.item(), rel=1e-4)
+    assert compiled_terms["cka"].item() == pytest.approx(eager_terms["cka"].item(), rel=1e-4)
+    for (name, expected), actual in zip(eager.student.named_parameters(), compiled.student.parameters()):
+        torch.testing.assert_close(actual.grad, expected.grad, rtol=1e-3, atol=1e-5, msg=name)
+    assert "training_forward" not in dict(compiled.named_modules())  # weights are listed once in checkpoints
