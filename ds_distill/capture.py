@@ -21,7 +21,7 @@ import contextlib
 
 import torch
 
-from ds_distill.config import ConfigError
+from ds_distill.errors import ConfigError
 from ds_distill.models import ModelAdapter
 from ds_distill.models.layouts import Site
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ds_distill import dist
-from ds_distill.config import ConfigError
+from ds_distill.errors import ConfigError
 
 COMPLETE = "COMPLETE"
 

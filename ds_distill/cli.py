@@ -20,7 +20,7 @@ from pathlib import Path
 
 import fire
 
-from ds_distill.config import ConfigError
+from ds_distill.errors import ConfigError
 
 
 def demo(output_dir: str = "runs/demo"):

@@ -21,11 +21,10 @@ from typing import Any
 
 import yaml
 
+from ds_distill.errors import ConfigError
+from ds_distill.methods import expand_method
+
 RECIPES_DIR = Path(__file__).parent / "recipes"
-
-
-class ConfigError(ValueError):
-    """A configuration problem, worded as the problem and its fix."""
 
 
 @dataclass
@@ -286,8 +285,6 @@ def load_config(
             raise ConfigError(f"{path} must hold a mapping with the sections {_field_names(RunConfig)}")
     for key, value in (overrides or {}).items():
         apply_override(tree, key, value)
-    from ds_distill.methods import expand_method
-
     run = from_dict(RunConfig, expand_method(tree))
     validate(run)
     return run

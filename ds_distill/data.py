@@ -28,7 +28,8 @@ from transformers import (
 )
 
 from ds_distill import dist
-from ds_distill.config import ConfigError, DataConfig
+from ds_distill.config import DataConfig
+from ds_distill.errors import ConfigError
 from ds_distill.losses.base import IGNORE_INDEX
 
 FILE_BUILDERS = ("json", "csv", "parquet", "text")

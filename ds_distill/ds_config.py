@@ -7,12 +7,16 @@ DeepSpeed itself would silently ignore (`zero_optimizaton` trains without ZeRO).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from pathlib import Path
 from typing import Any
 
-from ds_distill.config import ConfigError, TrainConfig, unknown_key_error
+import torch
+
+from ds_distill.config import TrainConfig, unknown_key_error
+from ds_distill.errors import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,6 +77,31 @@ def check_keys(config: dict[str, Any], name: str) -> None:
 
 def zero_stage(config: dict[str, Any]) -> int:
     return int(config.get("zero_optimization", {}).get("stage", 0))
+
+
+@contextlib.contextmanager
+def zero3_loading(ds_config: dict[str, Any]):
+    """While open, `from_pretrained`/`from_config` build ZeRO-3-partitioned models.
+
+    The Hugging Face switch is process-wide, so it is closed again before anything else is built (a ZeRO-2
+    student built while it is on crashes with "'weight' must be 2-D").
+    """
+    if zero_stage(ds_config) != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    switch = HfDeepSpeedConfig(ds_config)
+    try:
+        yield
+    finally:
+        del switch
+        unset_hf_deepspeed_config()
+
+
+def model_dtype(ds_config: dict[str, Any]) -> torch.dtype:
+    return torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
 
 
 def _fill(section: dict[str, Any], key: str, value: Any) -> None:

@@ -18,7 +18,7 @@ from transformers import AutoConfig, GenerationConfig, PretrainedConfig
 
 from ds_distill import dist, models
 from ds_distill.checkpoint import latest_tag
-from ds_distill.config import ConfigError
+from ds_distill.errors import ConfigError
 
 STUDENT_PREFIX = "student."
 TEMPLATE_DIR = "student_template"

@@ -14,7 +14,7 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
-from ds_distill.config import ConfigError
+from ds_distill.errors import ConfigError
 
 LOGITS = {"ce": {"weight": 1.0}, "kd": {"weight": 1.0, "divergence": "forward_kl", "temperature": 1.0}}
 

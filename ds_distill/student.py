@@ -15,9 +15,10 @@ from transformers import PretrainedConfig
 
 from ds_distill import models
 from ds_distill.capture import FeatureCapture
-from ds_distill.config import ConfigError, StudentConfig
+from ds_distill.config import StudentConfig
+from ds_distill.ds_config import zero3_loading
+from ds_distill.errors import ConfigError
 from ds_distill.losses.base import IGNORE_INDEX
-from ds_distill.teacher import zero3_loading
 
 
 def student_hf_config(student: StudentConfig, teacher_hf_config: PretrainedConfig | None) -> PretrainedConfig:

@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 
 from ds_distill import checkpoint, data, dist, ds_config, export, models
 from ds_distill.capture import FeatureCapture
-from ds_distill.config import ConfigError, RunConfig, to_yaml
+from ds_distill.config import RunConfig, to_yaml
+from ds_distill.errors import ConfigError
 from ds_distill.evaluation import evaluate
 from ds_distill.losses import LayerwiseLoss, ModelPair, build_losses
 from ds_distill.losses.base import IGNORE_INDEX

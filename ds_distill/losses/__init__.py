@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from ds_distill.config import ConfigError, coerce, from_dict, unknown_key_error
+from ds_distill.config import coerce, from_dict, unknown_key_error
+from ds_distill.errors import ConfigError
 from ds_distill.losses.attention import AttentionKLLoss, AttentionMSELoss, MiniEnDLoss, RelationLoss
 from ds_distill.losses.base import DistillationLoss
 from ds_distill.losses.hidden import CKALoss, EmbeddingMSELoss, HiddenCosineLoss, HiddenMSELoss, LinearLoss

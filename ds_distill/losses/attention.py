@@ -14,7 +14,8 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from ds_distill.config import ConfigError, LayerMapConfig
+from ds_distill.config import LayerMapConfig
+from ds_distill.errors import ConfigError
 from ds_distill.layer_map import LayerPair
 from ds_distill.losses.layerwise import LayerwiseLoss, LayerwiseOptions, ModelPair, features
 

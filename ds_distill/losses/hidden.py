@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ds_distill.config import ConfigError
+from ds_distill.errors import ConfigError
 from ds_distill.layer_map import LayerPair
 from ds_distill.losses.layerwise import LayerwiseLoss, LayerwiseOptions, ModelPair, build_aligners, features
 

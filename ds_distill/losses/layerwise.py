@@ -16,7 +16,8 @@ from transformers import PretrainedConfig
 
 from ds_distill import layer_map, models
 from ds_distill.capture import feature_key
-from ds_distill.config import ConfigError, LayerMapConfig
+from ds_distill.config import LayerMapConfig
+from ds_distill.errors import ConfigError
 from ds_distill.layer_map import LayerPair
 from ds_distill.losses.base import DistillationLoss
 

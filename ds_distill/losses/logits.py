@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ds_distill.config import ConfigError
+from ds_distill.errors import ConfigError
 from ds_distill.losses.base import IGNORE_INDEX, DistillationLoss
 
 

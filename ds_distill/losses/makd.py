@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ds_distill.config import ConfigError
+from ds_distill.errors import ConfigError
 from ds_distill.losses.attention import AttentionKLLoss, AttentionOptions
 from ds_distill.losses.layerwise import Aligner, ModelPair, features
 

@@ -18,7 +18,8 @@ import torch
 import transformers
 from transformers import AutoConfig, PretrainedConfig
 
-from ds_distill.config import ConfigError, FromTeacherConfig
+from ds_distill.config import FromTeacherConfig
+from ds_distill.errors import ConfigError
 from ds_distill.models import layouts
 from ds_distill.models.fused import use_fused_kernels
 from ds_distill.models.layouts import Site, StackLayout

@@ -10,7 +10,8 @@ import transformers
 
 from ds_distill import models
 from ds_distill.capture import FeatureCapture
-from ds_distill.config import ConfigError, FromTeacherConfig, LayerMapConfig
+from ds_distill.config import FromTeacherConfig, LayerMapConfig
+from ds_distill.errors import ConfigError
 from ds_distill.losses import ModelPair, build_losses
 from ds_distill.losses.attention import relation_kl
 from ds_distill.losses.hidden import cka_loss

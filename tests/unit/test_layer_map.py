@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ds_distill.config import ConfigError, LayerMapConfig, load_config, to_yaml
+from ds_distill.config import LayerMapConfig, load_config, to_yaml
+from ds_distill.errors import ConfigError
 from ds_distill.layer_map import resolve, resolve_stack, uniform
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ds_distill.config import ConfigError
+from ds_distill.errors import ConfigError
 from ds_distill.losses import ModelPair, build_losses
 from tests.unit.test_layer_losses import STUDENT, TEACHER
 

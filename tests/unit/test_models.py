@@ -5,7 +5,8 @@ import transformers
 from transformers import AutoConfig
 
 from ds_distill import models
-from ds_distill.config import ConfigError, FromTeacherConfig
+from ds_distill.config import FromTeacherConfig
+from ds_distill.errors import ConfigError
 
 
 @pytest.mark.parametrize(

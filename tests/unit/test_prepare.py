@@ -5,7 +5,8 @@ import shutil
 
 import pytest
 
-from ds_distill.config import ConfigError, RunConfig, from_dict
+from ds_distill.config import RunConfig, from_dict
+from ds_distill.errors import ConfigError
 from ds_distill.trainer import prepare
 from tests.conftest import translation_config
 
