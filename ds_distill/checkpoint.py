@@ -1,4 +1,4 @@
-"""Resumable checkpoints that are either complete or invisible, and the output-directory contract.
+"""Resumable checkpoints that are either complete or invisible.
 
 Layout under `output_dir/checkpoints/`::
 
@@ -36,15 +36,24 @@ def _write_atomically(path: Path, text: str) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states as tensors, lists and numbers, so they load with `weights_only=True`."""
+    version, mt_state, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    state = {
+        "python": [version, list(mt_state), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gaussian],
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, mt_state, gauss = state["python"]
+    random.setstate((version, tuple(mt_state), gauss))
+    kind, keys, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -94,38 +103,5 @@ def load(engine, root: Path, tag: str) -> dict[str, Any]:
     _, client_state = engine.load_checkpoint(str(root), tag=tag)
     if client_state is None:
         raise ConfigError(f"checkpoint {root / tag} could not be loaded by DeepSpeed")
-    set_rng_state(torch.load(root / tag / f"rng_rank{dist.rank()}.pt", weights_only=False))
+    set_rng_state(torch.load(root / tag / f"rng_rank{dist.rank()}.pt", weights_only=True))
     return client_state
-
-
-def claim_output_dir(output_dir: Path, config_yaml: str, resume: bool, overwrite: bool) -> bool:
-    """Checks `output_dir` against this run; returns whether a checkpoint exists to resume from.
-
-    A directory holding another run is refused unless --resume (continue it, even with changed settings
-    such as a larger max_steps) or --overwrite (delete it) is given; nothing is ever deleted silently.
-    """
-    saved = output_dir / "config.yaml"
-    has_checkpoint = latest_tag(output_dir / "checkpoints") is not None
-    if overwrite and resume:
-        raise ConfigError("give --resume or --overwrite, not both")
-    if overwrite:
-        if output_dir.exists() and any(output_dir.iterdir()) and not saved.is_file():
-            raise ConfigError(f"--overwrite refused: {output_dir} holds files that are not a ds_distill run")
-        dist.barrier()
-        if dist.is_main() and output_dir.exists():
-            shutil.rmtree(output_dir)
-        dist.barrier()
-        return False
-    if resume:
-        if not has_checkpoint:
-            raise ConfigError(
-                f"--resume: no complete checkpoint in {output_dir / 'checkpoints'}; start without --resume"
-            )
-        return True
-    if saved.is_file() or has_checkpoint:
-        same = saved.is_file() and saved.read_text() == config_yaml
-        what = "this run's checkpoints" if same else "a run with a different config"
-        raise ConfigError(
-            f"{output_dir} already holds {what}; pass --resume to continue it or --overwrite to replace it"
-        )
-    return False

@@ -65,17 +65,21 @@ def distill(
     run_distill(run, resume=_flag(resume, "resume"), overwrite=_flag(overwrite, "overwrite"))
 
 
-def export(checkpoint_dir: str, output_dir: str, tag: str | None = None):
+def export(checkpoint_dir: str, output_dir: str, tag: str | None = None, overwrite: bool = False):
     """Turns a run's ZeRO checkpoint (stage 2 or 3) into a Hugging Face directory that from_pretrained loads.
+
+    An earlier export at output_dir is replaced; any other non-empty directory is refused unless --overwrite
+    is given, and a run directory, its checkpoints, the working or home directory never are.
 
     Args:
         checkpoint_dir: a run's `output_dir/checkpoints`.
         output_dir: the directory to write (config, model.safetensors, tokenizer, generation config).
         tag: a checkpoint such as step_200; default: the newest complete one.
+        overwrite: replace output_dir even if it is not an earlier export.
     """
     from ds_distill.export import export_checkpoint
 
-    path = export_checkpoint(checkpoint_dir, output_dir, tag)
+    path = export_checkpoint(checkpoint_dir, output_dir, tag, overwrite=_flag(overwrite, "overwrite"))
     print(f"exported {checkpoint_dir} to {path}")
 
 

@@ -9,14 +9,15 @@ rank needs more than one extra full tensor), and from a saved checkpoint with De
 
 from __future__ import annotations
 
-import os
+import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoConfig, GenerationConfig, PretrainedConfig
 
-from ds_distill import dist, models
+from ds_distill import dist, models, run_dir
 from ds_distill.checkpoint import latest_tag
 from ds_distill.errors import ConfigError
 
@@ -55,8 +56,11 @@ def save_template(output_dir: Path, hf_config: PretrainedConfig, tokenizer, gene
         generation_config.save_pretrained(output_dir)
 
 
-def save_hf_model(state: dict[str, torch.Tensor], template_dir: Path, output_dir: Path) -> None:
-    """Writes config, safetensors weights, tokenizer and generation config; the directory appears whole or not at all."""
+def save_hf_model(
+    state: dict[str, torch.Tensor], template_dir: Path, output_dir: Path, provenance: dict[str, Any]
+) -> None:
+    """Writes config, safetensors weights, tokenizer, generation config and `EXPORT_MARKER` (with `provenance`);
+    the directory appears whole or not at all. The caller has checked that `output_dir` may be replaced."""
     hf_config = AutoConfig.from_pretrained(template_dir)
     model = models.adapter_for(hf_config).from_config(hf_config)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -76,22 +80,23 @@ def save_hf_model(state: dict[str, torch.Tensor], template_dir: Path, output_dir
             shutil.copy2(item, staging / item.name)
     if (template_dir / "generation_config.json").is_file():
         GenerationConfig.from_pretrained(template_dir).save_pretrained(staging)
-    shutil.rmtree(output_dir, ignore_errors=True)
-    os.replace(staging, output_dir)
+    (staging / run_dir.EXPORT_MARKER).write_text(json.dumps(provenance, indent=2) + "\n")
+    run_dir.replace_directory(staging, output_dir)
 
 
-def export_checkpoint(checkpoint_dir: str, output_dir: str, tag: str | None = None) -> Path:
+def export_checkpoint(checkpoint_dir: str, output_dir: str, tag: str | None = None, overwrite: bool = False) -> Path:
     """ZeRO checkpoint (any stage) -> Hugging Face directory, on one process."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    root = Path(checkpoint_dir)
+    root, target = Path(checkpoint_dir), Path(output_dir)
     template = root / TEMPLATE_DIR
     if not template.is_dir():
         raise ConfigError(f"{checkpoint_dir} is not a ds_distill checkpoint directory (no {TEMPLATE_DIR}/ inside)")
     tag = tag or latest_tag(root)
     if tag is None:
         raise ConfigError(f"no complete checkpoint in {checkpoint_dir}")
+    run_dir.check_export_target(target, overwrite, source=root)
     full = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
     state = {k[len(STUDENT_PREFIX) :]: v for k, v in full.items() if k.startswith(STUDENT_PREFIX)}
-    save_hf_model(state, template, Path(output_dir))
-    return Path(output_dir)
+    save_hf_model(state, template, target, {"checkpoint": str((root / tag).resolve())})
+    return target

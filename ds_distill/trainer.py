@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ds_distill import checkpoint, data, dist, ds_config, export, models
+from ds_distill import checkpoint, data, dist, ds_config, export, models, run_dir
 from ds_distill.capture import FeatureCapture
 from ds_distill.config import RunConfig, to_yaml
 from ds_distill.errors import ConfigError
@@ -77,7 +77,8 @@ def prepare(run: RunConfig, resume: bool = False, overwrite: bool = False) -> Pr
     if teacher_json is not None:
         teacher_ds = ds_config.fill_auto(teacher_json, train, world, total_steps, on_cpu, run.teacher.deepspeed_config)
     output_dir = Path(train.output_dir)
-    resume = checkpoint.claim_output_dir(output_dir, to_yaml(run), resume, overwrite)
+    has_checkpoint = checkpoint.latest_tag(output_dir / "checkpoints") is not None
+    resume = run_dir.claim(output_dir, to_yaml(run), resume, overwrite, has_checkpoint)
     return Prepared(run, output_dir, resume, tokenizer, tokenized, teacher_ds, student_ds, student_config, total_steps)
 
 
@@ -382,7 +383,8 @@ class Trainer:
         state = export.gather_student_state(self.engine)
         target = self.p.output_dir / "model"
         if dist.is_main():
-            export.save_hf_model(state, self.checkpoints / export.TEMPLATE_DIR, target)
+            provenance = {"run": str(self.p.output_dir.resolve()), "step": self.step}
+            export.save_hf_model(state, self.checkpoints / export.TEMPLATE_DIR, target, provenance)
             self.writer.close()
             dist.print_main(f"exported the trained model to {target}")
         dist.barrier()

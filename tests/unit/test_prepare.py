@@ -75,6 +75,7 @@ def test_missing_model_path(tiny, tmp_path):
 def test_output_dir_clash(tiny, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
+    (out / "ds_distill_run.json").write_text("{}")
     (out / "config.yaml").write_text("something else")
     with pytest.raises(ConfigError, match="already holds a run with a different config; pass --resume .* --overwrite"):
         prepare(run_config(tiny, tmp_path))

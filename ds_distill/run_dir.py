@@ -1,0 +1,107 @@
+"""What ds_distill may write and delete: run directories and exported model directories, each marked as ours.
+
+A run's `output_dir` carries `RUN_MARKER` from the moment the run claims it; an exported Hugging Face directory
+carries `EXPORT_MARKER` (with where it came from). Only a directory with the right marker is ever replaced,
+never the working directory, the home directory, a parent of either or the filesystem root, and nothing is
+deleted before every check of the run has passed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from ds_distill import dist
+from ds_distill.errors import ConfigError
+
+RUN_MARKER = "ds_distill_run.json"
+EXPORT_MARKER = "ds_distill_export.json"
+
+
+def _protected(path: Path) -> str | None:
+    """Why `path` must never be deleted whatever it holds, or None."""
+    path = path.resolve()
+    for name, place in (("the working directory", Path.cwd().resolve()), ("your home directory", Path.home())):
+        if path == place or path in place.parents:
+            return f"it is {name}" if path == place else f"it holds {name}"
+    return None
+
+
+def is_empty(path: Path) -> bool:
+    return not path.exists() or (path.is_dir() and not any(path.iterdir()))
+
+
+def check_replaceable(path: Path, marker: str, what: str, flag: str) -> None:
+    """Refuses to replace `path` unless it is empty or carries `marker`; `what` and `flag` word the error."""
+    _refuse_protected(path, flag)
+    if not is_empty(path) and not (path / marker).is_file():
+        raise ConfigError(
+            f"{path} is not empty and is not {what} (no {marker} inside); choose another {flag} or empty it yourself"
+        )
+
+
+def _refuse_protected(path: Path, flag: str) -> None:
+    reason = _protected(path)
+    if reason:
+        raise ConfigError(f"{path} cannot be replaced: {reason}; choose another {flag}")
+
+
+def check_export_target(path: Path, overwrite: bool, source: Path) -> None:
+    """An export may replace an earlier export; with `overwrite`, any directory but a run, its checkpoints
+    (`source`) or a protected one."""
+    source = source.resolve()
+    if path.resolve() == source or path.resolve() in source.parents:
+        raise ConfigError(f"--output_dir {path} holds the checkpoints being exported; choose another directory")
+    if not overwrite:
+        check_replaceable(path, EXPORT_MARKER, "an earlier export", "--output_dir (or pass --overwrite)")
+        return
+    _refuse_protected(path, "--output_dir")
+    if (path / RUN_MARKER).is_file():
+        raise ConfigError(f"{path} holds a ds_distill run, which --overwrite never replaces; choose another --output_dir")
+
+
+def claim(output_dir: Path, config_yaml: str, resume: bool, overwrite: bool, has_checkpoint: bool) -> bool:
+    """Checks `output_dir` against this run, marks it ours; returns whether a checkpoint exists to resume from.
+
+    A directory holding another run is refused unless --resume (continue it, even with changed settings such
+    as a larger max_steps) or --overwrite (replace it: only a directory marked as a ds_distill run).
+    """
+    if overwrite and resume:
+        raise ConfigError("give --resume or --overwrite, not both")
+    export = output_dir / "model"
+    if not (overwrite or is_empty(export) or (export / EXPORT_MARKER).is_file()):
+        raise ConfigError(f"{export} holds files that are not an export of this run; move them away first")
+    saved = output_dir / "config.yaml"
+    if overwrite:
+        check_replaceable(output_dir, RUN_MARKER, "a ds_distill run", "train.output_dir")
+        dist.barrier()
+        if dist.is_main() and output_dir.exists():
+            shutil.rmtree(output_dir)
+        resume = False
+    elif resume:
+        if not has_checkpoint:
+            raise ConfigError(
+                f"--resume: no complete checkpoint in {output_dir / 'checkpoints'}; start without --resume"
+            )
+    elif saved.is_file() or has_checkpoint:
+        same = saved.is_file() and saved.read_text() == config_yaml
+        what = "this run's checkpoints" if same else "a run with a different config"
+        raise ConfigError(
+            f"{output_dir} already holds {what}; pass --resume to continue it or --overwrite to replace it"
+        )
+    elif not is_empty(output_dir) and not (output_dir / RUN_MARKER).is_file():
+        raise ConfigError(f"{output_dir} holds files that are not a ds_distill run; choose another train.output_dir")
+    dist.barrier()
+    if dist.is_main():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / RUN_MARKER).write_text(json.dumps({"config": "config.yaml"}) + "\n")
+    dist.barrier()
+    return resume
+
+
+def replace_directory(staging: Path, target: Path) -> None:
+    """Moves a finished `staging` directory to `target`, replacing what `check_replaceable` allowed there."""
+    if target.exists():
+        shutil.rmtree(target)
+    staging.rename(target)

@@ -1,0 +1,85 @@
+"""Nothing of the user's is deleted: only directories marked as ours are replaced, never protected ones."""
+
+import io
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from ds_distill import run_dir
+from ds_distill.checkpoint import rng_state, set_rng_state
+from ds_distill.errors import ConfigError
+
+
+def claim(path, resume=False, overwrite=False, has_checkpoint=False):
+    return run_dir.claim(path, "config", resume, overwrite, has_checkpoint)
+
+
+def test_overwrite_replaces_only_a_marked_run(tmp_path):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "config.yaml").write_text("a config.yaml alone does not make a run")
+    with pytest.raises(ConfigError, match="is not a ds_distill run .*ds_distill_run.json"):
+        claim(foreign, overwrite=True)
+    assert (foreign / "config.yaml").is_file()
+
+    run = tmp_path / "run"
+    claim(run)
+    (run / "log.jsonl").write_text("{}")
+    claim(run, overwrite=True)
+    assert sorted(p.name for p in run.iterdir()) == [run_dir.RUN_MARKER]
+
+
+def test_a_new_run_refuses_a_directory_of_other_files(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="holds files that are not a ds_distill run"):
+        claim(tmp_path / ".")
+
+
+def test_the_working_and_home_directories_and_their_parents_are_never_replaced(tmp_path, monkeypatch):
+    run = tmp_path / "home" / "run"
+    claim(run)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for target in (tmp_path / "home", tmp_path):
+        with pytest.raises(ConfigError, match="cannot be replaced: it (is|holds) your home directory"):
+            claim(target, overwrite=True)
+    monkeypatch.chdir(run)
+    with pytest.raises(ConfigError, match="cannot be replaced: it is the working directory"):
+        claim(run, overwrite=True)
+    assert (run / run_dir.RUN_MARKER).is_file()
+
+
+def test_an_export_replaces_only_an_earlier_export_unless_told(tmp_path):
+    claim(tmp_path / "run")
+    checkpoints = tmp_path / "run" / "checkpoints"
+    checkpoints.mkdir()
+    earlier = tmp_path / "exported"
+    earlier.mkdir()
+    (earlier / run_dir.EXPORT_MARKER).write_text("{}")
+    run_dir.check_export_target(earlier, overwrite=False, source=checkpoints)
+    run_dir.check_export_target(tmp_path / "new", overwrite=False, source=checkpoints)
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "data.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="is not empty and is not an earlier export"):
+        run_dir.check_export_target(other, overwrite=False, source=checkpoints)
+    run_dir.check_export_target(other, overwrite=True, source=checkpoints)
+
+    claim(tmp_path / "another_run")
+    with pytest.raises(ConfigError, match="holds a ds_distill run, which --overwrite never replaces"):
+        run_dir.check_export_target(tmp_path / "another_run", overwrite=True, source=checkpoints)
+    with pytest.raises(ConfigError, match="holds the checkpoints being exported"):
+        run_dir.check_export_target(checkpoints, overwrite=True, source=checkpoints)
+
+
+def test_rng_state_round_trips_through_a_weights_only_load():
+    random.seed(3), np.random.seed(4), torch.manual_seed(5)
+    np.random.randn()  # leaves a cached Gaussian in numpy's state
+    buffer = io.BytesIO()
+    torch.save(rng_state(), buffer)
+    expected = (random.random(), np.random.randn(), torch.rand(3).tolist())
+    buffer.seek(0)
+    set_rng_state(torch.load(buffer, weights_only=True))
+    assert (random.random(), np.random.randn(), torch.rand(3).tolist()) == expected
