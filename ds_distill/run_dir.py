@@ -58,7 +58,9 @@ def check_export_target(path: Path, overwrite: bool, source: Path) -> None:
         return
     _refuse_protected(path, "--output_dir")
     if (path / RUN_MARKER).is_file():
-        raise ConfigError(f"{path} holds a ds_distill run, which --overwrite never replaces; choose another --output_dir")
+        raise ConfigError(
+            f"{path} holds a ds_distill run, which --overwrite never replaces; choose another --output_dir"
+        )
 
 
 def claim(output_dir: Path, config_yaml: str, resume: bool, overwrite: bool, has_checkpoint: bool) -> bool:

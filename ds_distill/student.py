@@ -39,7 +39,7 @@ def build_student(student: StudentConfig, hf_config: PretrainedConfig, ds_config
     adapter = models.adapter_for(hf_config)
     if student.model_name_or_path:
         with zero3_loading(ds_config):  # partitioned as it loads under ZeRO-3
-            return adapter.from_pretrained(student.model_name_or_path, dtype=torch.float32)
+            return adapter.from_pretrained(student.model_name_or_path, "student", dtype=torch.float32)
     # Built whole, then partitioned by deepspeed.initialize: zero.Init would draw other random numbers, and a
     # run must start from the same weights under ZeRO-2 and ZeRO-3. A student fits in host memory.
     torch.manual_seed(seed)

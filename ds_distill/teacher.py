@@ -20,7 +20,7 @@ def load_teacher(model_name_or_path: str, ds_config: dict[str, Any]):
 
     adapter = models.adapter_for(models.load_config(model_name_or_path, "teacher"))
     with zero3_loading(ds_config):
-        model = adapter.from_pretrained(model_name_or_path, dtype=model_dtype(ds_config))
+        model = adapter.from_pretrained(model_name_or_path, "teacher", dtype=model_dtype(ds_config))
     model.eval().requires_grad_(False)
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     engine.eval()

@@ -11,6 +11,7 @@ Add a family by subclassing `ModelAdapter` and listing its `model_types` in `ADA
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,13 +42,17 @@ class ModelAdapter:
     kind: str  # "seq2seq" | "causal" | "encoder"
     config_fields: dict[str, tuple[str, ...]] = field(default_factory=dict)
     layout: dict[str, StackLayout] = field(default_factory=dict)
+    unused_heads: tuple[str, ...] = ()
+    """Prefixes of checkpoint tensors that belong to heads the loaded class does not have (BERT's pooler and
+    next-sentence head in a pre-training checkpoint): left out with a note, where other extra tensors are errors."""
 
     @property
     def tasks(self) -> tuple[str, ...]:
         return {"seq2seq": ("translation", "seq2seq"), "causal": ("causal_lm",), "encoder": ("masked_lm",)}[self.kind]
 
-    def model_class(self, config: PretrainedConfig) -> type:
-        """The head class that matches the checkpoint: a bare `BertModel` stays bare (no LM head to invent)."""
+    def model_class(self, config: PretrainedConfig, checkpoint: set[str] | None = None) -> type:
+        """The head class that matches the checkpoint: a bare `BertModel` stays bare (no LM head to invent).
+        `checkpoint`: the tensor names in its weight files, where they could be read."""
         architectures = getattr(config, "architectures", None) or []
         if (
             self.kind == "encoder"
@@ -68,10 +73,30 @@ class ModelAdapter:
         use_fused_kernels(model)
         return model
 
-    def from_pretrained(self, name_or_path: str, **kwargs) -> torch.nn.Module:
+    def from_pretrained(self, name_or_path: str, role: str = "model", **kwargs) -> torch.nn.Module:
         """`from_pretrained` with this family's head class (also under ZeRO-3 partitioned loading), fused
-        kernels on."""
-        model = self.model_class(AutoConfig.from_pretrained(name_or_path)).from_pretrained(name_or_path, **kwargs)
+        kernels on. A tensor the model needs and the checkpoint lacks (it would start random), or one of the
+        wrong shape, is an error; so is a tensor the model has no place for, unless `unused_heads` names it."""
+        model_class = self.model_class(AutoConfig.from_pretrained(name_or_path), checkpoint_keys(name_or_path))
+        model, info = model_class.from_pretrained(name_or_path, output_loading_info=True, **kwargs)
+        unexpected = sorted(info["unexpected_keys"])
+        unused = [k for k in unexpected if k.startswith(self.unused_heads)] if self.unused_heads else []
+        problems = {
+            "missing (would start random)": sorted(info["missing_keys"]),
+            "of the wrong shape": sorted(str(k) for k in info["mismatched_keys"]),
+            "not in the model": [k for k in unexpected if k not in unused],
+        }
+        problems = {what: keys for what, keys in problems.items() if keys}
+        if problems:
+            listed = "; ".join(
+                f"{what}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}" for what, keys in problems.items()
+            )
+            raise ConfigError(
+                f"{role} {name_or_path} does not fit its config ({model_class.__name__}): {listed}. "
+                "Check that config.json and the weights belong together"
+            )
+        if unused:
+            print(f"{role} {name_or_path}: left out {len(unused)} tensors of heads it does not use ({unused[0]}, ...)")
         use_fused_kernels(model)
         return model
 
@@ -160,8 +185,12 @@ class T5Adapter(ModelAdapter):
     def attention_widths(self, config: PretrainedConfig) -> tuple[int, int]:
         return config.num_heads * config.d_kv, config.num_heads * config.d_kv
 
-    def model_class(self, config: PretrainedConfig) -> type:
+    def model_class(self, config: PretrainedConfig, checkpoint: set[str] | None = None) -> type:
         if getattr(config, "scale_decoder_outputs", True):  # original T5: the head is the embedding
+            return super().model_class(config)
+        if checkpoint is not None and "lm_head.weight" not in checkpoint:
+            # a v1.1-style config saved with a tied head (what transformers 5 writes for T5Config(
+            # tie_word_embeddings=False)): the stock class ties it, as transformers' own loading does
             return super().model_class(config)
         return _T5WithSeparateHead
 
@@ -248,8 +277,28 @@ ADAPTERS: tuple[ModelAdapter, ...] = (
             "num_heads": ("num_attention_heads",),
         },
         layout=layouts.BERT,
+        unused_heads=("cls.seq_relationship.", "bert.pooler.", "roberta.pooler."),
     ),
 )
+
+
+def checkpoint_keys(name_or_path: str) -> set[str] | None:
+    """The tensor names in a checkpoint's safetensors files (headers only), or None where they cannot be read
+    (PyTorch .bin weights, or a hub id that cannot be reached: loading then reports the problem)."""
+    from safetensors import safe_open
+    from transformers.utils import cached_file
+
+    try:
+        index = cached_file(name_or_path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False)
+        if index:
+            return set(json.loads(Path(index).read_text())["weight_map"])
+        weights = cached_file(name_or_path, "model.safetensors", _raise_exceptions_for_missing_entries=False)
+    except OSError:
+        return None
+    if not weights:
+        return None
+    with safe_open(weights, "pt") as handle:
+        return set(handle.keys())
 
 
 def adapter_for(config: PretrainedConfig) -> ModelAdapter:

@@ -129,3 +129,41 @@ def test_each_fused_module_equals_its_eager_forward_over_a_wide_range():
         expected = module(inputs)
         assert use_fused_kernels(module) == 1
         torch.testing.assert_close(module(inputs), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_a_v1_1_style_t5_saved_with_a_tied_head_loads_as_transformers_loads_it(tmp_path):
+    """transformers 5 ties the head of T5Config(tie_word_embeddings=False) and stores only `shared.weight`;
+    loading it with a separate head would start that head random."""
+    import torch
+
+    config = transformers.T5Config(
+        vocab_size=96, d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2, num_decoder_layers=2,
+        feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.T5ForConditionalGeneration(config).save_pretrained(tmp_path / "t5")
+    assert "lm_head.weight" not in models.checkpoint_keys(str(tmp_path / "t5"))
+    ours = models.adapter_for(config).from_pretrained(str(tmp_path / "t5")).eval()
+    reference = transformers.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "t5").eval()
+    ids = torch.randint(2, 96, (2, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            ours(input_ids=ids, decoder_input_ids=ids).logits, reference(input_ids=ids, decoder_input_ids=ids).logits
+        )
+
+
+def test_a_checkpoint_that_lacks_a_tensor_is_refused_by_name(tiny, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from ds_distill.errors import ConfigError
+
+    broken = tmp_path / "broken"
+    transformers.AutoModelForCausalLM.from_pretrained(tiny["gpt2"]).save_pretrained(broken)
+    weights = load_file(broken / "model.safetensors")
+    del weights["transformer.h.1.mlp.c_fc.weight"]
+    weights["transformer.h.1.mlp.extra.weight"] = weights["transformer.h.0.mlp.c_fc.bias"].clone()
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    config = AutoConfig.from_pretrained(broken)
+    message = r"missing \(would start random\): transformer.h.1.mlp.c_fc.weight; not in the model: transformer.h.1.mlp.extra"
+    with pytest.raises(ConfigError, match=message):
+        models.adapter_for(config).from_pretrained(str(broken), "teacher")
