@@ -87,7 +87,7 @@ def synthetic_batch(batch: int, length: int, seed: int) -> dict[str, torch.Tenso
 
 
 def main(rounds: int = 3, steps_per_round: int = 2, batch: int = 16, length: int = 128) -> None:
-    from ds_distill.trainer import Trainer, prepare
+    from ds_distill.trainer import LogWindow, Trainer, prepare
 
     dist.init()
     work = Path(tempfile.mkdtemp(prefix="layer_loss_cost_"))
@@ -99,8 +99,9 @@ def main(rounds: int = 3, steps_per_round: int = 2, batch: int = 16, length: int
     for round_index in range(rounds + 1):  # round 0 warms up, untimed
         for method, trainer in trainers.items():
             started = time.perf_counter()
+            trainer.window = LogWindow()
             for micro_batch in batches:
-                trainer.micro_step(micro_batch)
+                trainer.optimizer_step([micro_batch])
             if round_index:
                 seconds[method] += time.perf_counter() - started
     steps = rounds * steps_per_round

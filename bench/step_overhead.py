@@ -75,7 +75,7 @@ class HandLoop:
         import deepspeed
         from transformers import AutoModelForSeq2SeqLM
 
-        from ds_distill.data import make_collator
+        from ds_distill.batches import make_collator
         from ds_distill.models import adapter_for
 
         run = prepared.run

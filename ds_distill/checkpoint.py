@@ -59,22 +59,56 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _fsync_tree(directory: Path) -> None:
+    """Flushes the directory's files and the directory itself to disk (a crash must not leave a checkpoint
+    marked complete whose shards are still in a page cache)."""
+    for path in [*directory.rglob("*"), directory]:
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+def _step(tag: str) -> int:
+    return int(tag.split("_")[1])
+
+
 def save(engine, root: Path, step: int, client_state: dict[str, Any], keep: int) -> None:
-    """Collective: every rank must call it. Marks the checkpoint complete only once all ranks wrote."""
+    """Collective: every rank must call it. The checkpoint is marked complete only once every rank reports
+    that its files are written and flushed; a rank that failed makes every rank raise."""
     tag = f"step_{step}"
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
-    torch.save(rng_state(), root / tag / f"rng_rank{dist.rank()}.pt")
+    if dist.is_main() and (root / tag).exists():  # left by a crash after an earlier save of this step
+        shutil.rmtree(root / tag)
     dist.barrier()
+    failure = None
+    try:
+        engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+        torch.save(rng_state(), root / tag / f"rng_rank{dist.rank()}.pt")
+        _fsync_tree(root / tag)
+    except OSError as error:  # a full or failing disk on this rank; the others must not mark the checkpoint
+        failure = error
+    failed = dist.all_reduce_sum([failure is not None])[0]
+    if failed:
+        raise RuntimeError(
+            f"checkpoint {root / tag} was not written completely ({failed:.0f} ranks failed"
+            + (f"; here: {failure}" if failure else "")
+            + "); it is not marked complete, the last complete one stays"
+        )
     if dist.is_main():
-        (root / tag / COMPLETE).write_text(json.dumps({"step": step}))
+        (root / tag / COMPLETE).write_text(json.dumps({"step": step, "world_size": dist.world_size()}))
+        _fsync_tree(root / tag)
         _write_atomically(root / "latest", tag)
-        _prune(root, keep)
+        _prune(root, keep, newest=step)
     dist.barrier()
 
 
-def _prune(root: Path, keep: int) -> None:
-    tags = sorted(complete_tags(root), key=lambda t: int(t.split("_")[1]))
-    for tag in tags[: max(0, len(tags) - keep)]:
+def _prune(root: Path, keep: int, newest: int) -> None:
+    """Keeps the `keep` newest complete checkpoints; removes older ones and incomplete ones left by crashes."""
+    complete = sorted(complete_tags(root), key=_step)
+    stale = complete[: max(0, len(complete) - keep)]
+    stale += [p.name for p in root.glob("step_*") if not (p / COMPLETE).is_file() and _step(p.name) < newest]
+    for tag in stale:
         shutil.rmtree(root / tag, ignore_errors=True)
 
 
@@ -90,15 +124,36 @@ def latest_tag(root: Path) -> str | None:
         if (root / tag / COMPLETE).is_file():
             return tag
     tags = complete_tags(root)
-    return max(tags, key=lambda t: int(t.split("_")[1])) if tags else None
+    return max(tags, key=_step) if tags else None
+
+
+def _readable(root: Path, tag: str) -> str | None:
+    """Why this rank cannot resume from `tag`, or None."""
+    marker = root / tag / COMPLETE
+    if not marker.is_file():
+        return f"rank {dist.rank()} cannot see {marker}"
+    saved = json.loads(marker.read_text()).get("world_size")
+    if saved is None:  # written before the world size was recorded
+        saved = len(list((root / tag).glob("rng_rank*.pt")))
+    if saved != dist.world_size():
+        return f"{root / tag} was saved by {saved} ranks; resume it with {saved}, not {dist.world_size()}"
+    if not (root / tag / f"rng_rank{dist.rank()}.pt").is_file():
+        return f"rank {dist.rank()} cannot see its RNG state in {root / tag}"
+    return None
 
 
 def load(engine, root: Path, tag: str) -> dict[str, Any]:
-    """Restores engine state and this rank's RNG; returns the client state saved with the checkpoint."""
-    saved_ranks = len(list((root / tag).glob("rng_rank*.pt")))
-    if saved_ranks != dist.world_size():  # the same answer on every rank, so all of them stop
+    """Restores engine state and this rank's RNG; returns the client state saved with the checkpoint.
+
+    Collective: every rank checks that it can read rank 0's choice of checkpoint, and all of them stop with the
+    same message if one cannot (node-local disks), instead of some raising while the others wait."""
+    tag = dist.all_gather_objects(tag)[0]
+    problems = [problem for problem in dist.all_gather_objects(_readable(root, tag)) if problem]
+    if problems:
         raise ConfigError(
-            f"{root / tag} was saved by {saved_ranks} ranks; resume it with {saved_ranks}, not {dist.world_size()}"
+            f"cannot resume from {root / tag}: {problems[0]}"
+            + (f" (and {len(problems) - 1} more ranks)" if len(problems) > 1 else "")
+            + ". Checkpoints must be on a filesystem that every node reads and writes"
         )
     _, client_state = engine.load_checkpoint(str(root), tag=tag)
     if client_state is None:

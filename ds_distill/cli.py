@@ -2,6 +2,7 @@
 
     ds-distill demo                                   the whole job on an embedded default, in minutes
     ds-distill distill --config=RUN.yaml [--a.b=v]    one distillation run (or --recipe=NAME)
+    ds-distill prepare_data --config=RUN.yaml         tokenize to data.tokenized_path ahead of a launch
     ds-distill export --checkpoint_dir=D --output_dir=O
     ds-distill count_params PATH_OR_RECIPE
     ds-distill list
@@ -63,6 +64,35 @@ def distill(
 
     run = load_config(config, recipe, overrides)
     run_distill(run, resume=_flag(resume, "resume"), overwrite=_flag(overwrite, "overwrite"))
+
+
+def prepare_data(config: str | None = None, recipe: str | None = None, **overrides):
+    """Tokenizes a run's data to disk ahead of a launch, so that the launch starts training at once.
+
+        ds-distill prepare_data --config=RUN.yaml --data.tokenized_path=/shared/wmt13_es_en_tokenized
+
+    Loads the configured splits (hub or local files), tokenizes them with the machine's cores
+    (--data.preprocessing_num_workers to choose) and writes them to data.tokenized_path with a description
+    of the settings. Runs whose data settings and tokenizer match load them from there (memory-mapped, every
+    rank at once); runs with other settings are refused with the list of what differs.
+
+    Args:
+        config: path of the run YAML whose data section to prepare.
+        recipe: name of a shipped recipe instead.
+        **overrides: dotted flags, e.g. --data.tokenized_path=DIR --data.max_train_samples=100000.
+    """
+    from ds_distill import data
+    from ds_distill.config import load_config
+
+    run = load_config(config, recipe, overrides)
+    if not run.data.tokenized_path:
+        raise ConfigError(
+            "set data.tokenized_path: the directory to write (one that every node of the launch can read)"
+        )
+    tokenizer = data.load_tokenizer(data.tokenizer_source(run))
+    tokenized = data.tokenize(run.data, tokenizer, data.load_raw(run.data))
+    path = data.save_prepared(run.data, tokenizer, tokenized)
+    print(f"wrote {', '.join(f'{split}: {len(rows):,} rows' for split, rows in tokenized.items())} to {path}")
 
 
 def export(checkpoint_dir: str, output_dir: str, tag: str | None = None, overwrite: bool = False):
@@ -153,6 +183,7 @@ def _not_yet(verb: str, what: str):
 VERBS = {
     "demo": demo,
     "distill": distill,
+    "prepare_data": prepare_data,
     "export": export,
     "count_params": count_params,
     "list": list_components,
@@ -230,6 +261,9 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    from ds_distill import dist
+
+    dist.shutdown()
 
 
 if __name__ == "__main__":

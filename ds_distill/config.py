@@ -76,8 +76,14 @@ class DataConfig:
     dataset_config_name: str | None = None
     data_files: dict[str, Any] | None = None
     """Local files per split, e.g. {train: a.jsonl, validation: b.jsonl}; a list of files per split works too."""
+    revision: str | None = None
+    """The hub dataset's revision (a branch, tag or commit; `refs/convert/parquet` for a script dataset)."""
     train_split: str = "train"
     validation_split: str | None = "validation"
+    """Evaluated on; a dataset without this split trains without evaluation (said at start), unless
+    `validation_split_percentage` carves one out of the training split."""
+    validation_split_percentage: int | None = None
+    """Percent of the training split held out for validation where the dataset has no validation split."""
     tokenizer: str | None = None
     """Tokenizer path; defaults to the teacher's (or the student's without a teacher)."""
     source_lang: str | None = None
@@ -93,6 +99,10 @@ class DataConfig:
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     preprocessing_num_workers: int | None = None
+    """Processes that tokenize. None: one per 20,000 rows, up to the cores (one rank per node tokenizes)."""
+    tokenized_path: str | None = None
+    """A directory for the tokenized splits: `ds-distill prepare_data` fills it ahead of a launch, and runs
+    with the same data settings and tokenizer load it at once (every node must be able to read it)."""
 
 
 @dataclass
@@ -113,6 +123,9 @@ class TrainConfig:
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
     warmup_steps: int = 0
+    lr_scheduler_type: str = "linear"
+    """linear | cosine | constant | constant_with_warmup, as in Hugging Face (transformers.get_scheduler):
+    warmup from 0 over warmup_steps, then the schedule to max_steps."""
     logging_steps: int = 10
     eval_steps: int = 0
     """0: evaluate only at the end."""
@@ -120,6 +133,8 @@ class TrainConfig:
     """0: checkpoint only at the end."""
     save_total_limit: int = 2
     seed: int = 42
+    ddp_timeout: int = 1800
+    """Seconds a collective waits for the slowest rank before the job fails (as in Hugging Face)."""
     bf16: bool = False
     gradient_checkpointing: bool = False
     torch_compile: bool = False
@@ -291,6 +306,7 @@ def load_config(
 
 
 TASKS = ("translation", "seq2seq", "causal_lm", "masked_lm")
+LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 EVAL_METRICS = ("loss", "bleu", "rouge")
 
 
@@ -311,6 +327,10 @@ def validate(run: RunConfig) -> None:
         raise ConfigError("student.init.from_teacher needs teacher.model_name_or_path")
     if train.max_steps <= 0 and train.num_train_epochs <= 0:
         raise ConfigError("set train.max_steps or train.num_train_epochs to a positive number")
+    if train.lr_scheduler_type not in LR_SCHEDULERS:
+        raise ConfigError(
+            f"train.lr_scheduler_type '{train.lr_scheduler_type}' is unknown; choose one of {', '.join(LR_SCHEDULERS)}"
+        )
     if train.eval_metric not in EVAL_METRICS:
         raise ConfigError(
             f"train.eval_metric '{train.eval_metric}' is unknown; choose one of {', '.join(EVAL_METRICS)}"
@@ -326,6 +346,8 @@ def validate(run: RunConfig) -> None:
             raise ConfigError(f"train.{name} must be at least 1")
     if train.dataloader_num_workers is not None and train.dataloader_num_workers < 0:
         raise ConfigError("train.dataloader_num_workers must be 0 or more")
+    if data.validation_split_percentage is not None and not 0 < data.validation_split_percentage < 100:
+        raise ConfigError("data.validation_split_percentage must lie between 0 and 100 (a percent, e.g. 5)")
     if data.task == "masked_lm" and not 0 <= data.mlm_probability < 1:
         raise ConfigError("data.mlm_probability must lie in [0, 1)")
     if not run.losses:

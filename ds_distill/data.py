@@ -1,38 +1,36 @@
-"""Datasets to tokenized batches for translation, seq2seq, causal LM and masked LM tasks.
+"""Datasets to tokenized splits for translation, seq2seq, causal LM and masked LM tasks.
 
-Text is read with `datasets.load_dataset` (a hub name, or `json`/`csv`/`parquet`/`text` with `data_files`),
-tokenized once (the `datasets` cache keeps the result; rank 0 tokenizes while the other ranks wait), padded
-per batch by the Hugging Face collators, and served in a seeded order that can restart at any micro-batch,
-which is what makes resumed runs equal to uninterrupted ones.
+Text is read with `datasets.load_dataset` (a hub name, or `json`/`csv`/`parquet`/`text` with `data_files`) and
+tokenized once per node (the `datasets` cache keeps the result; each node's local rank 0 tokenizes while the
+others wait), or loaded as prepared ahead of a launch by `ds-distill prepare_data` (`data.tokenized_path`).
+`batches.py` turns the splits into batches.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from dataclasses import dataclass
+import os
+import shutil
+from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
 import datasets
-import numpy as np
-import torch
-from torch.utils.data import DataLoader, DistributedSampler
 from transformers import (
     AutoTokenizer,
-    DataCollatorForLanguageModeling,
-    DataCollatorForSeq2Seq,
-    DataCollatorWithPadding,
     PreTrainedTokenizerBase,
-    default_data_collator,
 )
 
 from ds_distill import dist
-from ds_distill.config import DataConfig
+from ds_distill.config import DataConfig, RunConfig
 from ds_distill.errors import ConfigError
-from ds_distill.losses.base import IGNORE_INDEX
 
 FILE_BUILDERS = ("json", "csv", "parquet", "text")
+
+
+def tokenizer_source(run: RunConfig) -> str:
+    """Where the run's one tokenizer comes from: data.tokenizer, else the teacher's, else the student's."""
+    return run.data.tokenizer or run.teacher.model_name_or_path or run.student.model_name_or_path
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
@@ -86,7 +84,8 @@ def check_same_tokenizer(teacher_path: str, student_path: str) -> None:
 
 
 def load_raw(data: DataConfig) -> datasets.DatasetDict:
-    """Loads the configured splits, with clear errors for missing files, splits and empty sets."""
+    """Loads the training split and, where there is one, the validation split (or carves it out of the
+    training split: `validation_split_percentage`), with clear errors for missing files, splits and empty sets."""
     if data.dataset in FILE_BUILDERS:
         if not data.data_files:
             raise ConfigError(
@@ -97,19 +96,35 @@ def load_raw(data: DataConfig) -> datasets.DatasetDict:
                 if not Path(path).is_file():
                     raise ConfigError(f"data.data_files.{split}: file {path} does not exist")
     try:
-        raw = datasets.load_dataset(data.dataset, data.dataset_config_name, data_files=data.data_files)
-    except (FileNotFoundError, ConnectionError, ValueError) as error:
+        raw = datasets.load_dataset(
+            data.dataset, data.dataset_config_name, data_files=data.data_files, revision=data.revision
+        )
+    except (FileNotFoundError, ConnectionError, ValueError, RuntimeError) as error:
         reason = str(error).splitlines()[0]
         if "corresponds to no data" in reason:  # what `datasets` says when a split's files hold no rows
             raise ConfigError(f"dataset '{data.dataset}' is empty: {reason}; check data.data_files") from None
+        if "scripts are no longer supported" in reason:
+            raise ConfigError(
+                f"data.dataset '{data.dataset}' is a loading script, which datasets >= 4 does not run: use its "
+                "Parquet conversion (data.revision: refs/convert/parquet), a dataset with data files, or local "
+                "files (tools/prepare_wmt.py writes WMT pairs as JSON lines)"
+            ) from None
         raise ConfigError(f"cannot load data.dataset '{data.dataset}': {reason}") from None
-    wanted = [s for s in (data.train_split, data.validation_split) if s]
-    for split in wanted:
-        if split not in raw:
-            raise ConfigError(f"dataset '{data.dataset}' has no split '{split}' (it has {', '.join(raw)})")
-        if len(raw[split]) == 0:
+    if data.train_split not in raw:
+        raise ConfigError(f"dataset '{data.dataset}' has no split '{data.train_split}' (it has {', '.join(raw)})")
+    splits = {data.train_split: raw[data.train_split]}
+    if data.validation_split in raw:
+        splits[data.validation_split] = raw[data.validation_split]
+    elif data.validation_split and data.validation_split_percentage:
+        # as Hugging Face's run_clm.py carves it: the first percent of the training split, the same every run
+        train = splits[data.train_split]
+        held_out = max(1, len(train) * data.validation_split_percentage // 100)
+        splits = {data.train_split: train.select(range(held_out, len(train)))}
+        splits[data.validation_split] = train.select(range(held_out))
+    for split, dataset in splits.items():
+        if len(dataset) == 0:
             raise ConfigError(f"split '{split}' of dataset '{data.dataset}' is empty")
-    return datasets.DatasetDict({s: raw[s] for s in wanted})
+    return datasets.DatasetDict(splits)
 
 
 def _check_fields(dataset: datasets.Dataset, fields: list[str], split: str) -> None:
@@ -147,13 +162,15 @@ def _tokenize_seq2seq(data: DataConfig, tokenizer, dataset: datasets.Dataset, sp
         features["labels"] = tokenizer(text_target=targets, max_length=data.max_target_length, truncation=True)[
             "input_ids"
         ]
+        if split != data.train_split:  # generations are scored against the text itself, not decoded labels
+            features["reference"] = targets
         return features
 
     return dataset.map(
         tokenize,
         batched=True,
         remove_columns=dataset.column_names,
-        num_proc=data.preprocessing_num_workers,
+        num_proc=_workers(data, len(dataset)),
         desc=f"tokenizing {split}",
     )
 
@@ -175,7 +192,7 @@ def _tokenize_text(data: DataConfig, tokenizer, dataset: datasets.Dataset, split
             tokenize,
             batched=True,
             remove_columns=dataset.column_names,
-            num_proc=data.preprocessing_num_workers,
+            num_proc=_workers(data, len(dataset)),
             desc=f"tokenizing {split}",
         )
 
@@ -198,123 +215,97 @@ def _tokenize_text(data: DataConfig, tokenizer, dataset: datasets.Dataset, split
         tokenize_and_pack,
         batched=True,
         remove_columns=dataset.column_names,
-        num_proc=data.preprocessing_num_workers,
+        num_proc=_workers(data, len(dataset)),
         desc=f"packing {split} into blocks of {block}",
     )
 
 
+def _workers(data: DataConfig, rows: int) -> int | None:
+    """Processes for tokenizing: as configured, else one per 20,000 rows up to the machine's cores (only one
+    process per node tokenizes; the others wait for its cache)."""
+    if data.preprocessing_num_workers is not None:
+        return data.preprocessing_num_workers
+    workers = min(os.cpu_count() or 1, rows // 20_000)
+    return workers if workers > 1 else None
+
+
 def tokenize(data: DataConfig, tokenizer, raw: datasets.DatasetDict) -> datasets.DatasetDict:
-    """Tokenizes every split; rank 0 first so the other ranks read its cache instead of redoing the work."""
+    """Tokenizes every split (the caller holds `dist.local_main_first`, so each node tokenizes once)."""
     limits = {data.train_split: data.max_train_samples, data.validation_split: data.max_eval_samples}
     out = {}
-    with dist.main_process_first():
-        for split, dataset in raw.items():
-            if limits.get(split):
-                dataset = dataset.select(range(min(limits[split], len(dataset))))
-            fn = _tokenize_seq2seq if data.task in ("translation", "seq2seq") else _tokenize_text
-            out[split] = fn(data, tokenizer, dataset, split)
-            if len(out[split]) == 0:
-                raise ConfigError(
-                    f"split '{split}' is empty after tokenization (block_size {data.block_size} too large?)"
-                )
+    for split, dataset in raw.items():
+        if limits.get(split):
+            dataset = dataset.select(range(min(limits[split], len(dataset))))
+        fn = _tokenize_seq2seq if data.task in ("translation", "seq2seq") else _tokenize_text
+        out[split] = fn(data, tokenizer, dataset, split)
+        if len(out[split]) == 0:
+            raise ConfigError(f"split '{split}' is empty after tokenization (block_size {data.block_size} too large?)")
     return datasets.DatasetDict(out)
 
 
-def make_collator(data: DataConfig, tokenizer, model: torch.nn.Module | None = None):
-    """Dynamic padding; for seq2seq, `model` turns labels into decoder inputs its own way (T5 vs BART)."""
-    if data.task in ("translation", "seq2seq"):
-        return DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
-    if data.task == "causal_lm":
-        return default_data_collator
-    if data.mlm_probability > 0:
-        return DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=data.mlm_probability)
-    return DataCollatorWithPadding(tokenizer)
+# -- tokenized data on disk (`ds-distill prepare_data`) ------------------------------------------------------
+
+PREPARED_MARKER = "ds_distill_data.json"
+# What tokenized data depends on, besides the tokenizer; a prepared copy is used only where all of it matches.
+TOKENIZATION_KEYS = (
+    "task", "dataset", "dataset_config_name", "data_files", "revision", "train_split", "validation_split",
+    "validation_split_percentage", "source_lang", "target_lang", "prefix", "source_field", "target_field",
+    "text_field", "max_source_length", "max_target_length", "block_size", "max_train_samples", "max_eval_samples",
+)  # fmt: skip
 
 
-def batches_per_epoch(num_examples: int, batch_size: int) -> int:
-    """Micro-batches each rank gets per epoch (drop_last); at least one, or a `ConfigError`."""
-    batches = num_examples // dist.world_size() // batch_size
-    if batches == 0:
+def describe(data: DataConfig, tokenizer) -> dict[str, Any]:
+    """The data settings and tokenizer that tokenized data was made with (a vocabulary digest, not its path)."""
+    vocabulary = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
+    return {
+        **{key: getattr(data, key) for key in TOKENIZATION_KEYS},
+        "tokenizer": {"class": type(tokenizer).__name__, "vocabulary_sha256": sha256(vocabulary.encode()).hexdigest()},
+    }
+
+
+def prepared(data: DataConfig, tokenizer) -> datasets.DatasetDict | None:
+    """The tokenized splits at `data.tokenized_path`, if they were made with these settings; else None.
+    A copy made with other settings is refused, naming what differs."""
+    path = Path(data.tokenized_path) if data.tokenized_path else None
+    if path is None or not (path / PREPARED_MARKER).is_file():
+        return None
+    saved = json.loads((path / PREPARED_MARKER).read_text())
+    wanted = json.loads(json.dumps(describe(data, tokenizer)))  # as JSON would store it (tuples become lists)
+    differ = sorted(key for key in wanted if saved.get(key) != wanted[key])
+    if differ:
         raise ConfigError(
-            f"the training set has {num_examples} examples, fewer than one batch of {batch_size} per rank on "
-            f"{dist.world_size()} ranks; lower train.per_device_train_batch_size or add data"
+            f"data.tokenized_path {path} was prepared with other settings ({', '.join(differ)} differ); run "
+            "ds-distill prepare_data again or point data.tokenized_path elsewhere"
         )
-    return batches
+    return datasets.load_from_disk(str(path))
 
 
-class _Batches(torch.utils.data.Dataset):
-    """Item g is micro-batch g of an epoch, collated where it is fetched (in a DataLoader worker, if any).
-
-    Random collators (masked LM) draw from a generator seeded by (seed, rank, epoch, g): a batch's masks do
-    not depend on which worker made it or on what was drawn before, so a resumed run sees the same masks.
-    """
-
-    def __init__(self, dataset, batches: list[list[int]], collate, key: tuple[int, ...]):
-        self.dataset, self.batches, self.collate, self.key = dataset, batches, collate, key
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, g: int) -> dict[str, torch.Tensor]:
-        if hasattr(self.collate, "generator"):
-            seed = np.random.SeedSequence([*self.key, g]).generate_state(1, np.uint64)[0]
-            self.collate.generator = torch.Generator().manual_seed(int(seed))
-        return self.collate([self.dataset[i] for i in self.batches[g]])
+def save_prepared(data: DataConfig, tokenizer, tokenized: datasets.DatasetDict) -> Path:
+    """Writes the tokenized splits to `data.tokenized_path` (whole or not at all), with their description."""
+    path = Path(data.tokenized_path)
+    staging = path.with_name(path.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    tokenized.save_to_disk(str(staging))
+    (staging / PREPARED_MARKER).write_text(json.dumps(describe(data, tokenizer), indent=2) + "\n")
+    if path.exists():
+        if not (path / PREPARED_MARKER).is_file():
+            raise ConfigError(f"data.tokenized_path {path} holds files that are not prepared data; choose another")
+        shutil.rmtree(path)
+    staging.rename(path)
+    return path
 
 
-@dataclass
-class TrainBatches:
-    """The training stream for one rank: seeded, epoch after epoch, restartable at any micro-batch.
-
-    Every rank gets the same number of micro-batches per epoch (drop_last), because the teacher's ZeRO-3
-    forward is collective: a rank that ran one batch fewer would hang the others. `num_workers` processes
-    collate ahead of the loop (pinned memory, so copies to the GPU can overlap compute).
-    """
-
-    dataset: datasets.Dataset
-    collate: Any
-    batch_size: int
-    seed: int
-    num_workers: int = 0
-    pin_memory: bool = False
-
-    def __post_init__(self):
-        self.sampler = DistributedSampler(
-            self.dataset, num_replicas=dist.world_size(), rank=dist.rank(), shuffle=True, seed=self.seed, drop_last=True
-        )
-        self.batches_per_epoch = batches_per_epoch(len(self.dataset), self.batch_size)
-
-    def iterate(self, start: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-        """Yields micro-batches forever, beginning after the first `start` ones."""
-        epoch, skip = divmod(start, self.batches_per_epoch)
-        while True:
-            self.sampler.set_epoch(epoch)
-            indices = list(self.sampler)[: self.batches_per_epoch * self.batch_size]
-            batches = [indices[i : i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
-            yield from DataLoader(
-                _Batches(self.dataset, batches, self.collate, (self.seed, dist.rank(), epoch)),
-                batch_size=None,  # items are whole micro-batches
-                sampler=range(skip, len(batches)),
-                num_workers=self.num_workers,
-                pin_memory=self.pin_memory,
-                # a generator of its own: each DataLoader iterator draws a seed, and drawing it from the global
-                # RNG would shift the dropout masks of a resumed run against the uninterrupted one
-                generator=torch.Generator(),
-            )
-            epoch, skip = epoch + 1, 0
-
-
-def eval_batches(dataset: datasets.Dataset, collate, batch_size: int) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
-    """This rank's share of the evaluation set as (batch, number of real rows).
-
-    Ranks get equal numbers of batches (ZeRO-3 needs every rank in every forward); the last batches are
-    filled with repeats of example 0, and the count of real rows tells the caller to leave those out.
-    """
-    world, rank = dist.world_size(), dist.rank()
-    per_rank = -(-len(dataset) // world)
-    mine = list(range(rank, len(dataset), world))
-    real = len(mine)
-    mine += [0] * (per_rank - real)
-    for start in range(0, per_rank, batch_size):
-        chunk = mine[start : start + batch_size]
-        yield collate([dataset[i] for i in chunk]), max(0, min(len(chunk), real - start))
+def load_tokenized(data: DataConfig, tokenizer) -> datasets.DatasetDict:
+    """The tokenized splits: from `data.tokenized_path` when prepared there with these settings, else loaded
+    and tokenized once per node (local rank 0 first, the other ranks then read its `datasets` cache), and
+    saved to `data.tokenized_path` if one is set."""
+    ready = prepared(data, tokenizer)
+    if ready is not None:
+        return ready
+    with dist.local_main_first():
+        tokenized = tokenize(data, tokenizer, load_raw(data))
+    if data.tokenized_path:
+        if dist.is_main():
+            save_prepared(data, tokenizer, tokenized)
+        dist.barrier()
+    return tokenized

@@ -7,6 +7,7 @@ plain `python` process (one rank, a free local port).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import socket
 
@@ -19,14 +20,22 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init() -> None:
-    """Joins (or, for a lone process, creates) the process group DeepSpeed uses."""
+def init(timeout_s: int = 1800) -> None:
+    """Joins (or, for a lone process, creates) the process group DeepSpeed uses. `timeout_s`: how long a
+    collective may wait for the slowest rank (tokenizing, loading, writing checkpoints) before the job fails."""
     import deepspeed
 
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    deepspeed.init_distributed(dist_backend=None, verbose=False)
+    deepspeed.init_distributed(dist_backend=None, verbose=False, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def shutdown() -> None:
+    """Leaves the process group in step with the other ranks (the end of a successful command)."""
+    if initialized():
+        barrier()
+        torch.distributed.destroy_process_group()
 
 
 def initialized() -> bool:
@@ -55,13 +64,18 @@ def print_main(*args, **kwargs) -> None:
         print(*args, **kwargs, flush=True)
 
 
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
 @contextlib.contextmanager
-def main_process_first():
-    """Rank 0 runs the block first (filling caches); the others run it after, reading them."""
-    if not is_main():
+def local_main_first():
+    """Each node's local rank 0 runs the block first (filling the node's caches, all nodes at once); the other
+    ranks run it after, reading them."""
+    if local_rank() != 0:
         barrier()
     yield
-    if is_main():
+    if local_rank() == 0:
         barrier()
 
 
@@ -75,6 +89,13 @@ def all_reduce_sum(values: list) -> list[float]:
     tensor = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(device).reshape(()) for v in values])
     torch.distributed.all_reduce(tensor)
     return tensor.tolist()
+
+
+def all_reduce_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """Sums `tensor` over ranks, in place, without waiting for the result on the host."""
+    if initialized() and world_size() > 1:
+        torch.distributed.all_reduce(tensor)
+    return tensor
 
 
 def all_gather_objects(obj):

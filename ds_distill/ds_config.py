@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ds_distill.config import TrainConfig, unknown_key_error
+from ds_distill.config import LR_SCHEDULERS, TrainConfig, unknown_key_error
 from ds_distill.errors import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -153,13 +153,11 @@ def fill_auto(
             params.setdefault("torch_adam", True)
             if not on_cpu:
                 params.setdefault("fused", True)
-    scheduler = config.get("scheduler")
-    if scheduler is not None:
-        params = scheduler.setdefault("params", {})
-        _fill(params, "warmup_max_lr", train.learning_rate)
-        _fill(params, "warmup_num_steps", max(1, train.warmup_steps))  # DeepSpeed needs >= 1
-        _fill(params, "total_num_steps", max(total_steps, train.warmup_steps + 1))
-        _fill(params, "warmup_min_lr", 0.0)
+    if "scheduler" in config:
+        raise ConfigError(
+            f"{name}: remove the scheduler section; the learning-rate schedule comes from train.lr_scheduler_type "
+            f"({', '.join(LR_SCHEDULERS)}) and train.warmup_steps, with Hugging Face's meaning"
+        )
 
     leftovers = list(_auto_keys(config))
     if leftovers:

@@ -47,13 +47,30 @@ def gather_student_state(engine) -> dict[str, torch.Tensor] | None:
     return state if dist.is_main() else None
 
 
+def generation_config(source: str | None, student_config: PretrainedConfig, tokenizer_size: int) -> GenerationConfig:
+    """The student's generation settings: those `source` (the teacher, a hub id or a directory) ships, else the
+    student config's own; ids past the tokenizer (a padded embedding: T5 has 32128 rows for 32100 tokens) are
+    never generated."""
+    config = None
+    if source:
+        try:
+            config = GenerationConfig.from_pretrained(source)
+        except OSError:  # the model ships none
+            config = None
+    if config is None:
+        config = GenerationConfig.from_model_config(student_config)
+    padded = range(tokenizer_size, student_config.vocab_size)
+    if padded:
+        config.suppress_tokens = sorted(set(config.suppress_tokens or []) | set(padded))
+    return config
+
+
 def save_template(output_dir: Path, hf_config: PretrainedConfig, tokenizer, generation_config) -> None:
     """What a Hugging Face directory needs besides weights, written once at the start of a run."""
     output_dir.mkdir(parents=True, exist_ok=True)
     hf_config.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
-    if generation_config is not None:
-        generation_config.save_pretrained(output_dir)
+    generation_config.save_pretrained(output_dir)
 
 
 def save_hf_model(

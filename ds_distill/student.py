@@ -62,6 +62,19 @@ def stack_masks(adapter: models.ModelAdapter, batch: dict[str, torch.Tensor]) ->
     return {f"{next(iter(adapter.layout))}.mask": source}
 
 
+def aligned_labels(adapter: models.ModelAdapter, labels: torch.Tensor) -> torch.Tensor:
+    """Labels aligned with the logits: a causal LM's logits at t predict the label at t + 1."""
+    return labels[:, 1:] if adapter.kind == "causal" else labels
+
+
+def token_counts(adapter: models.ModelAdapter, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Real tokens per stack and, with labels, `targets`: the counts the losses' means are over."""
+    counts = {key.removesuffix(".mask"): mask.sum() for key, mask in stack_masks(adapter, batch).items()}
+    if batch.get("labels") is not None:
+        counts["targets"] = (aligned_labels(adapter, batch["labels"]) != IGNORE_INDEX).sum()
+    return counts
+
+
 def forward_features(
     model, adapter: models.ModelAdapter, batch: dict[str, torch.Tensor], capture: FeatureCapture | None = None
 ) -> dict[str, torch.Tensor]:
@@ -79,7 +92,7 @@ def forward_features(
         features["logits"] = output.logits
     if adapter.kind == "causal" and features["labels"] is not None and "logits" in features:
         features["logits"] = features["logits"][:, :-1]
-        features["labels"] = features["labels"][:, 1:]
+        features["labels"] = aligned_labels(adapter, features["labels"])
     return features
 
 
@@ -110,8 +123,16 @@ class DistillationModule(torch.nn.Module):
             if hasattr(loss, "set_step"):
                 loss.set_step(step)
 
-    def forward(self, batch: dict[str, torch.Tensor], teacher_features: dict[str, torch.Tensor] | None = None):
+    def forward(
+        self,
+        batch: dict[str, torch.Tensor],
+        teacher_features: dict[str, torch.Tensor] | None = None,
+        step_tokens: dict[str, torch.Tensor] | None = None,
+    ):
+        """`step_tokens`: the optimizer step's token counts over all micro-batches and ranks (`token_counts`
+        summed); each term is then this micro-batch's share of the step's mean. Without: micro-batch means."""
         student_features = forward_features(self.training_forward, self.adapter, batch, self.capture)
+        student_features.update({f"{key}.tokens": count for key, count in (step_tokens or {}).items()})
         terms = {name: loss(student_features, teacher_features) for name, loss in self.losses.items()}
         total = sum(self.weights[name] * value for name, value in terms.items())
         return total, {name: value.detach() for name, value in terms.items()}

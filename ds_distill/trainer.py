@@ -23,14 +23,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ds_distill import checkpoint, data, dist, ds_config, export, models, run_dir
+from ds_distill import batches, checkpoint, data, dist, ds_config, export, models, run_dir
 from ds_distill.capture import FeatureCapture
 from ds_distill.config import RunConfig, to_yaml
 from ds_distill.errors import ConfigError
 from ds_distill.evaluation import evaluate
 from ds_distill.losses import LayerwiseLoss, ModelPair, build_losses
-from ds_distill.losses.base import IGNORE_INDEX
-from ds_distill.student import DistillationModule, build_student, forward_features, student_hf_config
+from ds_distill.student import DistillationModule, build_student, forward_features, student_hf_config, token_counts
 from ds_distill.teacher import load_teacher
 
 
@@ -46,7 +45,9 @@ class Prepared:
     teacher_ds: dict | None
     student_ds: dict
     student_config: Any
+    generation_config: Any
     total_steps: int
+    validation_split: str | None
 
 
 def prepare(run: RunConfig, resume: bool = False, overwrite: bool = False) -> Prepared:
@@ -62,8 +63,16 @@ def prepare(run: RunConfig, resume: bool = False, overwrite: bool = False) -> Pr
     teacher_config, student_config = _check_models(run)
     tokenizer = _check_tokenizer(run, teacher_config, student_config)
 
-    tokenized = data.tokenize(run.data, tokenizer, data.load_raw(run.data))
-    batches_per_epoch = data.batches_per_epoch(len(tokenized[run.data.train_split]), train.per_device_train_batch_size)
+    tokenized = data.load_tokenized(run.data, tokenizer)
+    validation_split = run.data.validation_split if run.data.validation_split in tokenized else None
+    if run.data.validation_split and not validation_split:
+        dist.print_main(
+            f"dataset '{run.data.dataset}' has no split '{run.data.validation_split}': training without evaluation "
+            "(data.validation_split_percentage holds out a share of the training split)"
+        )
+    batches_per_epoch = batches.batches_per_epoch(
+        len(tokenized[run.data.train_split]), train.per_device_train_batch_size
+    )
     total_steps = train.max_steps
     if total_steps <= 0:
         total_steps = math.ceil(train.num_train_epochs * batches_per_epoch / train.gradient_accumulation_steps)
@@ -77,9 +86,15 @@ def prepare(run: RunConfig, resume: bool = False, overwrite: bool = False) -> Pr
     if teacher_json is not None:
         teacher_ds = ds_config.fill_auto(teacher_json, train, world, total_steps, on_cpu, run.teacher.deepspeed_config)
     output_dir = Path(train.output_dir)
-    has_checkpoint = checkpoint.latest_tag(output_dir / "checkpoints") is not None
+    # rank 0's view decides for all (on node-local disks the others may see none; resuming then says so)
+    has_checkpoint = dist.all_gather_objects(checkpoint.latest_tag(output_dir / "checkpoints") is not None)[0]
     resume = run_dir.claim(output_dir, to_yaml(run), resume, overwrite, has_checkpoint)
-    return Prepared(run, output_dir, resume, tokenizer, tokenized, teacher_ds, student_ds, student_config, total_steps)
+    source = run.teacher.model_name_or_path or run.student.model_name_or_path
+    generation_config = export.generation_config(source, student_config, len(tokenizer))
+    return Prepared(
+        run, output_dir, resume, tokenizer, tokenized, teacher_ds, student_ds, student_config, generation_config,
+        total_steps, validation_split,
+    )  # fmt: skip
 
 
 def _check_models(run: RunConfig):
@@ -111,9 +126,7 @@ def model_pair(run: RunConfig, student_config, teacher_config) -> ModelPair | No
 
 def _check_tokenizer(run: RunConfig, teacher_config, student_config):
     """The one tokenizer both models must share."""
-    tokenizer = data.load_tokenizer(
-        run.data.tokenizer or run.teacher.model_name_or_path or run.student.model_name_or_path
-    )
+    tokenizer = data.load_tokenizer(data.tokenizer_source(run))
     if teacher_config is not None and run.student.model_name_or_path:
         data.check_same_tokenizer(run.teacher.model_name_or_path, run.student.model_name_or_path)
     for role, config in (("teacher", teacher_config), ("student", student_config)):
@@ -133,13 +146,8 @@ def _write_run_files(p: Prepared) -> None:
     (p.output_dir / "ds_config_student.json").write_text(json.dumps(p.student_ds, indent=2))
     if p.teacher_ds is not None:
         (p.output_dir / "ds_config_teacher.json").write_text(json.dumps(p.teacher_ds, indent=2))
-    generation_config = None
-    if p.run.teacher.model_name_or_path and Path(p.run.teacher.model_name_or_path, "generation_config.json").is_file():
-        from transformers import GenerationConfig
-
-        generation_config = GenerationConfig.from_pretrained(p.run.teacher.model_name_or_path)
     export.save_template(
-        p.output_dir / "checkpoints" / export.TEMPLATE_DIR, p.student_config, p.tokenizer, generation_config
+        p.output_dir / "checkpoints" / export.TEMPLATE_DIR, p.student_config, p.tokenizer, p.generation_config
     )
 
 
@@ -150,14 +158,6 @@ def _peak_memory_gb() -> float:
     if get_accelerator().device_name() != "cpu":
         return get_accelerator().max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
-
-
-def _count_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Real tokens of a batch still on the host (counting on the device would stall it every micro-step)."""
-    tokens = int(batch["attention_mask"].sum())
-    if "decoder_input_ids" in batch:
-        tokens += int((batch["labels"] != IGNORE_INDEX).sum())
-    return tokens
 
 
 @dataclass
@@ -181,15 +181,19 @@ class Trainer:
         from transformers import set_seed
 
         self.p, self.run, self.train_config = p, p.run, p.run.train
+        self.owns_teacher = teacher is None
         if teacher is None and p.teacher_ds:
             teacher = load_teacher(self.run.teacher.model_name_or_path, p.teacher_ds)
         self.teacher = teacher
         student = build_student(self.run.student, p.student_config, p.student_ds, self.train_config.seed)
+        student.generation_config = p.generation_config  # evaluation generates as the export will
         if self.train_config.gradient_checkpointing:
             # non-reentrant: gradients also flow into features captured inside a checkpointed block
             student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         teacher_config = self.teacher.module.config if self.teacher else None
-        losses, weights = build_losses(self.run.losses, model_pair(self.run, p.student_config, teacher_config))
+        pair = model_pair(self.run, p.student_config, teacher_config)
+        losses, weights = build_losses(self.run.losses, pair, vocab_size=len(p.tokenizer))
+        self.student_adapter = models.adapter_for(p.student_config)
         self.teacher_capture = None
         if self.teacher is not None:
             self.teacher_adapter = models.adapter_for(teacher_config)
@@ -215,14 +219,17 @@ class Trainer:
             dist.print_main("train.torch_compile: the ZeRO-3 student runs eagerly (weights gathered per module)")
         module = DistillationModule(student, losses, weights, compile=compile_student)
         self.engine, *_ = deepspeed.initialize(
-            model=module, model_parameters=[q for q in module.parameters() if q.requires_grad], config=p.student_ds
+            model=module,
+            model_parameters=[q for q in module.parameters() if q.requires_grad],
+            config=p.student_ds,
+            lr_scheduler=self._lr_schedule,
         )
         set_seed(self.train_config.seed + dist.rank())  # dropout and masking; a resume restores the saved state
         self.device = self.engine.device
-        self.collate = data.make_collator(self.run.data, p.tokenizer, student)
+        self.collate = batches.make_collator(self.run.data, p.tokenizer, student)
         on_gpu = self.device.type != "cpu"
         workers = self.train_config.dataloader_num_workers
-        self.batches = data.TrainBatches(
+        self.batches = batches.TrainBatches(
             p.datasets[self.run.data.train_split],
             self.collate,
             self.train_config.per_device_train_batch_size,
@@ -242,6 +249,18 @@ class Trainer:
             # purge_step drops events a crashed run wrote after the checkpoint we resume from
             self.writer = SummaryWriter(str(p.output_dir / "tensorboard"), purge_step=self.step + 1)
             self._truncate_log()
+
+    def _lr_schedule(self, optimizer):
+        """Hugging Face's schedules: DeepSpeed's own start every run at their minimum rate and warm up over at
+        least 2 steps, so `warmup_steps: 0` could not mean what it means in transformers."""
+        from transformers import get_scheduler
+
+        return get_scheduler(
+            self.train_config.lr_scheduler_type,
+            optimizer,
+            num_warmup_steps=self.train_config.warmup_steps,
+            num_training_steps=self.p.total_steps,
+        )
 
     # -- resumption ---------------------------------------------------------------------------------------
     def _resume(self) -> None:
@@ -266,20 +285,53 @@ class Trainer:
         with torch.no_grad():
             return forward_features(self.teacher_forward, self.teacher_adapter, batch, self.teacher_capture)
 
-    def micro_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        total, terms = self.engine(batch, self.teacher_features(batch))
-        self.engine.backward(total)
-        self.engine.step()
-        terms["loss"] = total.detach()
-        return terms
+    def step_tokens(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Token counts of the optimizer step's micro-batches on all ranks (`student.token_counts`), on the
+        device; counted on the host, so no micro-step waits for the device. Also adds to the window's tokens."""
+        counts = defaultdict(int)
+        for batch in batches:
+            for key, count in token_counts(self.student_adapter, batch).items():
+                counts[key] += int(count)
+        self.window.tokens += sum(count for key, count in counts.items() if key != "targets")
+        keys = sorted(counts)
+        summed = dist.all_reduce_tensor(torch.tensor([float(counts[k]) for k in keys], device=self.device))
+        return dict(zip(keys, summed.unbind()))
+
+    def optimizer_step(self, batches: list[dict[str, torch.Tensor]]) -> None:
+        """One optimizer step over its micro-batches (on the host): teacher forward, student forward and loss
+        terms, backward; DeepSpeed updates the weights after the last one.
+
+        Every term is a mean over all tokens of the step, on all ranks: each micro-batch contributes its sum over
+        the step's count, and since DeepSpeed averages gradients over ranks, each rank's share is scaled by the
+        world size (and not divided by the accumulation steps).
+        """
+        step_tokens, world = self.step_tokens(batches), dist.world_size()
+        for batch in batches:
+            batch = self._to_device(batch)
+            total, terms = self.engine(batch, self.teacher_features(batch), step_tokens)
+            self.engine.backward(total * world, scale_wrt_gas=False)
+            self.engine.step()
+            for name, value in {"loss": total.detach(), **terms}.items():
+                self.window.sums[name] += value  # stays on the device until a logging step
 
     # -- the loop -----------------------------------------------------------------------------------------
     def train(self) -> Path:
         """Runs from the current step to the last, then exports the student; returns the export's path."""
         self.begin()
         self.train_steps(until=self.p.total_steps)
-        self.progress.close()
         return self._export()
+
+    def close(self) -> None:
+        """Ends the run in order: progress bar and TensorBoard writer closed, collating workers stopped, the
+        engines' hooks and buffers released (a rank that exits with live helper threads can abort)."""
+        if hasattr(self, "progress"):
+            self.progress.close()
+        if self.writer is not None:
+            self.writer.close()
+        self.stream = None  # the DataLoader iterator: its workers exit with it
+        self.engine.destroy()
+        if self.teacher is not None and self.owns_teacher:
+            self.teacher.destroy()
 
     def begin(self) -> None:
         """Writes the run's files and opens the batch stream at the (possibly resumed) position."""
@@ -301,11 +353,7 @@ class Trainer:
         accumulation, last_step = self.train_config.gradient_accumulation_steps, self.p.total_steps
         while self.step < until:
             self.engine.module.set_step(self.step)
-            for _ in range(accumulation):
-                batch = next(self.stream)
-                self.window.tokens += _count_tokens(batch)
-                for name, value in self.micro_step(self._to_device(batch)).items():
-                    self.window.sums[name] += value / accumulation
+            self.optimizer_step([next(self.stream) for _ in range(accumulation)])
             self.step += 1
             self.window.steps += 1
             self.micro_batches_done += accumulation
@@ -322,8 +370,7 @@ class Trainer:
         window, self.window = self.window, LogWindow()
         names = sorted(window.sums)
         reduced = dist.all_reduce_sum([window.sums[n] / window.steps for n in names] + [window.tokens])
-        world = dist.world_size()
-        scalars = {("loss" if n == "loss" else f"loss/{n}"): v / world for n, v in zip(names, reduced)}
+        scalars = {("loss" if n == "loss" else f"loss/{n}"): v for n, v in zip(names, reduced)}
         scalars["lr"] = self.engine.get_lr()[0]
         scalars["tokens_per_s"] = reduced[-1] / (time.perf_counter() - window.started)
         scalars["peak_memory_gb"] = _peak_memory_gb()
@@ -340,40 +387,25 @@ class Trainer:
             log.write(json.dumps({"step": self.step, **scalars}) + "\n")
 
     def _evaluate(self) -> None:
-        split = self.run.data.validation_split
+        split = self.p.validation_split
         if not split:
             return
         student = self.engine.module.student
-        if models.adapter_for(student.config).has_lm_head(student.config):
-            results = evaluate(
-                student,
-                self.p.datasets[split],
-                self.collate,
-                self.p.tokenizer,
-                self.run,
-                synced_gpus=ds_config.zero_stage(self.p.student_ds) == 3,
-            )
-        else:
-            results = self._evaluate_objective(self.p.datasets[split])
+        objective = None
+        if not models.adapter_for(student.config).has_lm_head(student.config):
+            objective = lambda batch: self.engine(batch, self.teacher_features(batch))  # noqa: E731
+        results = evaluate(
+            student,
+            self.p.datasets[split],
+            self.collate,
+            self.p.tokenizer,
+            self.run,
+            synced_gpus=ds_config.zero_stage(self.p.student_ds) == 3,
+            objective=objective,
+        )
         self.engine.train()
         self._write_scalars({f"eval/{k}": v for k, v in results.items()})
         dist.print_main(f"step {self.step}: " + ", ".join(f"eval {k} {v:.4f}" for k, v in results.items()))
-
-    @torch.no_grad()
-    def _evaluate_objective(self, dataset) -> dict[str, float]:
-        """A student without an LM head has no token loss: report the distillation objective and its terms."""
-        self.engine.eval()
-        sums, rows = defaultdict(float), 0
-        for batch, real_rows in data.eval_batches(dataset, self.collate, self.train_config.per_device_eval_batch_size):
-            batch = self._to_device(batch)
-            total, terms = self.engine(batch, self.teacher_features(batch))
-            # terms are micro-batch means; the last batch repeats rows to keep ranks in step, weighted by real rows
-            for name, value in {"loss": total, **terms}.items():
-                sums[name] += float(value) * real_rows
-            rows += real_rows
-        names = sorted(sums)
-        reduced = dist.all_reduce_sum([sums[name] for name in names] + [rows])
-        return {("loss" if n == "loss" else f"loss/{n}"): v / max(reduced[-1], 1) for n, v in zip(names, reduced)}
 
     def _save_checkpoint(self) -> None:
         state = {"step": self.step, "micro_batches_done": self.micro_batches_done}
@@ -385,7 +417,6 @@ class Trainer:
         if dist.is_main():
             provenance = {"run": str(self.p.output_dir.resolve()), "step": self.step}
             export.save_hf_model(state, self.checkpoints / export.TEMPLATE_DIR, target, provenance)
-            self.writer.close()
             dist.print_main(f"exported the trained model to {target}")
         dist.barrier()
         return target
@@ -393,6 +424,9 @@ class Trainer:
 
 def distill(run: RunConfig, resume: bool = False, overwrite: bool = False) -> Path:
     """Runs one distillation (or, without a teacher, plain training) and returns the exported student's path."""
-    dist.init()
-    prepared = prepare(run, resume=resume, overwrite=overwrite)
-    return Trainer(prepared).train()
+    dist.init(run.train.ddp_timeout)
+    trainer = Trainer(prepare(run, resume=resume, overwrite=overwrite))
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()

@@ -4,6 +4,10 @@ Every loss is a small `torch.nn.Module` with one signature::
 
     loss(student: dict[str, Tensor], teacher: dict[str, Tensor] | None) -> Tensor (scalar, float32)
 
+A term is a mean over tokens, and in training over all tokens of the optimizer step: each micro-batch returns
+its sum divided by the step's count (`base.token_mean`), so every token weighs alike whatever the split into
+micro-batches and ranks.
+
 The feature dicts hold what a term asks for: `logits` [batch, seq, vocab] and `labels` [batch, seq] (-100 on
 positions that do not count), aligned so that `logits[:, t]` predicts `labels[:, t]`; for layer-wise terms the
 captured features of their mapped layers (`capture.py`) and `{stack}.mask`. Losses are built inside the
@@ -43,10 +47,11 @@ LOSSES: dict[str, type[DistillationLoss]] = {
 
 
 def build_losses(
-    spec: dict[str, dict[str, Any]], model_pair: ModelPair | None
+    spec: dict[str, dict[str, Any]], model_pair: ModelPair | None, vocab_size: int | None = None
 ) -> tuple[torch.nn.ModuleDict, dict[str, float]]:
     """Builds the configured terms (weight 0 leaves a term out) and their weights; `model_pair` is None without
-    a teacher. Raises `ConfigError` on unknown names or options and on layer maps the models do not fit."""
+    a teacher, `vocab_size` is the tokenizer's (logit terms ignore rows past it). Raises `ConfigError` on
+    unknown names or options and on layer maps the models do not fit."""
     modules, weights = {}, {}
     for name, options in spec.items():
         if name not in LOSSES:
@@ -64,7 +69,7 @@ def build_losses(
         if issubclass(loss_class, LayerwiseLoss):
             modules[name] = loss_class(parsed, model_pair, f"losses.{name}")
         else:
-            modules[name] = loss_class(parsed, where=f"losses.{name}")
+            modules[name] = loss_class(parsed, where=f"losses.{name}", vocab_size=vocab_size)
         weights[name] = weight
     if not modules:
         raise ConfigError("every loss term has weight 0; give at least one term a weight")

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from ds_distill.config import LayerMapConfig
 from ds_distill.errors import ConfigError
 from ds_distill.layer_map import LayerPair
+from ds_distill.losses.base import token_mean
 from ds_distill.losses.layerwise import LayerwiseLoss, LayerwiseOptions, ModelPair, features
 
 
@@ -47,14 +48,13 @@ def relation_log_probs(
 def masked_kl(
     log_teacher: torch.Tensor, log_student: torch.Tensor, allowed: torch.Tensor, rows: torch.Tensor
 ) -> torch.Tensor:
-    """KL(teacher || student) per row over the allowed keys, averaged over heads and real query rows.
+    """KL(teacher || student) per query row over the allowed keys, averaged over heads, summed over real rows.
 
     `[batch, heads, q, k]` log-probabilities, `allowed` `[batch, 1|heads, q, k]`, `rows` `[batch, q]`.
     """
     per_key = log_teacher.exp() * (log_teacher - log_student)
-    per_row = torch.where(allowed, per_key, 0.0).sum(-1)  # [batch, heads, q]
-    weights = rows[:, None, :].to(per_row.dtype).expand_as(per_row)
-    return (per_row * weights).sum() / weights.sum().clamp_min(1.0)
+    per_row = torch.where(allowed, per_key, 0.0).sum(-1).mean(1)  # [batch, q]
+    return torch.where(rows, per_row, 0.0).sum()
 
 
 def relation_kl(
@@ -66,7 +66,8 @@ def relation_kl(
     causal: bool,
     where: str,
 ) -> torch.Tensor:
-    """KL(teacher || student) of one relation, from (queries, keys) of each model (q == k for Q-Q relations)."""
+    """KL(teacher || student) of one relation, from (queries, keys) of each model (q == k for Q-Q relations),
+    averaged over heads, summed over real query rows."""
     allowed = _key_mask(query_mask, key_mask, causal)
     log_student = relation_log_probs(*student, heads, allowed, f"{where} (student)")
     log_teacher = relation_log_probs(*teacher, heads, allowed, f"{where} (teacher)")
@@ -123,24 +124,22 @@ class RelationLoss(LayerwiseLoss):
             student_queries, teacher_queries = features(pair, query_site, student, teacher)
             student_keys, teacher_keys = features(pair, key_site, student, teacher)
             if kind == "cross_keys":  # a relation among the encoder's positions (cross-attention k or v)
-                query_mask = key_mask = student["encoder.mask"]
-                causal = False
+                query_stack, key_mask, causal = "encoder", student["encoder.mask"], False
             elif kind == "cross":  # decoder queries against encoder keys
-                query_mask, key_mask, causal = own_mask, student["encoder.mask"], False
+                query_stack, key_mask, causal = pair.stack, student["encoder.mask"], False
             else:
-                query_mask = key_mask = own_mask
-                causal = pair.stack in self.causal_stacks
-            values.append(
-                relation_kl(
-                    (student_queries, student_keys),
-                    (teacher_queries, teacher_keys),
-                    query_mask,
-                    key_mask,
-                    self.options.relation_heads,
-                    causal,
-                    f"{self.where} {pair} {query_site}-{key_site}",
-                )
+                query_stack, key_mask, causal = pair.stack, own_mask, pair.stack in self.causal_stacks
+            query_mask = student[f"{query_stack}.mask"]
+            row_sum = relation_kl(
+                (student_queries, student_keys),
+                (teacher_queries, teacher_keys),
+                query_mask,
+                key_mask,
+                self.options.relation_heads,
+                causal,
+                f"{self.where} {pair} {query_site}-{key_site}",
             )
+            values.append(token_mean(row_sum, student, query_stack, query_mask.sum()))
         return torch.stack(values).mean()
 
 
@@ -213,12 +212,13 @@ class AttentionDistributionLoss(LayerwiseLoss):
         mask = student[f"{pair.stack}.mask"]
         student_probs, teacher_probs = features(pair, "attention_probs", student, teacher)
         allowed = _key_mask(mask, mask, causal=False)  # future keys of a decoder have probability 0 on both sides
-        return self.compare(
+        row_sum = self.compare(
             attention_probs(student_probs, self.average_heads),
             attention_probs(teacher_probs, self.average_heads),
             allowed,
             mask,
         )
+        return token_mean(row_sum, student, pair.stack, mask.sum())
 
 
 class AttentionKLLoss(AttentionDistributionLoss):
@@ -230,9 +230,10 @@ class AttentionKLLoss(AttentionDistributionLoss):
 
 
 class AttentionMSELoss(AttentionDistributionLoss):
-    """attention_mse: MSE of self-attention distributions on mapped layers (TinyBERT)."""
+    """attention_mse: MSE of self-attention distributions on mapped layers (TinyBERT), per query row over its
+    keys and heads, then over rows."""
 
     def compare(self, student, teacher, allowed, rows):
-        valid = allowed & rows[:, None, :, None]
-        squared = torch.where(valid, (student - teacher) ** 2, 0.0)
-        return squared.sum() / (valid.sum() * student.shape[1]).clamp_min(1)
+        squared = torch.where(allowed, (student - teacher) ** 2, 0.0).sum(-1)  # [batch, heads, q]
+        per_row = squared.mean(1) / allowed[:, 0].sum(-1).clamp_min(1)  # [batch, q]
+        return torch.where(rows, per_row, 0.0).sum()

@@ -1,4 +1,4 @@
-"""The one interface every loss implements."""
+"""The one interface every loss implements, and how a micro-batch's term becomes its share of a step's mean."""
 
 from __future__ import annotations
 
@@ -26,12 +26,31 @@ class DistillationLoss(torch.nn.Module):
     needs: ClassVar[frozenset[str]] = frozenset({"logits", "labels"})
     requires_teacher: ClassVar[bool] = True
 
-    def __init__(self, options, model_pair=None, where: str = "") -> None:
+    def __init__(self, options, model_pair=None, where: str = "", vocab_size: int | None = None) -> None:
         super().__init__()
         self.options = options
         self.where = where  # e.g. "losses.cka", for error messages
+        self.vocab_size = vocab_size  # the tokenizer's: logits past it (a padded embedding) never count
         self.student_keys: set[str] = set()
         self.teacher_keys: set[str] = set()
 
     def forward(self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor] | None) -> torch.Tensor:
         raise NotImplementedError
+
+
+# Token weighting. A term is a mean over the tokens of the whole optimizer step: every micro-batch of every rank
+# divides its sum by the step's token count, which the trainer passes in the student's features as
+# `{key}.tokens` (key: "targets" for logit terms, a stack name for layer-wise ones). Summing the micro-batches'
+# shares then weighs every token alike, however the step's tokens fall into micro-batches and ranks. Without
+# the count (a loss called on its own, evaluation) a term is the mean over its micro-batch.
+
+
+def token_mean(total: torch.Tensor, features: dict, key: str, local_count: torch.Tensor) -> torch.Tensor:
+    """A micro-batch's sum over tokens as its share of the step's mean over `key` tokens."""
+    return total / features.get(f"{key}.tokens", local_count).clamp_min(1)
+
+
+def micro_batch_share(value: torch.Tensor, features: dict, key: str, local_count: torch.Tensor) -> torch.Tensor:
+    """A statistic of a whole micro-batch (CKA), weighted by the micro-batch's share of the step's tokens."""
+    step_count = features.get(f"{key}.tokens")
+    return value if step_count is None else value * local_count / step_count.clamp_min(1)

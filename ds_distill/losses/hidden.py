@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from ds_distill.errors import ConfigError
 from ds_distill.layer_map import LayerPair
+from ds_distill.losses.base import micro_batch_share, token_mean
 from ds_distill.losses.layerwise import LayerwiseLoss, LayerwiseOptions, ModelPair, build_aligners, features
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -58,10 +59,6 @@ def _centred(rows: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return (rows - mean).where(keep, 0)
 
 
-def stack_mask(features: dict[str, torch.Tensor], stack: str) -> torch.Tensor:
-    return features[f"{stack}.mask"]
-
-
 @dataclass
 class CKAOptions(LayerwiseOptions):
     squared: bool = False
@@ -81,15 +78,17 @@ class CKALoss(LayerwiseLoss):
     Options = CKAOptions
 
     def pair_loss(self, pair, student, teacher):
-        mask = stack_mask(student, pair.stack).flatten()
+        mask = student[f"{pair.stack}.mask"].flatten()
         student_hidden, teacher_hidden = features(pair, "hidden", student, teacher)
-        return cka_loss(
+        value = cka_loss(
             student_hidden.flatten(0, -2),
             teacher_hidden.flatten(0, -2),
             self.options.squared,
             DTYPES[self.options.dtype],
             mask=mask,
         )
+        # CKA is a statistic of the micro-batch's token rows: it counts by the micro-batch's share of the step
+        return micro_batch_share(value, student, pair.stack, mask.sum())
 
 
 @dataclass
@@ -121,19 +120,21 @@ class ProjectedHiddenLoss(LayerwiseLoss):
         return self.aligners[index](hidden).float()
 
     def compare(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        """Per token: `[tokens, width]` twice -> `[tokens]`."""
         raise NotImplementedError
 
     def pair_loss(self, pair, student, teacher):
-        mask = stack_mask(student, pair.stack)
+        mask = student[f"{pair.stack}.mask"]
         student_hidden, teacher_hidden = features(pair, "hidden", student, teacher)
-        return self.compare(self.project(pair, student_hidden[mask]), teacher_hidden[mask].float())
+        per_token = self.compare(self.project(pair, student_hidden[mask]), teacher_hidden[mask].float())
+        return token_mean(per_token.sum(), student, pair.stack, mask.sum())
 
 
 class HiddenMSELoss(ProjectedHiddenLoss):
     """hidden_mse: mean squared error between mapped hidden states, through an optional projection."""
 
     def compare(self, student, teacher):
-        return F.mse_loss(student, teacher)
+        return F.mse_loss(student, teacher, reduction="none").mean(-1)
 
 
 @dataclass
@@ -151,7 +152,7 @@ class HiddenCosineLoss(ProjectedHiddenLoss):
     """hidden_cosine: 1 - cosine similarity per token between mapped hidden states (optional projection)."""
 
     def compare(self, student, teacher):
-        return (1 - F.cosine_similarity(student, teacher, dim=-1)).mean()
+        return 1 - F.cosine_similarity(student, teacher, dim=-1)
 
 
 class EmbeddingMSELoss(HiddenMSELoss):

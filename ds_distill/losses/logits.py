@@ -14,22 +14,26 @@ import torch
 import torch.nn.functional as F
 
 from ds_distill.errors import ConfigError
-from ds_distill.losses.base import IGNORE_INDEX, DistillationLoss
+from ds_distill.losses.base import IGNORE_INDEX, DistillationLoss, token_mean
 
 
-def _masked_mean(per_token: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    mask = (labels != IGNORE_INDEX).to(per_token.dtype)
-    return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+def _target_mean(per_token: torch.Tensor, student: dict) -> torch.Tensor:
+    targets = student["labels"] != IGNORE_INDEX
+    return token_mean(torch.where(targets, per_token, 0.0).sum(), student, "targets", targets.sum())
 
 
 class CrossEntropyLoss(DistillationLoss):
-    """ce: cross-entropy of the student on the labels (the task loss)."""
+    """ce: cross-entropy of the student on the labels (the task loss), over the tokenizer's vocabulary."""
 
     requires_teacher = False
 
     def forward(self, student, teacher=None):
-        logits = student["logits"].float()
-        return F.cross_entropy(logits.flatten(0, -2), student["labels"].flatten(), ignore_index=IGNORE_INDEX)
+        logits = student["logits"][..., : self.vocab_size].float()
+        labels = student["labels"]
+        per_token = F.cross_entropy(
+            logits.flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+        ).view_as(labels)
+        return _target_mean(per_token, student)
 
 
 def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -85,17 +89,26 @@ class KDOptions:
                 raise ConfigError(f"losses.kd.{name} must lie strictly between 0 and 1")
 
 
+def temperature_scale(name: str, temperature: float) -> float:
+    """What a divergence at temperature T is multiplied by so that its gradients keep their size as T grows.
+
+    The KL family's gradients shrink as 1/T^2 (Hinton et al. 2015), so it gets T^2. TVD's shrink only as 1/T:
+    d TVD / d z = (1/T) sum_j sign(q_j - p_j) q_j (1[i = j] - q_i), whose signs do not fade with T, so it gets T.
+    """
+    return temperature if name == "tvd" else temperature**2
+
+
 class LogitDistillationLoss(DistillationLoss):
-    """kd: divergence between teacher and student token distributions at temperature T, scaled by T^2."""
+    """kd: divergence between teacher and student token distributions at temperature T (scaled by T^2; TVD by T)."""
 
     Options = KDOptions
 
     def forward(self, student, teacher):
-        # A teacher whose embedding is padded past the tokenizer (T5: 32128 rows for 32100 tokens) is compared
-        # on the vocabulary both share; the padded rows are never targets.
-        shared = min(student["logits"].shape[-1], teacher["logits"].shape[-1])
+        # Compared on the tokenizer's vocabulary: rows past it (T5 pads 32100 tokens to 32128) are never targets,
+        # and a student built from the teacher has them too, so they would take mass in both softmaxes.
+        vocab = self.vocab_size or min(student["logits"].shape[-1], teacher["logits"].shape[-1])
         temperature = self.options.temperature
-        log_student = F.log_softmax(student["logits"][..., :shared].float() / temperature, dim=-1)
-        log_teacher = F.log_softmax(teacher["logits"][..., :shared].float() / temperature, dim=-1)
+        log_student = F.log_softmax(student["logits"][..., :vocab].float() / temperature, dim=-1)
+        log_teacher = F.log_softmax(teacher["logits"][..., :vocab].float() / temperature, dim=-1)
         per_token = divergence(self.options.divergence, log_teacher, log_student, self.options.beta, self.options.alpha)
-        return _masked_mean(per_token, student["labels"]) * temperature**2
+        return _target_mean(per_token, student) * temperature_scale(self.options.divergence, temperature)

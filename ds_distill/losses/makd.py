@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from ds_distill.errors import ConfigError
 from ds_distill.losses.attention import AttentionKLLoss, AttentionOptions
+from ds_distill.losses.base import token_mean
 from ds_distill.losses.layerwise import Aligner, ModelPair, features
 
 ASPECTS = ("attention", "hidden", "attention_output", "ffn_output")
@@ -109,6 +110,7 @@ class MaKDLoss(AttentionKLLoss):
                 student_states = student_states[mask]
                 if aspect in self.aligners:
                     student_states = self.aligners[aspect](student_states)
-                value = F.mse_loss(student_states.float(), teacher_states[mask].float())
+                squared = F.mse_loss(student_states.float(), teacher_states[mask].float(), reduction="none")
+                value = token_mean(squared.mean(-1).sum(), student, pair.stack, mask.sum())
             total = total + weight * value
         return total

@@ -19,6 +19,7 @@ import torch
 import transformers
 from transformers import AutoConfig, PretrainedConfig
 
+from ds_distill import dist
 from ds_distill.config import FromTeacherConfig
 from ds_distill.errors import ConfigError
 from ds_distill.models import layouts
@@ -42,9 +43,9 @@ class ModelAdapter:
     kind: str  # "seq2seq" | "causal" | "encoder"
     config_fields: dict[str, tuple[str, ...]] = field(default_factory=dict)
     layout: dict[str, StackLayout] = field(default_factory=dict)
-    unused_heads: tuple[str, ...] = ()
-    """Prefixes of checkpoint tensors that belong to heads the loaded class does not have (BERT's pooler and
-    next-sentence head in a pre-training checkpoint): left out with a note, where other extra tensors are errors."""
+    optional_parts: tuple[str, ...] = ()
+    """Prefixes of tensors of parts distillation never reads (BERT's pooler and next-sentence head): a checkpoint
+    may lack them or hold them for a class without them, with a note, where other such tensors are errors."""
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -76,15 +77,15 @@ class ModelAdapter:
     def from_pretrained(self, name_or_path: str, role: str = "model", **kwargs) -> torch.nn.Module:
         """`from_pretrained` with this family's head class (also under ZeRO-3 partitioned loading), fused
         kernels on. A tensor the model needs and the checkpoint lacks (it would start random), or one of the
-        wrong shape, is an error; so is a tensor the model has no place for, unless `unused_heads` names it."""
+        wrong shape, is an error; so is a tensor the model has no place for, unless `optional_parts` names it."""
         model_class = self.model_class(AutoConfig.from_pretrained(name_or_path), checkpoint_keys(name_or_path))
         model, info = model_class.from_pretrained(name_or_path, output_loading_info=True, **kwargs)
-        unexpected = sorted(info["unexpected_keys"])
-        unused = [k for k in unexpected if k.startswith(self.unused_heads)] if self.unused_heads else []
+        missing, unexpected = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
+        optional = [k for k in missing + unexpected if self.optional_parts and k.startswith(self.optional_parts)]
         problems = {
-            "missing (would start random)": sorted(info["missing_keys"]),
+            "missing (would start random)": [k for k in missing if k not in optional],
             "of the wrong shape": sorted(str(k) for k in info["mismatched_keys"]),
-            "not in the model": [k for k in unexpected if k not in unused],
+            "not in the model": [k for k in unexpected if k not in optional],
         }
         problems = {what: keys for what, keys in problems.items() if keys}
         if problems:
@@ -95,8 +96,11 @@ class ModelAdapter:
                 f"{role} {name_or_path} does not fit its config ({model_class.__name__}): {listed}. "
                 "Check that config.json and the weights belong together"
             )
-        if unused:
-            print(f"{role} {name_or_path}: left out {len(unused)} tensors of heads it does not use ({unused[0]}, ...)")
+        if optional:
+            dist.print_main(
+                f"{role} {name_or_path}: {len(optional)} tensors of parts distillation does not read are missing or "
+                f"extra ({optional[0]}, ...); left as they are"
+            )
         use_fused_kernels(model)
         return model
 
@@ -277,7 +281,7 @@ ADAPTERS: tuple[ModelAdapter, ...] = (
             "num_heads": ("num_attention_heads",),
         },
         layout=layouts.BERT,
-        unused_heads=("cls.seq_relationship.", "bert.pooler.", "roberta.pooler."),
+        optional_parts=("cls.seq_relationship.", "bert.pooler.", "roberta.pooler.", "pooler."),
     ),
 )
 

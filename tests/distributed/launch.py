@@ -39,7 +39,9 @@ def launch(command: list[str], log: Path) -> None:
         result = subprocess.run(
             command, cwd=REPO, env=subprocess_env(), stdout=out, stderr=subprocess.STDOUT, timeout=600
         )
-    assert result.returncode == 0, log.read_text()[-4000:]
+    output = log.read_text()
+    assert result.returncode == 0, output[-4000:]
+    assert "terminate called" not in output and "Aborted" not in output, output[-4000:]  # every rank ended cleanly
 
 
 def distill(tmp_path: Path, name: str, config: dict, *flags: str) -> Path:

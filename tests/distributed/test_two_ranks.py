@@ -54,6 +54,15 @@ def test_zero2_and_zero3_students_give_the_same_losses(runs):
     assert "eval/bleu" in eval2
 
 
+def test_learning_rate_follows_the_hugging_face_linear_schedule(runs):
+    """warmup_steps 2 of max_steps 12: 0 at the first step, then linear up and down (the logged rate is the
+    next step's, as in transformers)."""
+    logged = {row["step"]: row["lr"] for row in training_log(runs[2][0]) if "lr" in row}
+    peak = runs[2][1]["train"]["learning_rate"]
+    expected = {step: peak * (step / 2 if step < 2 else (12 - step) / 10) for step in range(1, 13)}
+    assert logged == pytest.approx(expected, rel=1e-6)
+
+
 def test_every_term_reaches_tensorboard(runs):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -64,16 +73,27 @@ def test_every_term_reaches_tensorboard(runs):
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_exported_student_loads_and_generates(runs, stage):
+def test_exported_student_reloads_with_the_trained_weights_and_generates(runs, stage):
+    """The export scores on the validation set what the run's last evaluation, on the live engine, scored."""
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    model_dir = runs[stage][0] / "model"
+    from ds_distill import batches, data
+    from ds_distill.config import RunConfig, from_dict
+    from ds_distill.evaluation import evaluate
+
+    run_dir, config = runs[stage]
+    model_dir = run_dir / "model"
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json"} <= set(
         os.listdir(model_dir)
     )
     model = AutoModelForSeq2SeqLM.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     assert model.config.d_model == 32 and model.config.num_layers == 1
+    run = from_dict(RunConfig, {**config, "train": {**config["train"], "eval_metric": "loss"}})
+    validation = data.tokenize(run.data, tokenizer, data.load_raw(run.data))["validation"]
+    scores = evaluate(model, validation, batches.make_collator(run.data, tokenizer, model), tokenizer, run)
+    logged = [row for row in training_log(run_dir) if "eval/loss" in row][-1]["eval/loss"]
+    assert scores["loss"] == pytest.approx(logged, rel=1e-5)
     inputs = tokenizer(["translate English to German: The house is small."], return_tensors="pt")
     generated = model.generate(**inputs, max_new_tokens=8)
     assert generated.shape[0] == 1 and generated.shape[1] > 1
@@ -122,33 +142,29 @@ def test_same_output_dir_without_resume_or_overwrite_is_refused(runs, tmp_path):
     assert "already holds this run's checkpoints; pass --resume" in result.stderr
 
 
-def test_decoder_only_family_under_torchrun(tiny, tmp_path):
+def test_torchrun_and_the_deepspeed_launcher_train_the_same_decoder_only_student(tiny, tmp_path):
     config = causal_lm_config(
-        tiny, tmp_path / "gpt2", losses={"ce": {"weight": 1.0}, "kd": {"weight": 1.0, "divergence": "reverse_kl"}}
+        tiny, tmp_path / "torchrun", losses={"ce": {"weight": 1.0}, "kd": {"weight": 1.0, "divergence": "reverse_kl"}}
     )
-    path = write_yaml(tmp_path / "gpt2.yaml", config)
-    launch(
-        [
-            "torchrun",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(free_port()),
-            "-m",
-            "ds_distill",
-            "distill",
-            f"--config={path}",
-        ],
-        tmp_path / "gpt2.log",
-    )
-    assert sorted(losses(tmp_path / "gpt2")) == [1, 2, 3, 4]
+    path = write_yaml(tmp_path / "torchrun.yaml", config)
+    torchrun = ["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "ds_distill"]
+    launch([*torchrun, "distill", f"--config={path}"], tmp_path / "torchrun.log")
+    config["train"]["output_dir"] = str(tmp_path / "deepspeed")
+    distill(tmp_path, "deepspeed", config)
+
+    assert sorted(losses(tmp_path / "torchrun")) == [1, 2, 3, 4]
+    assert losses(tmp_path / "torchrun") == pytest.approx(losses(tmp_path / "deepspeed"), rel=1e-6)
+    by_torchrun = load_file(tmp_path / "torchrun" / "model" / "model.safetensors")
+    by_deepspeed = load_file(tmp_path / "deepspeed" / "model" / "model.safetensors")
+    for name in by_deepspeed:
+        torch.testing.assert_close(by_torchrun[name], by_deepspeed[name], rtol=1e-6, atol=1e-7)
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2" / "model")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "torchrun" / "model")
     assert model.config.n_layer == 1 and model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3).shape == (1, 6)
 
 
-def test_encoder_only_family(tiny, tmp_path):
+def test_encoder_only_family_learns_and_its_export_reloads(tiny, tmp_path):
     config = translation_config(
         tiny,
         tmp_path / "bert",
@@ -156,11 +172,23 @@ def test_encoder_only_family(tiny, tmp_path):
         student={"init": {"from_teacher": {"encoder_layers": 1, "d_model": 32, "d_ff": 64, "num_heads": 2}}},
         data={"task": "masked_lm", "dataset": "text", "data_files": tiny["text"], "max_source_length": 32},
         losses={"ce": {"weight": 1.0}, "kd": {"weight": 1.0, "divergence": "jsd", "beta": 0.5}},
-        train={"max_steps": 4, "save_steps": 0},
+        train={"max_steps": 16, "save_steps": 0, "learning_rate": 3e-3},
     )
     run_dir = distill(tmp_path, "bert", config)
-    assert sorted(losses(run_dir)) == [1, 2, 3, 4]
+    logged = losses(run_dir)
+    assert sorted(logged) == list(range(1, 17))
+    first, last = [logged[s] for s in (1, 2, 3)], [logged[s] for s in (14, 15, 16)]
+    assert sum(last) < 0.9 * sum(first)  # masked-token loss falls
     assert [row for row in training_log(run_dir) if "eval/loss" in row]
-    from transformers import AutoModelForMaskedLM
+    from transformers import AutoModelForMaskedLM, AutoTokenizer, DataCollatorForLanguageModeling
 
-    assert AutoModelForMaskedLM.from_pretrained(run_dir / "model").config.num_hidden_layers == 1
+    model = AutoModelForMaskedLM.from_pretrained(run_dir / "model").eval()
+    assert model.config.num_hidden_layers == 1
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "model")
+    texts = open(tiny["text"]["validation"]).read().splitlines()[:32]
+    collate = DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15, seed=0)
+    batch = collate([tokenizer(text, truncation=True, max_length=32) for text in texts])
+    torch.manual_seed(0)
+    untrained = AutoModelForMaskedLM.from_config(model.config).eval()
+    with torch.no_grad():
+        assert model(**batch).loss < untrained(**batch).loss - 0.3  # the export holds what training learned

@@ -1,10 +1,11 @@
 """Batches: restartable training order, equal evaluation shares, tokenization per task."""
 
 import itertools
+import json
 
 import pytest
 
-from ds_distill import data
+from ds_distill import batches, data
 from ds_distill.config import DataConfig
 from tests import tiny_models
 
@@ -36,10 +37,10 @@ def test_translation_rows_hold_source_and_target_ids(translation):
 
 def test_training_stream_restarts_exactly_where_it_stopped(translation):
     config, tokenizer, tokenized = translation
-    batches = data.TrainBatches(tokenized["train"], data.make_collator(config, tokenizer), batch_size=4, seed=3)
-    assert batches.batches_per_epoch == 16
-    full = list(itertools.islice(batches.iterate(0), 40))  # crosses two epoch boundaries
-    resumed = list(itertools.islice(batches.iterate(21), 19))
+    stream = batches.TrainBatches(tokenized["train"], batches.make_collator(config, tokenizer), batch_size=4, seed=3)
+    assert stream.batches_per_epoch == 16
+    full = list(itertools.islice(stream.iterate(0), 40))  # crosses two epoch boundaries
+    resumed = list(itertools.islice(stream.iterate(21), 19))
     for expected, got in zip(full[21:], resumed):
         assert expected["input_ids"].equal(got["input_ids"]) and expected["labels"].equal(got["labels"])
     first_epoch = {tuple(b["input_ids"][i].tolist()) for b in full[:16] for i in range(4)}
@@ -49,8 +50,12 @@ def test_training_stream_restarts_exactly_where_it_stopped(translation):
 
 def test_evaluation_share_counts_real_rows(translation):
     config, tokenizer, tokenized = translation
-    shares = list(data.eval_batches(tokenized["validation"], data.make_collator(config, tokenizer), batch_size=16))
-    assert [real for _, real in shares] == [16, 16, 16, 2]
+    shares = list(
+        batches.eval_batches(tokenized["validation"], batches.make_collator(config, tokenizer), batch_size=16)
+    )
+    assert [real for _, _, real in shares] == [16, 16, 16, 2]
+    raw = [json.loads(line)["translation"]["de"] for line in open(config.data_files["validation"])]
+    assert [text for _, references, _ in shares for text in references][:50] == raw[:50]  # the texts themselves
 
 
 def test_causal_lm_text_is_packed_into_blocks(tiny):
@@ -58,7 +63,7 @@ def test_causal_lm_text_is_packed_into_blocks(tiny):
     tokenizer = data.load_tokenizer(str(tiny["tokenizer"]))
     tokenized = data.tokenize(config, tokenizer, data.load_raw(config))
     assert {len(ids) for ids in tokenized["train"]["input_ids"]} == {32}
-    batch = data.make_collator(config, tokenizer)([tokenized["train"][0], tokenized["train"][1]])
+    batch = batches.make_collator(config, tokenizer)([tokenized["train"][0], tokenized["train"][1]])
     assert batch["labels"].equal(batch["input_ids"])
 
 
@@ -66,7 +71,19 @@ def test_masked_lm_masks_a_share_of_tokens(tiny):
     config = DataConfig(task="masked_lm", dataset="text", mlm_probability=0.3, data_files=tiny["text"])
     tokenizer = data.load_tokenizer(str(tiny["tokenizer"]))
     tokenized = data.tokenize(config, tokenizer, data.load_raw(config))
-    collate = data.make_collator(config, tokenizer)
-    batch = next(data.eval_batches(tokenized["train"], collate, batch_size=32))[0]
+    collate = batches.make_collator(config, tokenizer)
+    batch = next(batches.eval_batches(tokenized["train"], collate, batch_size=32))[0]
     masked = (batch["labels"] != -100).float().sum() / batch["attention_mask"].sum()
     assert 0.2 < masked < 0.4
+
+
+def test_masks_of_a_micro_batch_do_not_depend_on_workers_or_where_the_stream_started(tiny):
+    config = DataConfig(task="masked_lm", dataset="text", mlm_probability=0.3, data_files=tiny["text"])
+    tokenizer = data.load_tokenizer(str(tiny["tokenizer"]))
+    tokenized = data.tokenize(config, tokenizer, data.load_raw(config))["train"].select(range(64))
+    collate = batches.make_collator(config, tokenizer)
+    alone = batches.TrainBatches(tokenized, collate, batch_size=8, seed=3)
+    with_workers = batches.TrainBatches(tokenized, collate, batch_size=8, seed=3, num_workers=2)
+    full = list(itertools.islice(alone.iterate(0), 12))
+    for reference, batch in zip(full[5:], itertools.islice(with_workers.iterate(5), 7)):
+        assert reference["labels"].equal(batch["labels"]) and reference["input_ids"].equal(batch["input_ids"])

@@ -68,7 +68,25 @@ def test_kd_matches_reference_formula(pair, divergence, temperature):
             q = F.softmax(student[b, t] / temperature, -1).tolist()
             expected += reference(divergence, p, q)
             count += 1
-    assert loss.item() == pytest.approx(expected / count * temperature**2, rel=1e-5)
+    scale = temperature if divergence == "tvd" else temperature**2
+    assert loss.item() == pytest.approx(expected / count * scale, rel=1e-5)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd", "tvd"])
+def test_temperature_scaling_keeps_gradients_the_same_size_as_the_temperature_grows(divergence):
+    """T^2 for the KL family, T for TVD: with either, the gradient's size levels off at high temperature."""
+    generator = torch.Generator().manual_seed(1)
+    student = torch.randn(4, 8, 50, dtype=torch.float64, generator=generator)
+    teacher = torch.randn(4, 8, 50, dtype=torch.float64, generator=generator)
+    labels = torch.zeros(4, 8, dtype=torch.long)
+    norms = []
+    for temperature in (8.0, 32.0):
+        logits = student.clone().requires_grad_(True)
+        kd(divergence=divergence, temperature=temperature)(
+            features(logits, labels), features(teacher, labels)
+        ).backward()
+        norms.append(logits.grad.norm().item())
+    assert 0.7 < norms[1] / norms[0] < 1.4
 
 
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd"])

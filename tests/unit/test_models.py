@@ -164,6 +164,8 @@ def test_a_checkpoint_that_lacks_a_tensor_is_refused_by_name(tiny, tmp_path):
     weights["transformer.h.1.mlp.extra.weight"] = weights["transformer.h.0.mlp.c_fc.bias"].clone()
     save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
     config = AutoConfig.from_pretrained(broken)
-    message = r"missing \(would start random\): transformer.h.1.mlp.c_fc.weight; not in the model: transformer.h.1.mlp.extra"
+    message = (
+        r"missing \(would start random\): transformer.h.1.mlp.c_fc.weight; not in the model: transformer.h.1.mlp.extra"
+    )
     with pytest.raises(ConfigError, match=message):
         models.adapter_for(config).from_pretrained(str(broken), "teacher")

@@ -8,6 +8,7 @@ import pytest
 from ds_distill.config import RunConfig, from_dict
 from ds_distill.errors import ConfigError
 from ds_distill.trainer import prepare
+from tests import tiny_models
 from tests.conftest import translation_config
 
 
@@ -127,3 +128,51 @@ def test_generation_metrics_need_a_seq2seq_model(tiny, tmp_path):
                 train={"eval_metric": "bleu"},
             )
         )
+
+
+def test_without_a_validation_split_it_trains_without_evaluation_and_says_so(tiny, tmp_path, capsys):
+    train_only = {"train": str(tiny_models.SHARED_DATA / "train.jsonl")}
+    prepared = prepare(run_config(tiny, tmp_path, data={"data_files": train_only}))
+    assert prepared.validation_split is None and set(prepared.datasets) == {"train"}
+    assert "has no split 'validation': training without evaluation" in capsys.readouterr().out
+
+
+def test_validation_split_percentage_holds_out_the_first_rows_of_train(tiny, tmp_path):
+    train_only = {"train": str(tiny_models.SHARED_DATA / "train.jsonl")}
+    data = {"data_files": train_only, "validation_split_percentage": 10, "max_train_samples": None}
+    prepared = prepare(run_config(tiny, tmp_path, data=data))
+    assert (len(prepared.datasets["validation"]), len(prepared.datasets["train"])) == (900, 8100)
+    first = json.loads(open(train_only["train"]).readline())["translation"]["de"]
+    assert prepared.datasets["validation"][0]["reference"] == first
+
+
+def test_a_loading_script_dataset_is_one_clear_line(tiny, tmp_path, monkeypatch):
+    import datasets
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("Dataset scripts are no longer supported, but found wmt13.py")
+
+    monkeypatch.setattr(datasets, "load_dataset", refuse)
+    with pytest.raises(
+        ConfigError, match="is a loading script, which datasets >= 4 does not run: .*refs/convert/parquet"
+    ):
+        prepare(run_config(tiny, tmp_path, data={"dataset": "vgaraujov/wmt13", "data_files": None}))
+
+
+def test_prepared_data_is_loaded_as_prepared_and_other_settings_are_refused(tiny, tmp_path, monkeypatch):
+    from ds_distill import data
+    from tests.conftest import run_cli, write_yaml
+
+    tokenized_path = tmp_path / "tokenized"
+    config = translation_config(tiny, tmp_path / "out", data={"tokenized_path": str(tokenized_path)})
+    result = run_cli("prepare_data", f"--config={write_yaml(tmp_path / 'run.yaml', config)}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "train: 512 rows" in result.stdout and (tokenized_path / data.PREPARED_MARKER).is_file()
+
+    monkeypatch.setattr(data, "load_raw", lambda *args: pytest.fail("prepared data must not be loaded again"))
+    prepared = prepare(from_dict(RunConfig, config))
+    assert len(prepared.datasets["train"]) == 512 and prepared.datasets["validation"][0]["reference"]
+
+    config["data"]["max_source_length"] = 32
+    with pytest.raises(ConfigError, match="was prepared with other settings \\(max_source_length differ"):
+        prepare(from_dict(RunConfig, config))

@@ -1,6 +1,7 @@
 """Nothing of the user's is deleted: only directories marked as ours are replaced, never protected ones."""
 
 import io
+import json
 import random
 
 import numpy as np
@@ -83,3 +84,17 @@ def test_rng_state_round_trips_through_a_weights_only_load():
     buffer.seek(0)
     set_rng_state(torch.load(buffer, weights_only=True))
     assert (random.random(), np.random.randn(), torch.rand(3).tolist()) == expected
+
+
+def test_checkpoints_are_pruned_to_the_newest_complete_ones_and_crash_leftovers_go(tmp_path):
+    from ds_distill.checkpoint import COMPLETE, _prune, _readable, latest_tag
+
+    for step, complete in ((100, True), (200, True), (250, False), (300, True), (400, False)):
+        (tmp_path / f"step_{step}").mkdir()
+        if complete:
+            (tmp_path / f"step_{step}" / COMPLETE).write_text(json.dumps({"step": step, "world_size": 2}))
+    _prune(tmp_path, keep=2, newest=300)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_200", "step_300", "step_400"]  # 400: a later save
+    assert latest_tag(tmp_path) == "step_300"
+    assert "was saved by 2 ranks; resume it with 2, not 1" in _readable(tmp_path, "step_300")
+    assert "cannot see" in _readable(tmp_path, "step_400")

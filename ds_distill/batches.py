@@ -1,0 +1,130 @@
+"""Tokenized data to batches: collation, the restartable training stream of each rank, evaluation shares.
+
+Batches are padded per batch by the Hugging Face collators and served in a seeded order that can restart at any
+micro-batch, which is what makes resumed runs equal to uninterrupted ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+from transformers import (
+    DataCollatorForLanguageModeling,
+    DataCollatorForSeq2Seq,
+    DataCollatorWithPadding,
+    default_data_collator,
+)
+
+from ds_distill import dist
+from ds_distill.config import DataConfig
+from ds_distill.errors import ConfigError
+from ds_distill.losses.base import IGNORE_INDEX
+
+
+def make_collator(data: DataConfig, tokenizer, model: torch.nn.Module | None = None):
+    """Dynamic padding; for seq2seq, `model` turns labels into decoder inputs its own way (T5 vs BART)."""
+    if data.task in ("translation", "seq2seq"):
+        return DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
+    if data.task == "causal_lm":
+        return default_data_collator
+    if data.mlm_probability > 0:
+        return DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=data.mlm_probability)
+    return DataCollatorWithPadding(tokenizer)
+
+
+def batches_per_epoch(num_examples: int, batch_size: int) -> int:
+    """Micro-batches each rank gets per epoch (drop_last); at least one, or a `ConfigError`."""
+    batches = num_examples // dist.world_size() // batch_size
+    if batches == 0:
+        raise ConfigError(
+            f"the training set has {num_examples} examples, fewer than one batch of {batch_size} per rank on "
+            f"{dist.world_size()} ranks; lower train.per_device_train_batch_size or add data"
+        )
+    return batches
+
+
+class _Batches(torch.utils.data.Dataset):
+    """Item g is micro-batch g of an epoch, collated where it is fetched (in a DataLoader worker, if any).
+
+    Random collators (masked LM) draw from a generator seeded by (seed, rank, epoch, g): a batch's masks do
+    not depend on which worker made it or on what was drawn before, so a resumed run sees the same masks.
+    """
+
+    def __init__(self, dataset, batches: list[list[int]], collate, key: tuple[int, ...]):
+        self.dataset, self.batches, self.collate, self.key = dataset, batches, collate, key
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, g: int) -> dict[str, torch.Tensor]:
+        if hasattr(self.collate, "generator"):
+            seed = np.random.SeedSequence([*self.key, g]).generate_state(1, np.uint64)[0]
+            self.collate.generator = torch.Generator().manual_seed(int(seed))
+        return self.collate([self.dataset[i] for i in self.batches[g]])
+
+
+@dataclass
+class TrainBatches:
+    """The training stream for one rank: seeded, epoch after epoch, restartable at any micro-batch.
+
+    Every rank gets the same number of micro-batches per epoch (drop_last), because the teacher's ZeRO-3
+    forward is collective: a rank that ran one batch fewer would hang the others. `num_workers` processes
+    collate ahead of the loop (pinned memory, so copies to the GPU can overlap compute).
+    """
+
+    dataset: datasets.Dataset
+    collate: Any
+    batch_size: int
+    seed: int
+    num_workers: int = 0
+    pin_memory: bool = False
+
+    def __post_init__(self):
+        self.sampler = DistributedSampler(
+            self.dataset, num_replicas=dist.world_size(), rank=dist.rank(), shuffle=True, seed=self.seed, drop_last=True
+        )
+        self.batches_per_epoch = batches_per_epoch(len(self.dataset), self.batch_size)
+
+    def iterate(self, start: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        """Yields micro-batches forever, beginning after the first `start` ones."""
+        epoch, skip = divmod(start, self.batches_per_epoch)
+        while True:
+            self.sampler.set_epoch(epoch)
+            indices = list(self.sampler)[: self.batches_per_epoch * self.batch_size]
+            batches = [indices[i : i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
+            yield from DataLoader(
+                _Batches(self.dataset, batches, self.collate, (self.seed, dist.rank(), epoch)),
+                batch_size=None,  # items are whole micro-batches
+                sampler=range(skip, len(batches)),
+                num_workers=self.num_workers,
+                pin_memory=self.pin_memory,
+                # a generator of its own: each DataLoader iterator draws a seed, and drawing it from the global
+                # RNG would shift the dropout masks of a resumed run against the uninterrupted one
+                generator=torch.Generator(),
+            )
+            epoch, skip = epoch + 1, 0
+
+
+def eval_batches(
+    dataset: datasets.Dataset, collate, batch_size: int
+) -> Iterator[tuple[dict[str, torch.Tensor], list[str] | None, int]]:
+    """This rank's share of the evaluation set as (batch, reference texts or None, number of real rows).
+
+    Ranks get equal numbers of batches (ZeRO-3 needs every rank in every forward); the last batches are
+    filled with repeats of example 0, and the count of real rows tells the caller to leave those out.
+    """
+    world, rank = dist.world_size(), dist.rank()
+    per_rank = -(-len(dataset) // world)
+    mine = list(range(rank, len(dataset), world))
+    real = len(mine)
+    mine += [0] * (per_rank - real)
+    for start in range(0, per_rank, batch_size):
+        rows = [dataset[i] for i in mine[start : start + batch_size]]
+        references = [row.pop("reference") for row in rows] if "reference" in rows[0] else None
+        yield collate(rows), references, max(0, min(len(rows), real - start))

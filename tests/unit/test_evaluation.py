@@ -1,0 +1,39 @@
+"""Evaluation scores generations against the reference texts themselves, as sacrebleu defines BLEU."""
+
+import json
+
+import sacrebleu
+import torch
+
+from ds_distill import batches, data, models
+from ds_distill.config import RunConfig, from_dict
+from ds_distill.evaluation import evaluate
+from tests.conftest import translation_config
+
+
+def test_bleu_is_sacrebleu_against_the_raw_references_not_the_truncated_labels(tiny, tmp_path):
+    run = from_dict(
+        RunConfig,
+        translation_config(tiny, tmp_path, data={"max_target_length": 8}, train={"eval_metric": "bleu"}),
+    )
+    tokenizer = data.load_tokenizer(str(tiny["tokenizer"]))
+    validation = data.tokenize(run.data, tokenizer, data.load_raw(run.data))["validation"]
+    model = models.adapter_for(models.load_config(str(tiny["t5"]), "t")).from_pretrained(str(tiny["t5"]))
+    labels = {tuple(row["input_ids"]): row["labels"] for row in validation}
+
+    def generate(input_ids, attention_mask, **kwargs):
+        """'Hypotheses' that are the truncated labels: what was wrongly used as references before."""
+        rows = [labels[tuple(ids[mask.bool()].tolist())] for ids, mask in zip(input_ids, attention_mask)]
+        return torch.nn.utils.rnn.pad_sequence([torch.tensor(r) for r in rows], batch_first=True)
+
+    model.generate = generate
+    texts = {}
+    collate = batches.make_collator(run.data, tokenizer, model)
+    results = evaluate(model, validation, collate, tokenizer, run, texts=texts)
+
+    raw = [json.loads(line)["translation"]["de"] for line in open(run.data.data_files["validation"])]
+    assert texts["references"] == raw
+    hypotheses = tokenizer.batch_decode([row["labels"] for row in validation], skip_special_tokens=True)
+    assert texts["hypotheses"] == hypotheses
+    assert results["bleu"] == sacrebleu.corpus_bleu(hypotheses, [raw]).score
+    assert 0 < results["bleu"] < 50  # 8-token prefixes of the references; against themselves they would score 100

@@ -1,0 +1,49 @@
+"""tools/: scripts around the library, run as a user runs them."""
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import REPO, subprocess_env
+
+
+def prepare_wmt(*args):
+    return subprocess.run(
+        [sys.executable, "tools/prepare_wmt.py", *args], cwd=REPO, env=subprocess_env(), capture_output=True, text=True
+    )
+
+
+def test_prepare_wmt_pairs_text_corpora_and_sgml_test_sets(tmp_path):
+    raw = tmp_path / "raw"
+    (raw / "training").mkdir(parents=True)
+    (raw / "dev").mkdir()
+    (raw / "training" / "europarl.es-en.en").write_text("Hello .\n\nThe house is red .\n")
+    (raw / "training" / "europarl.es-en.es").write_text("Hola .\nVacío\nLa casa es roja .\n")
+    (raw / "dev" / "newstest2013-src.en.sgm").write_text(
+        '<srcset><doc><seg id="1">Tom &amp; Ann</seg>\n<seg id="2">It&apos;s late.</seg></doc></srcset>'
+    )
+    (raw / "dev" / "newstest2013-ref.es.sgm").write_text(
+        '<refset><seg id="1">Tom y Ana</seg><seg id="2">Es tarde.</seg>'
+    )
+    result = prepare_wmt(
+        "text", f"--raw_dir={raw}", "--source=en", "--target=es", f"--output_dir={tmp_path / 'out'}",
+        "--train=training/europarl.es-en", "--validation=dev/newstest2013",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "wrote 2 training and 2 validation pairs" in result.stdout
+    rows = [json.loads(line)["translation"] for line in open(tmp_path / "out" / "train.jsonl")]
+    assert rows == [{"en": "Hello .", "es": "Hola ."}, {"en": "The house is red .", "es": "La casa es roja ."}]
+    rows = [json.loads(line)["translation"] for line in open(tmp_path / "out" / "validation.jsonl")]
+    assert rows == [{"en": "Tom & Ann", "es": "Tom y Ana"}, {"en": "It's late.", "es": "Es tarde."}]
+
+
+def test_prepare_wmt_refuses_sides_that_are_not_aligned(tmp_path):
+    (tmp_path / "c.en").write_text("one\ntwo\n")
+    (tmp_path / "c.es").write_text("uno\n")
+    result = prepare_wmt(
+        "text", f"--raw_dir={tmp_path}", "--source=en", "--target=es", f"--output_dir={tmp_path / 'out'}",
+        "--train=c", "--validation=c",
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "has 2 sentences and" in result.stderr and "must be line-aligned" in result.stderr
+    assert not list((tmp_path / "out").glob("train.jsonl*"))  # no file, not even a partial one
