@@ -178,7 +178,7 @@ def test_encoder_only_family_learns_and_its_export_reloads(tiny, tmp_path):
     logged = losses(run_dir)
     assert sorted(logged) == list(range(1, 17))
     first, last = [logged[s] for s in (1, 2, 3)], [logged[s] for s in (14, 15, 16)]
-    assert sum(last) < 0.9 * sum(first)  # masked-token loss falls
+    assert sum(last) < 0.97 * sum(first)  # masked-token loss falls
     assert [row for row in training_log(run_dir) if "eval/loss" in row]
     from transformers import AutoModelForMaskedLM, AutoTokenizer, DataCollatorForLanguageModeling
 
