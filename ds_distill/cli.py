@@ -3,6 +3,7 @@
     ds-distill demo                                   the whole job on an embedded default, in minutes
     ds-distill distill --config=RUN.yaml [--a.b=v]    one distillation run (or --recipe=NAME)
     ds-distill prepare_data --config=RUN.yaml         tokenize to data.tokenized_path ahead of a launch
+    ds-distill make_student --teacher=T --output_dir=D [--d_model ...]   a student cut from the teacher
     ds-distill export --checkpoint_dir=D --output_dir=O
     ds-distill count_params PATH_OR_RECIPE
     ds-distill list
@@ -95,6 +96,107 @@ def prepare_data(config: str | None = None, recipe: str | None = None, **overrid
     print(f"wrote {', '.join(f'{split}: {len(rows):,} rows' for split, rows in tokenized.items())} to {path}")
 
 
+def make_student(
+    teacher: str,
+    output_dir: str,
+    encoder_layers: int | None = None,
+    decoder_layers: int | None = None,
+    d_model: int | None = None,
+    d_ff: int | None = None,
+    num_heads: int | None = None,
+    layers: str = "alternate",
+    encoder_layers_from=None,
+    decoder_layers_from=None,
+    width: str = "first",
+    data: str | None = None,
+    calibration_batches: int = 8,
+    target_params: str | None = None,
+    overwrite: bool = False,
+):
+    """Cuts a student from a teacher's weights into a Hugging Face directory that from_pretrained loads.
+
+        ds-distill make_student --teacher=google/flan-t5-xl --output_dir=students/145m \
+            --encoder_layers=12 --decoder_layers=12 --d_model=512 --d_ff=2048 --num_heads=8
+        ds-distill make_student --teacher=DIR --output_dir=OUT --target_params=145M --width=importance --data=run.yaml
+
+    Depth: the student's blocks copy teacher blocks chosen by --layers, or listed per stack. Width: the same
+    hidden channels, heads and FFN neurons are kept through every matrix that reads or writes them (embeddings,
+    every q/k/v/o of self- and cross-attention, gated and plain FFNs, norms, T5's relative position bias, the LM
+    head): the leading ones (--width=first) or those with the largest activations on calibration batches
+    (--width=importance, as NVIDIA's Minitron ranks them). The teacher is read one tensor at a time, so
+    slicing needs memory for the student, not the teacher (importance loads the teacher once to rank).
+    Prints what it kept and the student's size. Unset dimensions keep the teacher's.
+
+    Args:
+        teacher: hub id or directory of the teacher (safetensors weights).
+        output_dir: the directory to write; an earlier make_student output there is replaced.
+        encoder_layers: encoder blocks of the student.
+        decoder_layers: decoder blocks of the student.
+        d_model: hidden width (a whole number of heads: num_heads x the teacher's head width).
+        d_ff: feed-forward width.
+        num_heads: attention heads.
+        layers: alternate (every k-th block, ending with the last) | uniform (first to last, evenly) | first | last.
+        encoder_layers_from: the teacher's encoder blocks (0-based) to copy, e.g. 0,2,4, instead of --layers.
+        decoder_layers_from: the teacher's decoder blocks to copy.
+        width: first | importance.
+        data: a run YAML whose data section gives the calibration batches (--width=importance).
+        calibration_batches: how many batches of the run's batch size to rank on.
+        target_params: a size such as 145M: proposes dimensions near it (count_params confirms them) and uses
+            the closest for the dimensions not given.
+        overwrite: replace output_dir even if it is not an earlier make_student output.
+    """
+    from ds_distill import models, run_dir, slicing
+    from ds_distill.config import FromTeacherConfig, coerce
+
+    target = Path(output_dir)
+    run_dir.check_target(
+        target, run_dir.STUDENT_MARKER, "an earlier make_student output", _flag(overwrite, "overwrite")
+    )
+    given = {
+        "encoder_layers": encoder_layers,
+        "decoder_layers": decoder_layers,
+        "d_model": d_model,
+        "d_ff": d_ff,
+        "num_heads": num_heads,
+    }
+    teacher_config = models.load_config(teacher, "teacher")
+    if target_params is not None:
+        proposals = slicing.propose_dims(teacher_config, slicing.parse_count(target_params))
+        print(f"dimensions near {target_params} (parameters counted on the meta device):")
+        for dims, count in proposals:
+            shown = {k: v for k, v in vars(dims).items() if k in given and v is not None}
+            print(f"  {count / 1e6:,.1f}M  " + "  ".join(f"--{k}={v}" for k, v in shown.items()))
+        best = vars(proposals[0][0])
+        given = {k: v if v is not None else best.get(k) for k, v in given.items()}
+    dims = FromTeacherConfig(
+        **{k: coerce(v, int | None, k) for k, v in given.items()},
+        strategy="sliced",
+        layers=layers,
+        encoder_layers_from=coerce(encoder_layers_from, list[int] | None, "encoder_layers_from"),
+        decoder_layers_from=coerce(decoder_layers_from, list[int] | None, "decoder_layers_from"),
+        width=width,
+        calibration_batches=calibration_batches,
+    )
+    calibration = _calibration(data, teacher, calibration_batches) if data else None
+    student_config, plan = slicing.make_student(teacher, target, dims, calibration)
+    teacher_count, student_count = models.count_parameters(teacher_config), models.count_parameters(student_config)
+    print(f"kept, of teacher {teacher}:\n{plan.summary()}")
+    print(f"wrote {target}: {student_count / 1e6:,.1f}M parameters ({teacher_count / student_count:.1f}x smaller)")
+
+
+def _calibration(config: str, teacher: str, count: int):
+    """Calibration batches from a run YAML's data section, tokenized with the teacher's tokenizer."""
+    from ds_distill import batches, data
+    from ds_distill.config import load_config
+    from ds_distill.slicing import first_batches
+
+    run = load_config(config)
+    tokenizer = data.load_tokenizer(teacher)
+    split = data.load_tokenized(run.data, tokenizer)[run.data.train_split]
+    size = run.train.per_device_train_batch_size
+    return lambda model: first_batches(split, batches.make_collator(run.data, tokenizer, model), size, count)
+
+
 def export(checkpoint_dir: str, output_dir: str, tag: str | None = None, overwrite: bool = False):
     """Turns a run's ZeRO checkpoint (stage 2 or 3) into a Hugging Face directory that from_pretrained loads.
 
@@ -131,7 +233,7 @@ def count_params(path_or_recipe: str):
     run = config_module.load_config(path_or_recipe if is_yaml else None, None if is_yaml else path_or_recipe)
     teacher_config = None
     if run.teacher.model_name_or_path:
-        teacher_config = models.load_config(run.teacher.model_name_or_path, "teacher")
+        teacher_config = models.load_config(run.teacher.weights(), "teacher")
     student = models.count_parameters(student_hf_config(run.student, teacher_config))
     if teacher_config is not None:
         teacher = models.count_parameters(teacher_config)
@@ -184,11 +286,11 @@ VERBS = {
     "demo": demo,
     "distill": distill,
     "prepare_data": prepare_data,
+    "make_student": make_student,
     "export": export,
     "count_params": count_params,
     "list": list_components,
     "chain": _not_yet("chain", "teacher -> assistant(s) -> student, resumable stage by stage"),
-    "make_student": _not_yet("make_student", "a student initialised by slicing the teacher's weights"),
     "evaluate": _not_yet("evaluate", "BLEU/ROUGE/loss/accuracy of an exported model"),
     "plan": _not_yet("plan", "memory per rank for teacher and student, with offload advice"),
 }

@@ -33,7 +33,15 @@ class TeacherConfig:
 
     model_name_or_path: str | None = None
     """Hugging Face hub id or local directory. Empty: no teacher, the student is fine-tuned on labels alone."""
+    gguf_file: str | None = None
+    """A GGUF file in model_name_or_path to use instead of safetensors weights (converted once per machine)."""
     deepspeed_config: str = "ds_configs/teacher_zero3_inference_cpu.json"
+
+    def weights(self) -> str | None:
+        """What to load: model_name_or_path, or the Hugging Face directory its GGUF file converts to."""
+        from ds_distill.models.gguf import resolve
+
+        return resolve(self.model_name_or_path, self.gguf_file)
 
 
 @dataclass
@@ -48,7 +56,19 @@ class FromTeacherConfig:
     d_ff: int | None = None
     num_heads: int | None = None
     strategy: str = "random"
-    """How weights start. `random`: fresh initialisation from the shrunk config."""
+    """How weights start. `random`: fresh initialisation from the shrunk config; `sliced`: cut from the
+    teacher's weights (`ds-distill make_student`), written to output_dir/student_init at the start."""
+    layers: str = "alternate"
+    """sliced: which teacher blocks: alternate | uniform | first | last (ds-distill make_student --help)."""
+    encoder_layers_from: list[int] | None = None
+    """sliced: the teacher's encoder blocks (0-based) the student's copy, instead of `layers`."""
+    decoder_layers_from: list[int] | None = None
+    """sliced: the teacher's decoder blocks the student's copy, instead of `layers`."""
+    width: str = "first"
+    """sliced: which channels, heads and FFN neurons: first (leading) | importance (activations on the
+    run's first training batches)."""
+    calibration_batches: int = 8
+    """sliced, width importance: training batches the teacher's activations are read on."""
 
 
 @dataclass
@@ -199,6 +219,13 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where} must be a mapping of {_field_names(tp)}, got {value!r}")
         return from_dict(tp, value, where)
     origin = typing.get_origin(tp)
+    if origin is list:
+        if isinstance(value, str):  # "0,2,4" from a flag
+            value = [part for part in value.split(",") if part.strip()]
+        if not isinstance(value, (list, tuple)):  # fire reads `0,2,4` as a tuple and `0` as an int
+            value = [value]
+        (item_tp,) = typing.get_args(tp)
+        return [coerce(item, item_tp, f"{where}[{i}]") for i, item in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where} must be a mapping, got {value!r}")
@@ -306,6 +333,9 @@ def load_config(
 
 
 TASKS = ("translation", "seq2seq", "causal_lm", "masked_lm")
+STRATEGIES = ("random", "sliced")
+LAYER_CHOICES = ("alternate", "uniform", "first", "last")
+WIDTH_CHOICES = ("first", "importance")
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 EVAL_METRICS = ("loss", "bleu", "rouge")
 
@@ -325,6 +355,17 @@ def validate(run: RunConfig) -> None:
         raise ConfigError("give exactly one of student.model_name_or_path and student.init.from_teacher")
     if student.init.from_teacher and not run.teacher.model_name_or_path:
         raise ConfigError("student.init.from_teacher needs teacher.model_name_or_path")
+    if student.init.from_teacher:
+        dims = student.init.from_teacher
+        for name, value, choices in (
+            ("strategy", dims.strategy, STRATEGIES),
+            ("layers", dims.layers, LAYER_CHOICES),
+            ("width", dims.width, WIDTH_CHOICES),
+        ):
+            if value not in choices:
+                raise ConfigError(
+                    f"student.init.from_teacher.{name} '{value}' is unknown; choose one of {', '.join(choices)}"
+                )
     if train.max_steps <= 0 and train.num_train_epochs <= 0:
         raise ConfigError("set train.max_steps or train.num_train_epochs to a positive number")
     if train.lr_scheduler_type not in LR_SCHEDULERS:

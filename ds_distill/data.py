@@ -30,7 +30,7 @@ FILE_BUILDERS = ("json", "csv", "parquet", "text")
 
 def tokenizer_source(run: RunConfig) -> str:
     """Where the run's one tokenizer comes from: data.tokenizer, else the teacher's, else the student's."""
-    return run.data.tokenizer or run.teacher.model_name_or_path or run.student.model_name_or_path
+    return run.data.tokenizer or run.teacher.weights() or run.student.model_name_or_path
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:

@@ -17,6 +17,7 @@ from ds_distill.errors import ConfigError
 
 RUN_MARKER = "ds_distill_run.json"
 EXPORT_MARKER = "ds_distill_export.json"
+STUDENT_MARKER = "ds_distill_student.json"  # a student cut from a teacher (`ds-distill make_student`)
 
 
 def _protected(path: Path) -> str | None:
@@ -47,20 +48,26 @@ def _refuse_protected(path: Path, flag: str) -> None:
         raise ConfigError(f"{path} cannot be replaced: {reason}; choose another {flag}")
 
 
-def check_export_target(path: Path, overwrite: bool, source: Path) -> None:
-    """An export may replace an earlier export; with `overwrite`, any directory but a run, its checkpoints
-    (`source`) or a protected one."""
-    source = source.resolve()
-    if path.resolve() == source or path.resolve() in source.parents:
-        raise ConfigError(f"--output_dir {path} holds the checkpoints being exported; choose another directory")
+def check_target(path: Path, marker: str, what: str, overwrite: bool) -> None:
+    """May new output (an export, a student) replace `path`? Yes if it is empty or `what` (carries `marker`);
+    with `overwrite`, any directory but a run or a protected one."""
     if not overwrite:
-        check_replaceable(path, EXPORT_MARKER, "an earlier export", "--output_dir (or pass --overwrite)")
+        check_replaceable(path, marker, what, "--output_dir (or pass --overwrite)")
         return
     _refuse_protected(path, "--output_dir")
     if (path / RUN_MARKER).is_file():
         raise ConfigError(
             f"{path} holds a ds_distill run, which --overwrite never replaces; choose another --output_dir"
         )
+
+
+def check_export_target(path: Path, overwrite: bool, source: Path) -> None:
+    """An export may replace an earlier export; with `overwrite`, any directory but a run, its checkpoints
+    (`source`) or a protected one."""
+    source = source.resolve()
+    if path.resolve() == source or path.resolve() in source.parents:
+        raise ConfigError(f"--output_dir {path} holds the checkpoints being exported; choose another directory")
+    check_target(path, EXPORT_MARKER, "an earlier export", overwrite)
 
 
 def claim(output_dir: Path, config_yaml: str, resume: bool, overwrite: bool, has_checkpoint: bool) -> bool:

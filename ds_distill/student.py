@@ -8,6 +8,7 @@ student's optimizer, checkpoints and resumption while staying out of the exporte
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,7 +18,6 @@ from ds_distill import models
 from ds_distill.capture import FeatureCapture
 from ds_distill.config import StudentConfig
 from ds_distill.ds_config import zero3_loading
-from ds_distill.errors import ConfigError
 from ds_distill.losses.base import IGNORE_INDEX
 
 
@@ -25,21 +25,19 @@ def student_hf_config(student: StudentConfig, teacher_hf_config: PretrainedConfi
     """The student's architecture, known before any weights load (for validation and parameter counts)."""
     if student.model_name_or_path:
         return models.load_config(student.model_name_or_path, "student")
-    dims = student.init.from_teacher
-    if dims.strategy != "random":
-        raise ConfigError(
-            f"student.init.from_teacher.strategy '{dims.strategy}' is not available yet; use 'random' "
-            "(weight-slicing strategies are on the roadmap)"
-        )
-    return models.adapter_for(teacher_hf_config).shrink(teacher_hf_config, dims)
+    return models.adapter_for(teacher_hf_config).shrink(teacher_hf_config, student.init.from_teacher)
 
 
-def build_student(student: StudentConfig, hf_config: PretrainedConfig, ds_config: dict[str, Any], seed: int):
-    """The student's Hugging Face model, in fp32: DeepSpeed keeps the fp32 master weights and casts for bf16."""
+def build_student(
+    student: StudentConfig, hf_config: PretrainedConfig, ds_config: dict[str, Any], seed: int, path: Path | None = None
+):
+    """The student's Hugging Face model, in fp32 (DeepSpeed keeps the fp32 master weights and casts for bf16):
+    loaded from `path` (a sliced student) or `student.model_name_or_path`, else built from `hf_config`."""
     adapter = models.adapter_for(hf_config)
-    if student.model_name_or_path:
+    path = path or student.model_name_or_path
+    if path:
         with zero3_loading(ds_config):  # partitioned as it loads under ZeRO-3
-            return adapter.from_pretrained(student.model_name_or_path, "student", dtype=torch.float32)
+            return adapter.from_pretrained(str(path), "student", dtype=torch.float32)
     # Built whole, then partitioned by deepspeed.initialize: zero.Init would draw other random numbers, and a
     # run must start from the same weights under ZeRO-2 and ZeRO-3. A student fits in host memory.
     torch.manual_seed(seed)

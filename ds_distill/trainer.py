@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ds_distill import batches, checkpoint, data, dist, ds_config, export, models, run_dir
+from ds_distill import batches, checkpoint, data, dist, ds_config, export, models, run_dir, slicing
 from ds_distill.capture import FeatureCapture
 from ds_distill.config import RunConfig, to_yaml
 from ds_distill.errors import ConfigError
@@ -89,7 +89,7 @@ def prepare(run: RunConfig, resume: bool = False, overwrite: bool = False) -> Pr
     # rank 0's view decides for all (on node-local disks the others may see none; resuming then says so)
     has_checkpoint = dist.all_gather_objects(checkpoint.latest_tag(output_dir / "checkpoints") is not None)[0]
     resume = run_dir.claim(output_dir, to_yaml(run), resume, overwrite, has_checkpoint)
-    source = run.teacher.model_name_or_path or run.student.model_name_or_path
+    source = run.teacher.weights() or run.student.model_name_or_path
     generation_config = export.generation_config(source, student_config, len(tokenizer))
     return Prepared(
         run, output_dir, resume, tokenizer, tokenized, teacher_ds, student_ds, student_config, generation_config,
@@ -101,7 +101,7 @@ def _check_models(run: RunConfig):
     """Both models' configs (no weights), checked against the task, the losses and the metric."""
     teacher_config = None
     if run.teacher.model_name_or_path:
-        teacher_config = models.load_config(run.teacher.model_name_or_path, "teacher")
+        teacher_config = models.load_config(run.teacher.weights(), "teacher")
     student_config = student_hf_config(run.student, teacher_config)
     adapter = models.adapter_for(student_config)
     if run.data.task not in adapter.tasks:
@@ -128,7 +128,7 @@ def _check_tokenizer(run: RunConfig, teacher_config, student_config):
     """The one tokenizer both models must share."""
     tokenizer = data.load_tokenizer(data.tokenizer_source(run))
     if teacher_config is not None and run.student.model_name_or_path:
-        data.check_same_tokenizer(run.teacher.model_name_or_path, run.student.model_name_or_path)
+        data.check_same_tokenizer(run.teacher.weights(), run.student.model_name_or_path)
     for role, config in (("teacher", teacher_config), ("student", student_config)):
         if config is not None and config.vocab_size < len(tokenizer):
             raise ConfigError(
@@ -183,9 +183,11 @@ class Trainer:
         self.p, self.run, self.train_config = p, p.run, p.run.train
         self.owns_teacher = teacher is None
         if teacher is None and p.teacher_ds:
-            teacher = load_teacher(self.run.teacher.model_name_or_path, p.teacher_ds)
+            teacher = load_teacher(self.run.teacher.weights(), p.teacher_ds)
         self.teacher = teacher
-        student = build_student(self.run.student, p.student_config, p.student_ds, self.train_config.seed)
+        student = build_student(
+            self.run.student, p.student_config, p.student_ds, self.train_config.seed, self._sliced_student()
+        )
         student.generation_config = p.generation_config  # evaluation generates as the export will
         if self.train_config.gradient_checkpointing:
             # non-reentrant: gradients also flow into features captured inside a checkpointed block
@@ -249,6 +251,28 @@ class Trainer:
             # purge_step drops events a crashed run wrote after the checkpoint we resume from
             self.writer = SummaryWriter(str(p.output_dir / "tensorboard"), purge_step=self.step + 1)
             self._truncate_log()
+
+    def _sliced_student(self) -> Path | None:
+        """With `from_teacher.strategy: sliced`, the student cut from the teacher into output_dir/student_init
+        (by rank 0, at the start of a run; a resumed run takes its weights from the checkpoint)."""
+        dims = self.run.student.init.from_teacher
+        if dims is None or dims.strategy != "sliced":
+            return None
+        path = self.p.output_dir / "student_init"
+        if self.p.resume:  # the checkpoint holds the weights; the directory only gives the architecture
+            return path if path.is_dir() else None
+        if dist.is_main():
+            split = self.p.datasets[self.run.data.train_split]
+            size = self.train_config.per_device_train_batch_size
+
+            def calibration(model):
+                collate = batches.make_collator(self.run.data, self.p.tokenizer, model)
+                return slicing.first_batches(split, collate, size, dims.calibration_batches)
+
+            _, plan = slicing.make_student(self.run.teacher.weights(), path, dims, calibration)
+            dist.print_main(f"student cut from the teacher ({dims.width} width) into {path}:\n{plan.summary()}")
+        dist.barrier()
+        return path
 
     def _lr_schedule(self, optimizer):
         """Hugging Face's schedules: DeepSpeed's own start every run at their minimum rate and warm up over at

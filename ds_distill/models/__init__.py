@@ -22,9 +22,10 @@ from transformers import AutoConfig, PretrainedConfig
 from ds_distill import dist
 from ds_distill.config import FromTeacherConfig
 from ds_distill.errors import ConfigError
-from ds_distill.models import layouts
+from ds_distill.models import layouts, widths
 from ds_distill.models.fused import use_fused_kernels
 from ds_distill.models.layouts import Site, StackLayout
+from ds_distill.models.widths import WidthLayout
 
 KNOWN_CONFIGS_DIR = Path(__file__).parent / "known_configs"
 DIMENSIONS = ("encoder_layers", "decoder_layers", "d_model", "d_ff", "num_heads")
@@ -43,6 +44,11 @@ class ModelAdapter:
     kind: str  # "seq2seq" | "causal" | "encoder"
     config_fields: dict[str, tuple[str, ...]] = field(default_factory=dict)
     layout: dict[str, StackLayout] = field(default_factory=dict)
+    widths: WidthLayout = field(default_factory=lambda: WidthLayout(axes=()))
+    """How its tensors are cut for a narrower student (`widths.py`)."""
+    narrow_heads: bool = False
+    """Whether a student's heads may be narrower than the teacher's (a head keeps some of its channels): where
+    the head width is d_model / num_heads and no rotary embedding pairs channels (BERT, BART, GPT-2)."""
     optional_parts: tuple[str, ...] = ()
     """Prefixes of tensors of parts distillation never reads (BERT's pooler and next-sentence head): a checkpoint
     may lack them or hold them for a class without them, with a note, where other such tensors are errors."""
@@ -232,6 +238,7 @@ ADAPTERS: tuple[ModelAdapter, ...] = (
             "num_heads": ("num_heads",),
         },
         layout=layouts.T5,
+        widths=widths.T5,
     ),
     ModelAdapter(
         name="bart",
@@ -245,6 +252,8 @@ ADAPTERS: tuple[ModelAdapter, ...] = (
             "num_heads": ("encoder_attention_heads", "decoder_attention_heads"),
         },
         layout=layouts.BART,
+        widths=widths.BART,
+        narrow_heads=True,
     ),
     ModelAdapter(
         name="gpt2",
@@ -257,6 +266,8 @@ ADAPTERS: tuple[ModelAdapter, ...] = (
             "num_heads": ("n_head",),
         },
         layout=layouts.GPT2,
+        widths=widths.GPT2,
+        narrow_heads=True,
     ),
     DecoderOnlyAdapter(
         name="llama",
@@ -269,6 +280,7 @@ ADAPTERS: tuple[ModelAdapter, ...] = (
             "num_heads": ("num_attention_heads",),
         },
         layout=layouts.LLAMA,
+        widths=widths.LLAMA,
     ),
     ModelAdapter(
         name="bert",
@@ -281,6 +293,8 @@ ADAPTERS: tuple[ModelAdapter, ...] = (
             "num_heads": ("num_attention_heads",),
         },
         layout=layouts.BERT,
+        widths=widths.BERT,
+        narrow_heads=True,
         optional_parts=("cls.seq_relationship.", "bert.pooler.", "roberta.pooler.", "pooler."),
     ),
 )
