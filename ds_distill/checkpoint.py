@@ -74,9 +74,15 @@ def _step(tag: str) -> int:
     return int(tag.split("_")[1])
 
 
-def save(engine, root: Path, step: int, client_state: dict[str, Any], keep: int) -> None:
+EXTRA = "extra_state.pt"
+
+
+def save(
+    engine, root: Path, step: int, client_state: dict[str, Any], keep: int, extra: dict[str, torch.Tensor] | None = None
+) -> None:
     """Collective: every rank must call it. The checkpoint is marked complete only once every rank reports
-    that its files are written and flushed; a rank that failed makes every rank raise."""
+    that its files are written and flushed; a rank that failed makes every rank raise. `extra`: tensors that
+    rank 0 keeps beside the shards (HomoDistil's masks), loaded back with `weights_only=True`."""
     tag = f"step_{step}"
     if dist.is_main() and (root / tag).exists():  # left by a crash after an earlier save of this step
         shutil.rmtree(root / tag)
@@ -85,6 +91,8 @@ def save(engine, root: Path, step: int, client_state: dict[str, Any], keep: int)
     try:
         engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
         torch.save(rng_state(), root / tag / f"rng_rank{dist.rank()}.pt")
+        if extra is not None and dist.is_main():
+            torch.save(extra, root / tag / EXTRA)
         _fsync_tree(root / tag)
     except OSError as error:  # a full or failing disk on this rank; the others must not mark the checkpoint
         failure = error
@@ -160,3 +168,9 @@ def load(engine, root: Path, tag: str) -> dict[str, Any]:
         raise ConfigError(f"checkpoint {root / tag} could not be loaded by DeepSpeed")
     set_rng_state(torch.load(root / tag / f"rng_rank{dist.rank()}.pt", weights_only=True))
     return client_state
+
+
+def extra_state(root: Path, tag: str) -> dict[str, torch.Tensor] | None:
+    """What `save(extra=...)` kept with the checkpoint, or None."""
+    path = root / tag / EXTRA
+    return torch.load(path, weights_only=True) if path.is_file() else None

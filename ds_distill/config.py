@@ -183,6 +183,24 @@ class LayerMapConfig:
 
 
 @dataclass
+class PruneConfig:
+    """HomoDistil (`method: homodistil`): the student, starting at the teacher's width, is pruned step by step to
+    these widths; unset ones are not pruned. The export is a dense model of the pruned widths."""
+
+    d_model: int | None = None
+    d_ff: int | None = None
+    num_heads: int | None = None
+    steps: int = 1000
+    """The optimizer step at which the target widths are reached (a cubic schedule from the full width)."""
+    start_step: int = 0
+    """Pruning starts after this step."""
+    every_steps: int = 1
+    """Masks tighten every this many steps."""
+    score_beta: float = 0.85
+    """Moving-average weight of the earlier sensitivity scores."""
+
+
+@dataclass
 class RunConfig:
     method: str | None = None
     """A preset (`ds-distill list`): fills `losses` and `layer_map`; what the YAML sets itself wins."""
@@ -194,6 +212,8 @@ class RunConfig:
     losses: dict[str, dict[str, Any]] = field(default_factory=lambda: {"ce": {"weight": 1.0}})
     """Loss terms by registry name, each with its `weight` (0 turns a term off) and options (`ds-distill list`)."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    prune: PruneConfig | None = None
+    """HomoDistil's width pruning (`method: homodistil` sets the losses)."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -387,6 +407,15 @@ def validate(run: RunConfig) -> None:
             raise ConfigError(f"train.{name} must be at least 1")
     if train.dataloader_num_workers is not None and train.dataloader_num_workers < 0:
         raise ConfigError("train.dataloader_num_workers must be 0 or more")
+    if run.method == "homodistil" and run.prune is None:
+        raise ConfigError(
+            "method homodistil prunes to the widths under prune: e.g. {d_model: 384, d_ff: 1024, steps: 2000}"
+        )
+    if run.prune is not None:
+        if not 0 <= run.prune.score_beta < 1:
+            raise ConfigError("prune.score_beta must lie in [0, 1)")
+        if run.prune.every_steps < 1 or run.prune.steps <= run.prune.start_step:
+            raise ConfigError("prune.steps must come after prune.start_step, and prune.every_steps be at least 1")
     if data.validation_split_percentage is not None and not 0 < data.validation_split_percentage < 100:
         raise ConfigError("data.validation_split_percentage must lie between 0 and 100 (a percent, e.g. 5)")
     if data.task == "masked_lm" and not 0 <= data.mlm_probability < 1:

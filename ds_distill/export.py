@@ -18,11 +18,12 @@ import torch
 from transformers import AutoConfig, GenerationConfig, PretrainedConfig
 
 from ds_distill import dist, models, run_dir
-from ds_distill.checkpoint import latest_tag
+from ds_distill.checkpoint import extra_state, latest_tag
 from ds_distill.errors import ConfigError
 
 STUDENT_PREFIX = "student."
 TEMPLATE_DIR = "student_template"
+PRUNED_FROM = "pruned_from"  # in the template of a HomoDistil run: the full-width student's config
 
 
 def gather_student_state(engine) -> dict[str, torch.Tensor] | None:
@@ -65,10 +66,15 @@ def generation_config(source: str | None, student_config: PretrainedConfig, toke
     return config
 
 
-def save_template(output_dir: Path, hf_config: PretrainedConfig, tokenizer, generation_config) -> None:
-    """What a Hugging Face directory needs besides weights, written once at the start of a run."""
+def save_template(
+    output_dir: Path, hf_config: PretrainedConfig, tokenizer, generation_config, pruned_from: PretrainedConfig | None
+) -> None:
+    """What a Hugging Face directory needs besides weights, written once at the start of a run. A pruning run
+    exports the config of the pruned widths and keeps the full student's beside it."""
     output_dir.mkdir(parents=True, exist_ok=True)
     hf_config.save_pretrained(output_dir)
+    if pruned_from is not None:
+        pruned_from.save_pretrained(output_dir / PRUNED_FROM)
     tokenizer.save_pretrained(output_dir)
     generation_config.save_pretrained(output_dir)
 
@@ -93,7 +99,11 @@ def save_hf_model(
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging, safe_serialization=True)
     for item in template_dir.iterdir():
-        if item.name not in ("config.json", "model.safetensors") and not (staging / item.name).exists():
+        if (
+            item.is_file()
+            and item.name not in ("config.json", "model.safetensors")
+            and not (staging / item.name).exists()
+        ):
             shutil.copy2(item, staging / item.name)
     if (template_dir / "generation_config.json").is_file():
         GenerationConfig.from_pretrained(template_dir).save_pretrained(staging)
@@ -115,5 +125,16 @@ def export_checkpoint(checkpoint_dir: str, output_dir: str, tag: str | None = No
     run_dir.check_export_target(target, overwrite, source=root)
     full = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
     state = {k[len(STUDENT_PREFIX) :]: v for k, v in full.items() if k.startswith(STUDENT_PREFIX)}
+    if (template / PRUNED_FROM).is_dir():  # a HomoDistil run: cut the pruned widths out of the full student
+        state = cut_pruned(state, template, extra_state(root, tag))
     save_hf_model(state, template, target, {"checkpoint": str((root / tag).resolve())})
     return target
+
+
+def cut_pruned(state: dict[str, torch.Tensor], template: Path, masks: dict) -> dict[str, torch.Tensor]:
+    """The dense student of the pruned widths, from the full student's state and the pruning masks."""
+    from ds_distill.prune import plan_from_masks
+    from ds_distill.slicing import slice_teacher
+
+    full_config = AutoConfig.from_pretrained(template / PRUNED_FROM)
+    return slice_teacher(state, full_config, AutoConfig.from_pretrained(template), plan_from_masks(full_config, masks))

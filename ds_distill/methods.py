@@ -55,6 +55,17 @@ METHODS: dict[str, Method] = {
         {**LOGITS, "makd": {"weight": 1.0}},
         {"encoder": "uniform", "decoder": "uniform", "include_embeddings": False},
     ),
+    "homodistil": Method(
+        "HomoDistil: the student starts as the teacher and is pruned to the prune: widths while it distils; "
+        "task loss + KL + hidden, attention and embedding MSE",
+        {
+            **LOGITS,
+            "hidden_mse": {"weight": 1.0},
+            "attention_mse": {"weight": 1.0},
+            "embedding_mse": {"weight": 1.0},
+        },
+        {"encoder": "uniform", "decoder": "uniform", "include_embeddings": False},
+    ),
     "tinybert": Method(
         "TinyBERT: embedding, hidden (projected) and attention MSE (on probabilities) per mapped layer, plus logit KD",
         {

@@ -17,6 +17,7 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 import torch
@@ -172,6 +173,19 @@ def _ffn_width(adapter: models.ModelAdapter, config: PretrainedConfig) -> int:
 # -- reading the teacher one tensor at a time --------------------------------------------------------------
 
 
+class StateReader:
+    """Tensors of a state dict in memory, read like a checkpoint (HomoDistil slices its trained student)."""
+
+    def __init__(self, state: dict[str, torch.Tensor]):
+        self.state, self.files = state, dict.fromkeys(state)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.state
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.state[name]
+
+
 class CheckpointReader:
     """Tensors of a Hugging Face checkpoint (safetensors, sharded or not), read one at a time by name."""
 
@@ -214,10 +228,11 @@ def _block_name(adapter: models.ModelAdapter, name: str) -> tuple[str, int, str]
     return None
 
 
-def slice_teacher(teacher_path: str, teacher: PretrainedConfig, student: PretrainedConfig, plan: SlicePlan):
-    """The student's state dict (every name, tied ones included) cut from the teacher's checkpoint."""
+def slice_teacher(teacher_path, teacher: PretrainedConfig, student: PretrainedConfig, plan: SlicePlan):
+    """The student's state dict (every name, tied ones included) cut from the teacher's checkpoint (a path or
+    hub id) or state dict."""
     adapter = models.adapter_for(teacher)
-    reader = CheckpointReader(teacher_path)
+    reader = StateReader(teacher_path) if isinstance(teacher_path, dict) else CheckpointReader(teacher_path)
     # a checkpoint stores tied tensors once: under any name of a tied group, or the tied source's
     tied_in_teacher = dict(getattr(adapter.model_class(teacher, set(reader.files)), "_tied_weights_keys", None) or {})
     with torch.device("meta"):
@@ -241,10 +256,26 @@ def slice_teacher(teacher_path: str, teacher: PretrainedConfig, student: Pretrai
             if space is not None:
                 index = torch.tensor(_indices(plan, space, *(block or (None, None)), teacher))
                 tensor = tensor.index_select(axis, index)
+        if plan.head_channels and any(fnmatchcase(normalized, pattern) for pattern in adapter.widths.queries):
+            tensor = _fold_query_scale(tensor, spaces, plan, block[0])
         tensor = tensor.contiguous()
         for name in names:
             state[name] = tensor
     return state
+
+
+def _fold_query_scale(tensor: torch.Tensor, spaces, plan: SlicePlan, stack: str) -> torch.Tensor:
+    """Narrower heads divide their scores by sqrt(the narrower width): scaling the queries by sqrt(narrow /
+    full) keeps the scores the kept channels give, so the student attends as the masked teacher does."""
+    channels = len(next(iter(plan.head_channels[("heads", stack)].values())))
+    scale = (channels / plan.head_dim) ** 0.5
+    axis = next(i for i, space in enumerate(spaces) if space in ("heads", "cross_heads", "qkv_heads"))
+    tensor = tensor.clone()
+    if spaces[axis] == "qkv_heads":  # only the query third of [q | k | v]
+        tensor.narrow(axis, 0, tensor.shape[axis] // 3).mul_(scale)
+    else:
+        tensor.mul_(scale)
+    return tensor
 
 
 def _source(adapter: models.ModelAdapter, name: str, plan: SlicePlan) -> tuple[str, tuple[str, int] | None]:

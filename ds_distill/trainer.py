@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ds_distill import batches, checkpoint, data, dist, ds_config, export, models, run_dir, slicing
+from ds_distill import batches, checkpoint, data, dist, ds_config, export, models, prune, run_dir, slicing
 from ds_distill.capture import FeatureCapture
 from ds_distill.config import RunConfig, to_yaml
 from ds_distill.errors import ConfigError
@@ -85,6 +85,8 @@ def prepare(run: RunConfig, resume: bool = False, overwrite: bool = False) -> Pr
     teacher_ds = None
     if teacher_json is not None:
         teacher_ds = ds_config.fill_auto(teacher_json, train, world, total_steps, on_cpu, run.teacher.deepspeed_config)
+    if run.prune is not None:
+        prune.check(run.prune, student_ds)
     output_dir = Path(train.output_dir)
     # rank 0's view decides for all (on node-local disks the others may see none; resuming then says so)
     has_checkpoint = dist.all_gather_objects(checkpoint.latest_tag(output_dir / "checkpoints") is not None)[0]
@@ -146,8 +148,13 @@ def _write_run_files(p: Prepared) -> None:
     (p.output_dir / "ds_config_student.json").write_text(json.dumps(p.student_ds, indent=2))
     if p.teacher_ds is not None:
         (p.output_dir / "ds_config_teacher.json").write_text(json.dumps(p.teacher_ds, indent=2))
+    pruned = prune.target_config(p.student_config, p.run.prune) if p.run.prune else None
     export.save_template(
-        p.output_dir / "checkpoints" / export.TEMPLATE_DIR, p.student_config, p.tokenizer, p.generation_config
+        p.output_dir / "checkpoints" / export.TEMPLATE_DIR,
+        pruned or p.student_config,
+        p.tokenizer,
+        p.generation_config,
+        pruned_from=p.student_config if pruned else None,
     )
 
 
@@ -226,6 +233,7 @@ class Trainer:
             config=p.student_ds,
             lr_scheduler=self._lr_schedule,
         )
+        self.pruner = prune.Pruner(self.engine.module.student, self.run.prune) if self.run.prune else None
         set_seed(self.train_config.seed + dist.rank())  # dropout and masking; a resume restores the saved state
         self.device = self.engine.device
         self.collate = batches.make_collator(self.run.data, p.tokenizer, student)
@@ -291,6 +299,8 @@ class Trainer:
         tag = checkpoint.latest_tag(self.checkpoints)
         state = checkpoint.load(self.engine, self.checkpoints, tag)
         self.step, self.micro_batches_done = state["step"], state["micro_batches_done"]
+        if self.pruner is not None:
+            self.pruner.load_state_dict(checkpoint.extra_state(self.checkpoints, tag))
         dist.print_main(f"resumed from {self.checkpoints / tag} at step {self.step}")
 
     def _truncate_log(self) -> None:
@@ -330,13 +340,22 @@ class Trainer:
         world size (and not divided by the accumulation steps).
         """
         step_tokens, world = self.step_tokens(batches), dist.world_size()
-        for batch in batches:
+        for index, batch in enumerate(batches):
             batch = self._to_device(batch)
             total, terms = self.engine(batch, self.teacher_features(batch), step_tokens)
             self.engine.backward(total * world, scale_wrt_gas=False)
+            if self.pruner is not None and index == len(batches) - 1:  # the step's gradient is complete
+                self.pruner.observe(self._weights_and_gradients())
             self.engine.step()
             for name, value in {"loss": total.detach(), **terms}.items():
                 self.window.sums[name] += value  # stays on the device until a logging step
+
+    def _weights_and_gradients(self):
+        """(name, full fp32 weight, full gradient) of every student weight; collective under ZeRO."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
+
+        for name, parameter in self.engine.module.student.named_parameters():
+            yield name, safe_get_full_fp32_param(parameter), safe_get_full_grad(parameter)
 
     # -- the loop -----------------------------------------------------------------------------------------
     def train(self) -> Path:
@@ -379,6 +398,8 @@ class Trainer:
             self.engine.module.set_step(self.step)
             self.optimizer_step([next(self.stream) for _ in range(accumulation)])
             self.step += 1
+            if self.pruner is not None:
+                self.pruner.update(self.step)
             self.window.steps += 1
             self.micro_batches_done += accumulation
             self.progress.update(1)
@@ -433,14 +454,18 @@ class Trainer:
 
     def _save_checkpoint(self) -> None:
         state = {"step": self.step, "micro_batches_done": self.micro_batches_done}
-        checkpoint.save(self.engine, self.checkpoints, self.step, state, self.train_config.save_total_limit)
+        extra = self.pruner.state_dict() if self.pruner is not None else None
+        checkpoint.save(self.engine, self.checkpoints, self.step, state, self.train_config.save_total_limit, extra)
 
     def _export(self) -> Path:
         state = export.gather_student_state(self.engine)
         target = self.p.output_dir / "model"
         if dist.is_main():
+            template = self.checkpoints / export.TEMPLATE_DIR
+            if self.pruner is not None:
+                state = export.cut_pruned(state, template, self.pruner.state_dict())
             provenance = {"run": str(self.p.output_dir.resolve()), "step": self.step}
-            export.save_hf_model(state, self.checkpoints / export.TEMPLATE_DIR, target, provenance)
+            export.save_hf_model(state, template, target, provenance)
             dist.print_main(f"exported the trained model to {target}")
         dist.barrier()
         return target

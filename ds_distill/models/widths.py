@@ -28,6 +28,10 @@ Axes = tuple[str | None, ...]
 class WidthLayout:
     axes: tuple[tuple[str, Axes], ...]
     head_outputs: dict[str, str] = field(default_factory=dict)
+    embedding_outputs: tuple[str, ...] = ()
+    """Modules whose outputs enter the residual stream without passing a norm first (HomoDistil masks them)."""
+    queries: tuple[str, ...] = ()
+    """Query projections (patterns as in `axes`): narrower heads fold 1 / sqrt(head width) into them."""
 
     def spaces(self, normalized_name: str) -> Axes | None:
         from fnmatch import fnmatchcase
@@ -53,6 +57,7 @@ T5 = WidthLayout(
         ("lm_head.weight", (None, "hidden")),
     ),
     head_outputs={"heads": "layer.0.SelfAttention.o", "cross_heads": "layer.1.EncDecAttention.o"},
+    embedding_outputs=("shared",),
 )
 
 BART = WidthLayout(
@@ -77,6 +82,7 @@ BART = WidthLayout(
         ("final_logits_bias", (None, None)),
     ),
     head_outputs={"heads": "self_attn.out_proj", "cross_heads": "encoder_attn.out_proj"},
+    queries=("*.q_proj.weight", "*.q_proj.bias"),
 )
 
 GPT2 = WidthLayout(  # Conv1D weights are [in, out]
@@ -94,6 +100,8 @@ GPT2 = WidthLayout(  # Conv1D weights are [in, out]
         ("lm_head.weight", (None, "hidden")),
     ),
     head_outputs={"heads": "attn.c_proj"},
+    embedding_outputs=("transformer.wte", "transformer.wpe"),
+    queries=("*.attn.c_attn.weight", "*.attn.c_attn.bias"),  # the first third of [q | k | v]
 )
 
 LLAMA = WidthLayout(
@@ -112,6 +120,7 @@ LLAMA = WidthLayout(
         ("lm_head.weight", (None, "hidden")),
     ),
     head_outputs={"heads": "self_attn.o_proj"},
+    embedding_outputs=("model.embed_tokens",),
 )
 
 BERT = WidthLayout(
@@ -133,4 +142,5 @@ BERT = WidthLayout(
         ("*seq_relationship.bias", (None,)),
     ),
     head_outputs={"heads": "attention.output.dense"},
+    queries=("*.attention.self.query.weight", "*.attention.self.query.bias"),
 )

@@ -169,9 +169,15 @@ def test_narrower_heads_keep_the_ranked_channels_of_each_head(teachers, tmp_path
     assert plan.heads[("heads", "encoder")] == [0, 1, 2, 3]
     assert all(7 not in channels for channels in plan.head_channels[("heads", "encoder")].values())
     rows = plan.attention_indices("heads", "encoder")
+    student_attention, teacher_attention = (
+        student.bert.encoder.layer[0].attention,
+        teacher.bert.encoder.layer[0].attention,
+    )
+    torch.testing.assert_close(  # queries carry sqrt(7 / 8): scores keep the scale 1 / sqrt(8) of the full heads
+        student_attention.self.query.weight, teacher_attention.self.query.weight[rows][:, plan.hidden] * (7 / 8) ** 0.5
+    )
     torch.testing.assert_close(
-        student.bert.encoder.layer[0].attention.self.query.weight,
-        teacher.bert.encoder.layer[0].attention.self.query.weight[rows][:, plan.hidden],
+        student_attention.self.key.weight, teacher_attention.self.key.weight[rows][:, plan.hidden]
     )
     assert student.config.hidden_size == 28 and logits(student, torch.randint(3, 96, (1, 5))).shape == (1, 5, 96)
 
