@@ -222,6 +222,7 @@ def count_params(path_or_recipe: str):
     """
     from ds_distill import config as config_module
     from ds_distill import models
+    from ds_distill.prune import target_config
     from ds_distill.student import student_hf_config
 
     is_yaml = path_or_recipe.endswith((".yaml", ".yml"))
@@ -234,13 +235,19 @@ def count_params(path_or_recipe: str):
     teacher_config = None
     if run.teacher.model_name_or_path:
         teacher_config = models.load_config(run.teacher.weights(), "teacher")
-    student = models.count_parameters(student_hf_config(run.student, teacher_config))
-    if teacher_config is not None:
-        teacher = models.count_parameters(teacher_config)
+    student_config = student_hf_config(run.student, teacher_config)
+    student = models.count_parameters(student_config)
+    teacher = models.count_parameters(teacher_config) if teacher_config is not None else None
+    if teacher is not None:
         print(f"teacher {run.teacher.model_name_or_path}: {teacher / 1e6:,.1f}M parameters")
-        print(f"student: {student / 1e6:,.1f}M parameters ({teacher / student:.1f}x smaller)")
+    if run.prune is not None:
+        print(f"student while pruning: {student / 1e6:,.1f}M parameters")
+        student = models.count_parameters(target_config(student_config, run.prune))
+        label = "student after pruning (the export)"
     else:
-        print(f"student: {student / 1e6:,.1f}M parameters")
+        label = "student"
+    ratio = f" ({teacher / student:.1f}x smaller)" if teacher is not None else ""
+    print(f"{label}: {student / 1e6:,.1f}M parameters{ratio}")
 
 
 def list_components():
@@ -253,7 +260,7 @@ def list_components():
     from ds_distill.models import ADAPTERS
 
     print("recipes (ds-distill distill --recipe=NAME):")
-    for path in sorted(RECIPES_DIR.glob("*.yaml")):
+    for path in sorted(RECIPES_DIR.glob("[!_]*.yaml")):  # _*.yaml: bases that recipes share
         first = path.read_text().splitlines()[0].lstrip("# ").strip()
         print(f"  {path.stem:<24} {first}")
     print("methods (method: NAME at the top of a run config; presets of losses and layer maps):")

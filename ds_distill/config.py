@@ -11,6 +11,7 @@ at the boundary, because fire guesses types from text (`--data.prefix=1` arrives
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -22,7 +23,7 @@ from typing import Any
 import yaml
 
 from ds_distill.errors import ConfigError
-from ds_distill.methods import expand_method
+from ds_distill.methods import METHODS
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 
@@ -203,7 +204,8 @@ class PruneConfig:
 @dataclass
 class RunConfig:
     method: str | None = None
-    """A preset (`ds-distill list`): fills `losses` and `layer_map`; what the YAML sets itself wins."""
+    """A preset (`ds-distill list`): fills `losses` and `layer_map`; what the YAML sets itself wins. (A YAML may
+    also start from another with `base: FILE_OR_RECIPE`, overriding it key by key.)"""
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -312,7 +314,7 @@ def recipe_path(name: str) -> Path:
     """The shipped recipe `name` (with or without `.yaml`)."""
     path = RECIPES_DIR / (name if name.endswith(".yaml") else f"{name}.yaml")
     if not path.is_file():
-        available = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+        available = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("[!_]*.yaml")))
         raise ConfigError(f"no recipe named '{name}'. Available: {available}")
     return path
 
@@ -331,6 +333,53 @@ def apply_override(tree: dict[str, Any], dotted_key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def read_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML config as a tree, with its `base:` (a file beside it, or a shipped recipe) merged under it key by
+    key, so that sizes of one recipe share everything else (bases may have bases)."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    tree = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path} must hold a mapping with the sections {_field_names(RunConfig)}")
+    base = tree.pop("base", None)
+    if base is None:
+        return tree
+    base_path = path.parent / base if (path.parent / base).is_file() else recipe_path(str(base))
+    if base_path.resolve() in seen:
+        raise ConfigError(f"{path}: base {base} leads back to itself")
+    return merge(read_tree(base_path, (*seen, path.resolve())), tree)
+
+
+def merge(under: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` merged onto a copy of `under`, mapping by mapping; values of `over` win."""
+    merged = copy.deepcopy(under)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def expand_method(tree: dict[str, Any]) -> dict[str, Any]:
+    """The config tree with its `method` preset (methods.py) filled in under the config's own keys."""
+    name = tree.get("method")
+    if not name:
+        return tree
+    if name not in METHODS:
+        raise ConfigError(f"method '{name}' is unknown; choose one of {', '.join(METHODS)}")
+    method = METHODS[name]
+    for section in ("losses", "layer_map"):
+        if tree.get(section) is not None and not isinstance(tree[section], dict):
+            raise ConfigError(f"{section} must be a mapping, got {tree[section]!r}")
+    expanded = dict(tree)
+    own_losses = {k: (v if v is not None else {}) for k, v in (tree.get("losses") or {}).items()}
+    expanded["losses"] = merge(method.losses, own_losses)
+    if method.layer_map is not None:
+        expanded["layer_map"] = merge(method.layer_map, tree.get("layer_map") or {})
+    return expanded
+
+
 def load_config(
     config: str | None = None, recipe: str | None = None, overrides: dict[str, Any] | None = None
 ) -> RunConfig:
@@ -339,12 +388,7 @@ def load_config(
         raise ConfigError("give either --config=FILE or --recipe=NAME, not both")
     tree: dict[str, Any] = {}
     if config or recipe:
-        path = Path(config) if config else recipe_path(recipe)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        tree = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{path} must hold a mapping with the sections {_field_names(RunConfig)}")
+        tree = read_tree(Path(config) if config else recipe_path(recipe))
     for key, value in (overrides or {}).items():
         apply_override(tree, key, value)
     run = from_dict(RunConfig, expand_method(tree))

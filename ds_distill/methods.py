@@ -10,11 +10,8 @@ holds the expanded result.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any
-
-from ds_distill.errors import ConfigError
 
 LOGITS = {"ce": {"weight": 1.0}, "kd": {"weight": 1.0, "divergence": "forward_kl", "temperature": 1.0}}
 
@@ -77,32 +74,3 @@ METHODS: dict[str, Method] = {
         {"encoder": "uniform", "decoder": "uniform", "include_embeddings": False},
     ),
 }
-
-
-def _merge(preset: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
-    merged = copy.deepcopy(preset)
-    for key, value in own.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
-
-
-def expand_method(tree: dict[str, Any]) -> dict[str, Any]:
-    """The config tree with its `method` preset filled in under the config's own keys."""
-    name = tree.get("method")
-    if not name:
-        return tree
-    if name not in METHODS:
-        raise ConfigError(f"method '{name}' is unknown; choose one of {', '.join(METHODS)}")
-    method = METHODS[name]
-    for section in ("losses", "layer_map"):
-        if tree.get(section) is not None and not isinstance(tree[section], dict):
-            raise ConfigError(f"{section} must be a mapping, got {tree[section]!r}")
-    expanded = dict(tree)
-    own_losses = {k: (v if v is not None else {}) for k, v in (tree.get("losses") or {}).items()}
-    expanded["losses"] = _merge(method.losses, own_losses)
-    if method.layer_map is not None:
-        expanded["layer_map"] = _merge(method.layer_map, tree.get("layer_map") or {})
-    return expanded

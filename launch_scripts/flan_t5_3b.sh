@@ -6,7 +6,8 @@
 #   bash launch_scripts/flan_t5_3b.sh [--train.max_steps=...] # starts the DeepSpeed launcher itself
 #
 # Settings (environment): SIZE=145m|250m|425m|780m (default 145m), ZERO_STAGE=2|3 (student, default 2),
-# OUTPUT=runs/flan_t5_3b_$SIZE, NUM_GPUS (default: all), HOSTFILE (multi-node, ssh), TEACHER_OFFLOAD=none|cpu|nvme.
+# OUTPUT=runs/flan_t5_3b_$SIZE, NUM_GPUS (default: all), HOSTFILE (multi-node, ssh),
+# TEACHER=replicated|zero3|cpu|nvme (where the teacher lives; default replicated, a bf16 copy per GPU).
 # The launcher's output is also appended to $OUTPUT.log.
 # Extra arguments are dotted config overrides. The file is both bash and python: bash runs this block and
 # exits; python reads it as a string and runs the part below.
@@ -14,11 +15,12 @@ set -euo pipefail
 SIZE=${SIZE:-145m}
 ZERO_STAGE=${ZERO_STAGE:-2}
 OUTPUT=${OUTPUT:-runs/flan_t5_3b_${SIZE}}
-TEACHER_OFFLOAD=${TEACHER_OFFLOAD:-none}
-case "$TEACHER_OFFLOAD" in
-  none) TEACHER_DS=ds_configs/teacher_zero3_inference.json ;;
-  cpu|nvme) TEACHER_DS=ds_configs/teacher_zero3_inference_${TEACHER_OFFLOAD}.json ;;
-  *) echo "TEACHER_OFFLOAD must be none, cpu or nvme" >&2; exit 2 ;;
+TEACHER=${TEACHER:-replicated}
+case "$TEACHER" in
+  replicated) TEACHER_DS=ds_configs/teacher_replicated_bf16.json ;;
+  zero3) TEACHER_DS=ds_configs/teacher_zero3_inference.json ;;
+  cpu|nvme) TEACHER_DS=ds_configs/teacher_zero3_inference_${TEACHER}.json ;;
+  *) echo "TEACHER must be replicated, zero3, cpu or nvme" >&2; exit 2 ;;
 esac
 LAUNCHER=(deepspeed)
 [ -n "${NUM_GPUS:-}" ] && LAUNCHER+=(--num_gpus "$NUM_GPUS")
@@ -36,8 +38,11 @@ import sys
 from ds_distill.cli import main
 
 size = os.environ.get("SIZE", "145m")
-offload = os.environ.get("TEACHER_OFFLOAD", "none")
-teacher = "ds_configs/teacher_zero3_inference.json" if offload == "none" else f"ds_configs/teacher_zero3_inference_{offload}.json"
+placement = os.environ.get("TEACHER", "replicated")
+teacher = {
+    "replicated": "ds_configs/teacher_replicated_bf16.json",
+    "zero3": "ds_configs/teacher_zero3_inference.json",
+}.get(placement, f"ds_configs/teacher_zero3_inference_{placement}.json")
 main([
     "distill",
     f"--recipe=flan_t5_3b_{size}",

@@ -26,7 +26,7 @@ def test_top_level_help_lists_verbs(capsys):
     assert all(verb in out for verb in cli.VERBS)
 
 
-@pytest.mark.parametrize("verb", ["chain", "make_student", "evaluate", "plan"])
+@pytest.mark.parametrize("verb", ["chain", "evaluate", "plan"])
 def test_coming_verbs_say_so_and_fail(verb):
     result = run_cli(verb)
     assert result.returncode == 2
@@ -39,7 +39,7 @@ def test_config_error_is_one_line_without_traceback(tmp_path):
     result = run_cli("distill", f"--config={bad}")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "error: unknown key 'trian'. Did you mean 'train'? Valid keys: method, teacher, student, data, layer_map, losses, train"
+        "error: unknown key 'trian'. Did you mean 'train'? Valid keys: method, teacher, student, data, layer_map, losses, train, prune"
     ]
 
 
@@ -55,6 +55,18 @@ def test_recipe_students_are_within_three_percent_of_their_size(recipe, millions
     student = float(out.splitlines()[1].split(": ")[1].split("M")[0].replace(",", ""))
     assert teacher == pytest.approx(2849.8, abs=0.1)  # Flan-T5-XL with its separate LM head
     assert student == pytest.approx(millions, rel=0.03)
+
+
+# HomoDistil's widths from BERT-base, against the paper's sizes (65M, 17.3M, 15.6M, 14.1M).
+@pytest.mark.parametrize(
+    "recipe, millions",
+    [("homobert_base", 65), ("homobert_small", 17.3), ("homobert_xsmall", 15.6), ("homobert_tiny", 14.1)],
+)
+def test_homobert_recipes_export_the_papers_sizes(recipe, millions, capsys):
+    cli.main(["count_params", recipe])
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.startswith("student after pruning (the export)")
+    assert float(last.split(": ")[1].split("M")[0]) == pytest.approx(millions, rel=0.03)
 
 
 def test_list_shows_recipes_methods_losses_strategies_and_families(capsys):
