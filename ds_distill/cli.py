@@ -28,10 +28,11 @@ from ds_distill.errors import ConfigError
 def demo(output_dir: str = "runs/demo"):
     """Runs the whole job on an embedded default: no network, no input files, minutes on a CPU.
 
-    Generates a small parallel corpus, trains a sentencepiece tokenizer and a small T5 teacher, distils the
-    teacher into a student at least 4x smaller (teacher under ZeRO-3 inference, student under ZeRO-2), trains
-    the same student without a teacher for the same steps, and prints parameters, validation loss, BLEU and
-    inference tokens/s for all three. Uses the GPU when there is one (the teacher then stays on it).
+    Generates a small parallel corpus, trains a sentencepiece tokenizer and a small T5 teacher, cuts a student
+    4x smaller from the teacher's weights and distils it (teacher under ZeRO-3 inference, student under ZeRO-2),
+    distils a randomly initialised student of the same shape, trains that one once more without the teacher,
+    all for the same steps, and prints parameters, validation loss, BLEU and inference tokens/s for all four.
+    Uses the GPU when there is one.
 
     Args:
         output_dir: where the corpus, tokenizer, runs, TensorBoard events and exported models go; an earlier

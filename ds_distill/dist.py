@@ -10,6 +10,7 @@ import contextlib
 import datetime
 import os
 import socket
+from pathlib import Path
 
 import torch
 
@@ -29,6 +30,21 @@ def init(timeout_s: int = 1800) -> None:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     deepspeed.init_distributed(dist_backend=None, verbose=False, timeout=datetime.timedelta(seconds=timeout_s))
+    _release_shared_memory_names()
+
+
+def _release_shared_memory_names() -> None:
+    """DeepSpeed's CPU all-reduce maps one /dev/shm buffer per rank (69 MB) and never unlinks it, so every CPU
+    run on one machine left its buffers in memory until reboot. Once every rank has mapped every buffer (each
+    maps the others' while it joins, before this barrier) the names can go: the memory stays while mapped
+    and is freed when the last rank exits, also after a kill -9."""
+    if world_size() > 1:
+        barrier()
+    name = "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
+        os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), rank()
+    )
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(Path("/dev/shm") / name)
 
 
 def shutdown() -> None:

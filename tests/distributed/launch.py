@@ -34,6 +34,12 @@ def deepspeed_command(config: Path, *flags: str) -> list[str]:
     ]
 
 
+def shared_memory_left(command: list[str]) -> list[Path]:
+    """DeepSpeed CPU all-reduce buffers a launch left in /dev/shm (each rank's holds 69 MB of RAM)."""
+    port = command[command.index("--master_port") + 1]
+    return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+
+
 def launch(command: list[str], log: Path) -> None:
     with open(log, "w") as out:
         result = subprocess.run(
@@ -42,6 +48,7 @@ def launch(command: list[str], log: Path) -> None:
     output = log.read_text()
     assert result.returncode == 0, output[-4000:]
     assert "terminate called" not in output and "Aborted" not in output, output[-4000:]  # every rank ended cleanly
+    assert not shared_memory_left(command)
 
 
 def distill(tmp_path: Path, name: str, config: dict, *flags: str) -> Path:
@@ -63,8 +70,9 @@ def distill_until_first_checkpoint(tmp_path: Path, name: str, config: dict) -> P
     run_dir = Path(config["train"]["output_dir"])
     path = write_yaml(tmp_path / f"{name}.yaml", config)
     with open(tmp_path / f"{name}.log", "w") as out:
+        command = deepspeed_command(path)
         process = subprocess.Popen(
-            deepspeed_command(path), cwd=REPO, env=subprocess_env(), stdout=out, stderr=subprocess.STDOUT,
+            command, cwd=REPO, env=subprocess_env(), stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True,
         )  # fmt: skip
         deadline = time.time() + 300
@@ -73,4 +81,5 @@ def distill_until_first_checkpoint(tmp_path: Path, name: str, config: dict) -> P
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
     assert not (run_dir / "model").exists(), "the run finished before it could be killed"
+    assert not shared_memory_left(command)  # released while the ranks ran, so kill -9 leaks none either
     return run_dir

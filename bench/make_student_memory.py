@@ -1,0 +1,105 @@
+"""Peak memory and time of `ds-distill make_student` on a Flan-T5-XL-shaped teacher (2.85B parameters).
+
+    python bench/make_student_memory.py [--output_dir=runs/bench_make_student] [--size=145m]
+
+Writes a random-weight teacher with Flan-T5-XL's config (24+24 blocks, d_model 2048, d_ff 5120, 32 heads,
+gated GELU; a small sentencepiece tokenizer beside it) to disk in bfloat16, sharded safetensors as the hub ships it, one tensor at a time (so writing it
+needs no whole copy in memory either), then runs `ds-distill make_student` in a fresh process on it for a
+recipe's student (--width=first: no calibration forward) and reads the child's peak resident memory
+(ru_maxrss) and wall time. For scale: the teacher's weights alone are 5.7 GB in bfloat16, 11.4 GB in float32.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import fire
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ds_distill import models  # noqa: E402
+from ds_distill.data import train_sentencepiece_tokenizer  # noqa: E402
+from ds_distill.ds_config import PROJECT_ROOT  # noqa: E402
+from tests.tiny_models import SHARED_DATA  # noqa: E402
+
+FLAN_T5_XL = dict(
+    vocab_size=32128, d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_decoder_layers=24, num_heads=32,
+    feed_forward_proj="gated-gelu", tie_word_embeddings=False, relative_attention_num_buckets=32,
+    relative_attention_max_distance=128, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+)  # fmt: skip
+STUDENTS = {  # the recipes' students (ds_distill/recipes/flan_t5_3b_*.yaml)
+    "145m": dict(encoder_layers=12, decoder_layers=12, d_model=512, d_ff=2048, num_heads=8),
+    "780m": dict(encoder_layers=24, decoder_layers=24, d_model=1024, d_ff=2816, num_heads=16),
+}
+SHARD_BYTES = 2 * 1024**3
+
+
+def write_teacher(directory: Path) -> float:
+    """A random bf16 Flan-T5-XL-shaped checkpoint, tensor by tensor; returns its size in GB."""
+    from transformers import T5Config
+
+    config = T5Config(**FLAN_T5_XL)
+    with torch.device("meta"):
+        shapes = {name: tensor.shape for name, tensor in models.adapter_for(config).from_config(config).state_dict().items()}
+    shapes = {name: shape for name, shape in shapes.items() if not name.endswith("embed_tokens.weight")}  # tied to shared
+    directory.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(directory)
+    train_sentencepiece_tokenizer(SHARED_DATA / "train.jsonl", ("en", "de"), directory, vocab_size=4000)
+    generator = torch.Generator().manual_seed(0)
+    shard, shard_bytes, weight_map, total = {}, 0, {}, 0
+
+    def flush():
+        nonlocal shard, shard_bytes
+        name = f"model-{len(set(weight_map.values())) + 1:05d}.safetensors"
+        save_file(shard, directory / name, metadata={"format": "pt"})
+        weight_map.update({key: name for key in shard})
+        shard, shard_bytes = {}, 0
+
+    for name, shape in shapes.items():
+        tensor = (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
+        shard[name] = tensor
+        shard_bytes += tensor.numel() * 2
+        total += tensor.numel() * 2
+        if shard_bytes >= SHARD_BYTES:
+            flush()
+    if shard:
+        flush()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    return total / 1e9
+
+
+def main(output_dir: str = "runs/bench_make_student", size: str = "145m") -> None:
+    out = Path(output_dir)
+    teacher = out / "flan_t5_xl_shaped"
+    if not (teacher / "model.safetensors.index.json").is_file():
+        started = time.perf_counter()
+        gigabytes = write_teacher(teacher)
+        print(f"wrote a {gigabytes:.2f} GB bf16 teacher in {time.perf_counter() - started:.0f} s", flush=True)
+    dims = [f"--{key}={value}" for key, value in STUDENTS[size].items()]
+    command = [sys.executable, "-m", "ds_distill", "make_student", f"--teacher={teacher}",
+               f"--output_dir={out / f'student_{size}'}", "--overwrite", *dims]  # fmt: skip
+    started = time.perf_counter()
+    result = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if result.returncode != 0:
+        raise SystemExit(result.stderr[-3000:])
+    peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2
+    teacher_gb = sum(f.stat().st_size for f in teacher.glob("*.safetensors")) / 1e9
+    student_gb = sum(f.stat().st_size for f in (out / f"student_{size}").glob("*.safetensors")) / 1e9
+    print(result.stdout[-2000:])
+    print(
+        f"make_student {size}: {seconds:.1f} s, peak resident memory {peak_gb:.2f} GB; "
+        f"teacher on disk {teacher_gb:.2f} GB (bf16), student written {student_gb:.2f} GB"
+    )
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
