@@ -23,9 +23,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ds_distill import dist  # noqa: E402
-from ds_distill.config import RunConfig, from_dict  # noqa: E402
+from ds_distill.config import (  # noqa: E402
+    RunConfig,
+    expand_method,  # noqa: E402
+    from_dict,
+)
 from ds_distill.ds_config import PROJECT_ROOT  # noqa: E402
-from ds_distill.methods import expand_method  # noqa: E402
 from tests import tiny_models  # noqa: E402
 
 METHODS = ("kd", "cka", "miniend_d", "makd")

@@ -22,10 +22,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ds_distill import dist, models  # noqa: E402
-from ds_distill.config import FromTeacherConfig, RunConfig, from_dict  # noqa: E402
+from ds_distill.config import FromTeacherConfig, RunConfig, expand_method, from_dict  # noqa: E402
 from ds_distill.data import train_sentencepiece_tokenizer  # noqa: E402
 from ds_distill.ds_config import PROJECT_ROOT  # noqa: E402
-from ds_distill.methods import expand_method  # noqa: E402
 from tests.tiny_models import SHARED_DATA  # noqa: E402
 
 TEACHER_SHAPE = dict(d_model=256, d_ff=1024, num_layers=4, num_decoder_layers=4, num_heads=4, d_kv=64)

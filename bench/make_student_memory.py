@@ -6,7 +6,8 @@ Writes a random-weight teacher with Flan-T5-XL's config (24+24 blocks, d_model 2
 gated GELU; a small sentencepiece tokenizer beside it) to disk in bfloat16, sharded safetensors as the hub ships it, one tensor at a time (so writing it
 needs no whole copy in memory either), then runs `ds-distill make_student` in a fresh process on it for a
 recipe's student (--width=first: no calibration forward) and reads the child's peak resident memory
-(ru_maxrss) and wall time. For scale: the teacher's weights alone are 5.7 GB in bfloat16, 11.4 GB in float32.
+(ru_maxrss; and, sampled, how much of it is the process's own rather than pages of the memory-mapped teacher
+files) and wall time. For scale: the teacher's weights alone are 5.7 GB in bfloat16, 11.4 GB in float32.
 """
 
 from __future__ import annotations
@@ -47,8 +48,12 @@ def write_teacher(directory: Path) -> float:
 
     config = T5Config(**FLAN_T5_XL)
     with torch.device("meta"):
-        shapes = {name: tensor.shape for name, tensor in models.adapter_for(config).from_config(config).state_dict().items()}
-    shapes = {name: shape for name, shape in shapes.items() if not name.endswith("embed_tokens.weight")}  # tied to shared
+        shapes = {
+            name: tensor.shape for name, tensor in models.adapter_for(config).from_config(config).state_dict().items()
+        }
+    shapes = {
+        name: shape for name, shape in shapes.items() if not name.endswith("embed_tokens.weight")
+    }  # tied to shared
     directory.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(directory)
     train_sentencepiece_tokenizer(SHARED_DATA / "train.jsonl", ("en", "de"), directory, vocab_size=4000)
@@ -76,6 +81,23 @@ def write_teacher(directory: Path) -> float:
     return total / 1e9
 
 
+def watch_memory(pid: int) -> dict[str, float]:
+    """Peak anonymous and file-backed resident memory (GB) of a running process, sampled every 20 ms."""
+    peaks = {"RssAnon": 0.0, "RssFile": 0.0}
+    while True:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text().splitlines()
+        except FileNotFoundError:
+            return peaks
+        for line in status:
+            key, _, value = line.partition(":")
+            if key in peaks:
+                peaks[key] = max(peaks[key], int(value.split()[0]) / 1024**2)
+        if "State:\tZ" in "\n".join(status):  # exited, not yet reaped
+            return peaks
+        time.sleep(0.02)
+
+
 def main(output_dir: str = "runs/bench_make_student", size: str = "145m") -> None:
     out = Path(output_dir)
     teacher = out / "flan_t5_xl_shaped"
@@ -87,17 +109,21 @@ def main(output_dir: str = "runs/bench_make_student", size: str = "145m") -> Non
     command = [sys.executable, "-m", "ds_distill", "make_student", f"--teacher={teacher}",
                f"--output_dir={out / f'student_{size}'}", "--overwrite", *dims]  # fmt: skip
     started = time.perf_counter()
-    result = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True)
+    child = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peaks = watch_memory(child.pid)
+    stdout, stderr = child.communicate()
     seconds = time.perf_counter() - started
-    if result.returncode != 0:
-        raise SystemExit(result.stderr[-3000:])
+    if child.returncode != 0:
+        raise SystemExit(stderr[-3000:])
     peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2
     teacher_gb = sum(f.stat().st_size for f in teacher.glob("*.safetensors")) / 1e9
     student_gb = sum(f.stat().st_size for f in (out / f"student_{size}").glob("*.safetensors")) / 1e9
-    print(result.stdout[-2000:])
+    print(stdout[-2000:])
     print(
-        f"make_student {size}: {seconds:.1f} s, peak resident memory {peak_gb:.2f} GB; "
-        f"teacher on disk {teacher_gb:.2f} GB (bf16), student written {student_gb:.2f} GB"
+        f"make_student {size}: {seconds:.1f} s, peak resident memory {peak_gb:.2f} GB (ru_maxrss), of which at "
+        f"most {peaks['RssAnon']:.2f} GB the process's own and {peaks['RssFile']:.2f} GB pages of the mapped "
+        f"teacher files (page cache, reclaimable); teacher on disk {teacher_gb:.2f} GB (bf16), student written "
+        f"{student_gb:.2f} GB"
     )
 
 

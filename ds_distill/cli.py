@@ -4,6 +4,8 @@
     ds-distill distill --config=RUN.yaml [--a.b=v]    one distillation run (or --recipe=NAME)
     ds-distill prepare_data --config=RUN.yaml         tokenize to data.tokenized_path ahead of a launch
     ds-distill make_student --teacher=T --output_dir=D [--d_model ...]   a student cut from the teacher
+    ds-distill chain --config=CHAIN.yaml              teacher -> assistant(s) -> student, resumable by stage
+    ds-distill evaluate --model=DIR --config=RUN.yaml   loss, perplexity, BLEU + chrF or ROUGE; report + hypotheses
     ds-distill export --checkpoint_dir=D --output_dir=O
     ds-distill count_params PATH_OR_RECIPE
     ds-distill list
@@ -66,6 +68,41 @@ def distill(
 
     run = load_config(config, recipe, overrides)
     run_distill(run, resume=_flag(resume, "resume"), overwrite=_flag(overwrite, "overwrite"))
+
+
+def chain(config: str | None = None, recipe: str | None = None, overwrite=(), **overrides):
+    """Runs a teacher-assistant chain: stages in order, each a full distillation whose export becomes the next
+    stage's teacher (or the source its student is cut from). Reruns resume where the chain stopped.
+
+        ds-distill chain --config=chain.yaml
+        ds-distill chain --recipe=flan_t5_3b_chain --defaults.train.max_steps=1000
+        deepspeed --num_gpus 8 --module ds_distill chain --recipe=flan_t5_3b_chain
+        ds-distill chain --config=chain.yaml --overwrite=l6        # redo stage l6, whose config changed
+
+    A chain YAML has output_dir, defaults (a run config every stage starts from) and stages (each a name, any
+    run keys, and optionally teacher_from / student_from: an earlier stage). Stage S runs in OUTPUT_DIR/S,
+    is evaluated into OUTPUT_DIR/S/eval, and is recorded in OUTPUT_DIR/chain.json (config, fingerprint,
+    export and its SHA-256, evaluation). Finished stages are never run or touched again; an unfinished one
+    resumes from its newest checkpoint; a stage whose config changed is refused unless --overwrite names it.
+    Every stage runs in this one launch, its engines freed before the next.
+
+    Args:
+        config: path of a chain YAML.
+        recipe: a shipped chain recipe instead (flan_t5_3b_chain).
+        overwrite: stage names (comma-separated) to redo although they finished or started with another config.
+        **overrides: dotted keys of the chain YAML, e.g. --output_dir=runs/c --defaults.train.max_steps=10.
+    """
+    from ds_distill import chain as chain_module
+
+    tree = chain_module.load(config, recipe, overrides)
+    names = overwrite.split(",") if isinstance(overwrite, str) else [str(name) for name in overwrite]
+    manifest = chain_module.run_chain(tree, tuple(name for name in names if name))
+    from ds_distill import dist
+
+    if dist.is_main():
+        for name, stage in manifest["stages"].items():
+            scores = ", ".join(f"{k} {v:.4f}" for k, v in stage["evaluation"].items())
+            print(f"{name}: {stage['export']} ({scores})")
 
 
 def prepare_data(config: str | None = None, recipe: str | None = None, **overrides):
@@ -216,15 +253,75 @@ def export(checkpoint_dir: str, output_dir: str, tag: str | None = None, overwri
     print(f"exported {checkpoint_dir} to {path}")
 
 
+def evaluate(
+    model: str,
+    config: str | None = None,
+    recipe: str | None = None,
+    output_dir: str | None = None,
+    split: str | None = None,
+    metric: str | None = None,
+    num_beams: int | None = None,
+    max_new_tokens: int | None = None,
+    batch_size: int | None = None,
+    deepspeed_config: str | None = None,
+    **overrides,
+):
+    """Scores a model on a run's data: loss and perplexity, and BLEU + chrF (translation) or ROUGE-L (seq2seq)
+    of its generations against the raw reference texts (sacrebleu's own tokenisation).
+
+        ds-distill evaluate --model=runs/145m/model --config=run.yaml --num_beams=4
+        ds-distill evaluate --model=runs/145m/checkpoints --recipe=flan_t5_3b_145m --split=test
+        ds-distill evaluate --model=DIR --data.task=translation --data.dataset=json \
+            --data.data_files.validation=valid.jsonl --data.source_lang=en --data.target_lang=de
+        deepspeed --num_gpus 8 --module ds_distill evaluate --model=DIR --config=run.yaml   # ZeRO-3 over 8 GPUs
+
+    Writes OUTPUT_DIR/report.json (metrics, model, data, generation settings), hypotheses.txt and
+    references.txt (one line per example, in the data's order). A checkpoints directory is exported to
+    OUTPUT_DIR/model first. The model loads as the run's teacher does (its DeepSpeed JSON: ZeRO-3 inference
+    partitions a large model over the ranks, and generation keeps them in step).
+
+    Args:
+        model: a Hugging Face model directory or hub id, or a run's checkpoints directory.
+        config: a run YAML whose data section (and train.generation_max_length, num_beams) to use.
+        recipe: a shipped recipe instead.
+        output_dir: where the report goes; default: `eval` beside the model directory.
+        split: the data split to score (default: data.validation_split).
+        metric: bleu (with chrF) | rouge | loss; default by data.task: translation bleu, seq2seq rouge, else loss.
+        num_beams: beams for generation (default: train.num_beams).
+        max_new_tokens: generation length limit (default: train.generation_max_length).
+        batch_size: examples per rank per batch (default: train.per_device_eval_batch_size).
+        deepspeed_config: where the model lives (default: teacher.deepspeed_config of the run).
+        **overrides: dotted flags such as --data.max_eval_samples=500.
+    """
+    import dataclasses
+
+    from ds_distill.config import EVAL_METRICS, load_config
+    from ds_distill.evaluation import DEFAULT_METRIC, evaluate_model
+
+    run = load_config(config, recipe, overrides)
+    metric = metric or DEFAULT_METRIC.get(run.data.task, "loss")
+    if metric not in EVAL_METRICS:
+        raise ConfigError(f"metric '{metric}' is unknown; choose one of {', '.join(EVAL_METRICS)}")
+    chosen = {"eval_metric": metric, "num_beams": num_beams, "generation_max_length": max_new_tokens,
+              "per_device_eval_batch_size": batch_size}  # fmt: skip
+    run = dataclasses.replace(run, train=dataclasses.replace(
+        run.train, **{k: v for k, v in chosen.items() if v is not None}
+    ))  # fmt: skip
+    target = Path(output_dir) if output_dir else Path(model.rstrip("/")).parent / "eval"
+    results = evaluate_model(model, run, target, split, deepspeed_config)
+    from ds_distill import dist
+
+    dist.print_main(", ".join(f"{name} {value:.4f}" for name, value in results.items()) + f"; report in {target}")
+
+
 def count_params(path_or_recipe: str):
     """Counts parameters on the meta device (no weights needed) for a model path, hub id, run YAML or recipe.
 
-    For a run config or recipe it prints the teacher, the student and the compression ratio.
+    For a run config or recipe it prints the teacher, the student and the compression ratio; for a chain,
+    each stage (its teacher being the student of the stage it comes from) and the chain's overall ratio.
     """
     from ds_distill import config as config_module
     from ds_distill import models
-    from ds_distill.prune import target_config
-    from ds_distill.student import student_hf_config
 
     is_yaml = path_or_recipe.endswith((".yaml", ".yml"))
     is_recipe = not is_yaml and (config_module.RECIPES_DIR / f"{path_or_recipe}.yaml").is_file()
@@ -232,10 +329,26 @@ def count_params(path_or_recipe: str):
         hf_config = models.load_config(path_or_recipe, "model")
         print(f"{path_or_recipe}: {models.count_parameters(hf_config) / 1e6:,.1f}M parameters")
         return
+    if "stages" in config_module.read_tree(
+        Path(path_or_recipe) if is_yaml else config_module.recipe_path(path_or_recipe)
+    ):
+        from ds_distill import chain
+
+        _count_chain(chain.load(path_or_recipe if is_yaml else None, None if is_yaml else path_or_recipe, {}))
+        return
     run = config_module.load_config(path_or_recipe if is_yaml else None, None if is_yaml else path_or_recipe)
     teacher_config = None
     if run.teacher.model_name_or_path:
         teacher_config = models.load_config(run.teacher.weights(), "teacher")
+    _count_run(run, teacher_config)
+
+
+def _count_run(run, teacher_config):
+    """Prints teacher, student (and pruned export) sizes; returns the exported student's config."""
+    from ds_distill import models
+    from ds_distill.prune import target_config
+    from ds_distill.student import student_hf_config
+
     student_config = student_hf_config(run.student, teacher_config)
     student = models.count_parameters(student_config)
     teacher = models.count_parameters(teacher_config) if teacher_config is not None else None
@@ -243,12 +356,43 @@ def count_params(path_or_recipe: str):
         print(f"teacher {run.teacher.model_name_or_path}: {teacher / 1e6:,.1f}M parameters")
     if run.prune is not None:
         print(f"student while pruning: {student / 1e6:,.1f}M parameters")
-        student = models.count_parameters(target_config(student_config, run.prune))
+        student_config = target_config(student_config, run.prune)
+        student = models.count_parameters(student_config)
         label = "student after pruning (the export)"
     else:
         label = "student"
     ratio = f" ({teacher / student:.1f}x smaller)" if teacher is not None else ""
     print(f"{label}: {student / 1e6:,.1f}M parameters{ratio}")
+    return student_config
+
+
+def _count_chain(tree):
+    """Every stage of a chain, each teacher being the export of the stage it comes from (not yet on disk)."""
+    import dataclasses
+
+    from ds_distill import chain, models
+
+    exported, first = {}, None
+    for name, run, stage in chain.describe(tree):
+        print(f"stage {name}:")
+        if stage.teacher_from:
+            teacher_config = exported[stage.teacher_from]
+            run = dataclasses.replace(
+                run, teacher=dataclasses.replace(run.teacher, model_name_or_path=f"stage {stage.teacher_from}")
+            )
+        else:
+            teacher_config = models.load_config(run.teacher.weights(), "teacher")
+            first = first or models.count_parameters(teacher_config)
+        if stage.student_from:
+            dims = dataclasses.replace(run.student.init.from_teacher, source=None)
+            source = exported[stage.student_from]
+            student = dataclasses.replace(run.student, init=dataclasses.replace(run.student.init, from_teacher=dims))
+            exported[name] = _count_run(dataclasses.replace(run, student=student), source)
+        else:
+            exported[name] = _count_run(run, teacher_config)
+    if first:
+        last = models.count_parameters(exported[name])
+        print(f"chain: {first / 1e6:,.1f}M -> {last / 1e6:,.1f}M parameters ({first / last:.1f}x smaller)")
 
 
 def list_components():
@@ -298,8 +442,8 @@ VERBS = {
     "export": export,
     "count_params": count_params,
     "list": list_components,
-    "chain": _not_yet("chain", "teacher -> assistant(s) -> student, resumable stage by stage"),
-    "evaluate": _not_yet("evaluate", "BLEU/ROUGE/loss/accuracy of an exported model"),
+    "chain": chain,
+    "evaluate": evaluate,
     "plan": _not_yet("plan", "memory per rank for teacher and student, with offload advice"),
 }
 

@@ -70,6 +70,9 @@ class FromTeacherConfig:
     run's first training batches)."""
     calibration_batches: int = 8
     """sliced, width importance: training batches the teacher's activations are read on."""
+    source: str | None = None
+    """sliced: cut from this model (a directory or hub id) instead of the teacher, e.g. an earlier stage of a
+    teacher-assistant chain (`ds-distill chain` sets it for `student_from:`)."""
 
 
 @dataclass
@@ -341,6 +344,12 @@ def read_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     tree = yaml.safe_load(path.read_text()) or {}
     if not isinstance(tree, dict):
         raise ConfigError(f"{path} must hold a mapping with the sections {_field_names(RunConfig)}")
+    return with_base(tree, path, seen)
+
+
+def with_base(tree: dict[str, Any], path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """`tree` (read from `path`) merged over its `base:`, if it names one."""
+    tree = dict(tree)
     base = tree.pop("base", None)
     if base is None:
         return tree

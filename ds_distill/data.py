@@ -83,9 +83,10 @@ def check_same_tokenizer(teacher_path: str, student_path: str) -> None:
         )
 
 
-def load_raw(data: DataConfig) -> datasets.DatasetDict:
+def load_raw(data: DataConfig, need_train: bool = True) -> datasets.DatasetDict:
     """Loads the training split and, where there is one, the validation split (or carves it out of the
-    training split: `validation_split_percentage`), with clear errors for missing files, splits and empty sets."""
+    training split: `validation_split_percentage`), with clear errors for missing files, splits and empty sets.
+    `need_train=False` (evaluation) accepts data without a training split."""
     if data.dataset in FILE_BUILDERS:
         if not data.data_files:
             raise ConfigError(
@@ -110,12 +111,12 @@ def load_raw(data: DataConfig) -> datasets.DatasetDict:
                 "files (tools/prepare_wmt.py writes WMT pairs as JSON lines)"
             ) from None
         raise ConfigError(f"cannot load data.dataset '{data.dataset}': {reason}") from None
-    if data.train_split not in raw:
+    if data.train_split not in raw and need_train:
         raise ConfigError(f"dataset '{data.dataset}' has no split '{data.train_split}' (it has {', '.join(raw)})")
-    splits = {data.train_split: raw[data.train_split]}
+    splits = {split: raw[split] for split in (data.train_split,) if split in raw}
     if data.validation_split in raw:
         splits[data.validation_split] = raw[data.validation_split]
-    elif data.validation_split and data.validation_split_percentage:
+    elif data.validation_split and data.validation_split_percentage and splits:
         # as Hugging Face's run_clm.py carves it: the first percent of the training split, the same every run
         train = splits[data.train_split]
         held_out = max(1, len(train) * data.validation_split_percentage // 100)

@@ -7,25 +7,33 @@ the sums; under ZeRO-3 `generate` must be told to keep ranks in step (`synced_gp
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from collections import defaultdict
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from ds_distill import batches, dist, models
 from ds_distill.config import RunConfig
+from ds_distill.errors import ConfigError
 from ds_distill.losses.base import IGNORE_INDEX
 from ds_distill.student import forward_features
 
+# what a generation metric reports: BLEU comes with chrF, both from sacrebleu
+REPORTED = {"bleu": ("bleu", "chrf"), "rouge": ("rouge",)}
+
 
 def corpus_score(metric: str, hypotheses: list[str], references: list[str]) -> float:
-    """sacrebleu's corpus BLEU (its default 13a tokenisation) or the mean ROUGE-L F1, both 0-100."""
-    if metric == "bleu":
+    """sacrebleu's corpus BLEU (its default 13a tokenisation) or chrF, or the mean ROUGE-L F1, all 0-100."""
+    if metric in ("bleu", "chrf"):
         import sacrebleu
 
-        return sacrebleu.corpus_bleu(hypotheses, [references]).score
+        score = sacrebleu.corpus_bleu if metric == "bleu" else sacrebleu.corpus_chrf
+        return score(hypotheses, [references]).score
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
@@ -44,11 +52,11 @@ def evaluate(
     objective: Callable | None = None,
     texts: dict[str, list[str]] | None = None,
 ) -> dict[str, float]:
-    """Returns {"loss": mean token cross-entropy, "perplexity", and "bleu"/"rouge" when configured}.
+    """Returns {"loss": mean token cross-entropy, "perplexity", and "bleu" + "chrf" or "rouge" when configured}.
 
     A model without an LM head has no token loss: `objective(batch) -> (total, {term: value})` is evaluated
     instead, giving {"loss", "loss/<term>"}, means over real rows. `texts`, a dict, receives the hypotheses
-    and references of all ranks (on every rank).
+    and references of all ranks in the dataset's order (on every rank).
     """
     model.eval()
     adapter = models.adapter_for(model.config)
@@ -92,9 +100,88 @@ def evaluate(
     results = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
     if generate:
         gathered = dist.all_gather_objects((hypotheses, references))
-        hypotheses = [h for hyps, _ in gathered for h in hyps]
-        references = [r for _, refs in gathered for r in refs]
-        results[run.train.eval_metric] = corpus_score(run.train.eval_metric, hypotheses, references)
+        world = len(gathered)  # rank r held rows r, r + world, ...: interleave back into the dataset's order
+        order = [(i % world, i // world) for i in range(sum(len(hyps) for hyps, _ in gathered))]
+        hypotheses = [gathered[rank][0][i] for rank, i in order]
+        references = [gathered[rank][1][i] for rank, i in order]
+        for metric in REPORTED[run.train.eval_metric]:
+            results[metric] = corpus_score(metric, hypotheses, references)
         if texts is not None:
             texts.update(hypotheses=hypotheses, references=references)
+    return results
+
+
+# -- `ds-distill evaluate` ----------------------------------------------------------------------------------
+
+DEFAULT_METRIC = {"translation": "bleu", "seq2seq": "rouge"}  # by data.task; other tasks: loss and perplexity
+
+
+def model_directory(model: Path, output_dir: Path) -> Path:
+    """A Hugging Face directory to load: `model` itself, or a run's checkpoints (`output_dir/checkpoints`, its
+    newest complete one) exported to output_dir/model first, by rank 0."""
+    from ds_distill import export
+
+    if (model / "config.json").is_file():
+        return model
+    if not (model / export.TEMPLATE_DIR).is_dir():
+        raise ConfigError(f"{model} is neither a model directory (config.json) nor a run's checkpoints directory")
+    target = output_dir / "model"
+    if dist.is_main():
+        export.export_checkpoint(str(model), str(target), overwrite=False)
+    dist.barrier()
+    return target
+
+
+def evaluate_model(
+    model: str, run: RunConfig, output_dir: Path, split: str | None = None, deepspeed_config: str | None = None
+) -> dict[str, float]:
+    """Scores a model on a split of the run's data (default: its validation split) and writes
+    output_dir/report.json with hypotheses.txt and references.txt (one line per example, in the data's order).
+
+    The model loads under `deepspeed_config` (default: the run's teacher placement, ZeRO-3 inference), so a
+    model too large for one device is partitioned over the ranks; generation keeps the ranks in step.
+    """
+    from datasets import DatasetDict
+    from deepspeed.accelerator import get_accelerator
+
+    from ds_distill import data, ds_config
+    from ds_distill.teacher import load_teacher
+
+    dist.init(run.train.ddp_timeout)
+    split = split or run.data.validation_split
+    if split not in (run.data.train_split, run.data.validation_split):  # such as test: it plays validation
+        run = dataclasses.replace(run, data=dataclasses.replace(run.data, validation_split=split))
+    path = model_directory(Path(model), output_dir)
+    tokenizer = data.load_tokenizer(str(path))
+    raw = data.load_raw(run.data, need_train=False)
+    if split not in raw:
+        raise ConfigError(f"dataset '{run.data.dataset}' has no split '{split}' (it has {', '.join(raw)})")
+    with dist.local_main_first():
+        dataset = data.tokenize(run.data, tokenizer, DatasetDict({split: raw[split]}))[split]
+    config_path = deepspeed_config or run.teacher.deepspeed_config
+    placement = ds_config.fill_auto(
+        ds_config.load_json(config_path), run.train, dist.world_size(), 1,
+        get_accelerator().device_name() == "cpu", config_path,
+    )  # fmt: skip
+    engine = load_teacher(str(path), placement)
+    texts: dict[str, list[str]] = {}
+    collate = batches.make_collator(run.data, tokenizer, engine.module)
+    synced = ds_config.zero_stage(placement) == 3
+    results = evaluate(engine.module, dataset, collate, tokenizer, run, synced_gpus=synced, texts=texts)
+    if dist.is_main():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for name in ("hypotheses", "references"):
+            if name in texts:  # one example per line, whatever the model generated
+                lines = (text.replace("\n", " ") for text in texts[name])
+                (output_dir / f"{name}.txt").write_text("".join(line + "\n" for line in lines))
+        report = {
+            "model": str(path.resolve()),
+            "data": {"dataset": run.data.dataset, "data_files": run.data.data_files, "split": split},
+            "examples": len(dataset),
+            "generation": {"num_beams": run.train.num_beams, "max_new_tokens": run.train.generation_max_length},
+            "metrics": results,
+        }
+        (output_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    dist.barrier()
+    engine.destroy()
     return results

@@ -25,7 +25,10 @@ def student_hf_config(student: StudentConfig, teacher_hf_config: PretrainedConfi
     """The student's architecture, known before any weights load (for validation and parameter counts)."""
     if student.model_name_or_path:
         return models.load_config(student.model_name_or_path, "student")
-    return models.adapter_for(teacher_hf_config).shrink(teacher_hf_config, student.init.from_teacher)
+    dims = student.init.from_teacher
+    if dims is not None and dims.strategy == "sliced" and dims.source:
+        teacher_hf_config = models.load_config(dims.source, "student.init.from_teacher.source")
+    return models.adapter_for(teacher_hf_config).shrink(teacher_hf_config, dims)
 
 
 def build_student(

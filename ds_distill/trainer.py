@@ -277,8 +277,9 @@ class Trainer:
                 collate = batches.make_collator(self.run.data, self.p.tokenizer, model)
                 return slicing.first_batches(split, collate, size, dims.calibration_batches)
 
-            _, plan = slicing.make_student(self.run.teacher.weights(), path, dims, calibration)
-            dist.print_main(f"student cut from the teacher ({dims.width} width) into {path}:\n{plan.summary()}")
+            source = dims.source or self.run.teacher.weights()
+            _, plan = slicing.make_student(source, path, dims, calibration)
+            dist.print_main(f"student cut from {source} ({dims.width} width) into {path}:\n{plan.summary()}")
         dist.barrier()
         return path
 

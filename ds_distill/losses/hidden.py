@@ -98,6 +98,10 @@ class ProjectedOptions(LayerwiseOptions):
     rank: int = 64
     per_pair: bool = False
     """One projection per layer pair instead of one shared by all pairs."""
+    normalize: bool = False
+    """Compare the states after a parameter-free layer norm over the width (MSE terms). For pre-LN models
+    (Llama, GPT-2), whose residual streams grow with depth and carry outlier channels in the hundreds, raw
+    MSE runs to 1e4 and swamps every other term; post-LN models (BERT, T5's normed outputs) need none."""
 
 
 class ProjectedHiddenLoss(LayerwiseLoss):
@@ -134,6 +138,8 @@ class HiddenMSELoss(ProjectedHiddenLoss):
     """hidden_mse: mean squared error between mapped hidden states, through an optional projection."""
 
     def compare(self, student, teacher):
+        if self.options.normalize:
+            student, teacher = F.layer_norm(student, student.shape[-1:]), F.layer_norm(teacher, teacher.shape[-1:])
         return F.mse_loss(student, teacher, reduction="none").mean(-1)
 
 

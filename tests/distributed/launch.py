@@ -19,19 +19,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def deepspeed_command(config: Path, *flags: str) -> list[str]:
-    return [
-        "deepspeed",
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(free_port()),
-        "--module",
-        "ds_distill",
-        "distill",
-        f"--config={config}",
-        *flags,
-    ]
+def deepspeed_command(config: Path, *flags: str, verb: str = "distill") -> list[str]:
+    """`deepspeed --num_gpus 2 ... --module ds_distill VERB --config=CONFIG FLAGS` on a free port."""
+    port = str(free_port())
+    return ["deepspeed", "--num_gpus", "2", "--master_port", port, "--module", "ds_distill", verb, f"--config={config}",
+            *flags]  # fmt: skip
 
 
 def shared_memory_left(command: list[str]) -> list[Path]:

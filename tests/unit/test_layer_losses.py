@@ -297,3 +297,29 @@ def test_compiled_forwards_give_the_eager_losses_and_gradients():
     for (name, expected), actual in zip(eager.student.named_parameters(), compiled.student.parameters()):
         torch.testing.assert_close(actual.grad, expected.grad, rtol=1e-3, atol=1e-5, msg=name)
     assert "training_forward" not in dict(compiled.named_modules())  # weights are listed once in checkpoints
+
+
+def test_hidden_mse_can_compare_layer_normed_states():
+    pair = ModelPair(TEACHER, TEACHER, LayerMapConfig())
+    raw, _ = build_losses({"hidden_mse": {}}, pair)
+    normed, _ = build_losses({"hidden_mse": {"normalize": True}}, pair)
+    source = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)
+    target = torch.tensor([[1, 1], [1, 0]], dtype=torch.bool)
+    teacher = seq2seq_features(32, 4, 0, source, target)
+    student = seq2seq_features(32, 4, 1, source, target)
+    for key in [k for k in teacher if k.endswith(".hidden")]:
+        teacher[key] = teacher[key] * 300 + 40  # a pre-LN residual stream's scale and offset
+
+    def reference(s, t):
+        norm = torch.nn.functional.layer_norm
+        return float(((norm(s, s.shape[-1:]) - norm(t, t.shape[-1:])) ** 2).mean())
+
+    expected = sum(
+        reference(student[f"{p.stack}.{p.student}.hidden"][student[f"{p.stack}.mask"]],
+                  teacher[f"{p.stack}.{p.teacher}.hidden"][student[f"{p.stack}.mask"]])
+        for p in normed["hidden_mse"].pairs
+    )  # fmt: skip
+    assert normed["hidden_mse"](student, teacher).item() == pytest.approx(expected, rel=1e-5)
+    assert raw["hidden_mse"](student, teacher).item() > 1e4 * expected
+    scaled = {k: v * 300 + 40 if k.endswith(".hidden") else v for k, v in teacher.items()}
+    assert normed["hidden_mse"](scaled, teacher).item() == pytest.approx(0, abs=1e-4)

@@ -1,0 +1,264 @@
+"""`ds-distill chain`: teacher -> assistant(s) -> student, one full distillation per stage, resumable.
+
+    ds-distill chain --config=CHAIN.yaml                      # or --recipe=flan_t5_3b_chain
+    deepspeed --num_gpus 8 --module ds_distill chain --config=CHAIN.yaml
+    ds-distill chain --config=CHAIN.yaml --overwrite=l6       # redo a finished stage whose config changed
+
+A chain YAML:
+
+    output_dir: runs/chain
+    defaults:                # a run config every stage starts from (any key; `base: RECIPE_OR_YAML` too)
+      teacher: {model_name_or_path: google/flan-t5-xl, deepspeed_config: ds_configs/teacher_replicated_bf16.json}
+      data: {...}
+      train: {max_steps: 20000, ...}
+    stages:
+      - name: l12            # the first stage's teacher is the defaults' teacher
+        student: {init: {from_teacher: {encoder_layers: 12, decoder_layers: 12, strategy: sliced}}}
+      - name: l6             # teacher: the previous stage's export (teacher_from: l12)
+        student: {init: {from_teacher: {encoder_layers: 6, decoder_layers: 6, strategy: sliced}}}
+
+Per stage, besides any run key: `teacher_from: STAGE` (an earlier stage whose export is the teacher; default
+the previous stage, none for the first) and `student_from: STAGE` (cut the student from that stage's export
+instead of from the teacher; needs `from_teacher.strategy: sliced`). So `A -> B -> C` and `A -> {B, C}`
+(both with `teacher_from: A`) can be written. Stage `S` runs in OUTPUT_DIR/S and is evaluated there (`eval/`).
+
+All stages run in this one launch (both engines of a stage are freed before the next). OUTPUT_DIR/chain.json,
+the manifest, records each finished stage: its resolved config, a fingerprint of that config and of the
+exports it starts from, its export with the files' SHA-256, and its evaluation. A rerun skips finished stages
+without touching their files, resumes an unfinished one from its newest checkpoint, and refuses a stage whose
+config changed since it finished or started unless `--overwrite` names it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime
+import gc
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ds_distill import checkpoint, dist
+from ds_distill.config import (
+    RunConfig,
+    expand_method,
+    from_dict,
+    merge,
+    read_tree,
+    to_dict,
+    to_yaml,
+    validate,
+    with_base,
+)
+from ds_distill.errors import ConfigError
+
+MANIFEST = "chain.json"
+CHAIN_KEYS = ("name", "teacher_from", "student_from")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass
+class Stage:
+    name: str
+    tree: dict[str, Any]  # the stage's run config, before the paths of earlier stages are filled in
+    teacher_from: str | None
+    student_from: str | None
+
+
+def is_chain(tree: dict[str, Any]) -> bool:
+    return "stages" in tree
+
+
+def parse(tree: dict[str, Any]) -> tuple[Path, list[Stage]]:
+    """The chain's output directory and its stages, checked before anything runs."""
+    unknown = sorted(set(tree) - {"output_dir", "defaults", "stages"})
+    if unknown:
+        raise ConfigError(f"unknown chain key(s) {', '.join(unknown)}; a chain has output_dir, defaults and stages")
+    if not tree.get("output_dir"):
+        raise ConfigError("a chain needs output_dir: the directory its stages and manifest go to")
+    stages_tree = tree.get("stages")
+    if not isinstance(stages_tree, list) or not stages_tree:
+        raise ConfigError("stages: must list at least one stage (each a run config with a name)")
+    defaults = tree.get("defaults") or {}
+    stages: list[Stage] = []
+    for index, raw in enumerate(stages_tree):
+        if not isinstance(raw, dict) or not raw.get("name"):
+            raise ConfigError(f"stage {index + 1}: give it a name (name: l12)")
+        name = str(raw["name"])
+        if not NAME.match(name) or name in {s.name for s in stages}:
+            raise ConfigError(f"stage name '{name}' must be unique and made of letters, digits, _ . -")
+        earlier = {s.name for s in stages}
+        teacher_from = raw.get("teacher_from", stages[-1].name if stages else None)
+        for key, value in (("teacher_from", teacher_from), ("student_from", raw.get("student_from"))):
+            if value is not None and value not in earlier:
+                raise ConfigError(f"stage {name}: {key} '{value}' is not an earlier stage ({', '.join(earlier)})")
+        stage_tree = merge(defaults, {k: v for k, v in raw.items() if k not in CHAIN_KEYS})
+        stages.append(Stage(name, stage_tree, teacher_from, raw.get("student_from")))
+    return Path(tree["output_dir"]), stages
+
+
+def load(config: str | None, recipe: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
+    from ds_distill.config import apply_override, recipe_path
+
+    if bool(config) == bool(recipe):
+        raise ConfigError("give --config=CHAIN.yaml or --recipe=NAME")
+    path = Path(config) if config else recipe_path(recipe)
+    tree = read_tree(path)
+    if not is_chain(tree):
+        raise ConfigError(f"{config or recipe} is a run config, not a chain (no stages:); use ds-distill distill")
+    for key, value in overrides.items():
+        apply_override(tree, key, value)
+    if isinstance(tree.get("defaults"), dict):  # defaults may start from a run YAML or recipe: `base: NAME`
+        tree["defaults"] = with_base(tree["defaults"], path)
+    return tree
+
+
+def resolve(stage: Stage, output_dir: Path) -> RunConfig:
+    """The stage's run config with the earlier stages' exports as its teacher or student source."""
+    tree = copy.deepcopy(stage.tree)
+    if stage.teacher_from:
+        tree.setdefault("teacher", {})["model_name_or_path"] = str(output_dir / stage.teacher_from / "model")
+        tree["teacher"].pop("gguf_file", None)
+    if stage.student_from:
+        dims = ((tree.get("student") or {}).get("init") or {}).get("from_teacher")
+        if not dims or dims.get("strategy") != "sliced":
+            raise ConfigError(f"stage {stage.name}: student_from needs student.init.from_teacher.strategy: sliced")
+        dims["source"] = str(output_dir / stage.student_from / "model")
+    tree.setdefault("train", {})["output_dir"] = str(output_dir / stage.name)
+    run = from_dict(RunConfig, expand_method(tree), where=f"stage {stage.name}: ")
+    validate(run)
+    return run
+
+
+def tree_hash(directory: Path) -> str:
+    """SHA-256 over the names and bytes of every file under `directory`."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(directory)).encode() + b"\0")
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint(run: RunConfig, stage: Stage, manifest: dict) -> str:
+    """What a finished stage's result depends on: its resolved config and the exports it started from."""
+    sources = {key: manifest["stages"][name]["export_sha256"]
+               for key, name in (("teacher", stage.teacher_from), ("student", stage.student_from)) if name}  # fmt: skip
+    return hashlib.sha256((to_yaml(run) + json.dumps(sources, sort_keys=True)).encode()).hexdigest()
+
+
+def read_manifest(output_dir: Path) -> dict:
+    path = output_dir / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else {"stages": {}}
+
+
+def write_manifest(output_dir: Path, manifest: dict) -> None:
+    staging = output_dir / (MANIFEST + ".partial")
+    staging.write_text(json.dumps(manifest, indent=2) + "\n")
+    with open(staging) as handle:
+        os.fsync(handle.fileno())
+    os.replace(staging, output_dir / MANIFEST)
+
+
+def run_chain(tree: dict[str, Any], overwrite: tuple[str, ...] = ()) -> dict:
+    """Runs the chain's stages in order (see the module docstring); returns the manifest."""
+    from ds_distill.evaluation import evaluate_model
+    from ds_distill.trainer import distill
+
+    output_dir, stages = parse(tree)
+    unknown = sorted(set(overwrite) - {s.name for s in stages})
+    if unknown:
+        raise ConfigError(f"--overwrite names no stage of this chain: {', '.join(unknown)}")
+    dist.init()
+    manifest = dist.all_gather_objects(read_manifest(output_dir))[0]  # rank 0's view decides for all
+    for stage in stages:
+        run = resolve(stage, output_dir)
+        stage_dir = Path(run.train.output_dir)
+        done = manifest["stages"].get(stage.name)
+        key = fingerprint(run, stage, manifest)  # the stages it starts from finished before it
+        if done is not None and done["fingerprint"] == key:
+            _check_unchanged(stage.name, stage_dir, done)
+            dist.print_main(f"chain: stage {stage.name} finished earlier; its files stay as they are")
+            continue
+        if done is not None or _started_with_other_config(stage_dir, run):
+            if stage.name not in overwrite:
+                what = "finished" if done is not None else "started"
+                raise ConfigError(
+                    f"stage {stage.name} {what} with another config (or from other exports of earlier stages); "
+                    f"pass --overwrite={stage.name} to redo it"
+                )
+            if dist.is_main():
+                manifest["stages"].pop(stage.name, None)
+                _remove_stage(stage_dir)
+            dist.barrier()
+        has_checkpoint = dist.all_gather_objects(checkpoint.latest_tag(stage_dir / "checkpoints") is not None)[0]
+        dist.print_main(f"chain: stage {stage.name} ({'resuming' if has_checkpoint else 'starting'}) in {stage_dir}")
+        export = distill(run, resume=has_checkpoint, overwrite=not has_checkpoint and stage_dir.exists())
+        _free_memory()
+        metrics = evaluate_model(str(export), scored(run), stage_dir / "eval")
+        _free_memory()
+        if dist.is_main():
+            manifest["stages"][stage.name] = {
+                "fingerprint": fingerprint(run, stage, manifest),
+                "teacher": run.teacher.model_name_or_path,
+                "student_from": stage.student_from,
+                "config": to_dict(run),
+                "export": str(export),
+                "export_sha256": tree_hash(export),
+                "evaluation": metrics,
+                "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            }
+            write_manifest(output_dir, manifest)
+        manifest = dist.all_gather_objects(manifest)[0]
+        dist.print_main(f"chain: stage {stage.name} done: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    return manifest
+
+
+def scored(run: RunConfig) -> RunConfig:
+    """The run as its stage's evaluation sees it: a translation or seq2seq stage always scores generations."""
+    from ds_distill.evaluation import DEFAULT_METRIC
+
+    if run.train.eval_metric != "loss" or run.data.task not in DEFAULT_METRIC:
+        return run
+    return dataclasses.replace(run, train=dataclasses.replace(run.train, eval_metric=DEFAULT_METRIC[run.data.task]))
+
+
+def _check_unchanged(name: str, stage_dir: Path, done: dict) -> None:
+    """A finished stage's export must still be what the later stages were (or will be) built from."""
+    export = Path(done["export"])
+    if dist.is_main() and (not export.is_dir() or tree_hash(export) != done["export_sha256"]):
+        raise ConfigError(f"stage {name}'s export {export} changed since it finished; pass --overwrite={name}")
+
+
+def _started_with_other_config(stage_dir: Path, run: RunConfig) -> bool:
+    saved = stage_dir / "config.yaml"
+    return saved.is_file() and saved.read_text() != to_yaml(run)
+
+
+def _remove_stage(stage_dir: Path) -> None:
+    from ds_distill.run_dir import RUN_MARKER, check_replaceable
+
+    check_replaceable(stage_dir, RUN_MARKER, "a ds_distill run", "stage output")
+    if stage_dir.exists():
+        shutil.rmtree(stage_dir)
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def describe(tree: dict[str, Any]) -> list[tuple[str, RunConfig, Stage]]:
+    """(name, resolved run config, stage) per stage, for count_params."""
+    output_dir, stages = parse(tree)
+    return [(stage.name, resolve(stage, output_dir), stage) for stage in stages]

@@ -1,0 +1,47 @@
+"""`ds-distill evaluate` on 2 ranks: BLEU and chrF are sacrebleu's on the files it writes, in the data's order;
+a run's checkpoints score what its exported model scores."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import sacrebleu
+
+from tests.conftest import translation_config, write_yaml
+from tests.distributed.launch import distill, free_port, launch
+
+pytestmark = pytest.mark.distributed
+
+
+def evaluate(tmp_path, name: str, model, config_path, *flags: str) -> dict:
+    output = tmp_path / name
+    command = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "--module", "ds_distill",
+               "evaluate", f"--model={model}", f"--config={config_path}", f"--output_dir={output}", *flags]  # fmt: skip
+    launch(command, tmp_path / f"{name}.log")
+    return json.loads((output / "report.json").read_text())
+
+
+def test_evaluate_writes_what_it_scores_and_checkpoints_score_as_their_export(tiny, tmp_path):
+    config = translation_config(tiny, tmp_path / "run", train={"save_steps": 12})
+    run_dir = distill(tmp_path, "run", config)
+    config_path = write_yaml(tmp_path / "eval.yaml", config)
+
+    report = evaluate(tmp_path, "exported", run_dir / "model", config_path, "--max_new_tokens=12", "--num_beams=2")
+    hypotheses = (tmp_path / "exported" / "hypotheses.txt").read_text().splitlines()
+    references = (tmp_path / "exported" / "references.txt").read_text().splitlines()
+    raw = [json.loads(line)["translation"]["de"] for line in open(config["data"]["data_files"]["validation"])]
+    assert references == raw  # every example once, in the file's order, although each rank scored half
+    assert report["examples"] == len(raw) == len(hypotheses)
+    assert report["generation"] == {"num_beams": 2, "max_new_tokens": 12}
+    metrics = report["metrics"]
+    assert metrics["bleu"] == sacrebleu.corpus_bleu(hypotheses, [raw]).score
+    assert metrics["chrf"] == sacrebleu.corpus_chrf(hypotheses, [raw]).score > 0
+    assert metrics["loss"] > 0 and metrics["perplexity"] > 1
+
+    from_checkpoint = evaluate(
+        tmp_path, "checkpoint", run_dir / "checkpoints", config_path, "--max_new_tokens=12", "--num_beams=2"
+    )
+    assert (tmp_path / "checkpoint" / "model" / "config.json").is_file()  # exported there first
+    for name, value in metrics.items():
+        assert from_checkpoint["metrics"][name] == pytest.approx(value, rel=1e-5), name
