@@ -133,8 +133,11 @@ def resolve(stage: Stage, output_dir: Path) -> RunConfig:
             raise ConfigError(f"stage {stage.name}: student_from needs student.init.from_teacher.strategy: sliced")
         dims["source"] = str(output_dir / stage.student_from / "model")
     tree.setdefault("train", {})["output_dir"] = str(output_dir / stage.name)
-    run = from_dict(RunConfig, expand_method(tree), where=f"stage {stage.name}: ")
-    validate(run)
+    try:
+        run = from_dict(RunConfig, expand_method(tree))
+        validate(run)
+    except ConfigError as error:
+        raise ConfigError(f"stage {stage.name}: {error}") from None
     return run
 
 

@@ -3,6 +3,7 @@
 import pytest
 
 from ds_distill import cli
+from ds_distill.errors import ConfigError
 from tests.conftest import run_cli
 
 
@@ -26,11 +27,56 @@ def test_top_level_help_lists_verbs(capsys):
     assert all(verb in out for verb in cli.VERBS)
 
 
-@pytest.mark.parametrize("verb", ["chain", "evaluate", "plan"])
-def test_coming_verbs_say_so_and_fail(verb):
-    result = run_cli(verb)
+def test_the_coming_verb_says_so_and_fails():
+    result = run_cli("plan")
     assert result.returncode == 2
     assert "not available yet" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "chain, message",
+    [
+        ({"stages": [{"name": "a"}]}, "a chain needs output_dir"),
+        ({"output_dir": "x", "stages": []}, "stages: must list at least one stage"),
+        ({"output_dir": "x", "stages": [{"name": "a"}, {"name": "a"}]}, "stage name 'a' must be unique"),
+        ({"output_dir": "x", "stages": [{"name": "a", "teacher_from": "b"}, {"name": "b"}]},
+         "stage a: teacher_from 'b' is not an earlier stage"),
+        ({"output_dir": "x", "stages": [{"name": "a"}], "default": {}}, "unknown chain key(s) default"),
+        ({"output_dir": "x", "stages": [{"name": "a"}]}, "stage a: data.dataset is missing"),
+        ({"output_dir": "x", "defaults": {"data": {"task": "causal_lm", "dataset": "json", "data_files": {"train": "t"}},
+                                        "student": {"model_name_or_path": "s"}},
+          "stages": [{"name": "a"}, {"name": "b", "student_from": "a"}]},
+         "stage b: student_from needs student.init.from_teacher.strategy: sliced"),
+    ],
+)  # fmt: skip
+def test_bad_chains_are_refused_before_anything_runs(tmp_path, chain, message):
+    from ds_distill import chain as chain_module
+
+    with pytest.raises(ConfigError) as error:
+        output_dir, stages = chain_module.parse(chain)
+        for stage in stages:
+            chain_module.resolve(stage, output_dir)
+    assert message in str(error.value)
+
+
+def test_chain_refuses_a_run_config_and_evaluate_a_directory_that_is_no_model(tmp_path):
+    run = tmp_path / "run.yaml"
+    run.write_text(
+        "data: {task: causal_lm, dataset: json, data_files: {train: t.jsonl}}\nstudent: {model_name_or_path: s}\n"
+    )
+    result = run_cli("chain", f"--config={run}")
+    assert result.returncode == 2 and "is a run config, not a chain (no stages:)" in result.stderr
+    result = run_cli("evaluate", f"--model={tmp_path}", f"--config={run}")
+    assert result.returncode == 2
+    assert "is neither a model directory (config.json) nor a run's checkpoints directory" in result.stderr
+
+
+def test_count_params_prints_every_stage_of_the_chain_recipe():
+    result = run_cli("count_params", "flan_t5_3b_chain")
+    assert result.returncode == 0, result.stderr
+    assert "stage l12:" in result.stdout and "stage l6:" in result.stdout
+    assert "teacher stage l12: 424.5M parameters" in result.stdout
+    assert "chain: 2,849.8M -> 148.5M parameters (19.2x smaller)" in result.stdout
 
 
 def test_config_error_is_one_line_without_traceback(tmp_path):
