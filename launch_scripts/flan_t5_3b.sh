@@ -7,7 +7,9 @@
 #
 # Settings (environment): SIZE=145m|250m|425m|780m (default 145m), ZERO_STAGE=2|3 (student, default 2),
 # OUTPUT=runs/flan_t5_3b_$SIZE, NUM_GPUS (default: all), HOSTFILE (multi-node, ssh),
-# TEACHER=replicated|zero3|cpu|nvme (where the teacher lives; default replicated, a bf16 copy per GPU).
+# TEACHER=replicated|zero3|cpu|nvme (where the teacher lives; default replicated, a bf16 copy per GPU),
+# MASTER_PORT (default: a free port, so that two jobs on one machine do not collide; under
+# `deepspeed launch_scripts/...` give the launcher --master_port yourself).
 # The launcher's output is also appended to $OUTPUT.log.
 # Extra arguments are dotted config overrides. The file is both bash and python: bash runs this block and
 # exits; python reads it as a string and runs the part below.
@@ -22,7 +24,8 @@ case "$TEACHER" in
   cpu|nvme) TEACHER_DS=ds_configs/teacher_zero3_inference_${TEACHER}.json ;;
   *) echo "TEACHER must be replicated, zero3, cpu or nvme" >&2; exit 2 ;;
 esac
-LAUNCHER=(deepspeed)
+MASTER_PORT=${MASTER_PORT:-$(python3 -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')}
+LAUNCHER=(deepspeed --master_port "$MASTER_PORT")
 [ -n "${NUM_GPUS:-}" ] && LAUNCHER+=(--num_gpus "$NUM_GPUS")
 [ -n "${HOSTFILE:-}" ] && LAUNCHER+=(--hostfile "$HOSTFILE")
 mkdir -p "$(dirname "$OUTPUT")"

@@ -47,3 +47,40 @@ def test_prepare_wmt_refuses_sides_that_are_not_aligned(tmp_path):
     assert result.returncode != 0
     assert "has 2 sentences and" in result.stderr and "must be line-aligned" in result.stderr
     assert not list((tmp_path / "out").glob("train.jsonl*"))  # no file, not even a partial one
+
+
+def fake_deepspeed(tmp_path):
+    """A `deepspeed` on PATH that records its arguments instead of launching."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "deepspeed").write_text('#!/usr/bin/env bash\necho "$@" >> "$(dirname "$0")/calls"\n')
+    (bin_dir / "deepspeed").chmod(0o755)
+    return bin_dir
+
+
+def run_script(script, tmp_path, bin_dir, **env):
+    import os
+
+    environment = {
+        **subprocess_env(),
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "OUTPUT": str(tmp_path / "out"),
+        **env,
+    }
+    return subprocess.run(["bash", script, "--x.y=1"], cwd=REPO, env=environment, capture_output=True, text=True)
+
+
+def test_launch_scripts_pick_a_free_master_port_or_take_master_port(tmp_path):
+    import py_compile
+
+    bin_dir = fake_deepspeed(tmp_path)
+    for script, verb in (("launch_scripts/flan_t5_3b.sh", "distill --recipe=flan_t5_3b_145m"),
+                         ("launch_scripts/flan_t5_3b_chain.sh", "chain --recipe=flan_t5_3b_chain")):  # fmt: skip
+        py_compile.compile(str(REPO / script), doraise=True)  # `deepspeed SCRIPT` runs it as python
+        assert run_script(script, tmp_path, bin_dir).returncode == 0
+        assert run_script(script, tmp_path, bin_dir).returncode == 0
+        assert run_script(script, tmp_path, bin_dir, MASTER_PORT="29777").returncode == 0
+        calls = (bin_dir / "calls").read_text().splitlines()[-3:]
+        ports = [call.split("--master_port ")[1].split()[0] for call in calls]
+        assert ports[0] != ports[1] and ports[2] == "29777"  # two jobs on one machine do not collide
+        assert all(f"--module ds_distill {verb}" in call and call.endswith("--x.y=1") for call in calls)

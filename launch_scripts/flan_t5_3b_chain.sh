@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+''':'
+# Flan-T5-XL (2.8B) -> 12+12-block assistant -> 6+6-block student (19.2x smaller), WMT'13 EN->ES, as one
+# teacher-assistant chain (recipe flan_t5_3b_chain), on one node or many. Both of these work:
+#
+#   deepspeed launch_scripts/flan_t5_3b_chain.sh                          # the launcher runs this file with python
+#   bash launch_scripts/flan_t5_3b_chain.sh [--defaults.train.max_steps=...] # starts the DeepSpeed launcher
+#
+# Settings (environment): ZERO_STAGE=2|3 (students, default 2), OUTPUT=runs/flan_t5_3b_chain (a rerun resumes
+# the chain where it stopped), NUM_GPUS (default: all), HOSTFILE (multi-node, ssh),
+# TEACHER=replicated|zero3|cpu|nvme (where the teacher lives; default replicated, a bf16 copy per GPU),
+# MASTER_PORT (default: a free port, so that two jobs on one machine do not collide; under
+# `deepspeed launch_scripts/...` give the launcher --master_port yourself).
+# The launcher's output is also appended to $OUTPUT.log.
+# Extra arguments are dotted config overrides. The file is both bash and python: bash runs this block and
+# exits; python reads it as a string and runs the part below.
+set -euo pipefail
+ZERO_STAGE=${ZERO_STAGE:-2}
+OUTPUT=${OUTPUT:-runs/flan_t5_3b_chain}
+TEACHER=${TEACHER:-replicated}
+case "$TEACHER" in
+  replicated) TEACHER_DS=ds_configs/teacher_replicated_bf16.json ;;
+  zero3) TEACHER_DS=ds_configs/teacher_zero3_inference.json ;;
+  cpu|nvme) TEACHER_DS=ds_configs/teacher_zero3_inference_${TEACHER}.json ;;
+  *) echo "TEACHER must be replicated, zero3, cpu or nvme" >&2; exit 2 ;;
+esac
+MASTER_PORT=${MASTER_PORT:-$(python3 -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')}
+LAUNCHER=(deepspeed --master_port "$MASTER_PORT")
+[ -n "${NUM_GPUS:-}" ] && LAUNCHER+=(--num_gpus "$NUM_GPUS")
+[ -n "${HOSTFILE:-}" ] && LAUNCHER+=(--hostfile "$HOSTFILE")
+mkdir -p "$(dirname "$OUTPUT")"
+"${LAUNCHER[@]}" --module ds_distill chain --recipe=flan_t5_3b_chain --output_dir="$OUTPUT" \
+  --defaults.student.deepspeed_config="ds_configs/student_zero${ZERO_STAGE}.json" \
+  --defaults.teacher.deepspeed_config="$TEACHER_DS" "$@" 2>&1 | tee -a "$OUTPUT.log"
+exit 0  # (set -e and pipefail already left with the launcher's status on failure)
+'''
+# Python side: each rank the DeepSpeed launcher starts lands here, with the same settings as above.
+import os
+import sys
+
+from ds_distill.cli import main
+
+placement = os.environ.get("TEACHER", "replicated")
+teacher = {
+    "replicated": "ds_configs/teacher_replicated_bf16.json",
+    "zero3": "ds_configs/teacher_zero3_inference.json",
+}.get(placement, f"ds_configs/teacher_zero3_inference_{placement}.json")
+main([
+    "chain",
+    "--recipe=flan_t5_3b_chain",
+    f"--output_dir={os.environ.get('OUTPUT', 'runs/flan_t5_3b_chain')}",
+    f"--defaults.student.deepspeed_config=ds_configs/student_zero{os.environ.get('ZERO_STAGE', '2')}.json",
+    f"--defaults.teacher.deepspeed_config={teacher}",
+    *sys.argv[1:],
+])
