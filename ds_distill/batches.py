@@ -1,7 +1,8 @@
 """Tokenized data to batches: collation, the restartable training stream of each rank, evaluation shares.
 
-Batches are padded per batch by the Hugging Face collators and served in a seeded order that can restart at any
-micro-batch, which is what makes resumed runs equal to uninterrupted ones.
+Batches are padded per batch by the Hugging Face collators (optionally of examples grouped by length) and served
+in a seeded order that can restart at any micro-batch, which is what makes resumed runs equal to uninterrupted
+ones.
 """
 
 from __future__ import annotations
@@ -36,6 +37,32 @@ def make_collator(data: DataConfig, tokenizer, model: torch.nn.Module | None = N
     if data.mlm_probability > 0:
         return DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=data.mlm_probability)
     return DataCollatorWithPadding(tokenizer)
+
+
+GROUP_WINDOW = 50  # batches whose examples are sorted by length together (as Hugging Face's LengthGroupedSampler)
+
+
+def example_lengths(dataset: datasets.Dataset) -> np.ndarray:
+    """Tokens per example (source + target for seq2seq), read from the Arrow columns without decoding rows."""
+    import pyarrow.compute as pc
+
+    table = dataset.with_format("arrow")[:]
+    lengths = np.zeros(len(dataset), dtype=np.int64)
+    for column in ("input_ids", "labels"):
+        if column in table.column_names:
+            lengths += pc.list_value_length(table[column]).to_numpy(zero_copy_only=False)
+    return lengths
+
+
+def group_by_length(indices: list[int], lengths: np.ndarray, batch_size: int, rng: np.random.Generator):
+    """`indices` (a multiple of batch_size) as batches of similar lengths: each window of GROUP_WINDOW batches is
+    sorted by length and cut into batches, and the batches of the epoch are then shuffled."""
+    window = batch_size * GROUP_WINDOW
+    batches = []
+    for start in range(0, len(indices), window):
+        chunk = sorted(indices[start : start + window], key=lambda i: -lengths[i])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
 
 
 def batches_per_epoch(num_examples: int, batch_size: int) -> int:
@@ -84,12 +111,14 @@ class TrainBatches:
     seed: int
     num_workers: int = 0
     pin_memory: bool = False
+    group_by_length: bool = False
 
     def __post_init__(self):
         self.sampler = DistributedSampler(
             self.dataset, num_replicas=dist.world_size(), rank=dist.rank(), shuffle=True, seed=self.seed, drop_last=True
         )
         self.batches_per_epoch = batches_per_epoch(len(self.dataset), self.batch_size)
+        self.lengths = example_lengths(self.dataset) if self.group_by_length else None
 
     def iterate(self, start: int = 0) -> Iterator[dict[str, torch.Tensor]]:
         """Yields micro-batches forever, beginning after the first `start` ones."""
@@ -97,7 +126,11 @@ class TrainBatches:
         while True:
             self.sampler.set_epoch(epoch)
             indices = list(self.sampler)[: self.batches_per_epoch * self.batch_size]
-            batches = [indices[i : i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
+            if self.lengths is not None:
+                rng = np.random.default_rng([self.seed, epoch, dist.rank()])
+                batches = group_by_length(indices, self.lengths, self.batch_size, rng)
+            else:
+                batches = [indices[i : i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
             yield from DataLoader(
                 _Batches(self.dataset, batches, self.collate, (self.seed, dist.rank(), epoch)),
                 batch_size=None,  # items are whole micro-batches

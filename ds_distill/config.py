@@ -170,6 +170,10 @@ class TrainConfig:
     num_beams: int = 1
     dataloader_num_workers: int | None = None
     """Processes that collate batches ahead of the loop. None: 2 when training on a GPU, 0 on the CPU."""
+    group_by_length: bool | None = None
+    """Batch examples of similar length (within windows of 50 batches, then the batches shuffled), so the
+    teacher and the student compute few padding tokens; deterministic and resumable. None: on for
+    translation and seq2seq, off for packed causal_lm and masked_lm. The log reports `padding_fraction`."""
     dataloader_pin_memory: bool = True
     """Pinned host memory for batches on their way to a GPU (the copy then overlaps compute)."""
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ds_distill import dist, models
-from ds_distill.config import FromTeacherConfig, RunConfig, from_dict
+from ds_distill.config import FromTeacherConfig, RunConfig, from_dict, to_dict
 from ds_distill.data import train_sentencepiece_tokenizer
 from ds_distill.ds_config import PROJECT_ROOT
 
@@ -300,3 +300,42 @@ def run_demo(output_dir: Path, teacher_steps: int = 300, student_steps: int = 15
     )
     share = rows[1][2]["bleu"] / max(rows[0][2]["bleu"], 1e-9)
     print(f"the student cut from the teacher and distilled reaches {share:.0%} of the teacher's BLEU")
+
+
+# -- the tiny chain of launch_scripts/tiny_cpu.sh ---------------------------------------------------------
+
+
+def tiny_chain(output_dir: Path, teacher_steps: int = 300, student_steps: int = 150) -> dict:
+    """A three-stage chain on the demo's corpus: the T5 teacher trained from scratch (stage `teacher`), then
+    `half` (all blocks, half the width) and `quarter` (2+2 blocks, a quarter of the width), each cut from the
+    stage before by activation and distilled by it. Inputs are written once into output_dir/inputs (rank 0)."""
+    inputs = output_dir / "inputs"
+    files = {split: str(inputs / "data" / f"{split}.jsonl") for split in ("train", "validation")}
+    if dist.is_main() and not (inputs / "teacher_init" / "config.json").is_file():
+        write_corpus(inputs / "data", train_size=8000, valid_size=200)
+        tokenizer = train_sentencepiece_tokenizer(files["train"], ("en", "zz"), inputs / "tokenizer", vocab_size=256)
+        save_initial_models(tokenizer, inputs, seed=0)
+    dist.barrier()
+    ce = {"ce": {"weight": 1.0}}
+    defaults = to_dict(run_config(output_dir / "unused", files, inputs / "teacher_init", None, ce, student_steps, 1e-3))
+    del defaults["train"]["output_dir"]
+    defaults["teacher"]["model_name_or_path"] = None
+    defaults["student"] = {"deepspeed_config": defaults["student"]["deepspeed_config"]}
+    kd = {"kd": {"weight": 1.0, "divergence": "forward_kl"}}
+
+    def cut(layers: int, d_model: int) -> dict:
+        dims = {"encoder_layers": layers, "decoder_layers": layers, "d_model": d_model, "d_ff": 4 * d_model}
+        sliced = {**dims, "num_heads": d_model // 64, "strategy": "sliced", "width": "importance"}
+        return {"init": {"from_teacher": sliced}}
+
+    teacher_shape = TEACHER_SHAPE["d_model"]
+    return {
+        "output_dir": str(output_dir),
+        "defaults": defaults,
+        "stages": [
+            {"name": "teacher", "student": {"model_name_or_path": str(inputs / "teacher_init")},
+             "train": {"max_steps": teacher_steps, "learning_rate": 7e-4}},
+            {"name": "half", "student": cut(4, teacher_shape // 2), "losses": kd},
+            {"name": "quarter", "student": cut(2, teacher_shape // 4), "losses": kd},
+        ],
+    }  # fmt: skip

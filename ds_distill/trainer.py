@@ -175,6 +175,7 @@ class LogWindow:
     sums: dict[str, Any] = field(default_factory=lambda: defaultdict(float))
     steps: int = 0
     tokens: int = 0
+    positions: int = 0
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -246,6 +247,7 @@ class Trainer:
             self.train_config.seed,
             num_workers=(2 if on_gpu else 0) if workers is None else workers,
             pin_memory=on_gpu and self.train_config.dataloader_pin_memory,
+            group_by_length=self._group_by_length(),
         )
         self.checkpoints = p.output_dir / "checkpoints"
         self.step = 0
@@ -282,6 +284,10 @@ class Trainer:
             dist.print_main(f"student cut from {source} ({dims.width} width) into {path}:\n{plan.summary()}")
         dist.barrier()
         return path
+
+    def _group_by_length(self) -> bool:
+        grouped = self.train_config.group_by_length
+        return self.run.data.task in ("translation", "seq2seq") if grouped is None else grouped
 
     def _lr_schedule(self, optimizer):
         """Hugging Face's schedules: DeepSpeed's own start every run at their minimum rate and warm up over at
@@ -328,6 +334,10 @@ class Trainer:
             for key, count in token_counts(self.student_adapter, batch).items():
                 counts[key] += int(count)
         self.window.tokens += sum(count for key, count in counts.items() if key != "targets")
+        for batch in batches:  # positions computed, padding included: what grouping by length saves
+            self.window.positions += batch["input_ids"].numel()
+            if self.student_adapter.kind == "seq2seq" and batch.get("labels") is not None:
+                self.window.positions += batch["labels"].numel()
         keys = sorted(counts)
         summed = dist.all_reduce_tensor(torch.tensor([float(counts[k]) for k in keys], device=self.device))
         return dict(zip(keys, summed.unbind()))
@@ -415,10 +425,14 @@ class Trainer:
     def _log_training(self) -> None:
         window, self.window = self.window, LogWindow()
         names = sorted(window.sums)
-        reduced = dist.all_reduce_sum([window.sums[n] / window.steps for n in names] + [window.tokens])
+        reduced = dist.all_reduce_sum(
+            [window.sums[n] / window.steps for n in names] + [window.tokens, window.positions]
+        )
         scalars = {("loss" if n == "loss" else f"loss/{n}"): v for n, v in zip(names, reduced)}
         scalars["lr"] = self.engine.get_lr()[0]
-        scalars["tokens_per_s"] = reduced[-1] / (time.perf_counter() - window.started)
+        tokens, positions = reduced[-2], reduced[-1]
+        scalars["tokens_per_s"] = tokens / (time.perf_counter() - window.started)
+        scalars["padding_fraction"] = 1 - tokens / max(positions, 1)
         scalars["peak_memory_gb"] = _peak_memory_gb()
         self._write_scalars(scalars)
         self.progress.set_postfix(loss=f"{scalars['loss']:.4f}", tok_s=f"{scalars['tokens_per_s']:.0f}")

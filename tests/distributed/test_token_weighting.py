@@ -51,6 +51,7 @@ def split_config(tiny, teacher, output_dir, micro_batch: int, accumulation: int)
             "lr_scheduler_type": "constant",
             "adam_epsilon": 1.0,
             "max_grad_norm": 1e9,
+            "group_by_length": False,  # the same 8 samples in the step, however it is split
         },
     )
 

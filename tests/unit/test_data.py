@@ -48,6 +48,40 @@ def test_training_stream_restarts_exactly_where_it_stopped(translation):
     assert not full[0]["input_ids"].equal(full[16]["input_ids"])  # reshuffled per epoch
 
 
+def padded_positions(batch) -> tuple[int, int]:
+    """(positions computed, real tokens) of a seq2seq batch."""
+    real = int(batch["attention_mask"].sum()) + int((batch["labels"] != -100).sum())
+    return batch["input_ids"].numel() + batch["labels"].numel(), real
+
+
+def test_length_grouping_pads_less_and_still_restarts_exactly(translation):
+    config, tokenizer, tokenized = translation
+    collate = batches.make_collator(config, tokenizer)
+    plain = batches.TrainBatches(tokenized["train"], collate, batch_size=4, seed=3)
+    grouped = batches.TrainBatches(tokenized["train"], collate, batch_size=4, seed=3, group_by_length=True)
+    epoch_plain, epoch_grouped = (list(itertools.islice(s.iterate(0), 16)) for s in (plain, grouped))
+    rows = [
+        {tuple(b["input_ids"][i][b["attention_mask"][i].bool()].tolist()) for b in epoch for i in range(4)}
+        for epoch in (epoch_plain, epoch_grouped)
+    ]
+    assert rows[0] == rows[1] and len(rows[0]) == 64  # the same examples, once each, only batched differently
+    padding = []
+    for epoch in (epoch_plain, epoch_grouped):
+        positions, real = map(sum, zip(*(padded_positions(b) for b in epoch)))
+        padding.append(1 - real / positions)
+    assert padding[1] < 0.5 * padding[0], padding
+    lengths = [int(b["attention_mask"].sum(1).max()) for b in epoch_grouped]
+    assert lengths != sorted(lengths, reverse=True)  # batches shuffled, not served longest first
+
+    full = list(itertools.islice(grouped.iterate(0), 40))
+    resumed = list(itertools.islice(grouped.iterate(21), 19))
+    for expected, got in zip(full[21:], resumed):
+        assert expected["input_ids"].equal(got["input_ids"]) and expected["labels"].equal(got["labels"])
+    assert batches.example_lengths(tokenized["train"])[0] == len(tokenized["train"][0]["input_ids"]) + len(
+        tokenized["train"][0]["labels"]
+    )
+
+
 def test_evaluation_share_counts_real_rows(translation):
     config, tokenizer, tokenized = translation
     shares = list(
