@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from ds_distill import checkpoint, dist
 from ds_distill.config import (
@@ -54,7 +55,6 @@ from ds_distill.config import (
     merge,
     read_tree,
     to_dict,
-    to_yaml,
     validate,
     with_base,
 )
@@ -152,11 +152,30 @@ def tree_hash(directory: Path) -> str:
     return digest.hexdigest()
 
 
+def _set_keys(tree: dict, defaults: dict) -> dict:
+    """The keys of `tree` whose values differ from `defaults` (so that an option a later version adds, at its
+    default, leaves the fingerprints of finished stages as they were)."""
+    kept = {}
+    for key, value in tree.items():
+        default = defaults.get(key) if isinstance(defaults, dict) else None
+        if isinstance(value, dict) and isinstance(default, dict):
+            value = _set_keys(value, default)
+            if value:
+                kept[key] = value
+        elif value != default:
+            kept[key] = value
+    return kept
+
+
 def fingerprint(run: RunConfig, stage: Stage, manifest: dict) -> str:
-    """What a finished stage's result depends on: its resolved config and the exports it started from."""
+    """What a finished stage's result depends on: its resolved config (the keys set away from their defaults)
+    and the exports it started from."""
     sources = {key: manifest["stages"][name]["export_sha256"]
                for key, name in (("teacher", stage.teacher_from), ("student", stage.student_from)) if name}  # fmt: skip
-    return hashlib.sha256((to_yaml(run) + json.dumps(sources, sort_keys=True)).encode()).hexdigest()
+    tree = json.loads(json.dumps(to_dict(run)))  # as JSON holds it: tuples become lists
+    tree.pop("method")  # already expanded into losses and layer_map
+    settings = _set_keys(tree, json.loads(json.dumps(to_dict(RunConfig()))))
+    return hashlib.sha256(json.dumps([settings, sources], sort_keys=True).encode()).hexdigest()
 
 
 def read_manifest(output_dir: Path) -> dict:
@@ -244,7 +263,12 @@ def _check_unchanged(name: str, stage_dir: Path, done: dict) -> None:
 
 def _started_with_other_config(stage_dir: Path, run: RunConfig) -> bool:
     saved = stage_dir / "config.yaml"
-    return saved.is_file() and saved.read_text() != to_yaml(run)
+    if not saved.is_file():
+        return False
+    defaults = json.loads(json.dumps(to_dict(RunConfig())))
+    now = json.loads(json.dumps(to_dict(run)))
+    now.pop("method")
+    return _set_keys(yaml.safe_load(saved.read_text()), defaults) != _set_keys(now, defaults)
 
 
 def _remove_stage(stage_dir: Path) -> None:

@@ -36,13 +36,19 @@ import yaml  # noqa: E402
 
 from ds_distill.config import apply_override  # noqa: E402
 from ds_distill.demo import tiny_chain  # noqa: E402
+from ds_distill.errors import ConfigError  # noqa: E402
 
 dist.init()
 tree = tiny_chain(Path(os.environ.get("OUTPUT_DIR", "runs/tiny_cpu")))
 for flag in strip_launcher_flags(sys.argv[1:]):
     key, _, value = flag.removeprefix("--").partition("=")
     apply_override(tree, key, yaml.safe_load(value))  # --a.b=50 sets the number 50
-manifest = chain.run_chain(tree)
+try:
+    manifest = chain.run_chain(tree)
+except ConfigError as error:  # a problem the user can fix: one line, no traceback
+    if dist.is_main():
+        print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
 if dist.is_main():
     for name, stage in manifest["stages"].items():
         print(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in stage["evaluation"].items()))
