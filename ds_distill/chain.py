@@ -207,17 +207,17 @@ def run_chain(tree: dict[str, Any], overwrite: tuple[str, ...] = ()) -> dict:
         stage_dir = Path(run.train.output_dir)
         done = manifest["stages"].get(stage.name)
         key = fingerprint(run, stage, manifest)  # the stages it starts from finished before it
-        if done is not None and done["fingerprint"] == key:
-            _check_unchanged(stage.name, stage_dir, done)
+        if done is not None and done["fingerprint"] == key and _export_intact(done):
             dist.print_main(f"chain: stage {stage.name} finished earlier; its files stay as they are")
             continue
         if done is not None or _started_with_other_config(stage_dir, run):
             if stage.name not in overwrite:
-                what = "finished" if done is not None else "started"
-                raise ConfigError(
-                    f"stage {stage.name} {what} with another config (or from other exports of earlier stages); "
-                    f"pass --overwrite={stage.name} to redo it"
-                )
+                if done is not None and done["fingerprint"] == key:
+                    why = f"stage {stage.name}'s export {done['export']} changed since it finished"
+                else:
+                    what = "finished" if done is not None else "started"
+                    why = f"stage {stage.name} {what} with another config (or from other exports of earlier stages)"
+                raise ConfigError(f"{why}; pass --overwrite={stage.name} to redo it")
             if dist.is_main():
                 manifest["stages"].pop(stage.name, None)
                 _remove_stage(stage_dir)
@@ -254,11 +254,12 @@ def scored(run: RunConfig) -> RunConfig:
     return dataclasses.replace(run, train=dataclasses.replace(run.train, eval_metric=DEFAULT_METRIC[run.data.task]))
 
 
-def _check_unchanged(name: str, stage_dir: Path, done: dict) -> None:
-    """A finished stage's export must still be what the later stages were (or will be) built from."""
+def _export_intact(done: dict) -> bool:
+    """Is a finished stage's export still what later stages were (or will be) built from? Rank 0 looks, every
+    rank gets the answer."""
     export = Path(done["export"])
-    if dist.is_main() and (not export.is_dir() or tree_hash(export) != done["export_sha256"]):
-        raise ConfigError(f"stage {name}'s export {export} changed since it finished; pass --overwrite={name}")
+    intact = not dist.is_main() or (export.is_dir() and tree_hash(export) == done["export_sha256"])
+    return all(dist.all_gather_objects(intact))
 
 
 def _started_with_other_config(stage_dir: Path, run: RunConfig) -> bool:

@@ -100,3 +100,13 @@ def test_a_chain_killed_in_stage_2_resumes_there_and_ends_as_an_uninterrupted_on
     assert "stage l2 finished earlier" in redone.stdout
     manifest = json.loads((tmp_path / "whole" / "chain.json").read_text())
     assert manifest["stages"]["l1"]["config"]["train"]["learning_rate"] == 5e-4
+
+    # an export that later stages were built from and that changed since is refused, naming it
+    with open(tmp_path / "whole" / "l2" / "model" / "config.json", "a") as edited:
+        edited.write("\n")
+    refused = run_chain(tmp_path, "export_changed", whole)
+    assert (
+        refused.returncode == 2
+        and "stage l2's export" in refused.stderr
+        and "changed since it finished" in refused.stderr
+    )
