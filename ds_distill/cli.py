@@ -266,7 +266,7 @@ def evaluate(
     deepspeed_config: str | None = None,
     **overrides,
 ):
-    """Scores a model on a run's data: loss and perplexity, and BLEU + chrF (translation) or ROUGE-L (seq2seq)
+    """Scores a model on a run's data: loss, perplexity, token accuracy, and BLEU + chrF (translation) or ROUGE-L (seq2seq)
     of its generations against the raw reference texts (sacrebleu's own tokenisation).
 
         ds-distill evaluate --model=runs/145m/model --config=run.yaml --num_beams=4
@@ -286,7 +286,8 @@ def evaluate(
         recipe: a shipped recipe instead.
         output_dir: where the report goes; default: `eval` beside the model directory.
         split: the data split to score (default: data.validation_split).
-        metric: bleu (with chrF) | rouge | loss; default by data.task: translation bleu, seq2seq rouge, else loss.
+        metric: bleu (with chrF) | rouge | accuracy | loss (loss, perplexity and token accuracy are always
+            reported); default by data.task: translation bleu, seq2seq rouge, else loss.
         num_beams: beams for generation (default: train.num_beams).
         max_new_tokens: generation length limit (default: train.generation_max_length).
         batch_size: examples per rank per batch (default: train.per_device_eval_batch_size).

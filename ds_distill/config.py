@@ -165,7 +165,8 @@ class TrainConfig:
     """Run the training forwards of the student and of a whole (not ZeRO-3-partitioned) teacher through
     torch.compile. Same losses and gradients (tested); no speed-up measured yet on an H100 (bench/RESULTS.md)."""
     eval_metric: str = "loss"
-    """loss | bleu | rouge: what evaluation reports besides the validation loss."""
+    """loss | accuracy | bleu | rouge: loss, perplexity and token accuracy are always reported; bleu (with chrF)
+    and rouge also generate (seq2seq models)."""
     generation_max_length: int = 128
     num_beams: int = 1
     dataloader_num_workers: int | None = None
@@ -414,7 +415,7 @@ STRATEGIES = ("random", "sliced")
 LAYER_CHOICES = ("alternate", "uniform", "first", "last")
 WIDTH_CHOICES = ("first", "importance")
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
-EVAL_METRICS = ("loss", "bleu", "rouge")
+EVAL_METRICS = ("loss", "accuracy", "bleu", "rouge")
 
 
 def validate(run: RunConfig) -> None:

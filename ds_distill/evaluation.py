@@ -52,7 +52,8 @@ def evaluate(
     objective: Callable | None = None,
     texts: dict[str, list[str]] | None = None,
 ) -> dict[str, float]:
-    """Returns {"loss": mean token cross-entropy, "perplexity", and "bleu" + "chrf" or "rouge" when configured}.
+    """Returns {"loss": mean token cross-entropy, "perplexity", "accuracy" (teacher-forced token accuracy), and
+    "bleu" + "chrf" or "rouge" when configured}.
 
     A model without an LM head has no token loss: `objective(batch) -> (total, {term: value})` is evaluated
     instead, giving {"loss", "loss/<term>"}, means over real rows. `texts`, a dict, receives the hypotheses
@@ -80,7 +81,9 @@ def evaluate(
             sums["loss"] += float(
                 F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
             )
-            sums["tokens"] += int((labels != IGNORE_INDEX).sum())
+            real = labels != IGNORE_INDEX
+            sums["tokens"] += int(real.sum())
+            sums["correct"] += int((logits.argmax(-1) == labels)[real].sum())
         if generate:
             outputs = model.generate(
                 input_ids=batch["input_ids"],
@@ -97,7 +100,11 @@ def evaluate(
         rows = max(totals.pop("rows"), 1)
         return {name: value / rows for name, value in totals.items()}
     loss = totals["loss"] / max(totals["tokens"], 1)
-    results = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+    results = {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 50.0)),
+        "accuracy": totals["correct"] / max(totals["tokens"], 1),  # of the next (or masked) token, teacher-forced
+    }
     if generate:
         gathered = dist.all_gather_objects((hypotheses, references))
         world = len(gathered)  # rank r held rows r, r + world, ...: interleave back into the dataset's order

@@ -110,8 +110,8 @@ def _check_models(run: RunConfig):
         raise ConfigError(
             f"data.task '{run.data.task}' does not fit a {adapter.kind} student; use {' or '.join(adapter.tasks)}"
         )
-    if run.train.eval_metric != "loss" and adapter.kind != "seq2seq":
-        raise ConfigError(f"train.eval_metric '{run.train.eval_metric}' needs a seq2seq model; use loss")
+    if run.train.eval_metric in ("bleu", "rouge") and adapter.kind != "seq2seq":
+        raise ConfigError(f"train.eval_metric '{run.train.eval_metric}' needs a seq2seq model; use loss or accuracy")
     losses, _ = build_losses(run.losses, model_pair(run, student_config, teacher_config))
     if any("logits" in loss.needs for loss in losses.values()):
         for role, config in (("teacher", teacher_config), ("student", student_config)):

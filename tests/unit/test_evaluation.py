@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import sacrebleu
 import torch
 
@@ -37,3 +38,21 @@ def test_bleu_is_sacrebleu_against_the_raw_references_not_the_truncated_labels(t
     assert texts["hypotheses"] == hypotheses
     assert results["bleu"] == sacrebleu.corpus_bleu(hypotheses, [raw]).score
     assert 0 < results["bleu"] < 50  # 8-token prefixes of the references; against themselves they would score 100
+
+
+def test_token_accuracy_is_the_share_of_target_tokens_predicted_by_argmax(tiny, tmp_path):
+    run = from_dict(RunConfig, translation_config(tiny, tmp_path))
+    tokenizer = data.load_tokenizer(str(tiny["tokenizer"]))
+    validation = data.tokenize(run.data, tokenizer, data.load_raw(run.data))["validation"]
+    model = models.adapter_for(models.load_config(str(tiny["t5"]), "t")).from_pretrained(str(tiny["t5"])).eval()
+    collate = batches.make_collator(run.data, tokenizer, model)
+    results = evaluate(model, validation, collate, tokenizer, run)
+
+    correct = total = 0
+    with torch.no_grad():
+        for batch, _, _ in batches.eval_batches(validation, collate, 7):  # one rank: every row real
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[..., : len(tokenizer)]
+            real = batch["labels"] != -100
+            correct += int((logits.argmax(-1) == batch["labels"])[real].sum())
+            total += int(real.sum())
+    assert results["accuracy"] == pytest.approx(correct / total) and 0 < results["accuracy"] < 1
