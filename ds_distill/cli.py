@@ -31,7 +31,7 @@ def demo(output_dir: str = "runs/demo"):
     """Runs the whole job on an embedded default: no network, no input files, minutes on a CPU.
 
     Generates a small parallel corpus, trains a sentencepiece tokenizer and a small T5 teacher, cuts a student
-    4x smaller from the teacher's weights and distils it (teacher under ZeRO-3 inference, student under ZeRO-2),
+    3.96x smaller from the teacher's weights and distils it (teacher under ZeRO-3 inference, student under ZeRO-2),
     distils a randomly initialised student of the same shape, trains that one once more without the teacher,
     all for the same steps, and prints parameters, validation loss, BLEU and inference tokens/s for all four.
     Uses the GPU when there is one.

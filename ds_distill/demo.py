@@ -6,7 +6,7 @@
    words, postpositions and noun-adjective order (so translating needs attention, not word lookup);
 2. trains a sentencepiece tokenizer on it;
 3. trains a small T5 teacher (the ordinary `distill` path with no teacher and a CE loss);
-4. cuts a student 4x smaller from the teacher's weights (half of its channels, heads and FFN neurons, ranked
+4. cuts a student 3.96x smaller from the teacher's weights (half of its channels, heads and FFN neurons, ranked
    by their activations) and distils it: teacher under ZeRO-3 inference, student under ZeRO-2;
 5. distils a randomly initialised student of the same shape the same way, and trains it once more without
    the teacher, for the same steps;
@@ -112,7 +112,8 @@ def write_corpus(directory: Path, train_size: int, valid_size: int, seed: int = 
 # -- models ----------------------------------------------------------------------------------------------
 
 TEACHER_SHAPE = dict(d_model=256, d_ff=1024, num_layers=4, num_decoder_layers=4, num_heads=4, d_kv=64)
-# half the teacher's width at its depth: 4x smaller, and a student cut from the teacher keeps every block
+# half the teacher's width at its depth: 3.96x smaller (the blocks shrink 4x, embeddings 2x), and a student cut
+# from the teacher keeps every block
 STUDENT_SHAPE = FromTeacherConfig(encoder_layers=4, decoder_layers=4, d_model=128, d_ff=512, num_heads=2)
 
 

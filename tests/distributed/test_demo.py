@@ -18,7 +18,7 @@ def test_demo_distils_a_student_cut_from_the_teacher_that_beats_both_other_stude
     sliced = rows["distilled student, from the teacher's weights"]
     random_init = rows["distilled student, random init"]
     alone = rows["no-teacher student, random init"]
-    assert teacher["params"] >= 4 * sliced["params"]
+    assert teacher["params"] >= 3.9 * sliced["params"]  # half the width: 3.96x (embeddings halve only)
     assert sliced["params"] == random_init["params"] == alone["params"]
     # the goal: the student keeps at least 60% of the teacher's BLEU and clearly beats both others
     assert sliced["bleu"] >= 0.6 * teacher["bleu"], rows
