@@ -63,6 +63,7 @@ def run_config(teacher: Path, output_dir: Path) -> RunConfig:
                 "logging_steps": 10,
                 "learning_rate": 1e-3,
                 "seed": 0,
+                "group_by_length": False,  # the hand-written loop's shuffled batches: same padding on both sides
             },
         },
     )
