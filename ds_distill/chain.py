@@ -172,10 +172,14 @@ def fingerprint(run: RunConfig, stage: Stage, manifest: dict) -> str:
     and the exports it started from."""
     sources = {key: manifest["stages"][name]["export_sha256"]
                for key, name in (("teacher", stage.teacher_from), ("student", stage.student_from)) if name}  # fmt: skip
-    tree = json.loads(json.dumps(to_dict(run)))  # as JSON holds it: tuples become lists
-    tree.pop("method")  # already expanded into losses and layer_map
-    settings = _set_keys(tree, json.loads(json.dumps(to_dict(RunConfig()))))
-    return hashlib.sha256(json.dumps([settings, sources], sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps([settings(to_dict(run)), sources], sort_keys=True).encode()).hexdigest()
+
+
+def settings(tree: dict) -> dict:
+    """A resolved config tree (`to_dict`, or a run's saved config.yaml) reduced to what is set away from the
+    defaults, as JSON holds it (tuples become lists); `method` is left out, already expanded into the losses."""
+    tree = {k: v for k, v in json.loads(json.dumps(tree)).items() if k != "method"}
+    return _set_keys(tree, json.loads(json.dumps(to_dict(RunConfig()))))
 
 
 def read_manifest(output_dir: Path) -> dict:
@@ -206,7 +210,7 @@ def run_chain(tree: dict[str, Any], overwrite: tuple[str, ...] = ()) -> dict:
         run = resolve(stage, output_dir)
         stage_dir = Path(run.train.output_dir)
         done = manifest["stages"].get(stage.name)
-        key = fingerprint(run, stage, manifest)  # the stages it starts from finished before it
+        key = fingerprint(run, stage, manifest)  # the stages it starts from finished before it, unchanged since
         if done is not None and done["fingerprint"] == key and _export_intact(done):
             dist.print_main(f"chain: stage {stage.name} finished earlier; its files stay as they are")
             continue
@@ -230,7 +234,7 @@ def run_chain(tree: dict[str, Any], overwrite: tuple[str, ...] = ()) -> dict:
         _free_memory()
         if dist.is_main():
             manifest["stages"][stage.name] = {
-                "fingerprint": fingerprint(run, stage, manifest),
+                "fingerprint": key,
                 "teacher": run.teacher.model_name_or_path,
                 "student_from": stage.student_from,
                 "config": to_dict(run),
@@ -266,10 +270,7 @@ def _started_with_other_config(stage_dir: Path, run: RunConfig) -> bool:
     saved = stage_dir / "config.yaml"
     if not saved.is_file():
         return False
-    defaults = json.loads(json.dumps(to_dict(RunConfig())))
-    now = json.loads(json.dumps(to_dict(run)))
-    now.pop("method")
-    return _set_keys(yaml.safe_load(saved.read_text()), defaults) != _set_keys(now, defaults)
+    return settings(yaml.safe_load(saved.read_text())) != settings(to_dict(run))
 
 
 def _remove_stage(stage_dir: Path) -> None:

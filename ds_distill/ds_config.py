@@ -36,6 +36,15 @@ KNOWN_TOP_LEVEL_KEYS = sorted(
 )
 
 
+# Where the teacher lives, by the name the launch scripts take (TEACHER=...); their bash side says the same.
+TEACHER_PLACEMENTS = {
+    "replicated": "ds_configs/teacher_replicated_bf16.json",
+    "zero3": "ds_configs/teacher_zero3_inference.json",
+    "cpu": "ds_configs/teacher_zero3_inference_cpu.json",
+    "nvme": "ds_configs/teacher_zero3_inference_nvme.json",
+}
+
+
 def resolve_path(path: str) -> Path:
     """A config path as given, else relative to the project root (so recipes work from any directory)."""
     candidate = Path(path)

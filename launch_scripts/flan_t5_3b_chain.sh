@@ -17,17 +17,7 @@
 set -euo pipefail
 ZERO_STAGE=${ZERO_STAGE:-2}
 OUTPUT=${OUTPUT:-runs/flan_t5_3b_chain}
-TEACHER=${TEACHER:-replicated}
-case "$TEACHER" in
-  replicated) TEACHER_DS=ds_configs/teacher_replicated_bf16.json ;;
-  zero3) TEACHER_DS=ds_configs/teacher_zero3_inference.json ;;
-  cpu|nvme) TEACHER_DS=ds_configs/teacher_zero3_inference_${TEACHER}.json ;;
-  *) echo "TEACHER must be replicated, zero3, cpu or nvme" >&2; exit 2 ;;
-esac
-MASTER_PORT=${MASTER_PORT:-$(python3 -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')}
-LAUNCHER=(deepspeed --master_port "$MASTER_PORT")
-[ -n "${NUM_GPUS:-}" ] && LAUNCHER+=(--num_gpus "$NUM_GPUS")
-[ -n "${HOSTFILE:-}" ] && LAUNCHER+=(--hostfile "$HOSTFILE")
+source "$(dirname "$0")/_common.sh"   # TEACHER_DS, MASTER_PORT, LAUNCHER
 mkdir -p "$(dirname "$OUTPUT")"
 "${LAUNCHER[@]}" --module ds_distill chain --recipe=flan_t5_3b_chain --output_dir="$OUTPUT" \
   --defaults.student.deepspeed_config="ds_configs/student_zero${ZERO_STAGE}.json" \
@@ -39,12 +29,9 @@ import os
 import sys
 
 from ds_distill.cli import main
+from ds_distill.ds_config import TEACHER_PLACEMENTS
 
-placement = os.environ.get("TEACHER", "replicated")
-teacher = {
-    "replicated": "ds_configs/teacher_replicated_bf16.json",
-    "zero3": "ds_configs/teacher_zero3_inference.json",
-}.get(placement, f"ds_configs/teacher_zero3_inference_{placement}.json")
+teacher = TEACHER_PLACEMENTS[os.environ.get("TEACHER", "replicated")]
 main([
     "chain",
     "--recipe=flan_t5_3b_chain",

@@ -13,10 +13,11 @@
 # the chain, e.g. --defaults.train.max_steps=50.
 set -euo pipefail
 OUTPUT_DIR=${OUTPUT_DIR:-runs/tiny_cpu}
-MASTER_PORT=${MASTER_PORT:-$(python3 -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')}
+NUM_GPUS=${NUM_GPUS:-2}
+source "$(dirname "$0")/_common.sh"   # MASTER_PORT, LAUNCHER
 python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' || export DS_ACCELERATOR=cpu
 mkdir -p "$OUTPUT_DIR"
-OUTPUT_DIR="$OUTPUT_DIR" deepspeed --num_gpus "${NUM_GPUS:-2}" --master_port "$MASTER_PORT" "$0" "$@" \
+OUTPUT_DIR="$OUTPUT_DIR" "${LAUNCHER[@]}" "$0" "$@" \
   2>&1 | tee -a "$OUTPUT_DIR.log"
 exit 0  # (set -e and pipefail already left with the launcher's status on failure)
 '''

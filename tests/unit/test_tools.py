@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+from ds_distill.ds_config import TEACHER_PLACEMENTS
 from tests.conftest import REPO, subprocess_env
 
 
@@ -84,3 +85,7 @@ def test_launch_scripts_pick_a_free_master_port_or_take_master_port(tmp_path):
         ports = [call.split("--master_port ")[1].split()[0] for call in calls]
         assert ports[0] != ports[1] and ports[2] == "29777"  # two jobs on one machine do not collide
         assert all(f"--module ds_distill {verb}" in call and call.endswith("--x.y=1") for call in calls)
+    for placement, json_file in TEACHER_PLACEMENTS.items():  # the bash side and the python side agree
+        assert run_script("launch_scripts/flan_t5_3b.sh", tmp_path, bin_dir, TEACHER=placement).returncode == 0
+        assert f"--teacher.deepspeed_config={json_file} " in (bin_dir / "calls").read_text().splitlines()[-1]
+    assert run_script("launch_scripts/flan_t5_3b.sh", tmp_path, bin_dir, TEACHER="gpu").returncode == 2
