@@ -8,6 +8,7 @@
     ds-distill evaluate --model=DIR --config=RUN.yaml   loss, perplexity, BLEU + chrF or ROUGE; report + hypotheses
     ds-distill export --checkpoint_dir=D --output_dir=O
     ds-distill count_params PATH_OR_RECIPE
+    ds-distill plan --config=RUN.yaml --gpus_per_node=8 --gpu_memory_gb=80   memory per GPU, what fits, fastest
     ds-distill list
     ds-distill VERB --help
 
@@ -396,6 +397,44 @@ def _count_chain(tree):
         print(f"chain: {first / 1e6:,.1f}M -> {last / 1e6:,.1f}M parameters ({first / last:.1f}x smaller)")
 
 
+def plan(
+    config: str | None = None,
+    recipe: str | None = None,
+    gpus_per_node: int = 1,
+    nodes: int = 1,
+    gpu_memory_gb: float = 80.0,
+    cpu_memory_gb: float | None = None,
+    **overrides,
+):
+    """Memory per GPU and per node for every placement of the teacher and the student; which fit, which is
+    fastest and the overrides that select it. Needs no GPU and no weights (shapes come from the configs).
+
+        ds-distill plan --recipe=flan_t5_3b_145m --gpus_per_node=8 --gpu_memory_gb=80 --cpu_memory_gb=1000
+        ds-distill plan --config=run.yaml --gpu_memory_gb=24 --train.per_device_train_batch_size=16
+
+    Counts the teacher's weights per placement (whole, ZeRO-3 partition plus gathered modules, or offloaded),
+    the student's weights, gradients and Adam states (DeepSpeed's estimators), and the step's activations and
+    loss tensors, traced on the CPU at the run's widths, lengths, dtype and micro-batch (longest examples).
+
+    Args:
+        config: path of a run YAML (or --recipe=NAME).
+        recipe: name of a shipped recipe (`ds-distill list`).
+        gpus_per_node: GPUs (ranks) per node.
+        nodes: number of nodes.
+        gpu_memory_gb: memory of one GPU, e.g. 80 for an H100, 141 for an H200, 40 or 80 for an A100.
+        cpu_memory_gb: host memory per node; default this machine's.
+        **overrides: dotted run settings, e.g. --train.per_device_train_batch_size=64.
+    """
+    from ds_distill import plan as planner
+    from ds_distill.config import load_config
+
+    run = load_config(config, recipe, overrides)
+    hardware = planner.Hardware(
+        gpus_per_node, nodes, gpu_memory_gb, planner.host_memory_gb() if cpu_memory_gb is None else cpu_memory_gb
+    )
+    print(planner.report(planner.make_plan(run, hardware, planner.tokenizer_size(run))))
+
+
 def list_components():
     """Lists shipped recipes, methods, loss terms, layer-map strategies, model families and DeepSpeed configs."""
     from ds_distill.config import RECIPES_DIR
@@ -445,7 +484,7 @@ VERBS = {
     "list": list_components,
     "chain": chain,
     "evaluate": evaluate,
-    "plan": _not_yet("plan", "memory per rank for teacher and student, with offload advice"),
+    "plan": plan,
 }
 
 

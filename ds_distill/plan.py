@@ -1,0 +1,728 @@
+"""`ds-distill plan`: memory per rank for every placement of the teacher and the student, before a launch.
+
+    ds-distill plan --recipe=flan_t5_3b_145m --gpus_per_node=8 --gpu_memory_gb=80 --cpu_memory_gb=1000
+    ds-distill plan --config=run.yaml --gpus_per_node=4 --nodes=2 --gpu_memory_gb=40 --train.gradient_checkpointing=true
+
+For each teacher placement (`ds_config.TEACHER_PLACEMENTS`) and each student config in `ds_configs/` (the run's
+own ones too), per rank:
+
+    teacher weights  all of them (replicated); a 1/world partition plus what ZeRO-3 gathers for the running
+                     module, the prefetched ones and the small weights it keeps whole (zero3); or only that
+                     working set, the partition held in pinned host memory (cpu) or on NVMe (nvme)
+    student states   parameters, gradients and Adam states, from DeepSpeed's own estimators
+                     (`estimate_zero2_model_states_mem_needs`, `estimate_zero3_model_states_mem_needs`)
+    step             the peak of live tensors over one training step: the teacher's logits, the student's
+                     activations, the logit losses and the backward pass. Traced, not guessed: the student runs
+                     on the CPU at the run's widths, lengths and dtype (and gradient checkpointing), with one and
+                     two blocks per stack and batch 1 and 2, and the peak is extended to the run's depth and
+                     micro-batch (it grows linearly in both)
+    features         what the layer-wise losses read from the teacher (captured outputs of mapped layers) and
+                     the float32 copies the losses make of both sides
+
+It says which combinations fit `--gpu_memory_gb` (less a reserve for the CUDA context, the caching allocator and
+communication buffers) and `--cpu_memory_gb`, which one it expects to be fastest and why, and prints the
+overrides that select it, with the largest micro-batch that fits. Predictions against measured peaks:
+bench/RESULTS.md ("plan vs measured").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+import os
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from ds_distill import ds_config, models
+from ds_distill.config import FromTeacherConfig, RunConfig
+from ds_distill.errors import ConfigError
+
+GB = 2**30  # as the run logs peak_memory_gb
+GPU_RESERVE_GB = 1.0  # CUDA context, communication buffers
+GPU_SLACK = 0.05  # the caching allocator's fragmentation: allocated memory that cannot be handed out again
+HOST_SLACK = 0.10  # the operating system, the data pipeline, page cache
+PREFETCH_DEFAULT = 5e7  # DeepSpeed's stage3_prefetch_bucket_size default
+PERSISTENCE_DEFAULT = 1e5  # DeepSpeed's stage3_param_persistence_threshold default
+
+# Expected speed, best first; the reasons are what the user reads. Measured on one H100 (bench/RESULTS.md):
+# replicated 1.00, CPU offload 0.86, ZeRO-3 on the GPU 0.81 (one GPU gathers over PCIe-free memory, yet pays
+# the per-module gather and release; across GPUs the gather goes over NVLink while offload shares PCIe).
+TEACHER_REASONS = {
+    "replicated": "a whole bf16 copy per GPU: no gathering in any forward (1.24x of ZeRO-3 and 1.16x of CPU offload "
+    "on one H100)",
+    "zero3": "partitioned over the GPUs: every forward all-gathers the teacher's weights module by module",
+    "cpu": "weights streamed from pinned host memory in every forward (0.86x of replicated on one H100)",
+    "nvme": "weights read from NVMe in every forward: for a teacher that fits nowhere else",
+}
+STUDENT_REASONS = {
+    "zero2": "ZeRO-2: whole weights on every GPU, no gathering; gradients and Adam states partitioned",
+    "zero2_offload": "ZeRO-2 with Adam on the CPU: every step moves gradients out and weights back",
+    "zero3": "ZeRO-3: weights gathered in every forward and backward",
+    "zero3_offload": "ZeRO-3 with weights and Adam on the CPU: the least GPU memory, the slowest",
+}
+
+
+@dataclass(frozen=True)
+class Hardware:
+    gpus_per_node: int
+    nodes: int
+    gpu_memory_gb: float
+    cpu_memory_gb: float
+
+    def __post_init__(self):
+        for name in ("gpus_per_node", "nodes"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be a whole number of at least 1, got {getattr(self, name)!r}")
+        for name in ("gpu_memory_gb", "cpu_memory_gb"):
+            if not isinstance(getattr(self, name), int | float) or getattr(self, name) <= 0:
+                raise ConfigError(f"--{name} must be a positive number of GB, got {getattr(self, name)!r}")
+
+    @property
+    def world(self) -> int:
+        return self.gpus_per_node * self.nodes
+
+    @property
+    def usable_gpu(self) -> float:
+        return (self.gpu_memory_gb * (1 - GPU_SLACK) - GPU_RESERVE_GB) * GB
+
+    @property
+    def usable_host(self) -> float:
+        return self.cpu_memory_gb * (1 - HOST_SLACK) * GB
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tracing the step's tensors
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Counts the bytes of tensor storage that ops inside it create and that are still alive, and their peak.
+
+    Storages that exist before (weights: give them to `exclude`) are not counted; a view is counted with its
+    storage, once. 16-bit matrix products run in float32 and are cast back, because many CPUs compute them
+    slowly; the result's bytes are the same.
+    """
+
+    _PRODUCTS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._seen = weakref.WeakSet()
+
+    def exclude(self, tensors) -> None:
+        for tensor in tensors:
+            self._seen.add(tensor.untyped_storage())
+
+    def _freed(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        half = (torch.bfloat16, torch.float16)
+        if func in self._PRODUCTS and any(isinstance(a, torch.Tensor) and a.dtype in half for a in args):
+            dtype = next(a.dtype for a in args if isinstance(a, torch.Tensor))
+            out = func(*[a.float() if isinstance(a, torch.Tensor) else a for a in args], **kwargs).to(dtype)
+        else:
+            out = func(*args, **kwargs)
+        for tensor in tree_leaves(out):
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            storage = tensor.untyped_storage()
+            if storage in self._seen or storage.nbytes() == 0:
+                continue
+            self._seen.add(storage)
+            self.live += storage.nbytes()
+            weakref.finalize(storage, self._freed, storage.nbytes())
+        self.peak = max(self.peak, self.live)
+        return out
+
+
+class _FusedAttention(torch.autograd.Function):
+    """Scaled dot-product attention that keeps for backward what CUDA's fused kernels keep (inputs, output and
+    a float32 log-sum-exp per query), not the probabilities, scores and dropout mask of the CPU's math path."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, mask, is_causal, scale, enable_gqa):
+        ctx.options = {"is_causal": is_causal, "scale": scale, "enable_gqa": enable_gqa}
+        out = _SDPA(query, key, value, attn_mask=mask, **ctx.options)
+        log_sum_exp = torch.empty(query.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(query, key, value, mask, out, log_sum_exp)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        query, key, value, mask, _, _ = ctx.saved_tensors
+        inputs = [t.detach().requires_grad_(t.requires_grad) for t in (query, key, value, mask) if t is not None]
+        with torch.enable_grad():
+            out = _SDPA(*inputs[:3], attn_mask=inputs[3] if mask is not None else None, **ctx.options)
+        wanted = [t for t in inputs if t.requires_grad]
+        grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True))
+        result = [next(grads) if t.requires_grad else None for t in inputs]
+        if mask is None:
+            result.append(None)
+        return (*result, None, None, None)
+
+
+class _FusedRMSNorm(torch.autograd.Function):
+    """RMS norm that keeps what CUDA's fused kernel keeps (input, weight, a float32 rstd per row), not the
+    float32 copies of the CPU's composite one."""
+
+    @staticmethod
+    def forward(ctx, hidden, shape, weight, eps):
+        ctx.options = (shape, eps)
+        rstd = torch.empty(hidden.shape[:-1] + (1,), dtype=torch.float32)
+        ctx.save_for_backward(hidden, weight, rstd)
+        return _RMS_NORM(hidden, shape, weight, eps)
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, _ = ctx.saved_tensors
+        inputs = [t.detach().requires_grad_(t.requires_grad) for t in (hidden, weight) if t is not None]
+        with torch.enable_grad():
+            out = _RMS_NORM(inputs[0], ctx.options[0], inputs[1] if weight is not None else None, ctx.options[1])
+        wanted = [t for t in inputs if t.requires_grad]
+        grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True))
+        hidden_grad, *rest = [next(grads) if t.requires_grad else None for t in inputs]
+        return hidden_grad, None, rest[0] if rest else None, None
+
+
+_SDPA = torch.nn.functional.scaled_dot_product_attention
+_RMS_NORM = torch.nn.functional.rms_norm
+
+
+def _fused_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                     enable_gqa=False):  # fmt: skip
+    return _FusedAttention.apply(query, key, value, attn_mask, is_causal, scale, enable_gqa)
+
+
+def _fused_rms_norm(input, normalized_shape, weight=None, eps=None):
+    return _FusedRMSNorm.apply(input, normalized_shape, weight, eps)
+
+
+def _fused_dropout(input, p=0.5, training=True, inplace=False):
+    """CUDA's fused dropout keeps a one-byte mask; the CPU's keeps one of the input's dtype."""
+    if not training or p == 0:
+        return input
+    return torch.native_dropout(input, p, True)[0]
+
+
+@contextlib.contextmanager
+def gpu_kernels():
+    """While open, attention, RMS norm and dropout hold the memory their CUDA kernels hold (traces run on the
+    CPU, whose kernels for them keep more)."""
+    functional = torch.nn.functional
+    names = ("scaled_dot_product_attention", "rms_norm", "dropout")
+    saved = [getattr(functional, name) for name in names]
+    for name, replacement in zip(names, (_fused_attention, _fused_rms_norm, _fused_dropout)):
+        setattr(functional, name, replacement)
+    try:
+        yield
+    finally:
+        for name, original in zip(names, saved):
+            setattr(functional, name, original)
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """What one training micro-step computes on, per example, and where."""
+
+    source: int  # tokens of the encoder (or the only stack)
+    target: int  # tokens of the decoder of a seq2seq model (0 otherwise)
+    vocab: int  # logit rows the losses compare (the tokenizer's)
+    dtype: torch.dtype
+    checkpointing: bool
+    gpu: bool  # trace as GPU kernels hold memory (else as the CPU's do)
+
+
+def step_shape(run: RunConfig, adapter: models.ModelAdapter, vocab: int, gpu: bool = True) -> StepShape:
+    dtype = torch.bfloat16 if run.train.bf16 else torch.float32
+    if adapter.kind == "seq2seq":
+        source, target = run.data.max_source_length, run.data.max_target_length
+    else:
+        source, target = run.data.block_size, 0
+    return StepShape(source, target, vocab, dtype, run.train.gradient_checkpointing, gpu)
+
+
+def _batch(model, adapter: models.ModelAdapter, shape: StepShape, batch: int) -> dict[str, torch.Tensor]:
+    """Full-length examples (the plan is for the longest batch); token ids below the vocabulary."""
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, min(shape.vocab, 1000), (batch, shape.source), generator=generator)
+    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if adapter.kind == "seq2seq":
+        out["labels"] = torch.randint(2, min(shape.vocab, 1000), (batch, shape.target), generator=generator)
+        out["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=out["labels"])
+    else:
+        out["labels"] = ids.clone()
+    return out
+
+
+def trace_step(
+    student_config, adapter, shape: StepShape, logit_losses: dict, weights: dict, teacher_logits: tuple | None,
+    batch: int,
+) -> int:  # fmt: skip
+    """Peak bytes of the tensors one training micro-step creates: teacher logits held, student forward, logit
+    losses, backward (weight gradients excluded: DeepSpeed moves them into its own buffers, counted with the
+    student's states)."""
+    from ds_distill.student import forward_features, token_counts
+
+    torch.manual_seed(0)
+    model = adapter.from_config(student_config).to(shape.dtype).train()
+    if shape.checkpointing:  # as the trainer turns it on
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    inputs = _batch(model, adapter, shape, batch)
+    counts = {f"{key}.tokens": count for key, count in token_counts(adapter, inputs).items()}
+    embedded = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding):
+            module.register_forward_hook(lambda module, args, output: embedded.append(output))
+    tracker = LiveTensorBytes()
+    tracker.exclude(list(model.parameters()) + list(model.buffers()) + list(inputs.values()))
+    with gpu_kernels() if shape.gpu else contextlib.nullcontext(), tracker:
+        teacher = None
+        if teacher_logits is not None:  # computed before the student's forward, held until its loss
+            vocab, dtype = teacher_logits
+            length = shape.target or shape.source
+            teacher = {"logits": torch.zeros(batch, length, vocab, dtype=dtype)}
+            if adapter.kind == "causal":
+                teacher["logits"] = teacher["logits"][:, :-1]
+        student = forward_features(model, adapter, inputs)
+        student.update(counts)
+        total = sum(weights[name] * loss(student, teacher) for name, loss in logit_losses.items())
+        if not logit_losses:  # layer-wise terms only: a stand-in that keeps the whole graph
+            total = student.get("logits", next(iter(embedded))).float().mean()
+        del teacher, student
+        torch.autograd.grad(total, [e for e in embedded if e.requires_grad], allow_unused=True)
+    return tracker.peak
+
+
+@dataclass
+class StepMemory:
+    """Peak step memory as `fixed + batch * per_example`, from traces of the shallow model."""
+
+    fixed: float
+    per_example: float
+
+    def at(self, batch: int) -> float:
+        return self.fixed + batch * self.per_example
+
+
+def step_memory(student_config, adapter, shape, logit_losses, weights, teacher_logits) -> StepMemory:
+    """Traces one block per stack at batch 1 and 2, and two blocks in each stack in turn, then extends the
+    peak linearly to the student's depth."""
+    from ds_distill.config import FromTeacherConfig
+
+    depths = adapter.depths(student_config)
+
+    def shallow(extra_stack: str | None = None):
+        dims = {f"{stack}_layers": 2 if stack == extra_stack else 1 for stack in depths}
+        return adapter.shrink(student_config, FromTeacherConfig(**dims))
+
+    def trace(config, batch):
+        return trace_step(config, adapter, shape, logit_losses, weights, teacher_logits, batch)
+
+    one, two = trace(shallow(), 1), trace(shallow(), 2)
+    per_block = {stack: trace(shallow(stack), 1) - one for stack in depths}
+    per_example = two - one + sum((depths[s] - 1) * per_block[s] for s in depths)
+    return StepMemory(fixed=one - (two - one), per_example=per_example)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Weights: parameters on the meta device
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    params: int
+    largest_module: int  # parameters of the largest single module (what ZeRO-3 gathers at once)
+    small: int  # parameters in tensors at or below the persistence threshold (kept whole by ZeRO-3)
+
+    @classmethod
+    def of(cls, config, threshold: float = PERSISTENCE_DEFAULT) -> ModelSize:
+        with torch.device("meta"):
+            model = models.adapter_for(config).from_config(config)
+        largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+        params = list(model.parameters())
+        small = sum(p.numel() for p in params if p.numel() <= threshold)
+        return cls(sum(p.numel() for p in params), largest, small)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Placements
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One DeepSpeed config for a role, read the way DeepSpeed will read it."""
+
+    path: str
+    kind: str  # teacher: replicated | zero3 | cpu | nvme; student: zero2 | zero2_offload | zero3 | zero3_offload
+    settings: dict[str, Any]
+
+    @classmethod
+    def read(cls, path: str, role: str, bf16: bool) -> Placement:
+        settings = ds_config.load_json(path)
+        stage = ds_config.zero_stage(settings)
+        zero = settings.get("zero_optimization", {})
+        param = (zero.get("offload_param") or {}).get("device", "none")
+        optimizer = (zero.get("offload_optimizer") or {}).get("device", "none")
+        if role == "teacher":
+            kind = "replicated" if stage < 3 else {"cpu": "cpu", "nvme": "nvme"}.get(param, "zero3")
+        else:
+            kind = ("zero3" if stage == 3 else "zero2") + ("_offload" if optimizer != "none" else "")
+        enabled = settings.get("bf16", {}).get("enabled", False)
+        settings = {**settings, "bf16": {"enabled": bf16 if enabled == "auto" else bool(enabled)}}
+        return cls(path, kind, settings)
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).name
+
+    @property
+    def weight_bytes(self) -> int:
+        return 2 if self.settings["bf16"]["enabled"] else 4
+
+    def zero(self, key: str, default: float) -> float:
+        return float(self.settings.get("zero_optimization", {}).get(key, default))
+
+
+@dataclass
+class Cost:
+    """Bytes per GPU and per node's host memory, by part."""
+
+    gpu: dict[str, float]
+    host: dict[str, float]
+    nvme: float = 0.0
+
+
+def teacher_cost(place: Placement, size: ModelSize, hw: Hardware) -> Cost:
+    width = place.weight_bytes
+    whole = size.params * width
+    if place.kind == "replicated":  # each rank loads it in host memory first, then moves it to its GPU
+        return Cost({"teacher": whole}, {"teacher (while loading)": whole * hw.gpus_per_node})
+    gathered = width * (size.largest_module + place.zero("stage3_prefetch_bucket_size", PREFETCH_DEFAULT))
+    gathered += width * size.small
+    partition = whole / hw.world
+    if place.kind == "zero3":
+        return Cost({"teacher": partition + gathered}, {})
+    if place.kind == "cpu":
+        return Cost({"teacher": gathered}, {"teacher (offloaded)": partition * hw.gpus_per_node})
+    aio = place.settings["zero_optimization"]["offload_param"]
+    buffers = float(aio.get("buffer_count", 5)) * float(aio.get("buffer_size", 1e8)) * width
+    return Cost({"teacher": gathered}, {"teacher (NVMe buffers)": buffers * hw.gpus_per_node},
+                nvme=partition * hw.gpus_per_node)  # fmt: skip
+
+
+def student_cost(place: Placement, size: ModelSize, hw: Hardware, loads_partitioned: bool) -> Cost:
+    """DeepSpeed's estimators assume 16-bit weights with float32 master weights; an fp32 run holds 4-byte
+    weights and gradients instead of 2-byte ones."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    params, world = size.params, hw.world
+    fp32 = place.weight_bytes == 4
+    if place.kind.startswith("zero2"):
+        offload = place.kind == "zero2_offload"
+        host, gpu = estimate_zero2_model_states_mem_needs(params, hw.gpus_per_node, hw.nodes, cpu_offload=offload)
+        gpu += (2 * params + (0 if offload else 2 * params / world)) if fp32 else 0
+    else:
+        zero = place.settings["zero_optimization"]
+        offload_optimizer = (zero.get("offload_optimizer") or {}).get("device", "none") != "none"
+        offload_param = (zero.get("offload_param") or {}).get("device", "none") != "none"
+        host, gpu, _ = estimate_zero3_model_states_mem_needs(
+            params, size.largest_module, hw.gpus_per_node, hw.nodes, cpu_offload=offload_optimizer,
+            cpu_offload_params=offload_param, zero_init=loads_partitioned,
+        )  # fmt: skip
+        gpu += (4 * params / world if not offload_optimizer else 0) if fp32 else 0
+    return Cost({"student states": gpu}, {"student states": host})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Captured features of layer-wise losses
+
+
+def feature_bytes(losses: dict, pair, shape: StepShape, teacher_bytes: int) -> float:
+    """Per example: the teacher's features that layer-wise losses read, held from the teacher's forward through
+    the student's (and so through the logit losses' peak). The float32 copies the layer-wise losses make come
+    after that peak, while the logit losses' temporaries are gone, and are not added (on one H100, CKA on 26
+    layer pairs raised the peak by 4.1 GB where its captured features hold 4.4 GB: bench/RESULTS.md)."""
+    from ds_distill.capture import parse_key
+
+    _, teacher_adapter = pair.adapters()
+    keys = set().union(*(loss.teacher_keys for loss in losses.values()))
+    total = 0
+    for key in keys:
+        stack, _, site = parse_key(key)
+        tokens = shape.target if (stack == "decoder" and shape.target) else shape.source
+        total += tokens * _site_width(teacher_adapter, pair.teacher, site, tokens) * teacher_bytes
+    return total
+
+
+def _site_width(adapter: models.ModelAdapter, config, site: str, tokens: int) -> int:
+    """Values per token a feature site holds."""
+    if site == "attention_probs":
+        return adapter.num_heads(config) * tokens
+    if site.endswith("_q"):
+        return adapter.attention_widths(config)[0]
+    if site.endswith(("_k", "_v")):
+        return adapter.attention_widths(config)[1]
+    if site == "ffn_intermediate":
+        return getattr(config, adapter.config_fields["d_ff"][0])
+    return adapter.width(config)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The plan
+
+
+@dataclass
+class Option:
+    teacher: Placement | None
+    student: Placement
+    gpu: dict[str, float]  # per GPU, by part (step memory at the run's micro-batch)
+    host: dict[str, float]  # per node
+    nvme: float
+    fixed_gpu: float  # everything but the step memory's per-example part
+    fits_gpu: bool = False
+    fits_host: bool = False
+
+    @property
+    def fits(self) -> bool:
+        return self.fits_gpu and self.fits_host
+
+    def rank(self, world: int) -> tuple[int, int]:
+        """Expected speed, lower first: the teacher's placement matters most (its forward is most of a step's
+        arithmetic), then the student's."""
+        teachers = ["replicated", "cpu", "zero3", "nvme"] if world == 1 else ["replicated", "zero3", "cpu", "nvme"]
+        students = ["zero2", "zero3", "zero2_offload", "zero3_offload"]
+        return (teachers.index(self.teacher.kind) if self.teacher else 0, students.index(self.student.kind))
+
+
+@dataclass
+class Plan:
+    run: RunConfig
+    hw: Hardware
+    options: list[Option]
+    teacher_size: ModelSize | None
+    student_size: ModelSize
+    step: StepMemory
+    features_per_example: float
+    vocab: int
+    notes: list[str]
+    trace_checkpointed: Callable[[], StepMemory] | None  # None: the run checkpoints already
+
+    @functools.cached_property
+    def step_checkpointed(self) -> StepMemory | None:
+        """Traced only when asked for: when nothing fits without gradient checkpointing."""
+        return self.trace_checkpointed() if self.trace_checkpointed else None
+
+    def best(self) -> Option | None:
+        fitting = [o for o in self.options if o.fits]
+        return min(fitting, key=lambda o: o.rank(self.hw.world)) if fitting else None
+
+
+def candidate_placements(run: RunConfig) -> tuple[list[Placement], list[Placement]]:
+    bf16 = run.train.bf16
+    teachers: list[Placement] = []
+    if run.teacher.model_name_or_path:
+        paths = list(ds_config.TEACHER_PLACEMENTS.values())
+        if run.teacher.deepspeed_config not in paths:
+            paths.append(run.teacher.deepspeed_config)
+        teachers = [Placement.read(p, "teacher", bf16) for p in paths]
+    paths = sorted(f"ds_configs/{p.name}" for p in (ds_config.PROJECT_ROOT / "ds_configs").glob("student_*.json"))
+    if run.student.deepspeed_config not in paths:
+        paths.append(run.student.deepspeed_config)
+    students = [Placement.read(p, "student", bf16) for p in paths]
+    if run.prune is not None:  # HomoDistil's masks need whole weights
+        students = [s for s in students if not s.kind.startswith("zero3")]
+    return teachers, students
+
+
+def make_plan(run: RunConfig, hw: Hardware, vocab: int | None = None, gpu: bool = True) -> Plan:
+    """Everything `ds-distill plan` prints. `vocab`: the tokenizer's size (default: the student's vocabulary);
+    `gpu`: trace the step as GPU kernels hold memory (False: as the CPU's do, for CPU runs)."""
+    from ds_distill.losses import build_losses
+    from ds_distill.student import student_hf_config
+    from ds_distill.trainer import model_pair
+
+    notes = []
+    teacher_config = models.load_config(run.teacher.weights(), "teacher") if run.teacher.model_name_or_path else None
+    student_config = student_hf_config(run.student, teacher_config)
+    adapter = models.adapter_for(student_config)
+    if vocab is None:
+        vocab = student_config.vocab_size
+        notes.append(f"logits compared on the student's {vocab:,} vocabulary rows (the tokenizer was not read)")
+    pair = model_pair(run, student_config, teacher_config)
+    losses, weights = build_losses(run.losses, pair, vocab_size=vocab)
+    loss_params = sum(p.numel() for p in losses.parameters())
+    teachers, students = candidate_placements(run)
+
+    student_size = ModelSize.of(student_config)
+    student_size = dataclasses.replace(student_size, params=student_size.params + loss_params)
+    teacher_size = ModelSize.of(teacher_config) if teacher_config is not None else None
+    shape = step_shape(run, adapter, vocab, gpu)
+    logit_losses = {name: loss for name, loss in losses.items() if "logits" in loss.needs}
+    teacher_bytes = 2 if teacher_config is not None and _teacher_bf16(run) else 4
+    teacher_logits = None
+    if any(loss.requires_teacher for loss in logit_losses.values()):
+        teacher_logits = (teacher_config.vocab_size, torch.bfloat16 if teacher_bytes == 2 else torch.float32)
+    step = step_memory(student_config, adapter, shape, logit_losses, weights, teacher_logits)
+    checkpointed = None
+    if not shape.checkpointing:
+        checkpointed = functools.partial(
+            step_memory, student_config, adapter, dataclasses.replace(shape, checkpointing=True), logit_losses,
+            weights, teacher_logits,
+        )  # fmt: skip
+    features = feature_bytes(losses, pair, shape, teacher_bytes) if pair is not None else 0.0
+    micro = run.train.per_device_train_batch_size
+    loads_partitioned = bool(run.student.model_name_or_path) or (
+        run.student.init.from_teacher is not None and run.student.init.from_teacher.strategy == "sliced"
+    )
+    options = []
+    for student in students:
+        student_part = student_cost(student, student_size, hw, loads_partitioned)
+        for teacher in teachers or [None]:
+            teacher_part = teacher_cost(teacher, teacher_size, hw) if teacher else Cost({}, {})
+            gpu = {**teacher_part.gpu, **student_part.gpu, "step": step.at(micro), "features": features * micro}
+            host = {**teacher_part.host}
+            for name, value in student_part.host.items():
+                host[name] = host.get(name, 0) + value
+            fixed = sum(gpu.values()) - (step.per_example + features) * micro
+            option = Option(teacher, student, gpu, host, teacher_part.nvme, fixed)
+            option.fits_gpu = sum(gpu.values()) <= hw.usable_gpu
+            option.fits_host = sum(host.values()) <= hw.usable_host
+            options.append(option)
+    return Plan(run, hw, options, teacher_size, student_size, step, features, vocab, notes, checkpointed)
+
+
+def _teacher_bf16(run: RunConfig) -> bool:
+    """The run's teacher config: bf16 where it says so or leaves it ("auto") to a bf16 run."""
+    return Placement.read(run.teacher.deepspeed_config, "teacher", run.train.bf16).weight_bytes == 2
+
+
+def tokenizer_size(run: RunConfig) -> int | None:
+    """The tokenizer's length where it can be read without a download, else None."""
+    source = run.data.tokenizer or run.teacher.weights() or run.student.model_name_or_path
+    if not source or not Path(source).exists():
+        return None
+    from transformers import AutoTokenizer
+
+    return len(AutoTokenizer.from_pretrained(source))
+
+
+def host_memory_gb() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The report
+
+
+def _gb(value: float) -> str:
+    return f"{value / GB:,.1f}"
+
+
+def largest_batch(plan: Plan, option: Option, step: StepMemory) -> int:
+    per_example = step.per_example + plan.features_per_example
+    room = plan.hw.usable_gpu - (option.fixed_gpu - plan.step.fixed + step.fixed)
+    return max(0, math.floor(room / per_example)) if per_example > 0 else 0
+
+
+def report(plan: Plan) -> str:
+    run, hw = plan.run, plan.hw
+    micro, accumulation = run.train.per_device_train_batch_size, run.train.gradient_accumulation_steps
+    seq2seq = run.data.task in ("translation", "seq2seq")
+    tokens = (f"{run.data.max_source_length} source + {run.data.max_target_length} target" if seq2seq
+              else f"{run.data.block_size}")  # fmt: skip
+    lines = [
+        f"hardware: {hw.nodes} node(s) x {hw.gpus_per_node} GPU(s) of {hw.gpu_memory_gb:g} GB ({_gb(hw.usable_gpu)} "
+        f"usable: {GPU_SLACK:.0%} allocator slack, {GPU_RESERVE_GB:g} GB reserve), {hw.cpu_memory_gb:,.0f} GB host "
+        f"memory per node ({_gb(hw.usable_host)} usable)",
+    ]
+    if plan.teacher_size:
+        lines.append(f"teacher {run.teacher.model_name_or_path}: {plan.teacher_size.params / 1e6:,.1f}M parameters")
+    lines.append(f"student: {plan.student_size.params / 1e6:,.1f}M parameters trained (losses' own included)")
+    checkpointing = "on" if run.train.gradient_checkpointing else "off"
+    step = (f"step: micro-batch {micro} (x{accumulation} accumulated) of {tokens} tokens, "
+            f"{'bf16' if run.train.bf16 else 'fp32'}, gradient checkpointing {checkpointing}: "
+            f"{plan.step.per_example / GB:,.3f} GB per example + {plan.step.fixed / GB:,.3f} GB (traced)")  # fmt: skip
+    lines.append(step)
+    if plan.features_per_example:
+        lines.append(f"layer-wise losses' features: {plan.features_per_example / GB:,.3f} GB per example")
+    lines += [f"note: {note}" for note in plan.notes]
+
+    header = f"{'per GPU, GB':<56}{'teacher':>8}{'student':>8}{'step':>8}{'total':>8}{'host/node':>10}  fits  max micro-batch"
+    lines += ["", header]
+    for option in sorted(plan.options, key=lambda o: o.rank(hw.world)):
+        name = (f"{option.teacher.name} + " if option.teacher else "") + option.student.name
+        gpu = option.gpu
+        step_part = gpu["step"] + gpu["features"]
+        fits = "yes" if option.fits else ("host" if option.fits_gpu else "no")
+        lines.append(
+            f"{name:<56}{_gb(gpu.get('teacher', 0)):>8}{_gb(gpu['student states']):>8}{_gb(step_part):>8}"
+            f"{_gb(sum(gpu.values())):>8}{_gb(sum(option.host.values())):>10}  {fits:<4}  "
+            f"{largest_batch(plan, option, plan.step) if option.fits_host else 0}"
+        )
+        if option.nvme:
+            lines.append(f"{'':<56}(NVMe per node: {_gb(option.nvme)} GB)")
+    lines.append("")
+    lines += advice(plan)
+    return "\n".join(lines)
+
+
+def _overrides(option: Option) -> list[str]:
+    flags = [f"--student.deepspeed_config={option.student.path}"]
+    if option.teacher:
+        flags.insert(0, f"--teacher.deepspeed_config={option.teacher.path}")
+    return flags
+
+
+def _reason(option: Option) -> str:
+    parts = [f"teacher {option.teacher.kind}: {TEACHER_REASONS[option.teacher.kind]}"] if option.teacher else []
+    return "; ".join(parts + [f"student {STUDENT_REASONS[option.student.kind]}"])
+
+
+def advice(plan: Plan) -> list[str]:
+    """The fastest option that fits and its overrides; else the micro-batch or checkpointing that makes one fit."""
+    run, hw = plan.run, plan.hw
+    micro, accumulation = run.train.per_device_train_batch_size, run.train.gradient_accumulation_steps
+    best = plan.best()
+    if best is not None:
+        lines = [f"fastest that fits: {_reason(best)}", "  " + " ".join(_overrides(best))]
+        most = largest_batch(plan, best, plan.step)
+        if most >= 2 * micro:
+            lines.append(
+                f"  micro-batches up to {most} fit with it; larger ones usually run faster on a GPU "
+                f"(--train.per_device_train_batch_size, with gradient_accumulation_steps for the same global batch)"
+            )
+        return lines
+    on_host = sorted((o for o in plan.options if o.fits_host), key=lambda o: o.rank(hw.world))
+    global_batch = micro * accumulation
+    for flag in ([], ["--train.gradient_checkpointing=true"]):
+        step = plan.step_checkpointed if flag else plan.step  # traced only if nothing fits without
+        if step is None:
+            continue
+        for option in on_host:
+            most = largest_batch(plan, option, step)
+            if most >= 1:
+                smaller = min(most, micro)
+                steps = math.ceil(global_batch / smaller)
+                return [
+                    f"nothing fits at micro-batch {micro}{'' if not flag else ' without gradient checkpointing'}. "
+                    f"Fastest that fits at micro-batch {smaller} "
+                    f"(x{steps} accumulated for about the same global batch): {_reason(option)}",
+                    "  " + " ".join(_overrides(option) + flag + [
+                        f"--train.per_device_train_batch_size={smaller}", f"--train.gradient_accumulation_steps={steps}"
+                    ]),
+                ]  # fmt: skip
+    return [
+        "nothing fits, not even one example per GPU with gradient checkpointing: use more GPUs (ZeRO-3 partitions "
+        "the teacher and the student over them), GPUs with more memory, or shorter sequences"
+    ]
