@@ -53,6 +53,7 @@ PLACEMENTS = {
     "zero3_cpu_offload": "ds_configs/teacher_zero3_inference_cpu.json",
 }
 SEQUENCE_TOKENS = 128
+TOKENIZER_PIECES = 8000  # the sentencepiece tokenizer the benchmark trains: the logit losses compare this many rows
 OOM_EXIT = 3
 # Dense bf16 tensor-core rates from NVIDIA's datasheets (SXM parts), TFLOP/s.
 DATASHEET_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
@@ -98,7 +99,8 @@ def make_assets(assets: Path, data: Path, examples: int = 1024) -> None:
 
     if (assets / "train.jsonl").is_file():
         return
-    tokenizer = train_sentencepiece_tokenizer(data / "train.jsonl", ("en", "de"), assets / "tokenizer", 8000)
+    pieces = TOKENIZER_PIECES
+    tokenizer = train_sentencepiece_tokenizer(data / "train.jsonl", ("en", "de"), assets / "tokenizer", pieces)
     pairs = [json.loads(line)["translation"] for line in open(data / "train.jsonl")]
     rows, source, target = [], [], []
     for pair in pairs * 4:

@@ -200,6 +200,12 @@ _RMS_NORM = torch.nn.functional.rms_norm
 
 def _fused_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                      enable_gqa=False):  # fmt: skip
+    """With a float mask (T5 adds its position bias to it) attention keeps the math path's memory, probabilities
+    and all: that is what an H100 held for T5 (bench/RESULTS.md, "plan vs measured"). Without one (full-length
+    examples of causal models) it is assumed to take a fused kernel (not measured here)."""
+    if attn_mask is not None:
+        return _SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                     enable_gqa=enable_gqa)  # fmt: skip
     return _FusedAttention.apply(query, key, value, attn_mask, is_causal, scale, enable_gqa)
 
 
@@ -407,8 +413,8 @@ def teacher_cost(place: Placement, size: ModelSize, hw: Hardware) -> Cost:
     whole = size.params * width
     if place.kind == "replicated":  # each rank loads it in host memory first, then moves it to its GPU
         return Cost({"teacher": whole}, {"teacher (while loading)": whole * hw.gpus_per_node})
-    gathered = width * (size.largest_module + place.zero("stage3_prefetch_bucket_size", PREFETCH_DEFAULT))
-    gathered += width * size.small
+    prefetch = place.zero("stage3_prefetch_bucket_size", PREFETCH_DEFAULT)
+    gathered = width * min(size.params, size.largest_module + prefetch + size.small)
     partition = whole / hw.world
     if place.kind == "zero3":
         return Cost({"teacher": partition + gathered}, {})
@@ -420,28 +426,33 @@ def teacher_cost(place: Placement, size: ModelSize, hw: Hardware) -> Cost:
                 nvme=partition * hw.gpus_per_node)  # fmt: skip
 
 
-def student_cost(place: Placement, size: ModelSize, hw: Hardware, loads_partitioned: bool) -> Cost:
+def student_cost(place: Placement, size: ModelSize, hw: Hardware, loads_partitioned: bool, gpu: bool) -> Cost:
     """DeepSpeed's estimators assume 16-bit weights with float32 master weights; an fp32 run holds 4-byte
-    weights and gradients instead of 2-byte ones."""
+    weights and gradients instead of 2-byte ones. Added: the buckets gradients are reduced through
+    (`reduce_bucket_size` elements, two of them with `overlap_comm`), whole on a GPU; in host memory only the
+    pages gradients are written to become resident."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-    params, world = size.params, hw.world
-    fp32 = place.weight_bytes == 4
+    params, world, fp32 = size.params, hw.world, place.weight_bytes == 4
+    zero = place.settings.get("zero_optimization", {})
+    offload_optimizer = (zero.get("offload_optimizer") or {}).get("device", "none") != "none"
     if place.kind.startswith("zero2"):
-        offload = place.kind == "zero2_offload"
-        host, gpu = estimate_zero2_model_states_mem_needs(params, hw.gpus_per_node, hw.nodes, cpu_offload=offload)
-        gpu += (2 * params + (0 if offload else 2 * params / world)) if fp32 else 0
+        host, device = estimate_zero2_model_states_mem_needs(
+            params, hw.gpus_per_node, hw.nodes, cpu_offload=offload_optimizer
+        )
+        device += (2 * params + (0 if offload_optimizer else 2 * params / world)) if fp32 else 0
     else:
-        zero = place.settings["zero_optimization"]
-        offload_optimizer = (zero.get("offload_optimizer") or {}).get("device", "none") != "none"
         offload_param = (zero.get("offload_param") or {}).get("device", "none") != "none"
-        host, gpu, _ = estimate_zero3_model_states_mem_needs(
+        host, device, _ = estimate_zero3_model_states_mem_needs(
             params, size.largest_module, hw.gpus_per_node, hw.nodes, cpu_offload=offload_optimizer,
             cpu_offload_params=offload_param, zero_init=loads_partitioned,
         )  # fmt: skip
-        gpu += (4 * params / world if not offload_optimizer else 0) if fp32 else 0
-    return Cost({"student states": gpu}, {"student states": host})
+        device += (4 * params / world if not offload_optimizer else 0) if fp32 else 0
+    bucket = place.zero("reduce_bucket_size", 5e8)
+    buckets = 2 if zero.get("overlap_comm") else 1
+    device += buckets * place.weight_bytes * (bucket if gpu else min(bucket, params))
+    return Cost({"student states": device}, {"student states": host})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -587,16 +598,16 @@ def make_plan(run: RunConfig, hw: Hardware, vocab: int | None = None, gpu: bool 
     )
     options = []
     for student in students:
-        student_part = student_cost(student, student_size, hw, loads_partitioned)
+        student_part = student_cost(student, student_size, hw, loads_partitioned, gpu)
         for teacher in teachers or [None]:
             teacher_part = teacher_cost(teacher, teacher_size, hw) if teacher else Cost({}, {})
-            gpu = {**teacher_part.gpu, **student_part.gpu, "step": step.at(micro), "features": features * micro}
+            device = {**teacher_part.gpu, **student_part.gpu, "step": step.at(micro), "features": features * micro}
             host = {**teacher_part.host}
             for name, value in student_part.host.items():
                 host[name] = host.get(name, 0) + value
-            fixed = sum(gpu.values()) - (step.per_example + features) * micro
-            option = Option(teacher, student, gpu, host, teacher_part.nvme, fixed)
-            option.fits_gpu = sum(gpu.values()) <= hw.usable_gpu
+            fixed = sum(device.values()) - (step.per_example + features) * micro
+            option = Option(teacher, student, device, host, teacher_part.nvme, fixed)
+            option.fits_gpu = sum(device.values()) <= hw.usable_gpu
             option.fits_host = sum(host.values()) <= hw.usable_host
             options.append(option)
     return Plan(run, hw, options, teacher_size, student_size, step, features, vocab, notes, checkpointed)

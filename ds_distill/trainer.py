@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import sys
 import time
@@ -158,13 +159,26 @@ def _write_run_files(p: Prepared) -> None:
     )
 
 
-def _peak_memory_gb() -> float:
-    """Peak accelerator memory; on the CPU accelerator, the process's peak resident host memory."""
+def _peak_memory_gb(reset: bool = False) -> float:
+    """Peak accelerator memory (`reset`: from now on); on the CPU accelerator, the process's peak resident host
+    memory, which cannot be reset."""
     from deepspeed.accelerator import get_accelerator
 
     if get_accelerator().device_name() != "cpu":
+        if reset:
+            get_accelerator().reset_peak_memory_stats()
         return get_accelerator().max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
+
+
+def _memory_in_use_gb() -> float:
+    """Accelerator memory allocated now; on the CPU accelerator, the process's resident host memory now."""
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu":
+        return get_accelerator().memory_allocated() / 2**30
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
 @dataclass
@@ -189,6 +203,8 @@ class Trainer:
         from transformers import set_seed
 
         self.p, self.run, self.train_config = p, p.run, p.run.train
+        # what the models and the step add to this is what `ds-distill plan` predicts
+        self.memory_before_models_gb = _peak_memory_gb(reset=True)
         self.owns_teacher = teacher is None
         if teacher is None and p.teacher_ds:
             teacher = load_teacher(self.run.teacher.weights(), p.teacher_ds)
@@ -390,6 +406,7 @@ class Trainer:
     def begin(self) -> None:
         """Writes the run's files and opens the batch stream at the (possibly resumed) position."""
         _write_run_files(self.p)
+        self.memory_before_steps_gb = _memory_in_use_gb()  # the models and their states are in place
         self.engine.train()
         self.stream = self.batches.iterate(self.micro_batches_done)
         self.window = LogWindow()
@@ -434,6 +451,8 @@ class Trainer:
         scalars["tokens_per_s"] = tokens / (time.perf_counter() - window.started)
         scalars["padding_fraction"] = 1 - tokens / max(positions, 1)
         scalars["peak_memory_gb"] = _peak_memory_gb()
+        scalars["memory_before_models_gb"] = self.memory_before_models_gb
+        scalars["memory_before_steps_gb"] = self.memory_before_steps_gb
         self._write_scalars(scalars)
         self.progress.set_postfix(loss=f"{scalars['loss']:.4f}", tok_s=f"{scalars['tokens_per_s']:.0f}")
 
