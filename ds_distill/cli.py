@@ -465,15 +465,6 @@ def list_components():
         print(f"  {path.name}")
 
 
-def _not_yet(verb: str, what: str):
-    def verb_function(*args, **kwargs):
-        raise ConfigError(f"`ds-distill {verb}` ({what}) is not available yet in this version")
-
-    verb_function.__doc__ = f"Coming: {what}. Not available yet in this version."
-    verb_function.__signature__ = inspect.Signature()  # no flags to advertise yet
-    return verb_function
-
-
 VERBS = {
     "demo": demo,
     "distill": distill,

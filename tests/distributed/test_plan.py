@@ -55,7 +55,6 @@ def test_plan_predicts_the_memory_a_run_holds(tiny, tmp_path, stage, monkeypatch
     (option,) = [o for o in plan.options if o.teacher.path == teacher_ds and o.student.path == student_ds]
     step = (option.gpu["step"] + option.gpu["features"]) / planner.GB
     models = (option.gpu["teacher"] + option.gpu["student states"]) / planner.GB
-    print(option.gpu, plan.step)
     print(f"{stage}: step predicted {step:.3f} GB, measured {measured_step:.3f}; models predicted {models:.3f}, "
           f"measured {measured_models:.3f}")  # fmt: skip
     assert step == pytest.approx(measured_step, rel=0.15)

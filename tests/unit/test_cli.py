@@ -27,12 +27,6 @@ def test_top_level_help_lists_verbs(capsys):
     assert all(verb in out for verb in cli.VERBS)
 
 
-def test_the_coming_verb_says_so_and_fails():
-    result = run_cli("plan")
-    assert result.returncode == 2
-    assert "not available yet" in result.stderr
-
-
 @pytest.mark.parametrize(
     "chain, message",
     [
