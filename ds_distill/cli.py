@@ -345,13 +345,13 @@ def count_params(path_or_recipe: str):
     _count_run(run, teacher_config)
 
 
-def _count_run(run, teacher_config):
+def _count_run(run, teacher_config, student_config=None):
     """Prints teacher, student (and pruned export) sizes; returns the exported student's config."""
     from ds_distill import models
     from ds_distill.prune import target_config
     from ds_distill.student import student_hf_config
 
-    student_config = student_hf_config(run.student, teacher_config)
+    student_config = student_config or student_hf_config(run.student, teacher_config)
     student = models.count_parameters(student_config)
     teacher = models.count_parameters(teacher_config) if teacher_config is not None else None
     if teacher is not None:
@@ -368,15 +368,17 @@ def _count_run(run, teacher_config):
     return student_config
 
 
-def _count_chain(tree):
-    """Every stage of a chain, each teacher being the export of the stage it comes from (not yet on disk)."""
+def _chain_stages(tree):
+    """(name, run, teacher config, student config as trained, export config) per stage of a chain, each stage's
+    teacher (and the model its student is cut from) being an earlier stage's export, known before it exists."""
     import dataclasses
 
     from ds_distill import chain, models
+    from ds_distill.prune import target_config
+    from ds_distill.student import student_hf_config
 
-    exported, first = {}, None
+    exported = {}
     for name, run, stage in chain.describe(tree):
-        print(f"stage {name}:")
         if stage.teacher_from:
             teacher_config = exported[stage.teacher_from]
             run = dataclasses.replace(
@@ -384,17 +386,29 @@ def _count_chain(tree):
             )
         else:
             teacher_config = models.load_config(run.teacher.weights(), "teacher")
-            first = first or models.count_parameters(teacher_config)
+        source = teacher_config
         if stage.student_from:
-            dims = dataclasses.replace(run.student.init.from_teacher, source=None)
             source = exported[stage.student_from]
+            dims = dataclasses.replace(run.student.init.from_teacher, source=None)
             student = dataclasses.replace(run.student, init=dataclasses.replace(run.student.init, from_teacher=dims))
-            exported[name] = _count_run(dataclasses.replace(run, student=student), source)
-        else:
-            exported[name] = _count_run(run, teacher_config)
-    if first:
-        last = models.count_parameters(exported[name])
-        print(f"chain: {first / 1e6:,.1f}M -> {last / 1e6:,.1f}M parameters ({first / last:.1f}x smaller)")
+            run = dataclasses.replace(run, student=student)
+        student_config = student_hf_config(run.student, source)
+        exported[name] = target_config(student_config, run.prune) if run.prune else student_config
+        yield name, run, teacher_config, student_config, exported[name]
+
+
+def _count_chain(tree):
+    """Every stage of a chain, and the chain's overall ratio."""
+    from ds_distill import models
+
+    first = last = None
+    for name, run, teacher_config, student_config, export_config in _chain_stages(tree):
+        print(f"stage {name}:")
+        _count_run(run, teacher_config, student_config)
+        first = first or models.count_parameters(teacher_config)
+        last = export_config
+    print(f"chain: {first / 1e6:,.1f}M -> {models.count_parameters(last) / 1e6:,.1f}M parameters "
+          f"({first / models.count_parameters(last):.1f}x smaller)")  # fmt: skip
 
 
 def plan(
@@ -428,11 +442,30 @@ def plan(
     from ds_distill import plan as planner
     from ds_distill.config import load_config
 
-    run = load_config(config, recipe, overrides)
     hardware = planner.Hardware(
         gpus_per_node, nodes, gpu_memory_gb, planner.host_memory_gb() if cpu_memory_gb is None else cpu_memory_gb
     )
-    print(planner.report(planner.make_plan(run, hardware, planner.tokenizer_size(run))))
+    if not _is_chain(config, recipe):
+        run = load_config(config, recipe, overrides)
+        print(planner.report(planner.make_plan(run, hardware, planner.tokenizer_size(run))))
+        return
+    from ds_distill import chain
+
+    vocab = None
+    for name, run, teacher_config, student_config, _ in _chain_stages(chain.load(config, recipe, overrides)):
+        vocab = vocab or planner.tokenizer_size(run)  # the first stage's teacher has it; later stages share it
+        stage = planner.make_plan(run, hardware, vocab, configs=(teacher_config, student_config))
+        stage.flag_prefix = "defaults."  # for every stage; a stage's own section in the YAML overrides them
+        print(f"stage {name}:\n{planner.report(stage)}\n")
+
+
+def _is_chain(config: str | None, recipe: str | None) -> bool:
+    from ds_distill import chain
+    from ds_distill.config import read_tree, recipe_path
+
+    if bool(config) == bool(recipe):
+        raise ConfigError("give --config=RUN.yaml or --recipe=NAME")
+    return chain.is_chain(read_tree(Path(config) if config else recipe_path(recipe)))
 
 
 def list_components():

@@ -528,6 +528,7 @@ class Plan:
     vocab: int
     notes: list[str]
     trace_checkpointed: Callable[[], StepMemory] | None  # None: the run checkpoints already
+    flag_prefix: str = ""  # "defaults." for a chain's stages
 
     @functools.cached_property
     def step_checkpointed(self) -> StepMemory | None:
@@ -556,16 +557,22 @@ def candidate_placements(run: RunConfig) -> tuple[list[Placement], list[Placemen
     return teachers, students
 
 
-def make_plan(run: RunConfig, hw: Hardware, vocab: int | None = None, gpu: bool = True) -> Plan:
+def make_plan(run: RunConfig, hw: Hardware, vocab: int | None = None, gpu: bool = True, configs=None) -> Plan:
     """Everything `ds-distill plan` prints. `vocab`: the tokenizer's size (default: the student's vocabulary);
-    `gpu`: trace the step as GPU kernels hold memory (False: as the CPU's do, for CPU runs)."""
+    `gpu`: trace the step as GPU kernels hold memory (False: as the CPU's do, for CPU runs); `configs`: the
+    teacher's and the student's Hugging Face configs where the run's paths do not exist yet (a chain's stages)."""
     from ds_distill.losses import build_losses
     from ds_distill.student import student_hf_config
     from ds_distill.trainer import model_pair
 
     notes = []
-    teacher_config = models.load_config(run.teacher.weights(), "teacher") if run.teacher.model_name_or_path else None
-    student_config = student_hf_config(run.student, teacher_config)
+    if configs is not None:
+        teacher_config, student_config = configs
+    else:
+        teacher_config = None
+        if run.teacher.model_name_or_path:
+            teacher_config = models.load_config(run.teacher.weights(), "teacher")
+        student_config = student_hf_config(run.student, teacher_config)
     adapter = models.adapter_for(student_config)
     if vocab is None:
         vocab = student_config.vocab_size
@@ -688,11 +695,11 @@ def report(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def _overrides(option: Option) -> list[str]:
-    flags = [f"--student.deepspeed_config={option.student.path}"]
+def _overrides(option: Option, extra: dict[str, Any], prefix: str) -> str:
+    settings = {"student.deepspeed_config": option.student.path, **extra}
     if option.teacher:
-        flags.insert(0, f"--teacher.deepspeed_config={option.teacher.path}")
-    return flags
+        settings = {"teacher.deepspeed_config": option.teacher.path, **settings}
+    return "  " + " ".join(f"--{prefix}{key}={value}" for key, value in settings.items())
 
 
 def _reason(option: Option) -> str:
@@ -706,7 +713,7 @@ def advice(plan: Plan) -> list[str]:
     micro, accumulation = run.train.per_device_train_batch_size, run.train.gradient_accumulation_steps
     best = plan.best()
     if best is not None:
-        lines = [f"fastest that fits: {_reason(best)}", "  " + " ".join(_overrides(best))]
+        lines = [f"fastest that fits: {_reason(best)}", _overrides(best, {}, plan.flag_prefix)]
         most = largest_batch(plan, best, plan.step)
         if most >= 2 * micro:
             lines.append(
@@ -716,7 +723,7 @@ def advice(plan: Plan) -> list[str]:
         return lines
     on_host = sorted((o for o in plan.options if o.fits_host), key=lambda o: o.rank(hw.world))
     global_batch = micro * accumulation
-    for flag in ([], ["--train.gradient_checkpointing=true"]):
+    for flag in ({}, {"train.gradient_checkpointing": "true"}):
         step = plan.step_checkpointed if flag else plan.step  # traced only if nothing fits without
         if step is None:
             continue
@@ -729,9 +736,8 @@ def advice(plan: Plan) -> list[str]:
                     f"nothing fits at micro-batch {micro}{'' if not flag else ' without gradient checkpointing'}. "
                     f"Fastest that fits at micro-batch {smaller} "
                     f"(x{steps} accumulated for about the same global batch): {_reason(option)}",
-                    "  " + " ".join(_overrides(option) + flag + [
-                        f"--train.per_device_train_batch_size={smaller}", f"--train.gradient_accumulation_steps={steps}"
-                    ]),
+                    _overrides(option, {**flag, "train.per_device_train_batch_size": smaller,
+                                        "train.gradient_accumulation_steps": steps}, plan.flag_prefix),
                 ]  # fmt: skip
     return [
         "nothing fits, not even one example per GPU with gradient checkpointing: use more GPUs (ZeRO-3 partitions "

@@ -170,3 +170,13 @@ def test_plan_command(tmp_path):
     assert "--student.deepspeed_config=ds_configs/student_zero2.json" in result.stdout
     result = run_cli("plan", "--recipe=flan_t5_3b_145m", "--gpus_per_node=0")
     assert result.returncode == 2 and "--gpus_per_node must be a whole number" in result.stderr
+
+
+def test_plan_of_a_chain_plans_every_stage(capsys):
+    from ds_distill import cli
+
+    cli.main(["plan", "--recipe=flan_t5_3b_chain", "--gpus_per_node=8", "--gpu_memory_gb=40", "--cpu_memory_gb=500"])
+    out = capsys.readouterr().out
+    assert "stage l12:" in out and "stage l6:" in out
+    assert "teacher stage l12: 424.5M parameters" in out  # the second stage's teacher is the first's export
+    assert out.count("--defaults.teacher.deepspeed_config=ds_configs/teacher_replicated_bf16.json") == 2
