@@ -16,8 +16,8 @@ own ones too), per rank:
                      on the CPU at the run's widths, lengths and dtype (and gradient checkpointing), with one and
                      two blocks per stack and batch 1 and 2, and the peak is extended to the run's depth and
                      micro-batch (it grows linearly in both)
-    features         what the layer-wise losses read from the teacher (captured outputs of mapped layers) and
-                     the float32 copies the losses make of both sides
+    features         what the layer-wise losses read from the teacher (captured outputs of mapped layers), held
+                     through the step's peak
 
 It says which combinations fit `--gpu_memory_gb` (less a reserve for the CUDA context, the caching allocator and
 communication buffers) and `--cpu_memory_gb`, which one it expects to be fastest and why, and prints the
@@ -33,9 +33,10 @@ import functools
 import math
 import os
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -50,7 +51,7 @@ GPU_RESERVE_GB = 1.0  # CUDA context, communication buffers
 GPU_SLACK = 0.05  # the caching allocator's fragmentation: allocated memory that cannot be handed out again
 HOST_SLACK = 0.10  # the operating system, the data pipeline, page cache
 PREFETCH_DEFAULT = 5e7  # DeepSpeed's stage3_prefetch_bucket_size default
-PERSISTENCE_DEFAULT = 1e5  # DeepSpeed's stage3_param_persistence_threshold default
+PERSISTENCE_THRESHOLD = 1e4  # stage3_param_persistence_threshold in ds_configs/: smaller tensors stay whole
 
 # Expected speed, best first; the reasons are what the user reads. Measured on one H100 (bench/RESULTS.md):
 # replicated 1.00, CPU offload 0.86, ZeRO-3 on the GPU 0.81 (one GPU gathers over PCIe-free memory, yet pays
@@ -323,8 +324,6 @@ class StepMemory:
 def step_memory(student_config, adapter, shape, logit_losses, weights, teacher_logits) -> StepMemory:
     """Traces one block per stack at batch 1 and 2, and two blocks in each stack in turn, then extends the
     peak linearly to the student's depth."""
-    from ds_distill.config import FromTeacherConfig
-
     depths = adapter.depths(student_config)
 
     def shallow(extra_stack: str | None = None):
@@ -351,7 +350,7 @@ class ModelSize:
     small: int  # parameters in tensors at or below the persistence threshold (kept whole by ZeRO-3)
 
     @classmethod
-    def of(cls, config, threshold: float = PERSISTENCE_DEFAULT) -> ModelSize:
+    def of(cls, config, threshold: float = PERSISTENCE_THRESHOLD) -> ModelSize:
         with torch.device("meta"):
             model = models.adapter_for(config).from_config(config)
         largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
