@@ -626,12 +626,15 @@ def _teacher_bf16(run: RunConfig) -> bool:
 
 def tokenizer_size(run: RunConfig) -> int | None:
     """The tokenizer's length where it can be read without a download, else None."""
-    source = run.data.tokenizer or run.teacher.weights() or run.student.model_name_or_path
+    source = run.data.tokenizer or run.teacher.model_name_or_path or run.student.model_name_or_path
     if not source or not Path(source).exists():
         return None
     from transformers import AutoTokenizer
 
-    return len(AutoTokenizer.from_pretrained(source))
+    try:
+        return len(AutoTokenizer.from_pretrained(source))
+    except (OSError, ValueError):  # no tokenizer files there (a GGUF directory): plan on the model's vocabulary
+        return None
 
 
 def host_memory_gb() -> float:
