@@ -12,10 +12,8 @@ own ones too), per rank:
     student states   parameters, gradients and Adam states, from DeepSpeed's own estimators
                      (`estimate_zero2_model_states_mem_needs`, `estimate_zero3_model_states_mem_needs`)
     step             the peak of live tensors over one training step: the teacher's logits, the student's
-                     activations, the logit losses and the backward pass. Traced, not guessed: the student runs
-                     on the CPU at the run's widths, lengths and dtype (and gradient checkpointing), with one and
-                     two blocks per stack and batch 1 and 2, and the peak is extended to the run's depth and
-                     micro-batch (it grows linearly in both)
+                     activations, the logit losses and the backward pass, traced on the CPU at the run's widths,
+                     lengths, dtype and gradient checkpointing (`step_trace.py`)
     features         what the layer-wise losses read from the teacher (captured outputs of mapped layers), held
                      through the step's peak
 
@@ -27,24 +25,21 @@ bench/RESULTS.md ("plan vs measured").
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import math
 import os
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from ds_distill import ds_config, models
-from ds_distill.config import FromTeacherConfig, RunConfig
+from ds_distill.config import RunConfig
 from ds_distill.errors import ConfigError
+from ds_distill.step_trace import StepMemory, StepShape, step_memory, step_shape
 
 GB = 2**30  # as the run logs peak_memory_gb
 GPU_RESERVE_GB = 1.0  # CUDA context, communication buffers
@@ -97,246 +92,6 @@ class Hardware:
     @property
     def usable_host(self) -> float:
         return self.cpu_memory_gb * (1 - HOST_SLACK) * GB
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Tracing the step's tensors
-
-
-class LiveTensorBytes(TorchDispatchMode):
-    """Counts the bytes of tensor storage that ops inside it create and that are still alive, and their peak.
-
-    Storages that exist before (weights: give them to `exclude`) are not counted; a view is counted with its
-    storage, once. 16-bit matrix products run in float32 and are cast back, because many CPUs compute them
-    slowly; the result's bytes are the same.
-    """
-
-    _PRODUCTS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self._seen = weakref.WeakSet()
-
-    def exclude(self, tensors) -> None:
-        for tensor in tensors:
-            self._seen.add(tensor.untyped_storage())
-
-    def _freed(self, nbytes: int) -> None:
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        half = (torch.bfloat16, torch.float16)
-        if func in self._PRODUCTS and any(isinstance(a, torch.Tensor) and a.dtype in half for a in args):
-            dtype = next(a.dtype for a in args if isinstance(a, torch.Tensor))
-            out = func(*[a.float() if isinstance(a, torch.Tensor) else a for a in args], **kwargs).to(dtype)
-        else:
-            out = func(*args, **kwargs)
-        for tensor in tree_leaves(out):
-            if not isinstance(tensor, torch.Tensor):
-                continue
-            storage = tensor.untyped_storage()
-            if storage in self._seen or storage.nbytes() == 0:
-                continue
-            self._seen.add(storage)
-            self.live += storage.nbytes()
-            weakref.finalize(storage, self._freed, storage.nbytes())
-        self.peak = max(self.peak, self.live)
-        return out
-
-
-class _FusedAttention(torch.autograd.Function):
-    """Scaled dot-product attention that keeps for backward what CUDA's fused kernels keep (inputs, output and
-    a float32 log-sum-exp per query), not the probabilities, scores and dropout mask of the CPU's math path."""
-
-    @staticmethod
-    def forward(ctx, query, key, value, mask, is_causal, scale, enable_gqa):
-        ctx.options = {"is_causal": is_causal, "scale": scale, "enable_gqa": enable_gqa}
-        out = _SDPA(query, key, value, attn_mask=mask, **ctx.options)
-        log_sum_exp = torch.empty(query.shape[:-1], dtype=torch.float32)
-        ctx.save_for_backward(query, key, value, mask, out, log_sum_exp)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        query, key, value, mask, _, _ = ctx.saved_tensors
-        inputs = [t.detach().requires_grad_(t.requires_grad) for t in (query, key, value, mask) if t is not None]
-        with torch.enable_grad():
-            out = _SDPA(*inputs[:3], attn_mask=inputs[3] if mask is not None else None, **ctx.options)
-        wanted = [t for t in inputs if t.requires_grad]
-        grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True))
-        result = [next(grads) if t.requires_grad else None for t in inputs]
-        if mask is None:
-            result.append(None)
-        return (*result, None, None, None)
-
-
-class _FusedRMSNorm(torch.autograd.Function):
-    """RMS norm that keeps what CUDA's fused kernel keeps (input, weight, a float32 rstd per row), not the
-    float32 copies of the CPU's composite one."""
-
-    @staticmethod
-    def forward(ctx, hidden, shape, weight, eps):
-        ctx.options = (shape, eps)
-        rstd = torch.empty(hidden.shape[:-1] + (1,), dtype=torch.float32)
-        ctx.save_for_backward(hidden, weight, rstd)
-        return _RMS_NORM(hidden, shape, weight, eps)
-
-    @staticmethod
-    def backward(ctx, grad):
-        hidden, weight, _ = ctx.saved_tensors
-        inputs = [t.detach().requires_grad_(t.requires_grad) for t in (hidden, weight) if t is not None]
-        with torch.enable_grad():
-            out = _RMS_NORM(inputs[0], ctx.options[0], inputs[1] if weight is not None else None, ctx.options[1])
-        wanted = [t for t in inputs if t.requires_grad]
-        grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True))
-        hidden_grad, *rest = [next(grads) if t.requires_grad else None for t in inputs]
-        return hidden_grad, None, rest[0] if rest else None, None
-
-
-_SDPA = torch.nn.functional.scaled_dot_product_attention
-_RMS_NORM = torch.nn.functional.rms_norm
-
-
-def _fused_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                     enable_gqa=False):  # fmt: skip
-    """With a float mask (T5 adds its position bias to it) attention keeps the math path's memory, probabilities
-    and all: that is what an H100 held for T5 (bench/RESULTS.md, "plan vs measured"). Without one (full-length
-    examples of causal models) it is assumed to take a fused kernel (not measured here)."""
-    if attn_mask is not None:
-        return _SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-                     enable_gqa=enable_gqa)  # fmt: skip
-    return _FusedAttention.apply(query, key, value, attn_mask, is_causal, scale, enable_gqa)
-
-
-def _fused_rms_norm(input, normalized_shape, weight=None, eps=None):
-    return _FusedRMSNorm.apply(input, normalized_shape, weight, eps)
-
-
-def _fused_dropout(input, p=0.5, training=True, inplace=False):
-    """CUDA's fused dropout keeps a one-byte mask; the CPU's keeps one of the input's dtype."""
-    if not training or p == 0:
-        return input
-    return torch.native_dropout(input, p, True)[0]
-
-
-@contextlib.contextmanager
-def gpu_kernels():
-    """While open, attention, RMS norm and dropout hold the memory their CUDA kernels hold (traces run on the
-    CPU, whose kernels for them keep more)."""
-    functional = torch.nn.functional
-    names = ("scaled_dot_product_attention", "rms_norm", "dropout")
-    saved = [getattr(functional, name) for name in names]
-    for name, replacement in zip(names, (_fused_attention, _fused_rms_norm, _fused_dropout)):
-        setattr(functional, name, replacement)
-    try:
-        yield
-    finally:
-        for name, original in zip(names, saved):
-            setattr(functional, name, original)
-
-
-@dataclass(frozen=True)
-class StepShape:
-    """What one training micro-step computes on, per example, and where."""
-
-    source: int  # tokens of the encoder (or the only stack)
-    target: int  # tokens of the decoder of a seq2seq model (0 otherwise)
-    vocab: int  # logit rows the losses compare (the tokenizer's)
-    dtype: torch.dtype
-    checkpointing: bool
-    gpu: bool  # trace as GPU kernels hold memory (else as the CPU's do)
-
-
-def step_shape(run: RunConfig, adapter: models.ModelAdapter, vocab: int, gpu: bool = True) -> StepShape:
-    dtype = torch.bfloat16 if run.train.bf16 else torch.float32
-    if adapter.kind == "seq2seq":
-        source, target = run.data.max_source_length, run.data.max_target_length
-    else:
-        source, target = run.data.block_size, 0
-    return StepShape(source, target, vocab, dtype, run.train.gradient_checkpointing, gpu)
-
-
-def _batch(model, adapter: models.ModelAdapter, shape: StepShape, batch: int) -> dict[str, torch.Tensor]:
-    """Full-length examples (the plan is for the longest batch); token ids below the vocabulary."""
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(2, min(shape.vocab, 1000), (batch, shape.source), generator=generator)
-    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    if adapter.kind == "seq2seq":
-        out["labels"] = torch.randint(2, min(shape.vocab, 1000), (batch, shape.target), generator=generator)
-        out["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=out["labels"])
-    else:
-        out["labels"] = ids.clone()
-    return out
-
-
-def trace_step(
-    student_config, adapter, shape: StepShape, logit_losses: dict, weights: dict, teacher_logits: tuple | None,
-    batch: int,
-) -> int:  # fmt: skip
-    """Peak bytes of the tensors one training micro-step creates: teacher logits held, student forward, logit
-    losses, backward (weight gradients excluded: DeepSpeed moves them into its own buffers, counted with the
-    student's states)."""
-    from ds_distill.student import forward_features, token_counts
-
-    torch.manual_seed(0)
-    model = adapter.from_config(student_config).to(shape.dtype).train()
-    if shape.checkpointing:  # as the trainer turns it on
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    inputs = _batch(model, adapter, shape, batch)
-    counts = {f"{key}.tokens": count for key, count in token_counts(adapter, inputs).items()}
-    embedded = []
-    for module in model.modules():
-        if isinstance(module, torch.nn.Embedding):
-            module.register_forward_hook(lambda module, args, output: embedded.append(output))
-    tracker = LiveTensorBytes()
-    tracker.exclude(list(model.parameters()) + list(model.buffers()) + list(inputs.values()))
-    with gpu_kernels() if shape.gpu else contextlib.nullcontext(), tracker:
-        teacher = None
-        if teacher_logits is not None:  # computed before the student's forward, held until its loss
-            vocab, dtype = teacher_logits
-            length = shape.target or shape.source
-            teacher = {"logits": torch.zeros(batch, length, vocab, dtype=dtype)}
-            if adapter.kind == "causal":
-                teacher["logits"] = teacher["logits"][:, :-1]
-        student = forward_features(model, adapter, inputs)
-        student.update(counts)
-        total = sum(weights[name] * loss(student, teacher) for name, loss in logit_losses.items())
-        if not logit_losses:  # layer-wise terms only: a stand-in that keeps the whole graph
-            total = student.get("logits", next(iter(embedded))).float().mean()
-        del teacher, student
-        torch.autograd.grad(total, [e for e in embedded if e.requires_grad], allow_unused=True)
-    return tracker.peak
-
-
-@dataclass
-class StepMemory:
-    """Peak step memory as `fixed + batch * per_example`, from traces of the shallow model."""
-
-    fixed: float
-    per_example: float
-
-    def at(self, batch: int) -> float:
-        return self.fixed + batch * self.per_example
-
-
-def step_memory(student_config, adapter, shape, logit_losses, weights, teacher_logits) -> StepMemory:
-    """Traces one block per stack at batch 1 and 2, and two blocks in each stack in turn, then extends the
-    peak linearly to the student's depth."""
-    depths = adapter.depths(student_config)
-
-    def shallow(extra_stack: str | None = None):
-        dims = {f"{stack}_layers": 2 if stack == extra_stack else 1 for stack in depths}
-        return adapter.shrink(student_config, FromTeacherConfig(**dims))
-
-    def trace(config, batch):
-        return trace_step(config, adapter, shape, logit_losses, weights, teacher_logits, batch)
-
-    one, two = trace(shallow(), 1), trace(shallow(), 2)
-    per_block = {stack: trace(shallow(stack), 1) - one for stack in depths}
-    per_example = two - one + sum((depths[s] - 1) * per_block[s] for s in depths)
-    return StepMemory(fixed=one - (two - one), per_example=per_example)
 
 
 # ---------------------------------------------------------------------------------------------------------

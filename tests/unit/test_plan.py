@@ -1,5 +1,5 @@
-"""`ds-distill plan`: the live-tensor tracer, the linear extension of traced peaks, the weight formulas, the advice,
-and its predictions against peaks measured on an H100 (bench/results)."""
+"""`ds-distill plan`: the step tracer (live tensors, the linear extension of traced peaks), the weight formulas,
+the advice, and its predictions against peaks measured on an H100 (bench/results)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from ds_distill import models
+from ds_distill import models, step_trace
 from ds_distill import plan as planner
 from ds_distill.config import load_config
 from ds_distill.errors import ConfigError
@@ -19,7 +19,7 @@ H100 = planner.Hardware(gpus_per_node=1, nodes=1, gpu_memory_gb=80, cpu_memory_g
 
 def test_tracer_counts_new_storages_once_and_frees_them():
     weight = torch.ones(1000)
-    tracker = planner.LiveTensorBytes()
+    tracker = step_trace.LiveTensorBytes()
     tracker.exclude([weight])
     with tracker:
         view = weight[:10]  # a view of an excluded storage: nothing new
@@ -37,7 +37,7 @@ def test_tracer_counts_new_storages_once_and_frees_them():
 
 def test_tracer_runs_16_bit_products_with_their_bytes():
     a, b = torch.ones(8, 16, dtype=torch.bfloat16), torch.ones(16, 4, dtype=torch.bfloat16)
-    with planner.LiveTensorBytes() as tracker:
+    with step_trace.LiveTensorBytes() as tracker:
         out = a @ b
     assert out.dtype == torch.bfloat16 and tracker.peak == 8 * 4 * 2 and out[0, 0].item() == 16
 
@@ -73,10 +73,10 @@ def test_traced_peak_grows_linearly_in_depth_and_batch(tmp_path, gpu):
     student_config = student_hf_config(run.student, teacher_config)
     adapter = models.adapter_for(student_config)
     losses, weights = build_losses(run.losses, model_pair(run, student_config, teacher_config), vocab_size=500)
-    shape = planner.step_shape(run, adapter, 500, gpu)
+    shape = step_trace.step_shape(run, adapter, 500, gpu)
     teacher_logits = (512, torch.float32)
-    step = planner.step_memory(student_config, adapter, shape, losses, weights, teacher_logits)
-    direct = planner.trace_step(student_config, adapter, shape, losses, weights, teacher_logits, batch=5)
+    step = step_trace.step_memory(student_config, adapter, shape, losses, weights, teacher_logits)
+    direct = step_trace.trace_step(student_config, adapter, shape, losses, weights, teacher_logits, batch=5)
     assert adapter.depths(student_config) == {"encoder": 3, "decoder": 3}
     assert step.at(5) == pytest.approx(direct, rel=0.03)
 
