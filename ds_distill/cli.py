@@ -162,9 +162,14 @@ def make_student(
     hidden channels, heads and FFN neurons are kept through every matrix that reads or writes them (embeddings,
     every q/k/v/o of self- and cross-attention, gated and plain FFNs, norms, T5's relative position bias, the LM
     head): the leading ones (--width=first) or those with the largest activations on calibration batches
-    (--width=importance, as NVIDIA's Minitron ranks them). The teacher is read one tensor at a time, so
-    slicing needs memory for the student, not the teacher (importance loads the teacher once to rank).
-    Prints what it kept and the student's size. Unset dimensions keep the teacher's.
+    (--width=importance, as NVIDIA's Minitron ranks them: a seeded sample across the training split). Heads are
+    chosen per block (every block keeps as many), except in T5-family models, whose relative position bias
+    serves all blocks of a stack: there one head set serves the stack. Under grouped-query attention whole
+    key/value groups are kept. Where heads may narrow (BERT, BART, GPT-2), query/key and value/output channels
+    are ranked apart. Width-dependent scales (T5's tied output scale, BART's embedding scale) are folded into
+    the weights, so the student computes what the teacher computes on the kept units. The teacher is read one
+    tensor at a time, so cutting needs memory for the student, not the teacher (importance loads the teacher
+    once to rank). Prints what it kept and the student's size. Unset dimensions keep the teacher's.
 
     Args:
         teacher: hub id or directory of the teacher (safetensors weights).
@@ -178,14 +183,17 @@ def make_student(
         encoder_layers_from: the teacher's encoder blocks (0-based) to copy, e.g. 0,2,4, instead of --layers.
         decoder_layers_from: the teacher's decoder blocks to copy.
         width: first | importance.
-        data: a run YAML whose data section gives the calibration batches (--width=importance).
-        calibration_batches: how many batches of the run's batch size to rank on.
+        data: a YAML whose data: section (and train.per_device_train_batch_size, default 8) gives the
+            calibration batches (--width=importance); a whole run config does too. Only the sampled rows are
+            tokenized.
+        calibration_batches: how many batches of that batch size to rank on.
         target_params: a size such as 145M: proposes dimensions near it (count_params confirms them) and uses
             the closest for the dimensions not given.
         overwrite: replace output_dir even if it is not an earlier make_student output.
     """
-    from ds_distill import models, run_dir, slicing
+    from ds_distill import models, run_dir
     from ds_distill.config import FromTeacherConfig, coerce
+    from ds_distill.surgery import students
 
     target = Path(output_dir)
     run_dir.check_target(
@@ -200,7 +208,7 @@ def make_student(
     }
     teacher_config = models.load_config(teacher, "teacher")
     if target_params is not None:
-        proposals = slicing.propose_dims(teacher_config, slicing.parse_count(target_params))
+        proposals = students.propose_dims(teacher_config, students.parse_count(target_params))
         print(f"dimensions near {target_params} (parameters counted on the meta device):")
         for dims, count in proposals:
             shown = {k: v for k, v in vars(dims).items() if k in given and v is not None}
@@ -217,23 +225,43 @@ def make_student(
         calibration_batches=calibration_batches,
     )
     calibration = _calibration(data, teacher, calibration_batches) if data else None
-    student_config, plan = slicing.make_student(teacher, target, dims, calibration)
+    student_config, plan = students.make_student(teacher, target, dims, calibration)
     teacher_count, student_count = models.count_parameters(teacher_config), models.count_parameters(student_config)
     print(f"kept, of teacher {teacher}:\n{plan.summary()}")
     print(f"wrote {target}: {student_count / 1e6:,.1f}M parameters ({teacher_count / student_count:.1f}x smaller)")
 
 
 def _calibration(config: str, teacher: str, count: int):
-    """Calibration batches from a run YAML's data section, tokenized with the teacher's tokenizer."""
-    from ds_distill import batches, data
-    from ds_distill.config import load_config
-    from ds_distill.slicing import first_batches
+    """Calibration batches from a YAML's data section: a seeded sample of the training split, tokenized with
+    the teacher's tokenizer (only the sampled rows)."""
+    import datasets
 
-    run = load_config(config)
+    from ds_distill import batches, data
+    from ds_distill.config import DataConfig, TrainConfig, from_dict, read_tree
+    from ds_distill.surgery.students import calibration_rows
+
+    tree = read_tree(Path(config))
+    if "data" not in tree:
+        raise ConfigError(f"--data={config} has no data: section to draw calibration batches from")
+    data_config = from_dict(DataConfig, tree["data"], "data")
+    train = {k: v for k, v in tree.get("train", {}).items() if k in ("per_device_train_batch_size", "seed")}
+    train = from_dict(TrainConfig, train, "train")
+    size, seed = train.per_device_train_batch_size, train.seed
     tokenizer = data.load_tokenizer(teacher)
-    split = data.load_tokenized(run.data, tokenizer)[run.data.train_split]
-    size = run.train.per_device_train_batch_size
-    return lambda model: first_batches(split, batches.make_collator(run.data, tokenizer, model), size, count)
+    raw = data.load_raw(data_config)[data_config.train_split]
+    rows = calibration_rows(len(raw), size, count, seed)
+    sample = raw.select([i for batch in rows for i in batch])
+    split = data.tokenize(data_config, tokenizer, datasets.DatasetDict({data_config.train_split: sample}))
+    split = split[data_config.train_split]
+
+    def calibration(model):
+        collate = batches.make_collator(data_config, tokenizer, model)
+        return [
+            collate([split[i] for i in range(start, min(start + size, len(split)))])
+            for start in range(0, len(split), size)
+        ]
+
+    return calibration
 
 
 def export(checkpoint_dir: str, output_dir: str, tag: str | None = None, overwrite: bool = False):
@@ -348,8 +376,8 @@ def count_params(path_or_recipe: str):
 def _count_run(run, teacher_config, student_config=None):
     """Prints teacher, student (and pruned export) sizes; returns the exported student's config."""
     from ds_distill import models
-    from ds_distill.prune import target_config
     from ds_distill.student import student_hf_config
+    from ds_distill.surgery.prune import target_config
 
     student_config = student_config or student_hf_config(run.student, teacher_config)
     student = models.count_parameters(student_config)
@@ -374,8 +402,8 @@ def _chain_stages(tree):
     import dataclasses
 
     from ds_distill import chain, models
-    from ds_distill.prune import target_config
     from ds_distill.student import student_hf_config
+    from ds_distill.surgery.prune import target_config
 
     exported = {}
     for name, run, stage in chain.describe(tree):

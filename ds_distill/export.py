@@ -133,8 +133,8 @@ def export_checkpoint(checkpoint_dir: str, output_dir: str, tag: str | None = No
 
 def cut_pruned(state: dict[str, torch.Tensor], template: Path, masks: dict) -> dict[str, torch.Tensor]:
     """The dense student of the pruned widths, from the full student's state and the pruning masks."""
-    from ds_distill.prune import plan_from_masks
-    from ds_distill.slicing import slice_teacher
+    from ds_distill.surgery.cut import cut_state
+    from ds_distill.surgery.prune import plan_from_masks
 
     full_config = AutoConfig.from_pretrained(template / PRUNED_FROM)
-    return slice_teacher(state, full_config, AutoConfig.from_pretrained(template), plan_from_masks(full_config, masks))
+    return cut_state(state, full_config, AutoConfig.from_pretrained(template), plan_from_masks(full_config, masks))

@@ -117,6 +117,8 @@ class DistillationModule(torch.nn.Module):
         # Kept out of the module tree (a registered wrapper would list every weight twice in checkpoints);
         # generation and evaluation call the student itself.
         self.__dict__["training_forward"] = torch.compile(student) if compile else student
+        self.kept_heads = None
+        """HomoDistil: (stack, block) -> [heads] bool, the heads not pruned; attention losses compare only those."""
 
     def set_step(self, step: int) -> None:
         """Tells staged losses (makd) the optimizer step about to be taken."""
@@ -134,6 +136,10 @@ class DistillationModule(torch.nn.Module):
         summed); each term is then this micro-batch's share of the step's mean. Without: micro-batch means."""
         student_features = forward_features(self.training_forward, self.adapter, batch, self.capture)
         student_features.update({f"{key}.tokens": count for key, count in (step_tokens or {}).items()})
+        if self.kept_heads is not None:
+            for key in [key for key in student_features if key.endswith(".attention_probs")]:
+                stack, layer, _ = key.split(".")
+                student_features[f"{stack}.{layer}.kept_heads"] = self.kept_heads(stack, int(layer) - 1)
         terms = {name: loss(student_features, teacher_features) for name, loss in self.losses.items()}
         total = sum(self.weights[name] * value for name, value in terms.items())
         return total, {name: value.detach() for name, value in terms.items()}

@@ -24,13 +24,15 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ds_distill import batches, checkpoint, data, dist, ds_config, export, models, prune, run_dir, slicing
+from ds_distill import batches, checkpoint, data, dist, ds_config, export, models, run_dir
 from ds_distill.capture import FeatureCapture
 from ds_distill.config import RunConfig, to_yaml
 from ds_distill.errors import ConfigError
 from ds_distill.evaluation import evaluate
 from ds_distill.losses import LayerwiseLoss, ModelPair, build_losses
 from ds_distill.student import DistillationModule, build_student, forward_features, student_hf_config, token_counts
+from ds_distill.surgery import prune, students
+from ds_distill.surgery.importance import activation_scores
 from ds_distill.teacher import load_teacher
 
 
@@ -87,7 +89,9 @@ def prepare(run: RunConfig, resume: bool = False, overwrite: bool = False) -> Pr
     if teacher_json is not None:
         teacher_ds = ds_config.fill_auto(teacher_json, train, world, total_steps, on_cpu, run.teacher.deepspeed_config)
     if run.prune is not None:
-        prune.check(run.prune, student_ds)
+        dims = run.student.init.from_teacher
+        sliced = dims is not None and dims.strategy == "sliced" and not dims.source
+        prune.check(run.prune, student_ds, teacher_config, student_config, starts_from_teacher=sliced)
     output_dir = Path(train.output_dir)
     # rank 0's view decides for all (on node-local disks the others may see none; resuming then says so)
     has_checkpoint = dist.all_gather_objects(checkpoint.latest_tag(output_dir / "checkpoints") is not None)[0]
@@ -251,6 +255,8 @@ class Trainer:
             lr_scheduler=self._lr_schedule,
         )
         self.pruner = prune.Pruner(self.engine.module.student, self.run.prune) if self.run.prune else None
+        if self.pruner is not None:
+            self.engine.module.kept_heads = self.pruner.kept_heads
         set_seed(self.train_config.seed + dist.rank())  # dropout and masking; a resume restores the saved state
         self.device = self.engine.device
         self.collate = batches.make_collator(self.run.data, p.tokenizer, student)
@@ -287,16 +293,30 @@ class Trainer:
         path = self.p.output_dir / "student_init"
         if self.p.resume:  # the checkpoint holds the weights; the directory only gives the architecture
             return path if path.is_dir() else None
+        split = self.p.datasets[self.run.data.train_split]
+        rows = students.calibration_rows(
+            len(split), self.train_config.per_device_train_batch_size, dims.calibration_batches, self.train_config.seed
+        )
+
+        def calibration(model):
+            collate = batches.make_collator(self.run.data, self.p.tokenizer, model)
+            return [collate([split[i] for i in batch]) for batch in rows]
+
+        scores = None
+        if dims.width == "importance" and not dims.source:
+            # ranked on the teacher engine already loaded: each rank its share of the batches, sums added up
+            share = students.rank_share(rows, dist.rank(), dist.world_size())
+            collate = batches.make_collator(self.run.data, self.p.tokenizer, self.teacher.module)
+            sums = activation_scores(self.teacher.module, (collate([split[i] for i in batch]) for batch in share))
+            from deepspeed.accelerator import get_accelerator
+
+            device = get_accelerator().current_device_name()
+            scores = {
+                key: dist.all_reduce_tensor(value.to(device)).cpu() for key, value in sorted(sums.items(), key=repr)
+            }
         if dist.is_main():
-            split = self.p.datasets[self.run.data.train_split]
-            size = self.train_config.per_device_train_batch_size
-
-            def calibration(model):
-                collate = batches.make_collator(self.run.data, self.p.tokenizer, model)
-                return slicing.first_batches(split, collate, size, dims.calibration_batches)
-
             source = dims.source or self.run.teacher.weights()
-            _, plan = slicing.make_student(source, path, dims, calibration)
+            _, plan = students.make_student(source, path, dims, calibration, scores)
             dist.print_main(f"student cut from {source} ({dims.width} width) into {path}:\n{plan.summary()}")
         dist.barrier()
         return path
@@ -371,7 +391,8 @@ class Trainer:
             batch = self._to_device(batch)
             total, terms = self.engine(batch, self.teacher_features(batch), step_tokens)
             self.engine.backward(total * world, scale_wrt_gas=False)
-            if self.pruner is not None and index == len(batches) - 1:  # the step's gradient is complete
+            last = index == len(batches) - 1  # the step's gradient is complete; scored only where masks tighten
+            if self.pruner is not None and last and self.pruner.scoring(self.step + 1):
                 self.pruner.observe(self._weights_and_gradients())
             self.engine.step()
             for name, value in {"loss": total.detach(), **terms}.items():

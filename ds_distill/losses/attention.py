@@ -186,9 +186,15 @@ class AttentionOptions(LayerwiseOptions):
     """Compare head-averaged distributions even when the head counts match (they are averaged when they differ)."""
 
 
-def attention_probs(probs: torch.Tensor, average: bool) -> torch.Tensor:
+def attention_probs(probs: torch.Tensor, average: bool, kept: torch.Tensor | None = None) -> torch.Tensor:
+    """`[batch, heads, q, k]`, or `[batch, 1, q, k]` averaged over the heads (over the `kept` ones, [heads] bool)."""
     probs = probs.float()
-    return probs.mean(1, keepdim=True) if average else probs
+    if not average:
+        return probs
+    if kept is None:
+        return probs.mean(1, keepdim=True)
+    weights = kept.to(probs.dtype)
+    return torch.einsum("bhqk,h->bqk", probs, weights / weights.sum()).unsqueeze(1)
 
 
 class AttentionDistributionLoss(LayerwiseLoss):
@@ -212,13 +218,20 @@ class AttentionDistributionLoss(LayerwiseLoss):
         mask = student[f"{pair.stack}.mask"]
         student_probs, teacher_probs = features(pair, "attention_probs", student, teacher)
         allowed = _key_mask(mask, mask, causal=False)  # future keys of a decoder have probability 0 on both sides
-        row_sum = self.compare(
-            attention_probs(student_probs, self.average_heads),
-            attention_probs(teacher_probs, self.average_heads),
-            allowed,
-            mask,
-        )
-        return token_mean(row_sum, student, pair.stack, mask.sum())
+        # HomoDistil: heads pruned from the student are left out (they no longer attend)
+        kept = student.get(f"{pair.stack}.{pair.student}.kept_heads")
+        same_heads = student_probs.shape[1] == teacher_probs.shape[1]
+        student_probs = attention_probs(student_probs, self.average_heads, kept)
+        teacher_probs = attention_probs(teacher_probs, self.average_heads, kept if same_heads else None)
+        if kept is not None and not self.average_heads:
+            weights = kept.to(student_probs.dtype)
+            student_probs = student_probs * weights[:, None, None]
+            teacher_probs = teacher_probs * weights[:, None, None]
+            scale = kept.numel() / weights.sum()  # the mean over heads becomes a mean over the kept ones
+        else:
+            scale = 1.0
+        row_sum = self.compare(student_probs, teacher_probs, allowed, mask)
+        return token_mean(row_sum * scale, student, pair.stack, mask.sum())
 
 
 class AttentionKLLoss(AttentionDistributionLoss):

@@ -22,10 +22,11 @@ from transformers import AutoConfig, PretrainedConfig
 from ds_distill import dist
 from ds_distill.config import FromTeacherConfig
 from ds_distill.errors import ConfigError
-from ds_distill.models import layouts, widths
+from ds_distill.models import layouts
 from ds_distill.models.fused import use_fused_kernels
 from ds_distill.models.layouts import Site, StackLayout
-from ds_distill.models.widths import WidthLayout
+from ds_distill.surgery import spaces
+from ds_distill.surgery.spaces import WidthLayout
 
 KNOWN_CONFIGS_DIR = Path(__file__).parent / "known_configs"
 DIMENSIONS = ("encoder_layers", "decoder_layers", "d_model", "d_ff", "num_heads")
@@ -45,13 +46,16 @@ class ModelAdapter:
     config_fields: dict[str, tuple[str, ...]] = field(default_factory=dict)
     layout: dict[str, StackLayout] = field(default_factory=dict)
     widths: WidthLayout = field(default_factory=lambda: WidthLayout(axes=()))
-    """How its tensors are cut for a narrower student (`widths.py`)."""
+    """How its tensors are cut for a narrower student (`surgery/spaces.py`)."""
     narrow_heads: bool = False
     """Whether a student's heads may be narrower than the teacher's (a head keeps some of its channels): where
     the head width is d_model / num_heads and no rotary embedding pairs channels (BERT, BART, GPT-2)."""
     optional_parts: tuple[str, ...] = ()
     """Prefixes of tensors of parts distillation never reads (BERT's pooler and next-sentence head): a checkpoint
     may lack them or hold them for a class without them, with a note, where other such tensors are errors."""
+    pre_layer_norm_types: tuple[str, ...] = ()
+    """The model types whose blocks normalise their input (pre-LN): their block outputs are raw residual sums,
+    hundreds to thousands in size, which hidden-state MSE terms normalise by default (mBART, not BART)."""
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -167,7 +171,7 @@ class ModelAdapter:
     def _check_heads(self, config: PretrainedConfig) -> None:
         width = getattr(config, self.config_fields["d_model"][0])
         heads = getattr(config, self.config_fields["num_heads"][0])
-        if self.name != "t5" and width % heads:  # T5 sets the head width (d_kv) apart from d_model
+        if self.narrow_heads and width % heads:  # T5 (d_kv) and the Llama family (head_dim) set their own head width
             raise ConfigError(f"d_model {width} is not divisible by num_heads {heads}; pick widths that divide")
 
 
@@ -207,7 +211,9 @@ class T5Adapter(ModelAdapter):
 
 @dataclass(frozen=True)
 class DecoderOnlyAdapter(ModelAdapter):
-    """Llama-style configs: grouped key/value heads and an explicit head_dim follow the new width."""
+    """Llama-style configs: grouped key/value heads follow the new head count; the head width stays the
+    teacher's (rotary embeddings pair a head's channels, so heads are cut whole, and Qwen3's head width is its
+    own, not d_model / num_heads)."""
 
     def attention_widths(self, config: PretrainedConfig) -> tuple[int, int]:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -220,8 +226,7 @@ class DecoderOnlyAdapter(ModelAdapter):
         if getattr(config, "num_key_value_heads", None) is not None:
             groups = max(1, config.num_attention_heads // config.num_key_value_heads)
             student.num_key_value_heads = max(1, heads // groups)
-        if getattr(config, "head_dim", None) is not None and (dims.d_model or dims.num_heads):
-            student.head_dim = student.hidden_size // heads
+        student.head_dim = self.attention_widths(config)[0] // config.num_attention_heads
         return student
 
 
@@ -229,6 +234,7 @@ ADAPTERS: tuple[ModelAdapter, ...] = (
     T5Adapter(
         name="t5",
         model_types=("t5", "mt5", "umt5"),
+        pre_layer_norm_types=("t5", "mt5", "umt5"),
         kind="seq2seq",
         config_fields={
             "encoder_layers": ("num_layers",),
@@ -238,11 +244,12 @@ ADAPTERS: tuple[ModelAdapter, ...] = (
             "num_heads": ("num_heads",),
         },
         layout=layouts.T5,
-        widths=widths.T5,
+        widths=spaces.T5,
     ),
     ModelAdapter(
         name="bart",
         model_types=("bart", "mbart"),
+        pre_layer_norm_types=("mbart",),
         kind="seq2seq",
         config_fields={
             "encoder_layers": ("encoder_layers",),
@@ -252,12 +259,13 @@ ADAPTERS: tuple[ModelAdapter, ...] = (
             "num_heads": ("encoder_attention_heads", "decoder_attention_heads"),
         },
         layout=layouts.BART,
-        widths=widths.BART,
+        widths=spaces.BART,
         narrow_heads=True,
     ),
     ModelAdapter(
         name="gpt2",
         model_types=("gpt2",),
+        pre_layer_norm_types=("gpt2",),
         kind="causal",
         config_fields={
             "decoder_layers": ("n_layer",),
@@ -266,12 +274,13 @@ ADAPTERS: tuple[ModelAdapter, ...] = (
             "num_heads": ("n_head",),
         },
         layout=layouts.GPT2,
-        widths=widths.GPT2,
+        widths=spaces.GPT2,
         narrow_heads=True,
     ),
     DecoderOnlyAdapter(
         name="llama",
         model_types=("llama", "qwen2", "qwen3", "mistral"),
+        pre_layer_norm_types=("llama", "qwen2", "qwen3", "mistral"),
         kind="causal",
         config_fields={
             "decoder_layers": ("num_hidden_layers",),
@@ -280,7 +289,7 @@ ADAPTERS: tuple[ModelAdapter, ...] = (
             "num_heads": ("num_attention_heads",),
         },
         layout=layouts.LLAMA,
-        widths=widths.LLAMA,
+        widths=spaces.LLAMA,
     ),
     ModelAdapter(
         name="bert",
@@ -293,7 +302,7 @@ ADAPTERS: tuple[ModelAdapter, ...] = (
             "num_heads": ("num_attention_heads",),
         },
         layout=layouts.BERT,
-        widths=widths.BERT,
+        widths=spaces.BERT,
         narrow_heads=True,
         optional_parts=("cls.seq_relationship.", "bert.pooler.", "roberta.pooler.", "pooler."),
     ),

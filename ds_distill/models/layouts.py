@@ -7,6 +7,8 @@ Paths are relative to a block of the stack's `blocks` list, which is relative to
     self_q/self_k/self_v   outputs of the self-attention's query/key/value projections   [batch, seq, width]
     cross_q/k/v            the same for cross-attention (k/v over the encoder's positions)
     attention_probs        self-attention probabilities (eager attention, dropout off)     [batch, heads, seq, seq]
+    self_heads/cross_heads the heads' concatenated outputs, the input of the attention's output projection
+                                                                                   [batch, seq, heads x head_dim]
     attention_output       the self-attention sub-layer's output, before the residual     [batch, seq, d_model]
     ffn_output             the feed-forward sub-layer's output, before the residual       [batch, seq, d_model]
     ffn_intermediate       the feed-forward's activation, the input of its down projection [batch, seq, d_ff]
@@ -50,12 +52,14 @@ def _t5(blocks: str, ffn_index: int, cross: bool) -> StackLayout:
         **_attention("self", "layer.0.SelfAttention", "q", "k", "v"),
         # T5Attention returns (output, position_bias, probabilities)
         "attention_probs": Site("layer.0.SelfAttention", index=-1, dropout="dropout"),
+        "self_heads": Site("layer.0.SelfAttention.o", read="input"),
         "attention_output": Site("layer.0.SelfAttention", index=0),
         "ffn_output": Site(f"layer.{ffn_index}.DenseReluDense"),
         "ffn_intermediate": Site(f"layer.{ffn_index}.DenseReluDense.wo", read="input"),
     }
     if cross:
         sites.update(_attention("cross", "layer.1.EncDecAttention", "q", "k", "v"))
+        sites["cross_heads"] = Site("layer.1.EncDecAttention.o", read="input")
     return StackLayout(blocks, sites)
 
 
@@ -63,12 +67,14 @@ def _bart(blocks: str, cross: bool) -> StackLayout:
     sites = {
         **_attention("self", "self_attn", "q_proj", "k_proj", "v_proj"),
         "attention_probs": Site("self_attn", index=-1, dropout="dropout"),
+        "self_heads": Site("self_attn.out_proj", read="input"),
         "attention_output": Site("self_attn", index=0),
         "ffn_output": Site("fc2"),
         "ffn_intermediate": Site("fc2", read="input"),
     }
     if cross:
         sites.update(_attention("cross", "encoder_attn", "q_proj", "k_proj", "v_proj"))
+        sites["cross_heads"] = Site("encoder_attn.out_proj", read="input")
     return StackLayout(blocks, sites)
 
 
@@ -83,6 +89,7 @@ GPT2 = {
             "self_k": Site("attn.c_attn", chunk=(1, 3)),
             "self_v": Site("attn.c_attn", chunk=(2, 3)),
             "attention_probs": Site("attn", index=-1, dropout="attn_dropout"),
+            "self_heads": Site("attn.c_proj", read="input"),
             "attention_output": Site("attn", index=0),
             "ffn_output": Site("mlp"),
             "ffn_intermediate": Site("mlp.c_proj", read="input"),
@@ -96,6 +103,7 @@ LLAMA = {
             # projections before rotary embeddings; k/v are narrower under grouped-query attention
             **_attention("self", "self_attn", "q_proj", "k_proj", "v_proj"),
             "attention_probs": Site("self_attn", index=-1, dropout="attention_dropout"),
+            "self_heads": Site("self_attn.o_proj", read="input"),
             "attention_output": Site("self_attn", index=0),
             "ffn_output": Site("mlp"),
             "ffn_intermediate": Site("mlp.down_proj", read="input"),
@@ -108,6 +116,7 @@ BERT = {
         {
             **_attention("self", "attention.self", "query", "key", "value"),
             "attention_probs": Site("attention.self", index=-1, dropout="dropout"),
+            "self_heads": Site("attention.output.dense", read="input"),
             "attention_output": Site("attention.output.dense"),
             "ffn_output": Site("output.dense"),
             "ffn_intermediate": Site("output.dense", read="input"),

@@ -7,10 +7,12 @@ import torch
 import transformers
 from transformers import AutoTokenizer
 
-from ds_distill import models, slicing
+from ds_distill import models
 from ds_distill.config import FromTeacherConfig
 from ds_distill.errors import ConfigError
-from ds_distill.importance import activation_scores
+from ds_distill.surgery import cut as slicing
+from ds_distill.surgery import students
+from ds_distill.surgery.importance import activation_scores
 
 FAMILIES = {
     "t5": transformers.T5Config(
@@ -55,7 +57,7 @@ def logits(model, ids):
 
 
 def cut(teacher_path, tmp_path, dims: FromTeacherConfig, calibration=None):
-    _, plan = slicing.make_student(str(teacher_path), tmp_path / "student", dims, calibration)
+    _, plan = students.make_student(str(teacher_path), tmp_path / "student", dims, calibration)
     return models.adapter_for(models.load_config(str(tmp_path / "student"), "s")).from_pretrained(
         str(tmp_path / "student")
     ), plan
@@ -128,13 +130,17 @@ def test_importance_keeps_what_the_activations_rank_highest(teachers, tmp_path):
 
     batches = [{"input_ids": torch.randint(3, 96, (4, 9)), "attention_mask": torch.ones(4, 9, dtype=torch.long)}]
     scores = activation_scores(teacher, batches)
-    assert scores[("heads", "decoder")][:2].max() < scores[("heads", "decoder")][2:].min()
+    for block in range(3):  # per block: units are key/value groups
+        assert scores[("heads", "self", "decoder", block)][0] < scores[("heads", "self", "decoder", block)][1]
     assert scores[("ffn", "decoder", 0)][:16].max() < scores[("ffn", "decoder", 0)][16:].min()
-    assert int(scores["hidden"].argmin()) == 5
+    assert int(scores[("hidden",)].argmin()) == 5
 
     dims = FromTeacherConfig(d_model=16, d_ff=48, num_heads=2, width="importance", strategy="sliced")
-    _, plan = slicing.make_student(str(planted), tmp_path / "student", dims, lambda model: batches)
-    assert plan.heads[("kv_heads", "decoder")] == [1] and plan.heads[("heads", "decoder")] == [2, 3]
+    _, plan = students.make_student(str(planted), tmp_path / "student", dims, lambda model: batches)
+    assert plan.attention[("self", "decoder", 0)].units == [1] and plan.attention[("self", "decoder", 0)].heads == [
+        2,
+        3,
+    ]
     assert plan.ffn[("decoder", 0)] == list(range(16, 64))
     assert 5 not in plan.hidden and len(plan.hidden) == 16
     student = models.adapter_for(models.load_config(str(tmp_path / "student"), "s")).from_pretrained(
@@ -145,10 +151,14 @@ def test_importance_keeps_what_the_activations_rank_highest(teachers, tmp_path):
 
 
 def test_heads_stay_whole_where_rotary_embeddings_pair_their_channels():
+    """A Llama-family cut keeps the head width: a narrower d_model with the heads kept is a hidden-only cut."""
     config = FAMILIES["llama"]
     student = models.adapter_for(config).shrink(config, FromTeacherConfig(d_model=24, num_heads=4))
-    with pytest.raises(ConfigError, match="keeps every llama head whole \\(8 wide\\).*pick d_model = num_heads x 8"):
-        slicing.make_plan(config, student, {"decoder": [0, 1, 2]})
+    assert student.head_dim == 8 and student.num_key_value_heads == 2
+    with pytest.raises(ConfigError, match="whole key/value groups.*multiple of 2, not 3"):
+        slicing.make_plan(
+            config, models.adapter_for(config).shrink(config, FromTeacherConfig(num_heads=3)), {"decoder": [0, 1, 2]}
+        )
 
 
 def test_narrower_heads_keep_the_ranked_channels_of_each_head(teachers, tmp_path):
@@ -166,9 +176,10 @@ def test_narrower_heads_keep_the_ranked_channels_of_each_head(teachers, tmp_path
     batches = [{"input_ids": torch.randint(3, 96, (4, 9)), "attention_mask": torch.ones(4, 9, dtype=torch.long)}]
     dims = FromTeacherConfig(d_model=28, num_heads=4, width="importance", strategy="sliced")
     student, plan = cut(planted, tmp_path, dims, lambda model: batches)
-    assert plan.heads[("heads", "encoder")] == [0, 1, 2, 3]
-    assert all(7 not in channels for channels in plan.head_channels[("heads", "encoder")].values())
-    rows = plan.attention_indices("heads", "encoder")
+    attention = plan.attention[("self", "encoder", 0)]
+    assert attention.heads == [0, 1, 2, 3]
+    assert all(7 not in channels for channels in attention.vo.values())
+    rows, key_rows = attention.rows("q", 32), attention.rows("k", 32)
     student_attention, teacher_attention = (
         student.bert.encoder.layer[0].attention,
         teacher.bert.encoder.layer[0].attention,
@@ -177,16 +188,16 @@ def test_narrower_heads_keep_the_ranked_channels_of_each_head(teachers, tmp_path
         student_attention.self.query.weight, teacher_attention.self.query.weight[rows][:, plan.hidden] * (7 / 8) ** 0.5
     )
     torch.testing.assert_close(
-        student_attention.self.key.weight, teacher_attention.self.key.weight[rows][:, plan.hidden]
+        student_attention.self.key.weight, teacher_attention.self.key.weight[key_rows][:, plan.hidden]
     )
     assert student.config.hidden_size == 28 and logits(student, torch.randint(3, 96, (1, 5))).shape == (1, 5, 96)
 
 
 def test_target_params_proposes_dimensions_near_the_size():
     teacher = models.load_config("google/flan-t5-xl", "teacher")
-    proposals = slicing.propose_dims(teacher, slicing.parse_count("145M"))
+    proposals = students.propose_dims(teacher, students.parse_count("145M"))
     assert abs(proposals[0][1] - 145e6) / 145e6 < 0.03
-    assert slicing.parse_count("1.2B") == 1_200_000_000
+    assert students.parse_count("1.2B") == 1_200_000_000
 
 
 def test_make_student_verb_cuts_ranks_reports_and_protects_the_output(tiny, tmp_path):
