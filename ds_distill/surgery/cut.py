@@ -260,7 +260,10 @@ def cut_state(teacher_path, teacher: PretrainedConfig, student: PretrainedConfig
     full = shape_of(teacher)
     reader = StateReader(teacher_path) if isinstance(teacher_path, dict) else CheckpointReader(teacher_path)
     # a checkpoint stores tied tensors once: under any name of a tied group, or the tied source's
-    tied_in_teacher = dict(getattr(adapter.model_class(teacher, set(reader.files)), "_tied_weights_keys", None) or {})
+    teacher_class = adapter.model_class(teacher, set(reader.files))
+    if hasattr(teacher_class, "_model_mapping"):  # an Auto class: the concrete class knows the tied names
+        teacher_class = teacher_class._model_mapping[type(teacher)]
+    tied_in_teacher = dict(getattr(teacher_class, "_tied_weights_keys", None) or {})
     with torch.device("meta"):
         groups: dict[int, list[str]] = {}
         for name, tensor in adapter.from_config(student).state_dict(keep_vars=True).items():

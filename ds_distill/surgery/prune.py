@@ -32,7 +32,6 @@ from transformers import PretrainedConfig
 from ds_distill import models
 from ds_distill.config import FromTeacherConfig, PruneConfig
 from ds_distill.errors import ConfigError
-from ds_distill.models.fused import RMS_NORMS
 from ds_distill.surgery.cut import AttentionCut, SlicePlan, block_name
 from ds_distill.surgery.importance import hidden_norms
 from ds_distill.surgery.shapes import shape_of
@@ -115,10 +114,10 @@ class Pruner:
         hidden = self.masks[HIDDEN]
         for _, _, module in hidden_norms(self.model, self.adapter):
             module.prune_mask = hidden
-            if type(module).__name__ in RMS_NORMS:
-                module.forward = types.MethodType(_masked_rms_norm, module)
-            else:
+            if isinstance(module, torch.nn.LayerNorm):
                 module.forward = types.MethodType(_masked_layer_norm, module)
+            else:  # T5's, mT5's and the Llama family's RMS norms
+                module.forward = types.MethodType(_masked_rms_norm, module)
         for path in self.adapter.widths.embedding_outputs:
             self.handles.append(self.model.get_submodule(path).register_forward_hook(self._times_hidden))
         for stack, depth in self.full.depths.items():

@@ -185,5 +185,10 @@ BERT = WidthLayout(
         ("*predictions*bias", (None,)),
         ("*seq_relationship.weight", (None, "hidden")),
         ("*seq_relationship.bias", (None,)),
+        # RoBERTa's masked-LM head
+        ("lm_head.dense.weight", ("hidden", "hidden")),
+        ("lm_head.layer_norm.*", ("hidden",)),
+        ("lm_head.decoder.weight", (None, "hidden")),
+        ("lm_head.*bias", (None,)),
     ),
 )
