@@ -2,11 +2,12 @@
 
 Batches are padded per batch by the Hugging Face collators (optionally of examples grouped by length) and served
 in a seeded order that can restart at any micro-batch, which is what makes resumed runs equal to uninterrupted
-ones.
+ones. Masked LM masks differ at every training step, and are the same at every evaluation.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -144,6 +145,32 @@ class TrainBatches:
             epoch, skip = epoch + 1, 0
 
 
+EVAL_MASKING_SEED = 0  # not train.seed: runs with different seeds are scored on the same masked positions
+
+
+class FixedMasks:
+    """Masked LM collation for evaluation: example i of the set is masked by a generator seeded by i alone, so
+    every evaluation masks the same positions with the same replacements (eval losses compare across steps and
+    runs) whatever the batch size or the number of ranks. Examples are masked one at a time, then padded."""
+
+    def __init__(self, collate: DataCollatorForLanguageModeling):
+        self.masking = copy.copy(collate)  # its generator is ours to set; the training collator's is left alone
+        self.pad = DataCollatorForSeq2Seq(
+            collate.tokenizer,
+            label_pad_token_id=IGNORE_INDEX,
+            pad_to_multiple_of=collate.pad_to_multiple_of,
+            return_tensors="pt",
+        )
+
+    def __call__(self, rows: list[dict[str, Any]], indices: list[int]) -> dict[str, torch.Tensor]:
+        masked = []
+        for row, index in zip(rows, indices):
+            seed = np.random.SeedSequence([EVAL_MASKING_SEED, index]).generate_state(1, np.uint64)[0]
+            self.masking.generator = torch.Generator().manual_seed(int(seed))
+            masked.append({name: values[0].tolist() for name, values in self.masking([row]).items()})
+        return self.pad(masked)
+
+
 def eval_batches(
     dataset: datasets.Dataset, collate, batch_size: int
 ) -> Iterator[tuple[dict[str, torch.Tensor], list[str] | None, int]]:
@@ -151,13 +178,17 @@ def eval_batches(
 
     Ranks get equal numbers of batches (ZeRO-3 needs every rank in every forward); the last batches are
     filled with repeats of example 0, and the count of real rows tells the caller to leave those out.
+    A masking collator masks each example the same way at every evaluation (`FixedMasks`).
     """
     world, rank = dist.world_size(), dist.rank()
     per_rank = -(-len(dataset) // world)
     mine = list(range(rank, len(dataset), world))
     real = len(mine)
     mine += [0] * (per_rank - real)
+    fixed = FixedMasks(collate) if isinstance(collate, DataCollatorForLanguageModeling) and collate.mlm else None
     for start in range(0, per_rank, batch_size):
-        rows = [dataset[i] for i in mine[start : start + batch_size]]
+        indices = mine[start : start + batch_size]
+        rows = [dataset[i] for i in indices]
         references = [row.pop("reference") for row in rows] if "reference" in rows[0] else None
-        yield collate(rows), references, max(0, min(len(rows), real - start))
+        batch = fixed(rows, indices) if fixed else collate(rows)
+        yield batch, references, max(0, min(len(rows), real - start))

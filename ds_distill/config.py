@@ -120,6 +120,10 @@ class DataConfig:
     max_target_length: int = 128
     block_size: int = 128
     mlm_probability: float = 0.15
+    line_by_line: bool = False
+    """masked_lm: one example per line (row), cut at max_source_length (run_mlm.py's --line_by_line). False: the
+    lines packed into full blocks of max_source_length tokens, each `[CLS] ... [SEP]` (the tokenizer's own special
+    tokens), lines separated by [SEP], so a line longer than a block goes on into the next ones."""
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     preprocessing_num_workers: int | None = None
@@ -478,6 +482,8 @@ def validate(run: RunConfig) -> None:
         raise ConfigError("data.validation_split_percentage must lie between 0 and 100 (a percent, e.g. 5)")
     if data.task == "masked_lm" and not 0 <= data.mlm_probability < 1:
         raise ConfigError("data.mlm_probability must lie in [0, 1)")
+    if data.line_by_line and data.task != "masked_lm":
+        raise ConfigError(f"data.line_by_line applies to masked_lm only; data.task '{data.task}' does not read it")
     if not run.losses:
         raise ConfigError("losses is empty: configure at least one term, e.g. {ce: {weight: 1.0}}")
 

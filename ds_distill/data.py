@@ -176,38 +176,86 @@ def _tokenize_seq2seq(data: DataConfig, tokenizer, dataset: datasets.Dataset, sp
     )
 
 
+def pack(documents: list[list[int]], block_tokens: int, separator: list[int], frame=([], [])) -> list[list[int]]:
+    """Documents (token ids) joined, each followed by `separator`, and cut into blocks of `block_tokens`, the
+    remainder dropped (Hugging Face's `group_texts` in run_clm.py and run_mlm.py); each block is then framed:
+    `frame[0] + block + frame[1]`. A document longer than a block goes on into the next ones."""
+    ids = [token for document in documents for token in document + separator]
+    usable = len(ids) // block_tokens * block_tokens
+    before, after = frame
+    return [before + ids[i : i + block_tokens] + after for i in range(0, usable, block_tokens)]
+
+
+def special_frame(tokenizer) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer puts before and after one sequence: ([CLS], [SEP]) for BERT,
+    ([<s>], [</s>]) for RoBERTa, ([], [</s>]) for T5. Read off an encoding, which every tokenizer can do."""
+    text = "a b"
+    inner, whole = tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer(text)["input_ids"]
+    for start in range(len(whole) - len(inner) + 1):
+        if whole[start : start + len(inner)] == inner:
+            return whole[:start], whole[start + len(inner) :]
+    raise ConfigError(f"cannot tell where {type(tokenizer).__name__} puts its special tokens; set data.line_by_line")
+
+
+def _masked_lm_rows(data: DataConfig, tokenizer):
+    """Batched map function of `masked_lm`: one row per line cut at max_source_length (`data.line_by_line`), or
+    the lines packed into full blocks of max_source_length tokens, each framed by the tokenizer's special tokens.
+
+    Packing is run_mlm.py's `group_texts`, except that run_mlm frames each line and concatenates, so its blocks
+    start and end mid-text. BERT-style models were pretrained on `[CLS] text [SEP]` (RoBERTa: `<s> text </s>`)
+    with [SEP] between segments: here each block is `[CLS] ... [SEP]` and lines are separated by [SEP], so the
+    teacher reads inputs like its pretraining data and its [CLS] position means what it always meant.
+    """
+    if data.line_by_line:
+        return lambda batch: tokenizer(
+            batch[data.text_field],
+            max_length=data.max_source_length,
+            truncation=True,
+            return_special_tokens_mask=True,
+        )
+    frame = special_frame(tokenizer)
+    block = data.max_source_length - len(frame[0]) - len(frame[1])
+    if block < 1:
+        raise ConfigError(f"data.max_source_length {data.max_source_length} leaves no room between special tokens")
+    separator = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+    separator = [] if separator is None else [separator]
+
+    def rows(batch):
+        documents = tokenizer(batch[data.text_field], add_special_tokens=False)["input_ids"]
+        blocks = pack(documents, block, separator, frame)
+        columns = {
+            "input_ids": blocks,
+            "attention_mask": [[1] * len(ids) for ids in blocks],
+            # never masked: the frame, the separators (and [UNK]), as the collator itself would decide
+            "special_tokens_mask": [
+                tokenizer.get_special_tokens_mask(ids, already_has_special_tokens=True) for ids in blocks
+            ],
+        }
+        if "token_type_ids" in tokenizer.model_input_names:
+            columns["token_type_ids"] = [[0] * len(ids) for ids in blocks]
+        return columns
+
+    return rows
+
+
 def _tokenize_text(data: DataConfig, tokenizer, dataset: datasets.Dataset, split: str) -> datasets.Dataset:
     _check_fields(dataset, [data.text_field], split)
     dataset = dataset.filter(lambda row: bool(row[data.text_field].strip()), desc=f"dropping empty lines of {split}")
     if data.task == "masked_lm":
-
-        def tokenize(batch):
-            return tokenizer(
-                batch[data.text_field],
-                max_length=data.max_source_length,
-                truncation=True,
-                return_special_tokens_mask=True,
-            )
-
+        blocks = "" if data.line_by_line else f" into blocks of {data.max_source_length}"
         return dataset.map(
-            tokenize,
+            _masked_lm_rows(data, tokenizer),
             batched=True,
             remove_columns=dataset.column_names,
             num_proc=_workers(data, len(dataset)),
-            desc=f"tokenizing {split}",
+            desc=f"tokenizing {split}{blocks}",
         )
 
     block = data.block_size
 
     def tokenize_and_pack(batch):
-        # Concatenate documents (each ended by EOS) and cut into equal blocks, as run_clm.py does.
-        ids = [
-            token
-            for text in batch[data.text_field]
-            for token in tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
-        ]
-        usable = len(ids) // block * block
-        blocks = [ids[i : i + block] for i in range(0, usable, block)]
+        # Documents each ended by EOS, as run_clm.py packs them.
+        blocks = pack(tokenizer(batch[data.text_field])["input_ids"], block, [tokenizer.eos_token_id])
         # Labels are the inputs (the model's logits are shifted against them later); blocks hold no padding,
         # so EOS stays a target even where a tokenizer pads with EOS.
         return {"input_ids": blocks, "attention_mask": [[1] * block for _ in blocks], "labels": [b[:] for b in blocks]}
@@ -240,7 +288,8 @@ def tokenize(data: DataConfig, tokenizer, raw: datasets.DatasetDict) -> datasets
         fn = _tokenize_seq2seq if data.task in ("translation", "seq2seq") else _tokenize_text
         out[split] = fn(data, tokenizer, dataset, split)
         if len(out[split]) == 0:
-            raise ConfigError(f"split '{split}' is empty after tokenization (block_size {data.block_size} too large?)")
+            length = "max_source_length" if data.task == "masked_lm" else "block_size"
+            raise ConfigError(f"split '{split}' is empty after tokenization (data.{length} too large?)")
     return datasets.DatasetDict(out)
 
 
@@ -258,8 +307,11 @@ TOKENIZATION_KEYS = (
 def describe(data: DataConfig, tokenizer) -> dict[str, Any]:
     """The data settings and tokenizer that tokenized data was made with (a vocabulary digest, not its path)."""
     vocabulary = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
+    # only masked_lm rows depend on line_by_line: copies prepared for other tasks stay valid without the key
+    masked_lm = {"line_by_line": data.line_by_line} if data.task == "masked_lm" else {}
     return {
         **{key: getattr(data, key) for key in TOKENIZATION_KEYS},
+        **masked_lm,
         "tokenizer": {"class": type(tokenizer).__name__, "vocabulary_sha256": sha256(vocabulary.encode()).hexdigest()},
     }
 
