@@ -81,8 +81,9 @@ def save(
     engine, root: Path, step: int, client_state: dict[str, Any], keep: int, extra: dict[str, torch.Tensor] | None = None
 ) -> None:
     """Collective: every rank must call it. The checkpoint is marked complete only once every rank reports
-    that its files are written and flushed; a rank that failed makes every rank raise. `extra`: tensors that
-    rank 0 keeps beside the shards (HomoDistil's masks), loaded back with `weights_only=True`."""
+    that its files are written and flushed; any exception on one rank makes every rank raise at once, rather
+    than leave the others waiting in a collective until the timeout. `extra`: tensors that rank 0 keeps beside
+    the shards (HomoDistil's masks), loaded back with `weights_only=True`."""
     tag = f"step_{step}"
     if dist.is_main() and (root / tag).exists():  # left by a crash after an earlier save of this step
         shutil.rmtree(root / tag)
@@ -94,15 +95,16 @@ def save(
         if extra is not None and dist.is_main():
             torch.save(extra, root / tag / EXTRA)
         _fsync_tree(root / tag)
-    except OSError as error:  # a full or failing disk on this rank; the others must not mark the checkpoint
+    except Exception as error:  # a full disk, a failing filesystem, a DeepSpeed error: the others must hear of it
         failure = error
-    failed = dist.all_reduce_sum([failure is not None])[0]
-    if failed:
+    here = None if failure is None else f"rank {dist.rank()}: {type(failure).__name__}: {failure}"
+    failures = [message for message in dist.all_gather_objects(here) if message]
+    if failures:
+        more = f"; and {len(failures) - 3} more ranks" if len(failures) > 3 else ""
         raise RuntimeError(
-            f"checkpoint {root / tag} was not written completely ({failed:.0f} ranks failed"
-            + (f"; here: {failure}" if failure else "")
-            + "); it is not marked complete, the last complete one stays"
-        )
+            f"checkpoint {root / tag} was not written completely ({'; '.join(failures[:3])}{more}); it is not "
+            "marked complete, the last complete one stays"
+        ) from failure
     if dist.is_main():
         (root / tag / COMPLETE).write_text(json.dumps({"step": step, "world_size": dist.world_size()}))
         _fsync_tree(root / tag)

@@ -162,6 +162,7 @@ def fill_auto(
             params.setdefault("torch_adam", True)
             if not on_cpu:
                 params.setdefault("fused", True)
+    _check_grad_accum_dtype(config, name)
     if "scheduler" in config:
         raise ConfigError(
             f"{name}: remove the scheduler section; the learning-rate schedule comes from train.lr_scheduler_type "
@@ -174,6 +175,19 @@ def fill_auto(
             f'{name}: "auto" left at {", ".join(leftovers)}; ds_distill fills only documented keys, set these'
         )
     return config
+
+
+def _check_grad_accum_dtype(config: dict[str, Any], name: str) -> None:
+    """bf16 weights with fp32 gradient accumulation (`data_types.grad_accum_dtype`) need a ZeRO optimizer:
+    ZeRO-2 and ZeRO-3 sum the micro-batches' gradients in fp32 buffers, and without ZeRO DeepSpeed refuses the
+    mix, but only once the weights are loaded."""
+    accumulation = config.get("data_types", {}).get("grad_accum_dtype")
+    bf16 = config.get("bf16", {}).get("enabled") is True
+    if bf16 and accumulation == "fp32" and "optimizer" in config and zero_stage(config) == 0:
+        raise ConfigError(
+            f"{name}: data_types.grad_accum_dtype fp32 with bf16 needs ZeRO (DeepSpeed refuses it without); set "
+            "zero_optimization.stage to 2 or 3, or remove data_types to accumulate in bf16"
+        )
 
 
 def _auto_keys(node: Any, prefix: str = ""):

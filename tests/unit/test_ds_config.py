@@ -85,3 +85,22 @@ def test_a_deepspeed_scheduler_section_is_refused_for_lr_scheduler_type():
     config["scheduler"] = {"type": "WarmupLR", "params": {"warmup_num_steps": 10}}
     with pytest.raises(ConfigError, match="remove the scheduler section; .* train.lr_scheduler_type"):
         fill_auto(config, TRAIN, 1, 10, on_cpu=True, name="z2")
+
+
+@pytest.mark.parametrize("name", ["student_zero2", "student_zero3", "student_zero3_offload"])
+def test_shipped_students_accumulate_bf16_gradients_in_fp32(name):
+    bf16 = TrainConfig(per_device_train_batch_size=4, gradient_accumulation_steps=3, bf16=True)
+    config = fill_auto(load_json(f"ds_configs/{name}.json"), bf16, 2, 100, on_cpu=True, name=name)
+    assert config["bf16"]["enabled"] is True
+    assert config["data_types"]["grad_accum_dtype"] == "fp32"
+    assert config["zero_optimization"]["stage"] in (2, 3)  # where DeepSpeed sums micro-batches in fp32 buffers
+
+
+def test_fp32_accumulation_of_bf16_gradients_without_zero_is_refused(tmp_path):
+    config = load_json(
+        write(tmp_path, {"bf16": {"enabled": "auto"}, "data_types": {"grad_accum_dtype": "fp32"}, "optimizer": {}})
+    )
+    bf16 = TrainConfig(bf16=True)
+    with pytest.raises(ConfigError, match="grad_accum_dtype fp32 with bf16 needs ZeRO"):
+        fill_auto(config, bf16, 1, 10, on_cpu=True, name="x")
+    assert fill_auto(config, TrainConfig(bf16=False), 1, 10, on_cpu=True, name="x")["bf16"]["enabled"] is False
