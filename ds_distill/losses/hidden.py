@@ -16,7 +16,16 @@ import torch.nn.functional as F
 from ds_distill.errors import ConfigError
 from ds_distill.layer_map import LayerPair
 from ds_distill.losses.base import micro_batch_share, token_mean
-from ds_distill.losses.layerwise import LayerwiseLoss, LayerwiseOptions, ModelPair, build_aligners, features
+from ds_distill.losses.layerwise import (
+    LayerwiseLoss,
+    LayerwiseOptions,
+    ModelPair,
+    build_aligners,
+    check_normalization,
+    features,
+    normalized,
+    resolve_normalization,
+)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -98,10 +107,15 @@ class ProjectedOptions(LayerwiseOptions):
     rank: int = 64
     per_pair: bool = False
     """One projection per layer pair instead of one shared by all pairs."""
-    normalize: bool = False
-    """Compare the states after a parameter-free layer norm over the width (MSE terms). For pre-LN models
-    (Llama, GPT-2), whose residual streams grow with depth and carry outlier channels in the hundreds, raw
-    MSE runs to 1e4 and swamps every other term; post-LN models (BERT, T5's normed outputs) need none."""
+    normalize: str = "auto"
+    """auto | none | rms | layer | channel: how both sides are normalised (the student after its projection)
+    before they are compared. auto is rms where the teacher or the student is pre-LN (T5, Llama, Qwen, Mistral,
+    GPT-2, mBART), whose block outputs are raw residual sums in the hundreds to thousands (raw MSE swamps CE
+    and KD), and none for post-LN BERT, RoBERTa and BART. true / false read as layer / none."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.normalize = check_normalization(self.normalize)
 
 
 class ProjectedHiddenLoss(LayerwiseLoss):
@@ -116,6 +130,7 @@ class ProjectedHiddenLoss(LayerwiseLoss):
         self.aligners = build_aligners(
             options.projection, options.per_pair, self.pairs, model_pair.widths(), options.rank, where
         )
+        self.normalization = resolve_normalization(options.normalize, model_pair, self.notes)
 
     def project(self, pair: LayerPair, hidden: torch.Tensor) -> torch.Tensor:
         if self.aligners is None:
@@ -130,7 +145,8 @@ class ProjectedHiddenLoss(LayerwiseLoss):
     def pair_loss(self, pair, student, teacher):
         mask = student[f"{pair.stack}.mask"]
         student_hidden, teacher_hidden = features(pair, "hidden", student, teacher)
-        per_token = self.compare(self.project(pair, student_hidden[mask]), teacher_hidden[mask].float())
+        student_rows = normalized(self.project(pair, student_hidden[mask]), self.normalization)
+        per_token = self.compare(student_rows, normalized(teacher_hidden[mask].float(), self.normalization))
         return token_mean(per_token.sum(), student, pair.stack, mask.sum())
 
 
@@ -138,8 +154,6 @@ class HiddenMSELoss(ProjectedHiddenLoss):
     """hidden_mse: mean squared error between mapped hidden states, through an optional projection."""
 
     def compare(self, student, teacher):
-        if self.options.normalize:
-            student, teacher = F.layer_norm(student, student.shape[-1:]), F.layer_norm(teacher, teacher.shape[-1:])
         return F.mse_loss(student, teacher, reduction="none").mean(-1)
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from transformers import PretrainedConfig
 
 from ds_distill import layer_map, models
@@ -52,6 +53,14 @@ class ModelPair:
     def heads(self) -> tuple[int, int]:
         student_adapter, teacher_adapter = self.adapters()
         return student_adapter.num_heads(self.student), teacher_adapter.num_heads(self.teacher)
+
+    def pre_layer_norm(self) -> bool:
+        """Whether either model's blocks normalise their input (pre-LN), so that its residual stream is a raw sum."""
+        student_adapter, teacher_adapter = self.adapters()
+        return (
+            self.student.model_type in student_adapter.pre_layer_norm_types
+            or self.teacher.model_type in teacher_adapter.pre_layer_norm_types
+        )
 
     def attention_widths(self) -> dict[str, tuple[int, int]]:
         """Role -> (query width, key/value width) of the attention projections."""
@@ -125,6 +134,49 @@ def features(pair: LayerPair, site: str, student: dict, teacher: dict) -> tuple[
         student[feature_key(pair.stack, pair.student, site)],
         teacher[feature_key(pair.stack, pair.teacher, site)],
     )
+
+
+NORMALIZATIONS = ("auto", "none", "rms", "layer", "channel")
+PRE_LN_NORMALIZATION = "rms"  # what `auto` means where a model is pre-LN: bench/hidden_normalization.py
+
+
+def check_normalization(value: str | bool) -> str:
+    """A `normalize` option as one of `NORMALIZATIONS`; true / false (the option's first, boolean form) read as
+    layer / none."""
+    value = {"true": "layer", "false": "none"}.get(str(value).strip().lower(), str(value))
+    if value not in NORMALIZATIONS:
+        raise ConfigError(f"normalize '{value}' is unknown; choose one of {', '.join(NORMALIZATIONS)}")
+    return value
+
+
+def resolve_normalization(value: str, model_pair: ModelPair, notes: list[str]) -> str:
+    """`auto` as what it means for this pair: RMS normalisation where a model is pre-LN (said in `notes`), none
+    where both are post-LN (BERT, BART), whose block outputs leave a layer norm already."""
+    if value != "auto":
+        return value
+    if not model_pair.pre_layer_norm():
+        return "none"
+    notes.append(
+        f"comparing {PRE_LN_NORMALIZATION}-normalised states, as a pre-LN model is paired (normalize: none for raw)"
+    )
+    return PRE_LN_NORMALIZATION
+
+
+def normalized(rows: torch.Tensor, how: str, eps: float = 1e-6) -> torch.Tensor:
+    """Token rows of one micro-batch (`[tokens, width]`, padding already left out), normalised for comparison.
+
+    rms: each row divided by its root mean square (an RMSNorm without weight, what a pre-LN block's next norm
+    reads); layer: each row centred and divided by its std (LayerNorm without weight); channel: each column
+    centred and divided by its std over the rows (the micro-batch's real tokens).
+    """
+    if how == "rms":
+        return rows * torch.rsqrt(rows.pow(2).mean(-1, keepdim=True) + eps)
+    if how == "layer":
+        return F.layer_norm(rows, rows.shape[-1:], eps=eps)
+    if how == "channel":
+        centred = rows - rows.mean(0, keepdim=True)
+        return centred * torch.rsqrt(centred.pow(2).mean(0, keepdim=True) + eps)
+    return rows
 
 
 class Aligner(torch.nn.Module):

@@ -5,6 +5,8 @@
     attention_output   MSE of the self-attention sub-layer outputs
     ffn_output         MSE of the feed-forward sub-layer outputs
 
+The three MSE aspects compare RMS-normalised states where a model is pre-LN (`normalize`, as in hidden_mse).
+
 Student states pass through a low-rank aligner (d_S -> rank -> d_T, one per aspect, shared by the pairs)
 wherever the widths differ. `stages` trains some aspects first, e.g. the module terms:
 
@@ -23,7 +25,14 @@ import torch.nn.functional as F
 from ds_distill.errors import ConfigError
 from ds_distill.losses.attention import AttentionKLLoss, AttentionOptions
 from ds_distill.losses.base import token_mean
-from ds_distill.losses.layerwise import Aligner, ModelPair, features
+from ds_distill.losses.layerwise import (
+    Aligner,
+    ModelPair,
+    check_normalization,
+    features,
+    normalized,
+    resolve_normalization,
+)
 
 ASPECTS = ("attention", "hidden", "attention_output", "ffn_output")
 SITES = {
@@ -41,9 +50,13 @@ class MaKDOptions(AttentionOptions):
     """Weight per aspect: attention, hidden, attention_output, ffn_output."""
     stages: list[dict] = field(default_factory=list)
     """[{steps: N, aspects: [...]}, ...]: which aspects count in each stage; empty: all, always."""
+    normalize: str = "auto"
+    """auto | none | rms | layer | channel for the MSE aspects (hidden, attention_output, ffn_output), as in
+    hidden_mse: auto is rms where a model is pre-LN, none where both are post-LN."""
 
     def __post_init__(self):
         super().__post_init__()
+        self.normalize = check_normalization(self.normalize)
         unknown = set(self.aspect_weights) - set(ASPECTS)
         if unknown:
             raise ConfigError(
@@ -68,6 +81,7 @@ class MaKDLoss(AttentionKLLoss):
     def __init__(self, options, model_pair: ModelPair, where: str):
         super().__init__(options, model_pair, where)
         self.step = 0
+        self.normalization = resolve_normalization(options.normalize, model_pair, self.notes)
         student_width, teacher_width = model_pair.widths()
         self.aligners = torch.nn.ModuleDict()
         if student_width != teacher_width:
@@ -110,7 +124,9 @@ class MaKDLoss(AttentionKLLoss):
                 student_states = student_states[mask]
                 if aspect in self.aligners:
                     student_states = self.aligners[aspect](student_states)
-                squared = F.mse_loss(student_states.float(), teacher_states[mask].float(), reduction="none")
+                student_states = normalized(student_states.float(), self.normalization)
+                teacher_states = normalized(teacher_states[mask].float(), self.normalization)
+                squared = F.mse_loss(student_states, teacher_states, reduction="none")
                 value = token_mean(squared.mean(-1).sum(), student, pair.stack, mask.sum())
             total = total + weight * value
         return total

@@ -241,6 +241,8 @@ def test_head_counts_that_differ_are_averaged_and_said():
         ({"cka": {"weight": 0}}, "every loss term has weight 0"),
         ({"relation": {"relation_heads": 5}}, "relation_heads 5 does not divide the student's attention projection"),
         ({"embedding_mse": {"layer_map": {"encoder": "last"}}}, "always pairs the embeddings"),
+        ({"hidden_mse": {"normalize": "batch"}}, "normalize 'batch' is unknown; choose one of auto, none, rms"),
+        ({"makd": {"normalize": "batch"}}, "normalize 'batch' is unknown"),
         ({"attention_kl": {"layer_map": {"encoder": "0:0", "decoder": "0:0"}}}, "has no attention"),
     ],
 )
@@ -301,8 +303,8 @@ def test_compiled_forwards_give_the_eager_losses_and_gradients():
 
 def test_hidden_mse_can_compare_layer_normed_states():
     pair = ModelPair(TEACHER, TEACHER, LayerMapConfig())
-    raw, _ = build_losses({"hidden_mse": {}}, pair)
-    normed, _ = build_losses({"hidden_mse": {"normalize": True}}, pair)
+    raw, _ = build_losses({"hidden_mse": {"normalize": False}}, pair)
+    normed, _ = build_losses({"hidden_mse": {"normalize": True}}, pair)  # the option's boolean form: layer norm
     source = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)
     target = torch.tensor([[1, 1], [1, 0]], dtype=torch.bool)
     teacher = seq2seq_features(32, 4, 0, source, target)
@@ -323,3 +325,146 @@ def test_hidden_mse_can_compare_layer_normed_states():
     assert raw["hidden_mse"](student, teacher).item() > 1e4 * expected
     scaled = {k: v * 300 + 40 if k.endswith(".hidden") else v for k, v in teacher.items()}
     assert normed["hidden_mse"](scaled, teacher).item() == pytest.approx(0, abs=1e-4)
+
+
+def random_features(loss, masks: dict[str, torch.Tensor], widths: dict[str, int], seed: int, scale: float = 1.0):
+    """Random captured features for every key `loss` reads, with `{stack}.mask`; a few channels 100x the rest, as
+    in a pre-LN residual stream. `widths`: {"student": d_S, "teacher": d_T}."""
+    generator = torch.Generator().manual_seed(seed)
+    student, teacher = dict(masks), dict(masks)
+    for role, features, keys in (("student", student, loss.student_keys), ("teacher", teacher, loss.teacher_keys)):
+        for key in sorted(keys):
+            mask = masks[f"{key.split('.')[0]}.mask"]
+            values = torch.randn(*mask.shape, widths[role], generator=generator)
+            values[..., :2] *= 100
+            features[key] = scale * values
+    return student, teacher
+
+
+def rms_normed(x: torch.Tensor) -> torch.Tensor:
+    """Each token's vector over its root mean square (an RMSNorm without weight)."""
+    return x / torch.sqrt((x**2).mean(-1, keepdim=True) + 1e-6)
+
+
+def channel_standardized(x: torch.Tensor) -> torch.Tensor:
+    """Each channel centred and divided by its std over the rows (the micro-batch's real tokens)."""
+    centred = x - x.mean(0, keepdim=True)
+    return centred / torch.sqrt((centred**2).mean(0, keepdim=True) + 1e-6)
+
+
+SEQ2SEQ_MASKS = {
+    "encoder.mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]], dtype=torch.bool),
+    "decoder.mask": torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool),
+}
+
+
+@pytest.mark.parametrize("normalize, formula", [("rms", rms_normed), ("channel", channel_standardized)])
+def test_hidden_mse_normalizations_match_their_formulas(normalize, formula):
+    """MSE between normalised states, padded positions left out of the channel statistics and of the mean."""
+    losses, _ = build_losses({"hidden_mse": {"normalize": normalize}}, ModelPair(TEACHER, TEACHER, LayerMapConfig()))
+    loss = losses["hidden_mse"]
+    student, teacher = random_features(loss, SEQ2SEQ_MASKS, {"student": 32, "teacher": 32}, 0)
+    expected = 0.0
+    for p in loss.pairs:
+        mask = SEQ2SEQ_MASKS[f"{p.stack}.mask"]
+        s = student[f"{p.stack}.{p.student}.hidden"][mask]
+        t = teacher[f"{p.stack}.{p.teacher}.hidden"][mask]
+        expected += float(((formula(s) - formula(t)) ** 2).mean())
+    assert loss(student, teacher).item() == pytest.approx(expected, rel=1e-5)
+    for features in (student, teacher):  # what sits in padded positions must not matter
+        for key in [k for k in features if k.endswith(".hidden")]:
+            features[key][~SEQ2SEQ_MASKS[f"{key.split('.')[0]}.mask"]] = 1e6
+    assert loss(student, teacher).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_linear_normalizes_the_projected_student_and_the_teacher():
+    losses, _ = build({"linear": {"normalize": "rms"}})
+    loss = losses["linear"]
+    student, teacher = random_features(loss, SEQ2SEQ_MASKS, {"student": 16, "teacher": 32}, 0)
+    expected = 0.0
+    for p in loss.pairs:
+        mask = SEQ2SEQ_MASKS[f"{p.stack}.mask"]
+        projected = loss.aligners[0](student[f"{p.stack}.{p.student}.hidden"][mask]).detach()
+        expected += float(
+            ((rms_normed(projected) - rms_normed(teacher[f"{p.stack}.{p.teacher}.hidden"][mask])) ** 2).mean()
+        )
+    assert loss(student, teacher).item() == pytest.approx(expected, rel=1e-5)
+
+
+def small_config(model_type: str) -> transformers.PretrainedConfig:
+    sizes = {"vocab_size": 64}
+    return {
+        "t5": lambda: t5_config(16, 2, 2),
+        "llama": lambda: transformers.LlamaConfig(
+            hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, **sizes
+        ),
+        "gpt2": lambda: transformers.GPT2Config(n_embd=16, n_layer=2, n_head=2, **sizes),
+        "mbart": lambda: transformers.MBartConfig(
+            d_model=16,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=32,
+            decoder_ffn_dim=32,
+            **sizes,
+        ),  # fmt: skip
+        "bart": lambda: transformers.BartConfig(
+            d_model=16,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=32,
+            decoder_ffn_dim=32,
+            **sizes,
+        ),  # fmt: skip
+        "bert": lambda: transformers.BertConfig(
+            hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, **sizes
+        ),
+    }[model_type]()
+
+
+@pytest.mark.parametrize(
+    "model_type, pre_layer_norm",
+    [("t5", True), ("llama", True), ("gpt2", True), ("mbart", True), ("bart", False), ("bert", False)],
+)
+@pytest.mark.parametrize("term", ["hidden_mse", "linear", "makd"])
+def test_mse_terms_normalize_pre_ln_residual_streams_by_default(model_type, pre_layer_norm, term):
+    """Default `normalize: auto`: RMS-normalised states on pre-LN families (raw block outputs in the hundreds or
+    thousands would swamp CE and KD), raw ones on post-LN families (BERT, BART), whose blocks end in a layer norm."""
+    config = small_config(model_type)
+    pair = ModelPair(config, config, LayerMapConfig())
+    spec = {"aspect_weights": {"attention": 0}} if term == "makd" else {}
+    default = build_losses({term: spec}, pair)[0][term]
+    rms, raw = (build_losses({term: {**spec, "normalize": n}}, pair)[0][term] for n in ("rms", "none"))
+    for other in (rms, raw):  # the same projection or aligner weights as the default's
+        other.load_state_dict(default.state_dict())
+    stacks = models.adapter_for(config).layout
+    masks = {f"{stack}.mask": torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool) for stack in stacks}
+    student, teacher = random_features(default, masks, {"student": 16, "teacher": 16}, 0, scale=30.0)
+    value = default(student, teacher).item()
+    assert value == pytest.approx((rms if pre_layer_norm else raw)(student, teacher).item(), rel=1e-6)
+    assert (value < 100) == pre_layer_norm  # normalised: about 2 per compared state; raw: 1e6 and more
+    assert any("rms-normalised" in note for note in default.notes) == pre_layer_norm
+
+
+def test_makd_normalizes_its_mse_aspects():
+    """hidden, attention_output and ffn_output each compare RMS-normalised states under `normalize: rms`."""
+    losses, _ = build_losses(
+        {"makd": {"normalize": "rms", "aspect_weights": {"attention": 0}}},
+        ModelPair(TEACHER, TEACHER, LayerMapConfig()),
+    )
+    loss = losses["makd"]
+    student, teacher = random_features(loss, SEQ2SEQ_MASKS, {"student": 32, "teacher": 32}, 0)
+    expected = 0.0
+    for p in loss.pairs:
+        mask = SEQ2SEQ_MASKS[f"{p.stack}.mask"]
+        for site in loss.pair_sites(p):
+            s = student[f"{p.stack}.{p.student}.{site}"][mask]
+            t = teacher[f"{p.stack}.{p.teacher}.{site}"][mask]
+            expected += float(((rms_normed(s) - rms_normed(t)) ** 2).mean())
+    assert {site for p in loss.pairs for site in loss.pair_sites(p)} == {"hidden", "attention_output", "ffn_output"}
+    assert loss(student, teacher).item() == pytest.approx(expected, rel=1e-5)
+    scaled = {k: 250.0 * v if not k.endswith(".mask") else v for k, v in student.items()}
+    assert loss(scaled, student).item() == pytest.approx(0, abs=1e-6)  # scale alone no longer counts
