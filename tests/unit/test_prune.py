@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from ds_distill import models
+from ds_distill.config import PruneConfig
 from ds_distill.surgery import prune
 from ds_distill.surgery.cut import cut_state
-from ds_distill.config import PruneConfig
 from tests.unit.test_slicing import FAMILIES, logits
 
 TARGETS = {  # narrower heads where the family allows them (BART, GPT-2, BERT), whole heads elsewhere
