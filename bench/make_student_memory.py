@@ -1,13 +1,16 @@
 """Peak memory and time of `ds-distill make_student` on a Flan-T5-XL-shaped teacher (2.85B parameters).
 
-    python bench/make_student_memory.py [--output_dir=runs/bench_make_student] [--size=145m]
+    python bench/make_student_memory.py [--output_dir=runs/bench_make_student] [--size=145m] \
+        [--width=first|importance] [--calibration_batches=2]
 
 Writes a random-weight teacher with Flan-T5-XL's config (24+24 blocks, d_model 2048, d_ff 5120, 32 heads,
 gated GELU; a small sentencepiece tokenizer beside it) to disk in bfloat16, sharded safetensors as the hub ships it, one tensor at a time (so writing it
 needs no whole copy in memory either), then runs `ds-distill make_student` in a fresh process on it for a
-recipe's student (--width=first: no calibration forward) and reads the child's peak resident memory
+recipe's student and reads the child's peak resident memory
 (ru_maxrss; and, sampled, how much of it is the process's own rather than pages of the memory-mapped teacher
 files) and wall time. For scale: the teacher's weights alone are 5.7 GB in bfloat16, 11.4 GB in float32.
+--width=first reads no activations; --width=importance loads the teacher once in float32 and ranks on
+calibration batches (8 sentences each, a seeded sample of the shared WMT sample, 64 + 64 tokens).
 """
 
 from __future__ import annotations
@@ -98,14 +101,31 @@ def watch_memory(pid: int) -> dict[str, float]:
         time.sleep(0.02)
 
 
-def main(output_dir: str = "runs/bench_make_student", size: str = "145m") -> None:
+def calibration_data(path: Path) -> Path:
+    """A YAML with only the data section make_student --data reads: the shared WMT sample as translation."""
+    import yaml
+
+    data = {
+        "task": "translation", "dataset": "json", "source_lang": "en", "target_lang": "de",
+        "data_files": {"train": str(SHARED_DATA / "train.jsonl")}, "validation_split": None,
+        "prefix": "translate English to German: ", "max_source_length": 64, "max_target_length": 64,
+    }  # fmt: skip
+    path.write_text(yaml.safe_dump({"data": data, "train": {"per_device_train_batch_size": 8}}))
+    return path
+
+
+def main(
+    output_dir: str = "runs/bench_make_student", size: str = "145m", width: str = "first", calibration_batches: int = 2
+) -> None:
     out = Path(output_dir)
     teacher = out / "flan_t5_xl_shaped"
     if not (teacher / "model.safetensors.index.json").is_file():
         started = time.perf_counter()
         gigabytes = write_teacher(teacher)
         print(f"wrote a {gigabytes:.2f} GB bf16 teacher in {time.perf_counter() - started:.0f} s", flush=True)
-    dims = [f"--{key}={value}" for key, value in STUDENTS[size].items()]
+    dims = [f"--{key}={value}" for key, value in STUDENTS[size].items()] + [f"--width={width}"]
+    if width == "importance":
+        dims += [f"--data={calibration_data(out / 'calibration.yaml')}", f"--calibration_batches={calibration_batches}"]
     command = [sys.executable, "-m", "ds_distill", "make_student", f"--teacher={teacher}",
                f"--output_dir={out / f'student_{size}'}", "--overwrite", *dims]  # fmt: skip
     started = time.perf_counter()
@@ -120,7 +140,7 @@ def main(output_dir: str = "runs/bench_make_student", size: str = "145m") -> Non
     student_gb = sum(f.stat().st_size for f in (out / f"student_{size}").glob("*.safetensors")) / 1e9
     print(stdout[-2000:])
     print(
-        f"make_student {size}: {seconds:.1f} s, peak resident memory {peak_gb:.2f} GB (ru_maxrss), of which at "
+        f"make_student {size} --width={width}: {seconds:.1f} s, peak resident memory {peak_gb:.2f} GB (ru_maxrss), of which at "
         f"most {peaks['RssAnon']:.2f} GB the process's own and {peaks['RssFile']:.2f} GB pages of the mapped "
         f"teacher files (page cache, reclaimable); teacher on disk {teacher_gb:.2f} GB (bf16), student written "
         f"{student_gb:.2f} GB"

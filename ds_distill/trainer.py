@@ -393,17 +393,22 @@ class Trainer:
             self.engine.backward(total * world, scale_wrt_gas=False)
             last = index == len(batches) - 1  # the step's gradient is complete; scored only where masks tighten
             if self.pruner is not None and last and self.pruner.scoring(self.step + 1):
-                self.pruner.observe(self._weights_and_gradients())
+                self.pruner.observe(self._local_sensitivities(), reduce=self._sum_over_ranks)
             self.engine.step()
             for name, value in {"loss": total.detach(), **terms}.items():
                 self.window.sums[name] += value  # stays on the device until a logging step
 
-    def _weights_and_gradients(self):
-        """(name, full fp32 weight, full gradient) of every student weight; collective under ZeRO."""
-        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
-
+    def _local_sensitivities(self):
+        """(name, |w * grad| over this rank's part of the weight) for every student weight."""
         for name, parameter in self.engine.module.student.named_parameters():
-            yield name, safe_get_full_fp32_param(parameter), safe_get_full_grad(parameter)
+            yield name, prune.local_sensitivity(parameter)
+
+    def _sum_over_ranks(self, scores: dict) -> dict:
+        """Per-unit score vectors summed over ranks, in one all-reduce of their concatenation."""
+        keys = list(scores)
+        flat = dist.all_reduce_tensor(torch.cat([scores[key].flatten() for key in keys]).to(self.device)).cpu()
+        sizes = [scores[key].numel() for key in keys]
+        return {key: part.view_as(scores[key]) for key, part in zip(keys, flat.split(sizes))}
 
     # -- the loop -----------------------------------------------------------------------------------------
     def train(self) -> Path:

@@ -8,8 +8,8 @@ the student starts as the teacher and is pruned step by step to the target width
 What is pruned is masked in the activations, so DeepSpeed's weights, gradients and optimizer states stay as they
 are. The units are those of `spaces.py`: hidden channels (the outputs of embeddings, attention and FFN output
 projections, and norms, which then take their statistics over the kept channels only), key/value groups of
-heads per block (per stack for T5; their queries and keys are masked too, so a pruned head neither attends nor
-passes gradients to the residual stream, and attention losses leave it out), channels within heads where the
+heads per block (per stack for T5; their queries, keys and values are masked too, so a pruned head neither
+attends nor passes gradients to the residual stream, and attention losses leave it out), channels within heads where the
 target heads are narrower (query/key and value/output channels apart, one set per block), and FFN neurons
 (the input of the down projection). A unit's score is its sensitivity, the sum of |w * dL/dw| over every weight
 that reads or writes it, counting only the weights' kept rows and columns, smoothed by an exponential moving
@@ -131,7 +131,9 @@ class Pruner:
                         )
                     )
                     self.handles.append(heads.register_forward_hook(self._times_hidden))
-                    for role in "qk":  # a pruned head attends nowhere and passes no gradient back
+                    # a pruned head's queries, keys and values are masked too: it attends nowhere, and no term
+                    # (attention probabilities, q/k/v relations) passes a gradient back through it
+                    for role in "qkv":
                         module, site = self.adapter.site(self.model, stack, layer, f"{attention}_{role}")
                         self.handles.append(
                             module.register_forward_hook(
@@ -165,21 +167,20 @@ class Pruner:
             step % self.prune.every_steps == 0 or step == self.prune.steps
         )
 
-    def observe(self, parameters) -> None:
-        """Adds this step's sensitivity |w * dL/dw| to each unit's moving average. `parameters`: (name, full
-        fp32 weight, full gradient) for every student weight, the same on every rank. Only kept rows and
-        columns count: a hidden channel earns nothing for feeding a head already pruned."""
+    def observe(self, sensitivities, reduce=None) -> None:
+        """Adds this step's sensitivity |w * dL/dw| to each unit's moving average. `sensitivities`: (name,
+        |w * dL/dw|) for every student weight, whole, or each rank its own part with zeros elsewhere and
+        `reduce` summing the per-unit vectors over ranks (so no weight or gradient is gathered whole). Only kept
+        rows and columns count: a hidden channel earns nothing for feeding a head already pruned."""
         beta = self.prune.score_beta
         current = {key: torch.zeros_like(score) for key, score in self.scores.items()}
-        for name, weight, grad in parameters:
-            if grad is None:
-                continue
+        for name, sensitivity in sensitivities:
             block = block_name(self.adapter, name)
             spaces = self.adapter.widths.spaces(block[2] if block else name)
             if spaces is None or all(space is None for space in spaces):
                 continue
             where = (block[0], block[1]) if block else None
-            sensitivity = (weight.float() * grad.float()).abs().double().cpu()
+            sensitivity = sensitivity.double().cpu()
             keeps = [None if space is None else self._keep_along(space, where).cpu() for space in spaces]
             for axis, space in enumerate(spaces):
                 if space is None:
@@ -192,6 +193,8 @@ class Pruner:
                         along = along * keep.view(shape)
                 along = along.sum([i for i in range(along.dim()) if i != axis]) if along.dim() > 1 else along
                 self._add(current, space, along, where)
+        if reduce is not None:
+            current = reduce(current)
         for key, score in self.scores.items():
             score.mul_(beta).add_(current[key], alpha=1 - beta)
 
@@ -255,6 +258,23 @@ class Pruner:
 
     def plan(self) -> SlicePlan:
         return plan_from_masks(self.model.config, self.masks)
+
+
+def local_sensitivity(parameter: torch.nn.Parameter) -> torch.Tensor:
+    """|w * dL/dw| of a ZeRO-1/2 student weight over the part of it this rank's optimizer holds (its fp32 master
+    weights and reduced gradient), zero elsewhere: the ranks' parts add up to the whole weight, so scoring needs
+    no gathering. Call between the step's last backward and `engine.step()`."""
+    sensitivity = torch.zeros(parameter.numel(), dtype=torch.float32, device=parameter.device)
+    mapping = getattr(parameter, "_hp_mapping", None)
+    if mapping is None:
+        return sensitivity.view_as(parameter)  # no part of this weight in this rank's partition
+    address = mapping.lp_fragment_address
+    grad = mapping.get_lp_grad_fragment(parameter._index_in_param_group).float().flatten()
+    if grad.numel() == parameter.numel():  # a full accumulation buffer on every rank: this rank's part of it
+        grad = grad.narrow(0, address.start, address.numel)
+    weight = mapping.get_hp_fragment().float().flatten()
+    sensitivity.narrow(0, address.start, address.numel).copy_((weight * grad).abs())
+    return sensitivity.view_as(parameter)
 
 
 def plan_from_masks(full: PretrainedConfig, masks: dict) -> SlicePlan:
