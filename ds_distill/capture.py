@@ -49,6 +49,16 @@ def _read(value, site: Site, key: str) -> torch.Tensor:
     return value
 
 
+def hook_site(module: torch.nn.Module, site: Site, key: str, receive) -> torch.utils.hooks.RemovableHandle:
+    """Calls `receive(tensor)` with the feature `site` reads from `module` on every forward."""
+    if site.read == "input":
+        return module.register_forward_pre_hook(
+            lambda m, args, kwargs: receive(_read(args[0] if args else kwargs["hidden_states"], site, key)),
+            with_kwargs=True,
+        )
+    return module.register_forward_hook(lambda m, args, output: receive(_read(output, site, key)))
+
+
 def _switch_off_dropout(module: torch.nn.Module, attribute: str) -> None:
     """Dropout on attention probabilities would hand the losses zeroed, rescaled distributions."""
     dropout = getattr(module, attribute)
@@ -81,19 +91,11 @@ class FeatureCapture:
             self.handles.append(self._hook(module, site, key))
 
     def _hook(self, module: torch.nn.Module, site: Site, key: str):
-        if site.read == "input":
-
-            def store_input(module, args, kwargs):
-                if self.active:
-                    self.features[key] = _read(args[0] if args else kwargs["hidden_states"], site, key)
-
-            return module.register_forward_pre_hook(store_input, with_kwargs=True)
-
-        def store_output(module, args, output):
+        def store(feature: torch.Tensor) -> None:
             if self.active:
-                self.features[key] = _read(output, site, key)
+                self.features[key] = feature
 
-        return module.register_forward_hook(store_output)
+        return hook_site(module, site, key, store)
 
     @contextlib.contextmanager
     def recording(self):

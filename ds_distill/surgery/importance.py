@@ -25,7 +25,7 @@ from functools import partial
 import torch
 
 from ds_distill import models
-from ds_distill.capture import FeatureCapture, feature_key
+from ds_distill.capture import feature_key, hook_site
 from ds_distill.student import model_inputs, stack_masks
 from ds_distill.surgery.cut import block_name
 from ds_distill.surgery.shapes import shape_of
@@ -70,31 +70,38 @@ def _per_sequence_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
 @torch.no_grad()
 def activation_scores(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> dict:
     """Scores keyed as `spaces.py` keys units, from the model's forward on `batches` (eval mode, no gradients).
-    Works on a ZeRO-3 partitioned model too (hooks see whole activations); every rank must then run the same
-    number of batches."""
+    Each block's activations are reduced as they pass, so memory does not grow with depth. Works on a ZeRO-3
+    partitioned model too (hooks see whole activations); every rank must then run the same number of batches."""
     adapter = models.adapter_for(model.config)
     shape = shape_of(model.config)
-    narrow = adapter.narrow_heads
     sums: dict = defaultdict(float)
     masks: dict[str, torch.Tensor] = {}
-    handles = []
-    for _, stack, module in hidden_norms(model, adapter):
-        handles.append(
-            module.register_forward_hook(
-                lambda m, args, out, stack=stack: sums.__setitem__(
-                    HIDDEN, sums[HIDDEN] + _masked_mean(out.abs(), masks[stack])
-                )
-            )
-        )
-    keys = set()
+    pending: dict = {}  # per-sequence mean |q| and |k| of each attention, combined after the forward
+
+    def add(key, value: torch.Tensor) -> None:
+        sums[key] = sums[key] + value
+
+    def on(stack: str, layer: int, name: str, receive) -> None:
+        module, site = adapter.site(model, stack, layer, name)
+        handles.append(hook_site(module, site, feature_key(stack, layer, name), receive))
+
+    handles = [
+        module.register_forward_hook(lambda m, a, out, stack=stack: add(HIDDEN, _masked_mean(out.abs(), masks[stack])))
+        for _, stack, module in hidden_norms(model, adapter)
+    ]
     for stack, depth in shape.depths.items():
-        for layer in range(1, depth + 1):
+        for block in range(depth):
             for attention in shape.attentions(stack):
-                keys.add(feature_key(stack, layer, f"{attention}_heads"))
-                if narrow:
-                    keys |= {feature_key(stack, layer, f"{attention}_{role}") for role in "qk"}
-            keys.add(feature_key(stack, layer, "ffn_intermediate"))
-    capture = FeatureCapture(model, adapter, keys)
+                key = partial(head_key, attention=attention, stack=stack, block=block, layout=adapter.widths)
+                heads = partial(_add_heads, add, key, masks, stack, shape, adapter.narrow_heads)
+                on(stack, block + 1, f"{attention}_heads", heads)
+                if adapter.narrow_heads:  # a head's query/key channels: their share of the attention scores
+                    key_stack = "encoder" if attention == "cross" else stack
+                    for role, mask_stack in (("q", stack), ("k", key_stack)):
+                        keep = partial(_keep_sequence_means, pending, (key("qk"), role), masks, mask_stack)
+                        on(stack, block + 1, f"{attention}_{role}", keep)
+            ffn = ("ffn", stack, block)
+            on(stack, block + 1, "ffn_intermediate", lambda x, ffn=ffn: add(ffn, _masked_mean(x.abs(), masks[ffn[1]])))
     model.eval()
     device = next(model.parameters()).device
     try:
@@ -104,32 +111,25 @@ def activation_scores(model: torch.nn.Module, batches: Iterable[dict[str, torch.
             inputs = model_inputs(batch)
             if adapter.kind != "encoder":
                 inputs["use_cache"] = False
-            with capture.recording():
-                model(**inputs)
-            _add_block_scores(sums, capture.pop(), masks, shape, adapter)
+            model(**inputs)
+            for key in {key for key, _ in pending}:
+                add(key, (pending[(key, "q")] * pending[(key, "k")]).mean(0).view(shape.heads, shape.head_dim))
+            pending.clear()
     finally:
-        capture.remove()
         for handle in handles:
             handle.remove()
     return {key: value.cpu() for key, value in sums.items()}
 
 
-def _add_block_scores(sums: dict, features: dict, masks: dict, shape, adapter: models.ModelAdapter) -> None:
-    for stack, depth in shape.depths.items():
-        for block in range(depth):
-            layer = block + 1
-            for attention in shape.attentions(stack):
-                key = partial(head_key, attention=attention, stack=stack, block=block, layout=adapter.widths)
-                mask = masks[stack]
-                heads = features[feature_key(stack, layer, f"{attention}_heads")].unflatten(-1, (-1, shape.head_dim))
-                norms = _masked_mean(heads.float().norm(dim=-1), mask)  # [heads]
-                sums[key("heads")] = sums[key("heads")] + norms.view(-1, shape.groups).sum(-1)
-                if adapter.narrow_heads:
-                    sums[key("vo")] = sums[key("vo")] + _masked_mean(heads.abs(), mask)  # [heads, head_dim]
-                    key_mask = masks["encoder"] if attention == "cross" else mask
-                    queries = _per_sequence_mean(features[feature_key(stack, layer, f"{attention}_q")].abs(), mask)
-                    keys = _per_sequence_mean(features[feature_key(stack, layer, f"{attention}_k")].abs(), key_mask)
-                    share = (queries * keys).mean(0).view(shape.heads, shape.head_dim)
-                    sums[key("qk")] = sums[key("qk")] + share
-            ffn = features[feature_key(stack, layer, "ffn_intermediate")]
-            sums[("ffn", stack, block)] = sums[("ffn", stack, block)] + _masked_mean(ffn.abs(), masks[stack])
+def _keep_sequence_means(pending: dict, where, masks: dict, stack: str, values: torch.Tensor) -> None:
+    pending[where] = _per_sequence_mean(values.abs(), masks[stack])
+
+
+def _add_heads(add, key, masks: dict, stack: str, shape, narrow: bool, heads: torch.Tensor) -> None:
+    """A head by the norm of its output (a key/value group sums its heads); its value/output channels by
+    their magnitudes, where heads narrow."""
+    heads = heads.unflatten(-1, (-1, shape.head_dim))  # [batch, seq, heads, head_dim]
+    norms = _masked_mean(heads.float().norm(dim=-1), masks[stack])  # [heads]
+    add(key("heads"), norms.view(-1, shape.groups).sum(-1))
+    if narrow:
+        add(key("vo"), _masked_mean(heads.abs(), masks[stack]))  # [heads, head_dim]
