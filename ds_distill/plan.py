@@ -306,7 +306,7 @@ def candidate_placements(run: RunConfig) -> tuple[list[Placement], list[Placemen
     if run.student.deepspeed_config not in paths:
         paths.append(run.student.deepspeed_config)
     students = [Placement.read(p, "student", bf16) for p in paths]
-    if run.prune is not None:  # HomoDistil's masks need whole weights
+    if run.prune is not None:  # HomoDistil scores ZeRO-2 optimizer partitions
         students = [s for s in students if not s.kind.startswith("zero3")]
     return teachers, students
 

@@ -316,18 +316,16 @@ def check(
 
     if zero_stage(student_ds) == 3:
         raise ConfigError(
-            "prune (HomoDistil) reads every weight and gradient whole at each step and keeps masks in step with "
-            "them, which a ZeRO-3 student partitions; use ds_configs/student_zero2.json"
+            "prune (HomoDistil) scores each rank's part of the weights in its ZeRO-2 optimizer partition, which a "
+            "ZeRO-3 student lays out otherwise; use ds_configs/student_zero2.json"
         )
     if prune.steps < 1:
         raise ConfigError("prune.steps must be at least 1: the optimizer step at which the target widths are reached")
     full, widths = shape_of(teacher), shape_of(student)
-    if not starts_from_teacher or (widths.width, widths.ffn, widths.heads, widths.head_dim) != (
-        full.width,
-        full.ffn,
-        full.heads,
-        full.head_dim,
-    ):
+    same_width = (widths.width, widths.ffn, widths.heads, widths.head_dim) == (
+        full.width, full.ffn, full.heads, full.head_dim
+    )  # fmt: skip
+    if not (starts_from_teacher and same_width):
         raise ConfigError(
             "HomoDistil prunes a student that starts as the teacher: set student.init.from_teacher.strategy: sliced "
             "with no width settings (encoder_layers / decoder_layers may cut depth), and the target widths under prune:"
