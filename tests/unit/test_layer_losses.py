@@ -393,32 +393,18 @@ def test_linear_normalizes_the_projected_student_and_the_teacher():
 
 def small_config(model_type: str) -> transformers.PretrainedConfig:
     sizes = {"vocab_size": 64}
+    bart_like = dict(
+        d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=32, decoder_ffn_dim=32,
+    )  # fmt: skip
     return {
         "t5": lambda: t5_config(16, 2, 2),
         "llama": lambda: transformers.LlamaConfig(
             hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, **sizes
         ),
         "gpt2": lambda: transformers.GPT2Config(n_embd=16, n_layer=2, n_head=2, **sizes),
-        "mbart": lambda: transformers.MBartConfig(
-            d_model=16,
-            encoder_layers=2,
-            decoder_layers=2,
-            encoder_attention_heads=2,
-            decoder_attention_heads=2,
-            encoder_ffn_dim=32,
-            decoder_ffn_dim=32,
-            **sizes,
-        ),  # fmt: skip
-        "bart": lambda: transformers.BartConfig(
-            d_model=16,
-            encoder_layers=2,
-            decoder_layers=2,
-            encoder_attention_heads=2,
-            decoder_attention_heads=2,
-            encoder_ffn_dim=32,
-            decoder_ffn_dim=32,
-            **sizes,
-        ),  # fmt: skip
+        "mbart": lambda: transformers.MBartConfig(**bart_like, **sizes),
+        "bart": lambda: transformers.BartConfig(**bart_like, **sizes),
         "bert": lambda: transformers.BertConfig(
             hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, **sizes
         ),
