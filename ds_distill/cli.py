@@ -131,6 +131,7 @@ def prepare_data(config: str | None = None, recipe: str | None = None, **overrid
         )
     tokenizer = data.load_tokenizer(data.tokenizer_source(run))
     tokenized = data.tokenize(run.data, tokenizer, data.load_raw(run.data))
+    data.check_unknown_tokens(run.data, tokenizer, tokenized[run.data.train_split])
     path = data.save_prepared(run.data, tokenizer, tokenized)
     print(f"wrote {', '.join(f'{split}: {len(rows):,} rows' for split, rows in tokenized.items())} to {path}")
 

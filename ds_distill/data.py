@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 from hashlib import sha256
 from pathlib import Path
@@ -26,6 +27,11 @@ from ds_distill.config import DataConfig, RunConfig
 from ds_distill.errors import ConfigError
 
 FILE_BUILDERS = ("json", "csv", "parquet", "text")
+# Shares of the sampled training tokens that may be the unknown token: above the first a run warns, above the
+# second it stops (a mismatched or broken tokenizer; transformers 5 builds a 4-token T5Tokenizer from vocab_file=).
+UNKNOWN_TOKEN_WARN_SHARE = 0.02
+UNKNOWN_TOKEN_ERROR_SHARE = 0.20
+UNKNOWN_TOKEN_SAMPLE_ROWS = 256
 
 
 def tokenizer_source(run: RunConfig) -> str:
@@ -348,15 +354,52 @@ def save_prepared(data: DataConfig, tokenizer, tokenized: datasets.DatasetDict) 
     return path
 
 
+def unknown_token_share(rows: list[list[int]], unk_token_id: int) -> float:
+    """The share of the tokens in `rows` (token ids, one list per row) that are `unk_token_id`."""
+    tokens = sum(len(row) for row in rows)
+    return sum(row.count(unk_token_id) for row in rows) / tokens if tokens else 0.0
+
+
+def check_unknown_tokens(data: DataConfig, tokenizer, train: datasets.Dataset) -> None:
+    """Warns when more than UNKNOWN_TOKEN_WARN_SHARE of a seeded sample of the tokenized training rows is the
+    unknown token, on either side of a pair, and refuses more than UNKNOWN_TOKEN_ERROR_SHARE. Reads the ids
+    (prepared data has no text at hand). Skipped for tokenizers without a distinct unknown token: GPT-2's is
+    its EOS, the separator between packed documents, and byte-level vocabularies never need one."""
+    unk = tokenizer.unk_token_id
+    framing = {tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.sep_token_id}
+    if unk is None or unk in framing or len(train) == 0:
+        return
+    if data.task == "translation":
+        sides = {"input_ids": f"source ({data.source_lang})", "labels": f"target ({data.target_lang})"}
+    elif data.task == "seq2seq":
+        sides = {"input_ids": f"source ({data.source_field})", "labels": f"target ({data.target_field})"}
+    else:
+        sides = {"input_ids": f"text ({data.text_field})"}
+    rows = random.Random(0).sample(range(len(train)), min(len(train), UNKNOWN_TOKEN_SAMPLE_ROWS))
+    sample = train.select(sorted(rows))
+    for column, side in sides.items():
+        share = unknown_token_share(sample[column], unk)
+        where = f"{share:.1%} of the {side} tokens of a training sample are {tokenizer.unk_token}"
+        if share > UNKNOWN_TOKEN_ERROR_SHARE:
+            raise ConfigError(
+                f"{where} under tokenizer {tokenizer.name_or_path} ({len(tokenizer)} tokens): a mismatched or "
+                "broken tokenizer; set data.tokenizer to the one the models were trained with"
+            )
+        if share > UNKNOWN_TOKEN_WARN_SHARE:
+            dist.print_main(f"warning: {where} under tokenizer {tokenizer.name_or_path}; is it the right tokenizer?")
+
+
 def load_tokenized(data: DataConfig, tokenizer) -> datasets.DatasetDict:
     """The tokenized splits: from `data.tokenized_path` when prepared there with these settings, else loaded
     and tokenized once per node (local rank 0 first, the other ranks then read its `datasets` cache), and
-    saved to `data.tokenized_path` if one is set."""
+    saved to `data.tokenized_path` if one is set. Either way checked for unknown tokens."""
     ready = prepared(data, tokenizer)
     if ready is not None:
+        check_unknown_tokens(data, tokenizer, ready[data.train_split])
         return ready
     with dist.local_main_first():
         tokenized = tokenize(data, tokenizer, load_raw(data))
+    check_unknown_tokens(data, tokenizer, tokenized[data.train_split])
     if data.tokenized_path:
         if dist.is_main():
             save_prepared(data, tokenizer, tokenized)
