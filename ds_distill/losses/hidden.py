@@ -37,8 +37,13 @@ def cka_loss(
     dtype=torch.float32,
     eps: float = 1e-8,
     mask: torch.Tensor | None = None,
+    normalize: str = "none",
 ) -> torch.Tensor:
     """1 - sqrt(linear CKA) of token rows (or 1 - CKA with `squared`); `[tokens, d_S]`, `[tokens, d_T]` -> scalar.
+
+    `normalize` (rms | layer: per row, before centring; channel: per column, after it) changes what linear CKA
+    weighs: raw rows weigh tokens and channels by their variance, so in a pre-LN residual stream a few massive
+    activations decide it.
 
     `mask` ([tokens] bool) leaves rows out: they are zeroed after centring on the kept rows' mean, which equals
     selecting the rows but keeps the shapes static (no device-to-host sync per layer pair).
@@ -46,8 +51,11 @@ def cka_loss(
     Each side is scaled to unit Frobenius norm first; CKA does not change under isotropic scaling, and the
     Gram norms then stay far from float32's range even for activations in the thousands (T5).
     """
-    student = _centred(student.to(dtype), mask)
-    teacher = _centred(teacher.to(dtype), mask)
+    per_row = normalize if normalize in ("rms", "layer") else "none"
+    student = _centred(normalized(student.to(dtype), per_row), mask)
+    teacher = _centred(normalized(teacher.to(dtype), per_row), mask)
+    if normalize == "channel":  # each channel to unit variance over the kept rows: no outlier channel dominates
+        student, teacher = _unit_columns(student), _unit_columns(teacher)
     student = student / student.norm().clamp_min(torch.finfo(dtype).tiny)
     teacher = teacher / teacher.norm().clamp_min(torch.finfo(dtype).tiny)
     cross = torch.linalg.matrix_norm(student.T @ teacher)
@@ -68,15 +76,25 @@ def _centred(rows: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return (rows - mean).where(keep, 0)
 
 
+def _unit_columns(centred: torch.Tensor) -> torch.Tensor:
+    """Centred rows with every column scaled to unit norm (a constant column stays zero)."""
+    return centred / centred.norm(dim=0, keepdim=True).clamp_min(torch.finfo(centred.dtype).tiny)
+
+
 @dataclass
 class CKAOptions(LayerwiseOptions):
     squared: bool = False
     """1 - CKA instead of 1 - sqrt(CKA)."""
     dtype: str = "float32"
     """float32 | float64: precision of the d x d products."""
+    normalize: str = "none"
+    """none | rms | layer | channel: what is compared (see `cka_loss`); auto reads as rms on pre-LN pairs."""
+    skip_first: bool = False
+    """Leave each sequence's first position out (in pre-LN models it carries massive activations)."""
 
     def __post_init__(self):
         super().__post_init__()
+        self.normalize = check_normalization(self.normalize)
         if self.dtype not in DTYPES:
             raise ConfigError(f"cka dtype '{self.dtype}' is unknown; choose float32 or float64")
 
@@ -86,15 +104,23 @@ class CKALoss(LayerwiseLoss):
 
     Options = CKAOptions
 
+    def __init__(self, options, model_pair: ModelPair, where: str):
+        super().__init__(options, model_pair, where)
+        self.normalization = resolve_normalization(options.normalize, model_pair, self.notes)
+
     def pair_loss(self, pair, student, teacher):
-        mask = student[f"{pair.stack}.mask"].flatten()
+        mask = student[f"{pair.stack}.mask"]
+        compared = mask.clone()
+        if self.options.skip_first:
+            compared[:, 0] = False
         student_hidden, teacher_hidden = features(pair, "hidden", student, teacher)
         value = cka_loss(
             student_hidden.flatten(0, -2),
             teacher_hidden.flatten(0, -2),
             self.options.squared,
             DTYPES[self.options.dtype],
-            mask=mask,
+            mask=compared.flatten(),
+            normalize=self.normalization,
         )
         # CKA is a statistic of the micro-batch's token rows: it counts by the micro-batch's share of the step
         return micro_batch_share(value, student, pair.stack, mask.sum())

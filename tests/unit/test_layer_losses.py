@@ -114,6 +114,45 @@ def test_cka_loss_ignores_padded_rows_and_sums_over_pairs():
     assert cka(student, teacher).item() == pytest.approx(value.item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("normalize", ["rms", "layer", "channel"])
+def test_cka_normalisations_and_first_position_equal_the_reference_on_transformed_rows(normalize):
+    """`normalize` is the reference CKA of rows divided by their RMS (rms), standardised per row (layer) or per
+    column over the kept rows (channel); `skip_first` is the reference on the rows without position 0."""
+    source = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    target = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.bool)
+    student = seq2seq_features(16, 2, 0, source, target)
+    teacher = seq2seq_features(32, 4, 1, source, target)
+    for features in (student, teacher):  # a massive first position, as in pre-LN models
+        for key, tensor in features.items():
+            if key.endswith(".hidden"):
+                tensor[:, 0] *= 300
+
+    def transform(rows: torch.Tensor) -> torch.Tensor:
+        rows = rows.double()
+        if normalize == "rms":
+            return rows / (rows.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()
+        if normalize == "layer":
+            centred = rows - rows.mean(-1, keepdim=True)
+            return centred / (centred.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()
+        return (rows - rows.mean(0)) / rows.std(0, unbiased=False)
+
+    for skip_first in (False, True):
+        losses, _ = build({"cka": {"normalize": normalize, "skip_first": skip_first}})
+        cka = losses["cka"]
+        expected = 0.0
+        for p in cka.pairs:
+            kept = student[f"{p.stack}.mask"].clone()
+            if skip_first:
+                kept[:, 0] = False
+            expected += reference_cka_loss(
+                transform(student[f"{p.stack}.{p.student}.hidden"][kept]),
+                transform(teacher[f"{p.stack}.{p.teacher}.hidden"][kept]),
+            )
+        assert cka(student, teacher).item() == pytest.approx(expected, rel=1e-5)
+    raw = build({"cka": {}})[0]["cka"](student, teacher).item()
+    assert abs(raw - expected) > 1e-3  # the options change the value on these rows
+
+
 def reference_log_relation(x: torch.Tensor, b: int, i: int, keys: list[int], head: int, heads: int) -> torch.Tensor:
     width = x.shape[-1] // heads
     x = x[b, :, head * width : (head + 1) * width].double()
