@@ -183,7 +183,9 @@ def make_student(
         layers: alternate (every k-th block, ending with the last) | uniform (first to last, evenly) | first | last.
         encoder_layers_from: the teacher's encoder blocks (0-based) to copy, e.g. 0,2,4, instead of --layers.
         decoder_layers_from: the teacher's decoder blocks to copy.
-        width: first | importance.
+        width: first | importance. A run's from_teacher.width defaults to importance (it has the data; cut
+            students ranked so scored better in bench/RESULTS.md); here first is the default, as importance
+            needs --data.
         data: a YAML whose data: section (and train.per_device_train_batch_size, default 8) gives the
             calibration batches (--width=importance); a whole run config does too. Only the sampled rows are
             tokenized.

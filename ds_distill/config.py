@@ -65,9 +65,10 @@ class FromTeacherConfig:
     """sliced: the teacher's encoder blocks (0-based) the student's copy, instead of `layers`."""
     decoder_layers_from: list[int] | None = None
     """sliced: the teacher's decoder blocks the student's copy, instead of `layers`."""
-    width: str = "first"
-    """sliced: which channels, heads and FFN neurons: first (leading) | importance (activations on the
-    run's first training batches)."""
+    width: str = "importance"
+    """sliced: which channels, heads and FFN neurons: importance (their activations on calibration batches of
+    the run's training split; measured better than first: bench/RESULTS.md, "Quality benchmark") | first
+    (the leading ones)."""
     calibration_batches: int = 8
     """sliced, width importance: training batches the teacher's activations are read on."""
     source: str | None = None

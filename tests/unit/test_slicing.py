@@ -65,7 +65,7 @@ def cut(teacher_path, tmp_path, dims: FromTeacherConfig, calibration=None):
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_a_student_of_the_teachers_own_size_is_the_teacher(teachers, tmp_path, family):
-    student, _ = cut(teachers[family], tmp_path, FromTeacherConfig(strategy="sliced"))
+    student, _ = cut(teachers[family], tmp_path, FromTeacherConfig(strategy="sliced", width="first"))
     teacher = models.adapter_for(FAMILIES[family]).from_pretrained(str(teachers[family]))
     ids = torch.randint(3, 96, (2, 7))
     assert torch.equal(logits(student, ids), logits(teacher, ids))
@@ -76,7 +76,9 @@ def test_fewer_blocks_equal_a_model_built_by_hand_from_the_chosen_blocks(teacher
     config = FAMILIES[family]
     adapter = models.adapter_for(config)
     depth = {stack: 2 for stack in adapter.depths(config)}
-    dims = FromTeacherConfig(**{f"{stack}_layers": n for stack, n in depth.items()}, layers="first", strategy="sliced")
+    dims = FromTeacherConfig(
+        **{f"{stack}_layers": n for stack, n in depth.items()}, layers="first", strategy="sliced", width="first"
+    )
     dims.encoder_layers_from = [0, 2] if "encoder" in depth else None
     dims.decoder_layers_from = [1, 2]
     student, _ = cut(teachers[family], tmp_path, dims)

@@ -342,7 +342,9 @@ def test_a_shape_the_cut_cannot_make_is_refused_before_any_tensor_is_read(tmp_pa
     config = EVERY_FAMILY["llama_gqa"]
     config.save_pretrained(tmp_path / "teacher")  # a config and no weights: reading any tensor would fail
     with pytest.raises(ConfigError, match="whole key/value groups"):
-        students.make_student(str(tmp_path / "teacher"), tmp_path / "out", FromTeacherConfig(num_heads=3))
+        students.make_student(
+            str(tmp_path / "teacher"), tmp_path / "out", FromTeacherConfig(num_heads=3, width="first")
+        )
 
 
 def test_a_t5_saved_from_a_v1_1_style_config_with_only_the_shared_embedding_can_be_cut(tiny, tmp_path):
@@ -351,7 +353,7 @@ def test_a_t5_saved_from_a_v1_1_style_config_with_only_the_shared_embedding_can_
     config = transformers.T5Config(**SMALL, **T5_LIKE, tie_word_embeddings=False)
     transformers.T5ForConditionalGeneration(config).save_pretrained(tmp_path / "teacher")  # stores shared.weight only
     AutoTokenizer.from_pretrained(tiny["t5"]).save_pretrained(tmp_path / "teacher")
-    dims = FromTeacherConfig(d_model=16, num_heads=2, encoder_layers=1, decoder_layers=1)
+    dims = FromTeacherConfig(d_model=16, num_heads=2, encoder_layers=1, decoder_layers=1, width="first")
     students.make_student(str(tmp_path / "teacher"), tmp_path / "student", dims)
     teacher = models.adapter_for(config).from_pretrained(str(tmp_path / "teacher"))
     student = models.adapter_for(config).from_pretrained(str(tmp_path / "student"))

@@ -1,0 +1,472 @@
+"""Quality benchmark: do the seed methods beat plain KD? Tables of mean +- sd over seeds, settings printed above.
+
+    python bench/quality.py seed000   [--seeds=3] [--steps=300] [--workers=2] [--output_dir=runs/bench/quality]
+    python bench/quality.py seed001   [--seeds=3] [--steps=300] [--size=20x] [--assistant=4x]
+    python bench/quality.py cka_depth [--seeds=3] [--steps=300] [--size=20x] [--init=random]
+    python bench/quality.py smollm2_cka [--seeds=3] [--steps=60] [--layers=12] [--variants=kd,cka,cka_mean,...]
+    python bench/quality.py cut_width [--seeds=3] [--steps=300] [--sizes=20x] [--inits=random,cut,cut_first]
+
+The teacher is the demo's task (ds_distill/demo.py): English into a made-up verb-final language, a sentencepiece
+tokenizer of 256 pieces and a T5 teacher of 7.41M parameters (d_model 256, 4+4 blocks, tied embeddings) trained
+here for 300 steps, which a CPU learns to BLEU 30 and more. It is trained once per output directory and reused.
+
+- `seed000`: the CKA paper's table in miniature. Students at about 20x, 12x, 7x and 4x fewer parameters
+  (counted), from random weights or cut from the teacher (`from_teacher`: layers alternate, width by
+  importance), each trained with CE + KD (`method: kd`), CE + KD + CKA (`cka`) and CE + KD + linear (`linear`).
+- `seed001`: at about 20x, direct distillation vs teacher -> assistant -> student (MiniEnD's chain) for the same
+  total student steps, and MiniEnD-D (decoder self- and cross-attention relations) vs KD.
+- `cut_width`: the student's start, with CE + KD: random weights, or cut from the teacher keeping its first
+  channels, heads and FFN neurons (`width: first`) or the most active ones (`width: importance`).
+- `cka_depth`: what makes the CKA term help: the sum over layer pairs vs the mean, its weight, raw vs
+  normalised states, the first position left out, float64 products; one student size, against KD alone.
+
+Every cell is `--seeds` runs; a seed sets the student's initial weights and the data order (`train.seed`), so the
+sd is the seed-to-seed spread. Runs go to `--workers` processes of one thread each (tiny models use a core better
+one run each than two threads on one run). A run that finished keeps its result.json: rerunning the command
+reruns only what is missing, and a run two tables share runs once (OUTPUT_DIR/runs/NAME_HASH). A table goes
+to OUTPUT_DIR/TABLE/results.md and to stdout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import fire
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ds_distill import demo, models  # noqa: E402
+from ds_distill.config import RunConfig, expand_method, from_dict, to_dict  # noqa: E402
+
+TEACHER_STEPS, TEACHER_LR = 300, 7e-4
+STUDENT_LR, CUT_LR = 1e-3, 1e-3
+TRAIN_PAIRS, VALID_PAIRS = 8000, 400
+# (encoder = decoder layers, d_model, d_ff, heads of 64): 20.5x, 12.0x, 7.8x and 4.0x fewer parameters than the
+# teacher's 7.41M (the table prints the counted ratio)
+SIZES = {
+    "20x": (3, 64, 256, 1),
+    "12x": (2, 96, 384, 2),
+    "7x": (2, 128, 512, 2),
+    "4x": (4, 128, 512, 2),
+}
+INITS = ("random", "cut")  # seed000's columns; cut_width adds cut_first
+INIT_STRATEGIES = {
+    "random": {"strategy": "random"},
+    "cut": {"strategy": "sliced", "width": "importance"},  # layers: alternate (the default)
+    "cut_first": {"strategy": "sliced", "width": "first"},
+}
+OBJECTIVES = {"kd": "CE + KD", "cka": "CE + KD + CKA", "linear": "CE + KD + linear"}
+# cka_depth: name -> (the method, its own loss options); each varies one thing from the preset (`cka`)
+CKA_VARIANTS = {
+    "kd": ("kd", {}),
+    "cka (sum over pairs, weight 1)": ("cka", {}),
+    "cka, mean over pairs (= the sum at weight 1 / pairs)": ("cka", {"cka": {"reduction": "mean"}}),
+    "cka, rms-normalised states": ("cka", {"cka": {"normalize": "rms"}}),
+    "cka, first position left out": ("cka", {"cka": {"skip_first": True}}),
+    "cka, float64": ("cka", {"cka": {"dtype": "float64"}}),
+}
+
+
+# -- the teacher -------------------------------------------------------------------------------------------
+
+
+def prepare_teacher(out: Path) -> tuple[dict[str, str], Path]:
+    """The corpus, tokenizer and trained teacher in `out` (built on first use): (data files, teacher export)."""
+    from ds_distill import dist
+    from ds_distill.data import train_sentencepiece_tokenizer
+    from ds_distill.trainer import distill
+
+    files = {split: str(out / "data" / f"{split}.jsonl") for split in ("train", "validation")}
+    teacher = out / "teacher" / "model"
+    if (out / "teacher" / "result.json").is_file():
+        return files, teacher
+    dist.init()
+    demo.write_corpus(out / "data", train_size=TRAIN_PAIRS, valid_size=VALID_PAIRS)
+    tokenizer = train_sentencepiece_tokenizer(files["train"], ("en", "zz"), out / "tokenizer", vocab_size=256)
+    teacher_init, _ = demo.save_initial_models(tokenizer, out, seed=0)
+    print(f"training the teacher for {TEACHER_STEPS} steps", flush=True)
+    started = time.perf_counter()
+    config = demo.run_config(
+        out / "teacher", files, teacher_init, None, {"ce": {"weight": 1.0}}, TEACHER_STEPS, TEACHER_LR
+    )
+    distill(config, overwrite=True)
+    write_result(out / "teacher", teacher, time.perf_counter() - started)
+    return files, teacher
+
+
+def write_result(run_dir: Path, model: Path, seconds: float) -> dict:
+    evals = [json.loads(line) for line in open(run_dir / "log.jsonl") if "eval/loss" in line]
+    result = {
+        "loss": evals[-1]["eval/loss"],
+        "bleu": evals[-1]["eval/bleu"],
+        "parameters": models.count_parameters(models.load_config(str(model), "model")),
+        "seconds": seconds,
+    }
+    (run_dir / "result.json").write_text(json.dumps(result) + "\n")
+    return result
+
+
+# -- runs ------------------------------------------------------------------------------------------------
+
+
+def student_run(files, teacher: Path, out: Path, size: str, init: str, method: str, losses: dict, steps: int,
+                seed: int) -> tuple[str, dict]:  # fmt: skip
+    """One student run: (name, config tree), the demo's settings with this size, initialisation, method and seed.
+    The name ends in a hash of the settings, so a run shared by two tables (KD at 20x) runs once."""
+    layers, d_model, d_ff, heads = SIZES[size]
+    shape = {"encoder_layers": layers, "decoder_layers": layers, "d_model": d_model, "d_ff": d_ff, "num_heads": heads}
+    strategy = INIT_STRATEGIES[init]
+    lr = STUDENT_LR if init == "random" else CUT_LR
+    tree = to_dict(demo.run_config(Path("-"), files, {"from_teacher": {}}, teacher, {}, steps, lr))
+    tree["student"]["init"] = {"from_teacher": {**shape, **strategy}}
+    tree["train"].update(seed=seed, logging_steps=steps, per_device_eval_batch_size=VALID_PAIRS)
+    tree.update(method=method, losses=losses)
+    key = hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:8]
+    name = f"{size}_{init}_{method}_s{seed}_{key}"
+    tree["train"]["output_dir"] = str(out / "runs" / name)
+    return name, tree
+
+
+def run_jobs(jobs: dict[str, dict], queue: Path, workers: int) -> dict[str, dict]:
+    """Runs every job (name -> config tree) without a result.json in `workers` one-thread processes; returns
+    name -> result. A worker's output goes to queue/worker-N.log."""
+    from tqdm import tqdm
+
+    queue.mkdir(parents=True, exist_ok=True)
+    pending = []
+    for name, tree in jobs.items():
+        run_dir = Path(tree["train"]["output_dir"])
+        if not (run_dir / "result.json").is_file():
+            (queue / f"{name}.claim").unlink(missing_ok=True)  # a claim left by an interrupted worker
+            (queue / f"{name}.json").write_text(json.dumps(tree))
+            pending.append(name)
+    (queue / "pending.txt").write_text("\n".join(pending) + "\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR"):
+        env.pop(key, None)  # each worker is a one-rank job of its own, on a free port
+    processes = [
+        subprocess.Popen(
+            [sys.executable, __file__, "worker", f"--queue={queue}"],
+            env=env,
+            stdout=open(queue / f"worker-{index}.log", "a"),
+            stderr=subprocess.STDOUT,
+        )
+        for index in range(min(workers, len(pending)))
+    ]
+    done = lambda: sum((Path(jobs[n]["train"]["output_dir"]) / "result.json").is_file() for n in pending)  # noqa: E731
+    with tqdm(total=len(pending), desc="runs", unit="run") as bar:
+        while any(p.poll() is None for p in processes):
+            time.sleep(5)
+            if done() != bar.n:
+                bar.update(done() - bar.n)
+        bar.update(done() - bar.n)
+    failed = [n for n in jobs if not (Path(jobs[n]["train"]["output_dir"]) / "result.json").is_file()]
+    if failed:
+        raise SystemExit(f"{len(failed)} runs failed ({', '.join(failed[:3])}, ...): see {queue}/worker-*.log")
+    return {n: json.loads((Path(t["train"]["output_dir"]) / "result.json").read_text()) for n, t in jobs.items()}
+
+
+def worker(queue: str) -> None:
+    """Claims the jobs of queue/pending.txt one at a time (an O_EXCL claim file), runs each to its result.json."""
+    import torch
+
+    from ds_distill.trainer import distill
+
+    torch.set_num_threads(1)
+    for name in (Path(queue) / "pending.txt").read_text().split():
+        try:
+            os.close(os.open(Path(queue) / f"{name}.claim", os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            continue
+        tree = json.loads((Path(queue) / f"{name}.json").read_text())
+        started = time.perf_counter()
+        print(f"== {name}", flush=True)
+        model = distill(from_dict(RunConfig, expand_method(tree)), overwrite=True)
+        write_result(Path(tree["train"]["output_dir"]), model, time.perf_counter() - started)
+
+
+# -- tables ----------------------------------------------------------------------------------------------
+
+
+def mean_sd(values: list[float], digits: int) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else float("nan")
+    return f"{statistics.mean(values):.{digits}f} +- {sd:.{digits}f}"
+
+
+def paired_gain(runs: list[dict], baseline: list[dict]) -> str:
+    """BLEU of `runs` minus `baseline`'s, seed by seed (the same initial weights and data order), mean +- sd."""
+    return mean_sd([r["bleu"] - b["bleu"] for r, b in zip(runs, baseline, strict=True)], 1)
+
+
+def settings(steps: int, seeds: int, teacher: dict) -> str:
+    return (
+        f"teacher: T5 {demo.TEACHER_SHAPE}, {teacher['parameters'] / 1e6:.2f}M, {TEACHER_STEPS} steps at lr "
+        f"{TEACHER_LR}: validation loss {teacher['loss']:.3f}, BLEU {teacher['bleu']:.1f} ({VALID_PAIRS} held-out "
+        f"pairs, greedy, sacrebleu). Students: {steps} steps, micro-batch 32, lr {STUDENT_LR} (random) / {CUT_LR} "
+        f"(cut), warm-up 5%, linear decay; teacher ZeRO-3 inference, student ZeRO-2, one process of one thread "
+        f"each; seeds 0..{seeds - 1} (initial weights and data order). Cells: mean +- sd over the seeds."
+    )
+
+
+def cost(results: dict[str, dict], started: float) -> str:
+    busy = sum(r["seconds"] for r in results.values())
+    return (
+        f"{len(results)} runs, {busy / 60:.0f} min of one-thread run time in all (each run's own, also where an "
+        f"earlier invocation ran it); this invocation {time.perf_counter() - started:.0f} s wall clock"
+    )
+
+
+def write_table(out: Path, title: str, lines: list[str]) -> None:
+    text = "\n".join([f"### {title}", "", *lines]) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(text)
+    print("\n" + text)
+
+
+def seed000(seeds: int = 3, steps: int = 300, sizes=tuple(SIZES), objectives=tuple(OBJECTIVES), workers: int = 2,
+            output_dir: str = "runs/bench/quality") -> None:  # fmt: skip
+    """KD vs KD + CKA vs KD + linear at 20x/12x/7x/4x, random and cut students (`--sizes=20x,4x`
+    `--objectives=kd,cka` for part of the table)."""
+    out = Path(output_dir)
+    started = time.perf_counter()
+    files, teacher = prepare_teacher(out)
+    sizes = [sizes] if isinstance(sizes, str) else list(sizes)
+    objectives = {o: OBJECTIVES[o] for o in ([objectives] if isinstance(objectives, str) else objectives)}
+    cells = {}  # (size, init, objective) -> [run name per seed]
+    jobs = {}
+    for size, init, method in itertools.product(sizes, INITS, objectives):
+        for seed in range(seeds):
+            name, jobs[name] = student_run(files, teacher, out, size, init, method, {}, steps, seed)
+            cells.setdefault((size, init, method), []).append(name)
+    results = run_jobs(jobs, out / "queue", workers)
+    teacher_result = json.loads((out / "teacher" / "result.json").read_text())
+    lines = [settings(steps, seeds, teacher_result), ""]
+    gains = [m for m in objectives if m != "kd" and "kd" in objectives]
+    header = [f"{o} BLEU" for o in objectives.values()] + [f"{m} - kd (paired)" for m in gains]
+    lines += ["| size | parameters | ratio | init | " + " | ".join(header) + " |"]
+    lines += ["|---|---:|---:|---|" + "---:|" * len(header)]
+    for size, init in itertools.product(sizes, INITS):
+        runs = {m: [results[name] for name in cells[size, init, m]] for m in objectives}
+        params = runs[next(iter(objectives))][0]["parameters"]
+        row = [mean_sd([r["bleu"] for r in runs[m]], 1) for m in objectives]
+        row += [paired_gain(runs[m], runs["kd"]) for m in gains]
+        lines.append(
+            f"| {size} | {params / 1e6:.2f}M | {teacher_result['parameters'] / params:.1f}x | {init} | "
+            + " | ".join(row)
+            + " |"
+        )
+    lines += ["", "Validation loss (same runs):", ""]
+    lines += ["| size | init | " + " | ".join(objectives.values()) + " |", "|---|---|" + "---:|" * len(objectives)]
+    for size, init in itertools.product(sizes, INITS):
+        losses = [[results[name]["loss"] for name in cells[size, init, m]] for m in objectives]
+        lines.append(f"| {size} | {init} | " + " | ".join(mean_sd(row, 3) for row in losses) + " |")
+    lines += ["", cost(results, started)]
+    write_table(out / "seed000", "seed 000 in miniature: CE + KD vs + CKA vs + linear", lines)
+
+
+def cka_depth(seeds: int = 3, steps: int = 300, size: str = "20x", init: str = "random", workers: int = 2,
+              output_dir: str = "runs/bench/quality") -> None:  # fmt: skip
+    """KD alone vs variants of the CKA term at one size: what makes CKA help."""
+    out = Path(output_dir)
+    started = time.perf_counter()
+    files, teacher = prepare_teacher(out)
+    table = out / f"cka_depth_{size}_{init}"
+    cells = {}  # variant -> [run name per seed]
+    jobs = {}
+    for (variant, (method, losses)), seed in itertools.product(CKA_VARIANTS.items(), range(seeds)):
+        name, jobs[name] = student_run(files, teacher, out, size, init, method, losses, steps, seed)
+        cells.setdefault(variant, []).append(name)
+    results = run_jobs(jobs, out / "queue", workers)
+    teacher_result = json.loads((out / "teacher" / "result.json").read_text())
+    params = results[cells["kd"][0]]["parameters"]
+    layers = SIZES[size][0]
+    lines = [
+        settings(steps, seeds, teacher_result),
+        f"Student: {size} ({params / 1e6:.2f}M, {layers}+{layers} blocks, {init} init); the cka preset maps "
+        f"embeddings and every block uniformly, {2 * (layers + 1)} pairs.",
+        "",
+        "| objective | BLEU | BLEU - kd's (paired by seed) | validation loss |",
+        "|---|---:|---:|---:|",
+    ]
+    kd = [results[name] for name in cells["kd"]]
+    for variant, names in cells.items():
+        runs = [results[name] for name in names]
+        bleu, loss = mean_sd([r["bleu"] for r in runs], 1), mean_sd([r["loss"] for r in runs], 3)
+        lines.append(f"| {variant} | {bleu} | {paired_gain(runs, kd)} | {loss} |")
+    lines += ["", cost(results, started)]
+    write_table(table, f"CKA variants at {size}, {init} init", lines)
+
+
+def seed001(seeds: int = 3, steps: int = 300, size: str = "20x", assistant: str = "4x", workers: int = 2,
+            output_dir: str = "runs/bench/quality") -> None:  # fmt: skip
+    """Direct distillation vs teacher -> assistant -> student for the same total student steps, and MiniEnD-D
+    vs KD, at `size`. Every student is cut from its own teacher (importance) and trained with CE + KD."""
+    out = Path(output_dir)
+    started = time.perf_counter()
+    files, teacher = prepare_teacher(out)
+    first, second = steps // 2, steps - steps // 2
+    rows = {"direct, CE + KD": [], "direct, MiniEnD-D (CE + KD + relations)": [], "chain, CE + KD": []}
+    jobs, assistants = {}, {}
+    for seed in range(seeds):
+        for row, method in (("direct, CE + KD", "kd"), ("direct, MiniEnD-D (CE + KD + relations)", "miniend_d")):
+            name, jobs[name] = student_run(files, teacher, out, size, "cut", method, {}, steps, seed)
+            rows[row].append(name)
+        name, jobs[name] = student_run(files, teacher, out, assistant, "cut", "kd", {}, first, seed)
+        assistants[seed] = name
+    results = run_jobs(jobs, out / "queue", workers)
+    stage2 = {}
+    for seed, name in assistants.items():
+        export = Path(jobs[name]["train"]["output_dir"]) / "model"
+        student, stage2[student] = student_run(files, export, out, size, "cut", "kd", {}, second, seed)
+        rows["chain, CE + KD"].append(student)
+    results.update(run_jobs(stage2, out / "queue", workers))
+    teacher_result = json.loads((out / "teacher" / "result.json").read_text())
+    params = results[rows["chain, CE + KD"][0]]["parameters"]
+    assistant_params = results[assistants[0]]["parameters"]
+    lines = [
+        settings(steps, seeds, teacher_result),
+        f"Student {size}: {params / 1e6:.2f}M ({teacher_result['parameters'] / params:.1f}x). Chain: an assistant "
+        f"{assistant} ({assistant_params / 1e6:.2f}M) cut from the teacher and distilled for {first} steps, then the "
+        f"student cut from the assistant and distilled by it for {second} steps; the direct rows train {steps} "
+        "steps. Assistant alone: BLEU " + mean_sd([results[n]["bleu"] for n in assistants.values()], 1) + ".",
+        "",
+        "| row | BLEU | validation loss |",
+        "|---|---:|---:|",
+    ]
+    for row, names in rows.items():
+        runs = [results[n] for n in names]
+        lines.append(f"| {row} | {mean_sd([r['bleu'] for r in runs], 1)} | {mean_sd([r['loss'] for r in runs], 3)} |")
+    lines += ["", cost(results, started)]
+    write_table(out / "seed001", f"seed 001 in miniature: direct vs chain, MiniEnD-D vs KD, at {size}", lines)
+
+
+def cut_width(seeds: int = 3, steps: int = 300, sizes=("20x",), inits=tuple(INIT_STRATEGIES), workers: int = 2,
+              output_dir: str = "runs/bench/quality") -> None:  # fmt: skip
+    """CE + KD from random weights vs cut from the teacher with its first channels/heads/neurons vs the most
+    active ones (`from_teacher.width: first | importance`)."""
+    out = Path(output_dir)
+    started = time.perf_counter()
+    files, teacher = prepare_teacher(out)
+    sizes = [sizes] if isinstance(sizes, str) else list(sizes)
+    inits = [inits] if isinstance(inits, str) else list(inits)
+    cells, jobs = {}, {}
+    for size, init, seed in itertools.product(sizes, inits, range(seeds)):
+        name, jobs[name] = student_run(files, teacher, out, size, init, "kd", {}, steps, seed)
+        cells.setdefault((size, init), []).append(name)
+    results = run_jobs(jobs, out / "queue", workers)
+    teacher_result = json.loads((out / "teacher" / "result.json").read_text())
+    lines = [settings(steps, seeds, teacher_result), ""]
+    header = [f"{init} BLEU" for init in inits] + [f"{init} validation loss" for init in inits]
+    lines += ["| size | ratio | " + " | ".join(header) + " |", "|---|---:|" + "---:|" * len(header)]
+    for size in sizes:
+        runs = {init: [results[n] for n in cells[size, init]] for init in inits}
+        ratio = teacher_result["parameters"] / runs[inits[0]][0]["parameters"]
+        row = [mean_sd([r["bleu"] for r in runs[init]], 1) for init in inits]
+        row += [mean_sd([r["loss"] for r in runs[init]], 3) for init in inits]
+        lines.append(f"| {size} | {ratio:.1f}x | " + " | ".join(row) + " |")
+    lines += ["", cost(results, started)]
+    title = "Student initialisation, CE + KD: " + " vs ".join(inits) + " (cut: width importance; cut_first: first)"
+    write_table(out / "cut_width", title, lines)
+
+
+# -- a real pre-LN decoder ----------------------------------------------------------------------------------
+
+SMOLLM2_VARIANTS = {  # name -> (row label, loss terms added to CE + KD)
+    "kd": ("CE + KD", {}),
+    "cka": ("+ CKA (sum over pairs, weight 1)", {"cka": {}}),
+    "cka_mean": ("+ CKA, mean over pairs", {"cka": {"reduction": "mean"}}),
+    "cka_rms": ("+ CKA, rms-normalised states", {"cka": {"normalize": "rms"}}),
+    "cka_skip_first": ("+ CKA, first position left out", {"cka": {"skip_first": True}}),
+    "cka_mean_rms": ("+ CKA, mean over pairs, rms-normalised", {"cka": {"reduction": "mean", "normalize": "rms"}}),
+}
+
+
+def smollm2_cka(seeds: int = 3, steps: int = 60, batch: int = 4, block_size: int = 64, layers: int = 12,
+                variants=("kd", "cka", "cka_mean", "cka_rms", "cka_mean_rms"),
+                output_dir: str = "runs/bench/quality") -> None:  # fmt: skip
+    """CKA variants against KD alone on SmolLM2-135M (pre-LN, 30 blocks): a random student of `layers` blocks x
+    384 (6 query / 2 key-value heads, FFN 1024), the uniform map with embeddings (`layers` + 1 pairs).
+
+    The teacher's features for every batch are computed once and shared by all rows (bench/hidden_normalization.py's
+    harness: the training code's loss modules, feature capture and student forward, AdamW at 1e-3, no DeepSpeed);
+    a seed sets the student's initial weights and the batch order. Reports held-out perplexity, mean +- sd."""
+    import math
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from bench.hidden_normalization import HELD_OUT, as_batch, blocks, teacher_outputs, train_row
+    from bench.smollm2_students import teacher_dir
+    from ds_distill.config import FromTeacherConfig, LayerMapConfig
+    from ds_distill.ds_config import PROJECT_ROOT
+    from ds_distill.losses import ModelPair, build_losses
+    from ds_distill.student import DistillationModule
+    from tests.tiny_models import SHARED_DATA
+
+    torch.set_num_threads(2)
+    started = time.perf_counter()
+    variants = [variants] if isinstance(variants, str) else list(variants)
+    directory = teacher_dir(PROJECT_ROOT / ".bench_assets")
+    teacher_config = models.load_config(str(directory), "teacher")
+    adapter = models.adapter_for(teacher_config)
+    teacher = adapter.from_pretrained(str(directory), "teacher").eval()
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    lines = [json.loads(line)["translation"]["en"] for line in open(SHARED_DATA / "train.jsonl")]
+    train = blocks(tokenizer, lines[:-HELD_OUT], block_size)[: steps * batch]
+    held_out = blocks(tokenizer, lines[-HELD_OUT:], block_size)[:32]
+    shape = FromTeacherConfig(decoder_layers=layers, d_model=384, d_ff=1024, num_heads=6)
+    student_config = adapter.shrink(teacher_config, shape)
+    pair = ModelPair(student_config, teacher_config, LayerMapConfig("uniform", "uniform", True))
+
+    def module(variant: str, seed: int) -> DistillationModule:
+        torch.manual_seed(seed)
+        student = models.adapter_for(student_config).from_config(student_config)
+        losses, weights = build_losses({"ce": {}, "kd": {}, **SMOLLM2_VARIANTS[variant][1]}, pair)
+        return DistillationModule(student, losses, weights)
+
+    keys = set().union(*(loss.teacher_keys for v in variants for loss in module(v, 0).losses.values()))
+    batches = [as_batch(train[i * batch : (i + 1) * batch]) for i in range(steps)]
+    cached = teacher_outputs(teacher, adapter, keys, batches)
+    del teacher
+    print(f"teacher features of {steps} batches cached ({time.perf_counter() - started:.0f} s)", flush=True)
+    perplexity = {v: [] for v in variants}
+    for seed, variant in itertools.product(range(seeds), variants):
+        order = torch.randperm(steps, generator=torch.Generator().manual_seed(seed)).tolist()
+        _, held_out_ce = train_row(module(variant, seed), [batches[i] for i in order], [cached[i] for i in order],
+                                   held_out)  # fmt: skip
+        perplexity[variant].append(math.exp(held_out_ce))
+        print(f"seed {seed} {variant}: held-out perplexity {perplexity[variant][-1]:.1f}", flush=True)
+    lines = [
+        f"SmolLM2-135M-Instruct teacher; student {layers} blocks x 384 from random weights "
+        f"({models.count_parameters(student_config) / 1e6:.1f}M), {layers + 1} layer pairs; {steps} steps x {batch} x "
+        f"{block_size} tokens, AdamW 1e-3, 10% warm-up; held-out: {len(held_out)} blocks of the last {HELD_OUT} lines; "
+        f"seeds 0..{seeds - 1} (initial weights and batch order); mean +- sd.",
+        "",
+        "| objective | held-out perplexity |",
+        "|---|---:|",
+        *[f"| {SMOLLM2_VARIANTS[v][0]} | {mean_sd(perplexity[v], 1)} |" for v in variants],
+        "",
+        f"{time.perf_counter() - started:.0f} s in all",
+    ]
+    write_table(Path(output_dir) / "smollm2_cka", "CKA variants on SmolLM2-135M (a pre-LN decoder)", lines)
+
+
+if __name__ == "__main__":
+    fire.Fire(
+        {
+            "seed000": seed000,
+            "seed001": seed001,
+            "cka_depth": cka_depth,
+            "cut_width": cut_width,
+            "smollm2_cka": smollm2_cka,
+            "worker": worker,
+        }
+    )
