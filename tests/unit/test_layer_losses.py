@@ -90,7 +90,7 @@ def seq2seq_features(width: int, layers: int, seed: int, source_mask: torch.Tens
 
 
 def test_cka_loss_ignores_padded_rows_and_sums_over_pairs():
-    losses, _ = build({"cka": {}})
+    losses, _ = build({"cka": {"normalize": "none"}})
     cka = losses["cka"]
     assert [str(p) for p in cka.pairs] == [
         "encoder 0->0", "encoder 1->2", "encoder 2->4", "decoder 0->0", "decoder 1->2", "decoder 2->4",
@@ -149,8 +149,18 @@ def test_cka_normalisations_and_first_position_equal_the_reference_on_transforme
                 transform(teacher[f"{p.stack}.{p.teacher}.hidden"][kept]),
             )
         assert cka(student, teacher).item() == pytest.approx(expected, rel=1e-5)
-    raw = build({"cka": {}})[0]["cka"](student, teacher).item()
+    raw = build({"cka": {"normalize": "none"}})[0]["cka"](student, teacher).item()
     assert abs(raw - expected) > 1e-3  # the options change the value on these rows
+
+
+def test_cka_compares_rms_normalised_states_by_default_where_a_model_is_pre_ln():
+    """T5 is pre-LN: `auto` is rms there and says so; a pair of post-LN BERTs compares raw states."""
+    cka = build({"cka": {}})[0]["cka"]
+    assert cka.normalization == "rms" and any("rms-normalised" in note for note in cka.notes)
+    bert = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                   intermediate_size=32)  # fmt: skip
+    post_ln = build_losses({"cka": {}}, ModelPair(bert, bert, LayerMapConfig()))[0]["cka"]
+    assert post_ln.normalization == "none" and not post_ln.notes
 
 
 def reference_log_relation(x: torch.Tensor, b: int, i: int, keys: list[int], head: int, heads: int) -> torch.Tensor:
