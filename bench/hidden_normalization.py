@@ -141,6 +141,17 @@ def train_row(module, batches, teacher_features, held_out) -> tuple[float | None
     return ratio, total_ce / count
 
 
+def smollm2_and_text():
+    """(SmolLM2 teacher in eval mode, its adapter, its tokenizer, the English lines of the shared WMT sample)."""
+    from transformers import AutoTokenizer
+
+    directory = teacher_dir(PROJECT_ROOT / ".bench_assets")
+    adapter = models.adapter_for(models.load_config(str(directory), "teacher"))
+    teacher = adapter.from_pretrained(str(directory), "teacher").eval()
+    lines = [json.loads(line)["translation"]["en"] for line in open(SHARED_DATA / "train.jsonl")]
+    return teacher, adapter, AutoTokenizer.from_pretrained(directory), lines
+
+
 def main(
     steps: int = 40,
     batch: int = 4,
@@ -148,16 +159,11 @@ def main(
     held_out_blocks: int = 32,
     normalizations: str = "none,rms,channel",
 ) -> None:
-    from transformers import AutoTokenizer
 
     torch.set_num_threads(2)
     started = time.perf_counter()
-    directory = teacher_dir(PROJECT_ROOT / ".bench_assets")
-    teacher_config = models.load_config(str(directory), "teacher")
-    adapter = models.adapter_for(teacher_config)
-    teacher = adapter.from_pretrained(str(directory), "teacher").eval()
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    lines = [json.loads(line)["translation"]["en"] for line in open(SHARED_DATA / "train.jsonl")]
+    teacher, adapter, tokenizer, lines = smollm2_and_text()
+    teacher_config = teacher.config
     train = blocks(tokenizer, lines[:-HELD_OUT][: steps * batch * 4], block_size)
     held_out = blocks(tokenizer, lines[-HELD_OUT:], block_size)[:held_out_blocks]
 

@@ -415,25 +415,17 @@ def smollm2_cka(seeds: int = 3, steps: int = 60, batch: int = 4, block_size: int
     import math
 
     import torch
-    from transformers import AutoTokenizer
 
-    from bench.hidden_normalization import HELD_OUT, as_batch, blocks, teacher_outputs, train_row
-    from bench.smollm2_students import teacher_dir
+    from bench.hidden_normalization import HELD_OUT, as_batch, blocks, smollm2_and_text, teacher_outputs, train_row
     from ds_distill.config import FromTeacherConfig, LayerMapConfig
-    from ds_distill.ds_config import PROJECT_ROOT
     from ds_distill.losses import ModelPair, build_losses
     from ds_distill.student import DistillationModule
-    from tests.tiny_models import SHARED_DATA
 
     torch.set_num_threads(2)
     started = time.perf_counter()
     variants = as_list(variants)
-    directory = teacher_dir(PROJECT_ROOT / ".bench_assets")
-    teacher_config = models.load_config(str(directory), "teacher")
-    adapter = models.adapter_for(teacher_config)
-    teacher = adapter.from_pretrained(str(directory), "teacher").eval()
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    lines = [json.loads(line)["translation"]["en"] for line in open(SHARED_DATA / "train.jsonl")]
+    teacher, adapter, tokenizer, lines = smollm2_and_text()
+    teacher_config = teacher.config
     train = blocks(tokenizer, lines[:-HELD_OUT], block_size)[: steps * batch]
     held_out = blocks(tokenizer, lines[-HELD_OUT:], block_size)[:32]
     shape = FromTeacherConfig(decoder_layers=layers, d_model=384, d_ff=1024, num_heads=6)
