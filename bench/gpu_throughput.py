@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from ds_distill import models  # noqa: E402
-from ds_distill.config import FromTeacherConfig, load_config  # noqa: E402
+from ds_distill.config.run import FromTeacherConfig, load_config  # noqa: E402
 
 RECIPE = "flan_t5_3b_145m"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU serves the --smoke check of this script
@@ -95,7 +95,7 @@ def peak_memory_gb() -> float:
 def make_assets(assets: Path, data: Path, examples: int = 1024) -> None:
     """A sentencepiece tokenizer and `train.jsonl` of translation pairs whose both sides tokenise to at least
     128 tokens (consecutive sentences joined), so truncation leaves every example exactly 128 + 128 tokens."""
-    from ds_distill.data import train_sentencepiece_tokenizer
+    from ds_distill.data.tokenized import train_sentencepiece_tokenizer
 
     if (assets / "train.jsonl").is_file():
         return
@@ -179,7 +179,7 @@ def matmul_tflops(size: int = 8192) -> float:
 
 def cka_pair_cost(tokens: int, student_width: int = 512, teacher_width: int = 2048) -> dict[str, dict[str, float]]:
     """Forward + backward of one CKA layer pair at the run's shapes (bf16 hidden states, as captured)."""
-    from ds_distill.losses.hidden import cka_loss
+    from ds_distill.objectives.hidden import cka_loss
 
     student = torch.randn(tokens, student_width, device=DEVICE).to(torch.bfloat16).requires_grad_(True)
     mixing = torch.randn(student_width, teacher_width, device=DEVICE)
@@ -251,7 +251,7 @@ def build_trainer(
     compile: bool,
     teacher,
 ):
-    from ds_distill.trainer import Trainer, prepare
+    from ds_distill.train.loop import Trainer, prepare
 
     run = toolkit_run_config(assets, work_dir, placement, method, batch, steps, smoke, compile)
     return Trainer(prepare(run, overwrite=True), teacher=teacher)

@@ -24,8 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from ds_distill import dist, ds_config  # noqa: E402
-from ds_distill.config import TrainConfig  # noqa: E402
+from ds_distill import dist  # noqa: E402
+from ds_distill.config import deepspeed as ds_config  # noqa: E402
+from ds_distill.config.run import TrainConfig  # noqa: E402
 
 SAMPLES, SEQUENCE_TOKENS, VOCABULARY = 8, 32, 256
 SPLITS = [(8, 1), (4, 2), (1, 8)]  # (micro-batch, accumulation steps)

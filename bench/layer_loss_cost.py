@@ -23,12 +23,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ds_distill import dist  # noqa: E402
-from ds_distill.config import (  # noqa: E402
+from ds_distill.config.deepspeed import PROJECT_ROOT  # noqa: E402
+from ds_distill.config.run import (  # noqa: E402
     RunConfig,
     expand_method,  # noqa: E402
     from_dict,
 )
-from ds_distill.ds_config import PROJECT_ROOT  # noqa: E402
 from tests import tiny_models  # noqa: E402
 
 METHODS = ("kd", "cka", "miniend_d", "makd")
@@ -90,7 +90,7 @@ def synthetic_batch(batch: int, length: int, seed: int) -> dict[str, torch.Tenso
 
 
 def main(rounds: int = 3, steps_per_round: int = 2, batch: int = 16, length: int = 128) -> None:
-    from ds_distill.trainer import LogWindow, Trainer, prepare
+    from ds_distill.train.loop import LogWindow, Trainer, prepare
 
     dist.init()
     work = Path(tempfile.mkdtemp(prefix="layer_loss_cost_"))

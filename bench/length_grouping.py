@@ -19,13 +19,13 @@ import fire
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ds_distill import dist  # noqa: E402
-from ds_distill.config import RunConfig, from_dict  # noqa: E402
+from ds_distill.config.run import RunConfig, from_dict  # noqa: E402
 from tests import tiny_models  # noqa: E402
 from tests.conftest import translation_config  # noqa: E402
 
 
 def main(steps: int = 40, rounds: int = 2, output_dir: str = "runs/bench_grouping") -> None:
-    from ds_distill.trainer import distill
+    from ds_distill.train.loop import distill
 
     dist.init()
     out = Path(output_dir)

@@ -46,7 +46,7 @@ import fire
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ds_distill import demo, models  # noqa: E402
-from ds_distill.config import RunConfig, expand_method, from_dict, to_dict  # noqa: E402
+from ds_distill.config.run import RunConfig, expand_method, from_dict, to_dict  # noqa: E402
 
 TEACHER_STEPS, TEACHER_LR = 300, 7e-4
 STUDENT_LR, CUT_LR = 1e-3, 1e-3
@@ -90,8 +90,8 @@ CKA_VARIANTS = {
 def prepare_teacher(out: Path) -> tuple[dict[str, str], Path]:
     """The corpus, tokenizer and trained teacher in `out` (built on first use): (data files, teacher export)."""
     from ds_distill import dist
-    from ds_distill.data import train_sentencepiece_tokenizer
-    from ds_distill.trainer import distill
+    from ds_distill.data.tokenized import train_sentencepiece_tokenizer
+    from ds_distill.train.loop import distill
 
     files = {split: str(out / "data" / f"{split}.jsonl") for split in ("train", "validation")}
     teacher = out / "teacher" / "model"
@@ -187,7 +187,7 @@ def worker(queue: str) -> None:
     """Claims the jobs of queue/pending.txt one at a time (an O_EXCL claim file), runs each to its result.json."""
     import torch
 
-    from ds_distill.trainer import distill
+    from ds_distill.train.loop import distill
 
     torch.set_num_threads(1)
     for name in (Path(queue) / "pending.txt").read_text().split():
@@ -417,9 +417,10 @@ def smollm2_cka(seeds: int = 3, steps: int = 60, batch: int = 4, block_size: int
     import torch
 
     from bench.hidden_normalization import HELD_OUT, as_batch, blocks, smollm2_and_text, teacher_outputs, train_row
-    from ds_distill.config import FromTeacherConfig, LayerMapConfig
-    from ds_distill.losses import ModelPair, build_losses
-    from ds_distill.student import DistillationModule
+    from ds_distill.config.run import FromTeacherConfig, LayerMapConfig
+    from ds_distill.objectives.layerwise import ModelPair
+    from ds_distill.objectives.registry import build_losses
+    from ds_distill.train.student import DistillationModule
 
     torch.set_num_threads(2)
     started = time.perf_counter()

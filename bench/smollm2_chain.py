@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.smollm2_students import english_text, held_out, run_config, teacher_dir  # noqa: E402
 from ds_distill import chain, dist, models  # noqa: E402
-from ds_distill.config import to_dict  # noqa: E402
-from ds_distill.ds_config import PROJECT_ROOT  # noqa: E402
+from ds_distill.config.deepspeed import PROJECT_ROOT  # noqa: E402
+from ds_distill.config.run import to_dict  # noqa: E402
 
 STUDENT = {"decoder_layers": 6, "d_model": 384, "d_ff": 1024, "num_heads": 6}
 ASSISTANT = {"decoder_layers": 15}
@@ -37,7 +37,7 @@ def sliced(dims: dict) -> dict:
 
 
 def main(steps: int = 120, batch: int = 4, output_dir: str = "runs/bench_smollm2_chain") -> None:
-    from ds_distill.trainer import distill
+    from ds_distill.train.loop import distill
 
     dist.init()
     out = Path(output_dir)

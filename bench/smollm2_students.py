@@ -36,9 +36,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ds_distill import dist, models  # noqa: E402
-from ds_distill.config import RunConfig, expand_method, from_dict  # noqa: E402
-from ds_distill.data import load_tokenized, load_tokenizer  # noqa: E402
-from ds_distill.ds_config import PROJECT_ROOT  # noqa: E402
+from ds_distill.config.deepspeed import PROJECT_ROOT  # noqa: E402
+from ds_distill.config.run import RunConfig, expand_method, from_dict  # noqa: E402
+from ds_distill.data.tokenized import load_tokenized, load_tokenizer  # noqa: E402
 from tests.real_models import smollm2_gguf  # noqa: E402
 from tests.tiny_models import SHARED_DATA  # noqa: E402
 
@@ -89,7 +89,7 @@ def random_student(teacher: Path, directory: Path) -> Path:
     """The student shape from random weights (seed 0), shared by the random-init rows."""
     from transformers import AutoTokenizer
 
-    from ds_distill.config import FromTeacherConfig
+    from ds_distill.config.run import FromTeacherConfig
 
     config = models.load_config(str(teacher), "teacher")
     adapter = models.adapter_for(config)
@@ -162,7 +162,7 @@ def held_out(model_dir: Path, config: RunConfig) -> tuple[float, float]:
 
 
 def main(steps: int = 120, batch: int = 4, output_dir: str = "runs/bench_smollm2", rows_only: str = "") -> None:
-    from ds_distill.trainer import distill
+    from ds_distill.train.loop import distill
 
     dist.init()
     out = Path(output_dir)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ds_distill import dist  # noqa: E402
-from ds_distill.config import RunConfig, from_dict  # noqa: E402
+from ds_distill.config.run import RunConfig, from_dict  # noqa: E402
 from tests import tiny_models  # noqa: E402
 
 
@@ -76,7 +76,7 @@ class HandLoop:
         import deepspeed
         from transformers import AutoModelForSeq2SeqLM
 
-        from ds_distill.batches import make_collator
+        from ds_distill.data.batches import make_collator
         from ds_distill.models import adapter_for
 
         run = prepared.run
@@ -115,7 +115,7 @@ class HandLoop:
 
 
 def main(rounds: int = 6, steps_per_round: int = 20) -> None:
-    from ds_distill.trainer import Trainer, prepare
+    from ds_distill.train.loop import Trainer, prepare
 
     dist.init()
     work = Path(tempfile.mkdtemp(prefix="step_overhead_"))

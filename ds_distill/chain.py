@@ -47,8 +47,8 @@ from typing import Any
 import torch
 import yaml
 
-from ds_distill import checkpoint, dist
-from ds_distill.config import (
+from ds_distill import dist
+from ds_distill.config.run import (
     RunConfig,
     expand_method,
     from_dict,
@@ -59,6 +59,7 @@ from ds_distill.config import (
     with_base,
 )
 from ds_distill.errors import ConfigError
+from ds_distill.train import checkpoint
 
 MANIFEST = "chain.json"
 CHAIN_KEYS = ("name", "teacher_from", "student_from")
@@ -106,7 +107,7 @@ def parse(tree: dict[str, Any]) -> tuple[Path, list[Stage]]:
 
 
 def load(config: str | None, recipe: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
-    from ds_distill.config import apply_override, recipe_path
+    from ds_distill.config.run import apply_override, recipe_path
 
     if bool(config) == bool(recipe):
         raise ConfigError("give --config=CHAIN.yaml or --recipe=NAME")
@@ -198,7 +199,7 @@ def write_manifest(output_dir: Path, manifest: dict) -> None:
 def run_chain(tree: dict[str, Any], overwrite: tuple[str, ...] = ()) -> dict:
     """Runs the chain's stages in order (see the module docstring); returns the manifest."""
     from ds_distill.evaluation import evaluate_model
-    from ds_distill.trainer import distill
+    from ds_distill.train.loop import distill
 
     output_dir, stages = parse(tree)
     unknown = sorted(set(overwrite) - {s.name for s in stages})
@@ -274,7 +275,7 @@ def _started_with_other_config(stage_dir: Path, run: RunConfig) -> bool:
 
 
 def _remove_stage(stage_dir: Path) -> None:
-    from ds_distill.run_dir import RUN_MARKER, check_replaceable
+    from ds_distill.train.run_dir import RUN_MARKER, check_replaceable
 
     check_replaceable(stage_dir, RUN_MARKER, "a ds_distill run", "stage output")
     if stage_dir.exists():

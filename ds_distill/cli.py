@@ -64,8 +64,8 @@ def distill(
         overwrite: delete an earlier run in train.output_dir first.
         **overrides: any config key as a dotted flag, e.g. --train.learning_rate=3e-4.
     """
-    from ds_distill.config import load_config
-    from ds_distill.trainer import distill as run_distill
+    from ds_distill.config.run import load_config
+    from ds_distill.train.loop import distill as run_distill
 
     run = load_config(config, recipe, overrides)
     run_distill(run, resume=_flag(resume, "resume"), overwrite=_flag(overwrite, "overwrite"))
@@ -121,8 +121,8 @@ def prepare_data(config: str | None = None, recipe: str | None = None, **overrid
         recipe: name of a shipped recipe instead.
         **overrides: dotted flags, e.g. --data.tokenized_path=DIR --data.max_train_samples=100000.
     """
-    from ds_distill import data
-    from ds_distill.config import load_config
+    from ds_distill.config.run import load_config
+    from ds_distill.data import tokenized as data
 
     run = load_config(config, recipe, overrides)
     if not run.data.tokenized_path:
@@ -194,9 +194,10 @@ def make_student(
             the closest for the dimensions not given.
         overwrite: replace output_dir even if it is not an earlier make_student output.
     """
-    from ds_distill import models, run_dir
-    from ds_distill.config import FromTeacherConfig, coerce
+    from ds_distill import models
+    from ds_distill.config.run import FromTeacherConfig, coerce
     from ds_distill.surgery import students
+    from ds_distill.train import run_dir
 
     target = Path(output_dir)
     run_dir.check_target(
@@ -239,8 +240,9 @@ def _calibration(config: str, teacher: str, count: int):
     the teacher's tokenizer (only the sampled rows)."""
     import datasets
 
-    from ds_distill import batches, data
-    from ds_distill.config import DataConfig, TrainConfig, from_dict, read_tree
+    from ds_distill.config.run import DataConfig, TrainConfig, from_dict, read_tree
+    from ds_distill.data import batches
+    from ds_distill.data import tokenized as data
     from ds_distill.surgery.students import calibration_rows
 
     tree = read_tree(Path(config))
@@ -279,7 +281,7 @@ def export(checkpoint_dir: str, output_dir: str, tag: str | None = None, overwri
         tag: a checkpoint such as step_200; default: the newest complete one.
         overwrite: replace output_dir even if it is not an earlier export.
     """
-    from ds_distill.export import export_checkpoint
+    from ds_distill.train.export import export_checkpoint
 
     path = export_checkpoint(checkpoint_dir, output_dir, tag, overwrite=_flag(overwrite, "overwrite"))
     print(f"exported {checkpoint_dir} to {path}")
@@ -328,7 +330,7 @@ def evaluate(
     """
     import dataclasses
 
-    from ds_distill.config import EVAL_METRICS, load_config
+    from ds_distill.config.run import EVAL_METRICS, load_config
     from ds_distill.evaluation import DEFAULT_METRIC, evaluate_model
 
     run = load_config(config, recipe, overrides)
@@ -353,8 +355,8 @@ def count_params(path_or_recipe: str):
     For a run config or recipe it prints the teacher, the student and the compression ratio; for a chain,
     each stage (its teacher being the student of the stage it comes from) and the chain's overall ratio.
     """
-    from ds_distill import config as config_module
     from ds_distill import models
+    from ds_distill.config import run as config_module
 
     is_yaml = path_or_recipe.endswith((".yaml", ".yml"))
     is_recipe = not is_yaml and (config_module.RECIPES_DIR / f"{path_or_recipe}.yaml").is_file()
@@ -379,8 +381,8 @@ def count_params(path_or_recipe: str):
 def _count_run(run, teacher_config, student_config=None):
     """Prints teacher, student (and pruned export) sizes; returns the exported student's config."""
     from ds_distill import models
-    from ds_distill.student import student_hf_config
     from ds_distill.surgery.prune import target_config
+    from ds_distill.train.student import student_hf_config
 
     student_config = student_config or student_hf_config(run.student, teacher_config)
     student = models.count_parameters(student_config)
@@ -405,8 +407,8 @@ def _chain_stages(tree):
     import dataclasses
 
     from ds_distill import chain, models
-    from ds_distill.student import student_hf_config
     from ds_distill.surgery.prune import target_config
+    from ds_distill.train.student import student_hf_config
 
     exported = {}
     for name, run, stage in chain.describe(tree):
@@ -472,8 +474,8 @@ def plan(
         cpu_memory_gb: host memory per node; default this machine's.
         **overrides: dotted run settings, e.g. --train.per_device_train_batch_size=64.
     """
-    from ds_distill import plan as planner
-    from ds_distill.config import load_config
+    from ds_distill.config.run import load_config
+    from ds_distill.planner import plan as planner
 
     hardware = planner.Hardware(
         gpus_per_node, nodes, gpu_memory_gb, planner.host_memory_gb() if cpu_memory_gb is None else cpu_memory_gb
@@ -495,7 +497,7 @@ def plan(
 
 def _is_chain(config: str | None, recipe: str | None) -> bool:
     from ds_distill import chain
-    from ds_distill.config import read_tree, recipe_path
+    from ds_distill.config.run import read_tree, recipe_path
 
     if bool(config) == bool(recipe):
         raise ConfigError("give --config=RUN.yaml or --recipe=NAME")
@@ -504,12 +506,12 @@ def _is_chain(config: str | None, recipe: str | None) -> bool:
 
 def list_components():
     """Lists shipped recipes, methods, loss terms, layer-map strategies, model families and DeepSpeed configs."""
-    from ds_distill.config import RECIPES_DIR
-    from ds_distill.ds_config import PROJECT_ROOT
-    from ds_distill.layer_map import describe_strategies
-    from ds_distill.losses import describe_losses
-    from ds_distill.methods import METHODS
+    from ds_distill.config.deepspeed import PROJECT_ROOT
+    from ds_distill.config.run import RECIPES_DIR
     from ds_distill.models import ADAPTERS
+    from ds_distill.objectives.layer_map import describe_strategies
+    from ds_distill.objectives.methods import METHODS
+    from ds_distill.objectives.registry import describe_losses
 
     print("recipes (ds-distill distill --recipe=NAME):")
     for path in sorted(RECIPES_DIR.glob("[!_]*.yaml")):  # _*.yaml: bases that recipes share

@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 from ds_distill import dist, models
-from ds_distill.config import FromTeacherConfig, RunConfig, from_dict, to_dict
-from ds_distill.data import train_sentencepiece_tokenizer
-from ds_distill.ds_config import PROJECT_ROOT
+from ds_distill.config.deepspeed import PROJECT_ROOT
+from ds_distill.config.run import FromTeacherConfig, RunConfig, from_dict, to_dict
+from ds_distill.data.tokenized import train_sentencepiece_tokenizer
 
 # -- the corpus ------------------------------------------------------------------------------------------
 
@@ -244,8 +244,8 @@ def _prepare_inputs(output_dir: Path) -> tuple[dict[str, str], Path, Path]:
 
 
 def run_demo(output_dir: Path, teacher_steps: int = 300, student_steps: int = 150) -> None:
-    from ds_distill.data import load_tokenizer
-    from ds_distill.trainer import distill
+    from ds_distill.data.tokenized import load_tokenizer
+    from ds_distill.train.loop import distill
 
     dist.init()
     started = time.perf_counter()

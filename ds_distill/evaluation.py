@@ -17,11 +17,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ds_distill import batches, dist, models
-from ds_distill.config import RunConfig
+from ds_distill import dist, models
+from ds_distill.config.run import RunConfig
+from ds_distill.data import batches
 from ds_distill.errors import ConfigError
-from ds_distill.losses.base import IGNORE_INDEX
-from ds_distill.student import forward_features
+from ds_distill.objectives.base import IGNORE_INDEX
+from ds_distill.train.student import forward_features
 
 # what a generation metric reports: BLEU comes with chrF, both from sacrebleu
 REPORTED = {"bleu": ("bleu", "chrf"), "rouge": ("rouge",)}
@@ -126,7 +127,7 @@ DEFAULT_METRIC = {"translation": "bleu", "seq2seq": "rouge"}  # by data.task; ot
 def model_directory(model: Path, output_dir: Path) -> Path:
     """A Hugging Face directory to load: `model` itself, or a run's checkpoints (`output_dir/checkpoints`, its
     newest complete one) exported to output_dir/model first, by rank 0."""
-    from ds_distill import export
+    from ds_distill.train import export
 
     if (model / "config.json").is_file():
         return model
@@ -151,8 +152,9 @@ def evaluate_model(
     from datasets import DatasetDict
     from deepspeed.accelerator import get_accelerator
 
-    from ds_distill import data, ds_config
-    from ds_distill.teacher import load_teacher
+    from ds_distill.config import deepspeed as ds_config
+    from ds_distill.data import tokenized as data
+    from ds_distill.train.teacher import load_teacher
 
     dist.init(run.train.ddp_timeout)
     split = split or run.data.validation_split

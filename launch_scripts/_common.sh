@@ -1,6 +1,6 @@
 # Sourced by the launch scripts' bash side: the teacher's DeepSpeed JSON for TEACHER, a MASTER_PORT (a free one
 # unless given, so two jobs on one machine do not collide) and the DeepSpeed launcher with NUM_GPUS / HOSTFILE.
-# The python side names the same JSONs through ds_distill.ds_config.TEACHER_PLACEMENTS (a test keeps them equal).
+# The python side names the same JSONs through ds_distill.config.deepspeed.TEACHER_PLACEMENTS (a test keeps them equal).
 TEACHER=${TEACHER:-replicated}
 case "$TEACHER" in
   replicated) TEACHER_DS=ds_configs/teacher_replicated_bf16.json ;;

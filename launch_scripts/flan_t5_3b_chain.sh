@@ -29,7 +29,7 @@ import os
 import sys
 
 from ds_distill.cli import main
-from ds_distill.ds_config import TEACHER_PLACEMENTS
+from ds_distill.config.deepspeed import TEACHER_PLACEMENTS
 
 teacher = TEACHER_PLACEMENTS[os.environ.get("TEACHER", "replicated")]
 main([

@@ -35,7 +35,7 @@ from ds_distill import chain, dist  # noqa: E402
 from ds_distill.cli import strip_launcher_flags  # noqa: E402
 import yaml  # noqa: E402
 
-from ds_distill.config import apply_override  # noqa: E402
+from ds_distill.config.run import apply_override  # noqa: E402
 from ds_distill.demo import tiny_chain  # noqa: E402
 from ds_distill.errors import ConfigError  # noqa: E402
 

@@ -20,7 +20,7 @@ import transformers
 from transformers import AutoConfig, PretrainedConfig
 
 from ds_distill import dist
-from ds_distill.config import FromTeacherConfig
+from ds_distill.config.run import FromTeacherConfig
 from ds_distill.errors import ConfigError
 from ds_distill.models import layouts
 from ds_distill.models.fused import use_fused_kernels

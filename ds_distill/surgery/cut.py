@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 from transformers import PretrainedConfig
 
-from ds_distill import layer_map, models
-from ds_distill.config import LAYER_CHOICES
+from ds_distill import models
+from ds_distill.config.run import LAYER_CHOICES
 from ds_distill.errors import ConfigError
+from ds_distill.objectives import layer_map
 from ds_distill.surgery.shapes import Shape, shape_of
 from ds_distill.surgery.spaces import attention_role, head_key
 

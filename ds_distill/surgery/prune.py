@@ -30,7 +30,7 @@ import torch
 from transformers import PretrainedConfig
 
 from ds_distill import models
-from ds_distill.config import FromTeacherConfig, PruneConfig
+from ds_distill.config.run import FromTeacherConfig, PruneConfig
 from ds_distill.errors import ConfigError
 from ds_distill.surgery.cut import AttentionCut, SlicePlan, block_name
 from ds_distill.surgery.importance import hidden_norms
@@ -311,7 +311,7 @@ def check(
     starts_from_teacher: bool,
 ) -> None:
     """Refuses what pruning cannot do, before any weights load."""
-    from ds_distill.ds_config import zero_stage
+    from ds_distill.config.deepspeed import zero_stage
     from ds_distill.surgery.cut import check_cut
 
     if zero_stage(student_ds) == 3:

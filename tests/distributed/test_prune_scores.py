@@ -26,8 +26,9 @@ def _on_each_rank() -> None:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from ds_distill import dist, ds_config
-    from ds_distill.config import TrainConfig
+    from ds_distill import dist
+    from ds_distill.config import deepspeed as ds_config
+    from ds_distill.config.run import TrainConfig
     from ds_distill.surgery.prune import local_sensitivity
 
     dist.init()

@@ -4,9 +4,10 @@ Hugging Face model computes: same logits, a separate Flan-T5-style LM head kept 
 import pytest
 import torch
 
-from ds_distill import dist, ds_config, models
-from ds_distill.config import TrainConfig
-from ds_distill.teacher import load_teacher
+from ds_distill import dist, models
+from ds_distill.config import deepspeed as ds_config
+from ds_distill.config.run import TrainConfig
+from ds_distill.train.teacher import load_teacher
 
 
 @pytest.mark.parametrize("family", ["t5", "gpt2", "bert"])

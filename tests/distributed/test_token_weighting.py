@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, T5Config
 
-from ds_distill.config import RunConfig, from_dict
+from ds_distill.config.run import RunConfig, from_dict
 from ds_distill.models import adapter_for
-from ds_distill.student import build_student, student_hf_config
+from ds_distill.train.student import build_student, student_hf_config
 from tests.conftest import run_cli, translation_config, write_yaml
 from tests.distributed.launch import distill, losses
 

@@ -7,8 +7,8 @@ import torch
 import transformers
 
 from ds_distill import models
-from ds_distill.capture import FeatureCapture, feature_key
-from ds_distill.student import model_inputs
+from ds_distill.objectives.capture import FeatureCapture, feature_key
+from ds_distill.train.student import model_inputs
 
 VOCAB, BATCH, SOURCE, TARGET = 96, 2, 7, 5
 

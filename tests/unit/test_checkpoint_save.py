@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ds_distill import checkpoint
+from ds_distill.train import checkpoint
 from tests.distributed.launch import free_port
 
 

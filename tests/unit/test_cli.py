@@ -110,8 +110,8 @@ def test_homobert_recipes_export_the_papers_sizes(recipe, millions, capsys):
 
 
 def test_list_shows_recipes_methods_losses_strategies_and_families(capsys):
-    from ds_distill.losses import LOSSES
-    from ds_distill.methods import METHODS
+    from ds_distill.objectives.methods import METHODS
+    from ds_distill.objectives.registry import LOSSES
 
     cli.main(["list"])
     lines = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]

@@ -2,7 +2,7 @@
 
 import pytest
 
-from ds_distill.config import RunConfig, from_dict, load_config
+from ds_distill.config.run import RunConfig, from_dict, load_config
 from ds_distill.errors import ConfigError
 from tests.conftest import translation_config, write_yaml
 
@@ -90,7 +90,7 @@ def test_defaults_round_trip():
     ],
 )
 def test_values_that_would_fail_late_are_refused_early(run_yaml, override, message):
-    from ds_distill.losses import build_losses
+    from ds_distill.objectives.registry import build_losses
     from tests.unit.test_losses import TEACHER_PRESENT
 
     with pytest.raises(ConfigError, match=message):

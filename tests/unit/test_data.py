@@ -5,8 +5,9 @@ import json
 
 import pytest
 
-from ds_distill import batches, data
-from ds_distill.config import DataConfig
+from ds_distill.config.run import DataConfig
+from ds_distill.data import batches
+from ds_distill.data import tokenized as data
 from tests import tiny_models
 
 

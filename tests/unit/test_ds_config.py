@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from ds_distill.config import TrainConfig
-from ds_distill.ds_config import fill_auto, load_json
+from ds_distill.config.deepspeed import fill_auto, load_json
+from ds_distill.config.run import TrainConfig
 from ds_distill.errors import ConfigError
 
 TRAIN = TrainConfig(per_device_train_batch_size=4, gradient_accumulation_steps=3, learning_rate=1e-4, warmup_steps=5)

@@ -7,8 +7,10 @@ import pytest
 import sacrebleu
 import torch
 
-from ds_distill import batches, data, models
-from ds_distill.config import RunConfig, from_dict
+from ds_distill import models
+from ds_distill.config.run import RunConfig, from_dict
+from ds_distill.data import batches
+from ds_distill.data import tokenized as data
 from ds_distill.evaluation import evaluate
 from tests.conftest import translation_config
 

@@ -3,8 +3,8 @@
 import torch
 from transformers import AutoConfig, GenerationConfig
 
-from ds_distill.export import generation_config
 from ds_distill.models import adapter_for
+from ds_distill.train.export import generation_config
 
 
 def test_generation_never_emits_ids_past_the_tokenizer(tiny, tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ds_distill.config import TeacherConfig
+from ds_distill.config.run import TeacherConfig
 from ds_distill.errors import ConfigError
 from ds_distill.models import gguf
 from tests import real_models

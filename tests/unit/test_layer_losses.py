@@ -9,13 +9,14 @@ import torch
 import transformers
 
 from ds_distill import models
-from ds_distill.capture import FeatureCapture
-from ds_distill.config import FromTeacherConfig, LayerMapConfig
+from ds_distill.config.run import FromTeacherConfig, LayerMapConfig
 from ds_distill.errors import ConfigError
-from ds_distill.losses import ModelPair, build_losses
-from ds_distill.losses.attention import relation_kl
-from ds_distill.losses.hidden import cka_loss
-from ds_distill.student import DistillationModule, forward_features
+from ds_distill.objectives.attention import relation_kl
+from ds_distill.objectives.capture import FeatureCapture
+from ds_distill.objectives.hidden import cka_loss
+from ds_distill.objectives.layerwise import ModelPair
+from ds_distill.objectives.registry import build_losses
+from ds_distill.train.student import DistillationModule, forward_features
 
 
 def reference_cka_loss(student: torch.Tensor, teacher: torch.Tensor, squared: bool = False) -> float:

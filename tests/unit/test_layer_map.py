@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from ds_distill.config import LayerMapConfig, load_config, to_yaml
+from ds_distill.config.run import LayerMapConfig, load_config, to_yaml
 from ds_distill.errors import ConfigError
-from ds_distill.layer_map import resolve, resolve_stack, uniform
+from ds_distill.objectives.layer_map import resolve, resolve_stack, uniform
 
 
 def test_uniform_maps_half_depth_to_every_second_layer():

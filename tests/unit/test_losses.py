@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from ds_distill.errors import ConfigError
-from ds_distill.losses import ModelPair, build_losses
+from ds_distill.objectives.layerwise import ModelPair
+from ds_distill.objectives.registry import build_losses
 from tests.unit.test_layer_losses import STUDENT, TEACHER
 
 TEACHER_PRESENT = ModelPair(STUDENT, TEACHER)

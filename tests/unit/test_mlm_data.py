@@ -8,8 +8,9 @@ import pytest
 import torch
 from transformers import BertTokenizer
 
-from ds_distill import batches, data
-from ds_distill.config import DataConfig, load_config
+from ds_distill.config.run import DataConfig, load_config
+from ds_distill.data import batches
+from ds_distill.data import tokenized as data
 from ds_distill.errors import ConfigError
 from tests import tiny_models
 from tests.conftest import translation_config, write_yaml

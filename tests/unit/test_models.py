@@ -5,7 +5,7 @@ import transformers
 from transformers import AutoConfig
 
 from ds_distill import models
-from ds_distill.config import FromTeacherConfig
+from ds_distill.config.run import FromTeacherConfig
 from ds_distill.errors import ConfigError
 
 

@@ -8,10 +8,11 @@ import json
 import pytest
 import torch
 
-from ds_distill import models, step_trace
-from ds_distill import plan as planner
-from ds_distill.config import load_config
+from ds_distill import models
+from ds_distill.config.run import load_config
 from ds_distill.errors import ConfigError
+from ds_distill.planner import plan as planner
+from ds_distill.planner import trace as step_trace
 from tests.conftest import REPO, run_cli
 
 H100 = planner.Hardware(gpus_per_node=1, nodes=1, gpu_memory_gb=80, cpu_memory_gb=1000)
@@ -64,9 +65,9 @@ def _tiny_t5_run(tmp_path, **train):
 def test_traced_peak_grows_linearly_in_depth_and_batch(tmp_path, gpu):
     """The plan traces one and two blocks at batch 1 and 2; its extension to 3 + 3 blocks at batch 5 equals a
     direct trace of that model."""
-    from ds_distill.losses import build_losses
-    from ds_distill.student import student_hf_config
-    from ds_distill.trainer import model_pair
+    from ds_distill.objectives.registry import build_losses
+    from ds_distill.train.loop import model_pair
+    from ds_distill.train.student import student_hf_config
 
     run = _tiny_t5_run(tmp_path)
     teacher_config = models.load_config(run.teacher.model_name_or_path, "teacher")

@@ -5,9 +5,9 @@ import shutil
 
 import pytest
 
-from ds_distill.config import RunConfig, from_dict
+from ds_distill.config.run import RunConfig, from_dict
 from ds_distill.errors import ConfigError
-from ds_distill.trainer import prepare
+from ds_distill.train.loop import prepare
 from tests import tiny_models
 from tests.conftest import translation_config
 
@@ -160,7 +160,7 @@ def test_a_loading_script_dataset_is_one_clear_line(tiny, tmp_path, monkeypatch)
 
 
 def test_prepared_data_is_loaded_as_prepared_and_other_settings_are_refused(tiny, tmp_path, monkeypatch):
-    from ds_distill import data
+    from ds_distill.data import tokenized as data
     from tests.conftest import run_cli, write_yaml
 
     tokenized_path = tmp_path / "tokenized"

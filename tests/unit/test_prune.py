@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ds_distill import models
-from ds_distill.config import PruneConfig
+from ds_distill.config.run import PruneConfig
 from ds_distill.surgery import prune
 from ds_distill.surgery.cut import cut_state
 from tests.unit.test_slicing import FAMILIES, logits

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from ds_distill import run_dir
-from ds_distill.checkpoint import rng_state, set_rng_state
 from ds_distill.errors import ConfigError
+from ds_distill.train import run_dir
+from ds_distill.train.checkpoint import rng_state, set_rng_state
 
 
 def claim(path, resume=False, overwrite=False, has_checkpoint=False):
@@ -87,7 +87,7 @@ def test_rng_state_round_trips_through_a_weights_only_load():
 
 
 def test_checkpoints_are_pruned_to_the_newest_complete_ones_and_crash_leftovers_go(tmp_path):
-    from ds_distill.checkpoint import COMPLETE, _prune, _readable, latest_tag
+    from ds_distill.train.checkpoint import COMPLETE, _prune, _readable, latest_tag
 
     for step, complete in ((100, True), (200, True), (250, False), (300, True), (400, False)):
         (tmp_path / f"step_{step}").mkdir()

@@ -8,7 +8,7 @@ import transformers
 from transformers import AutoTokenizer
 
 from ds_distill import models
-from ds_distill.config import FromTeacherConfig
+from ds_distill.config.run import FromTeacherConfig
 from ds_distill.errors import ConfigError
 from ds_distill.surgery import cut as slicing
 from ds_distill.surgery import students

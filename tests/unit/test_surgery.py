@@ -7,9 +7,10 @@ import pytest
 import torch
 import transformers
 
-from ds_distill import layer_map, models
-from ds_distill.config import FromTeacherConfig, PruneConfig
+from ds_distill import models
+from ds_distill.config.run import FromTeacherConfig, PruneConfig
 from ds_distill.errors import ConfigError
+from ds_distill.objectives import layer_map
 from ds_distill.surgery import cut, prune, students
 from ds_distill.surgery.importance import activation_scores
 from ds_distill.surgery.shapes import shape_of
@@ -269,7 +270,7 @@ def test_a_pruned_head_gets_no_gradient_and_no_share_of_the_hidden_scores():
 
 
 def test_attention_losses_compare_only_the_kept_heads():
-    from ds_distill.losses.attention import AttentionMSELoss
+    from ds_distill.objectives.attention import AttentionMSELoss
 
     student = torch.softmax(torch.randn(2, 4, 5, 5), -1)
     teacher = torch.softmax(torch.randn(2, 4, 5, 5), -1)

@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-from ds_distill.ds_config import TEACHER_PLACEMENTS
+from ds_distill.config.deepspeed import TEACHER_PLACEMENTS
 from tests.conftest import REPO, subprocess_env
 
 

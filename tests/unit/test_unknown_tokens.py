@@ -10,9 +10,11 @@ import datasets
 import pytest
 from transformers import T5Tokenizer
 
-from ds_distill import data, dist, trainer
-from ds_distill.config import DataConfig, RunConfig, from_dict
+from ds_distill import dist
+from ds_distill.config.run import DataConfig, RunConfig, from_dict
+from ds_distill.data import tokenized as data
 from ds_distill.errors import ConfigError
+from ds_distill.train import loop as trainer
 from tests import tiny_models
 from tests.conftest import causal_lm_config, translation_config
 

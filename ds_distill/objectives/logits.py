@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ds_distill.errors import ConfigError
-from ds_distill.losses.base import IGNORE_INDEX, DistillationLoss, token_mean
+from ds_distill.objectives.base import IGNORE_INDEX, DistillationLoss, token_mean
 
 
 def _target_mean(per_token: torch.Tensor, student: dict) -> torch.Tensor:

@@ -17,9 +17,10 @@ from typing import Any
 import torch
 from transformers import AutoConfig, GenerationConfig, PretrainedConfig
 
-from ds_distill import dist, models, run_dir
-from ds_distill.checkpoint import extra_state, latest_tag
+from ds_distill import dist, models
 from ds_distill.errors import ConfigError
+from ds_distill.train import run_dir
+from ds_distill.train.checkpoint import extra_state, latest_tag
 
 STUDENT_PREFIX = "student."
 TEMPLATE_DIR = "student_template"

@@ -23,7 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from ds_distill import models
-from ds_distill.config import FromTeacherConfig, RunConfig
+from ds_distill.config.run import FromTeacherConfig, RunConfig
 
 
 class LiveTensorBytes(TorchDispatchMode):
@@ -201,7 +201,7 @@ def trace_step(
     """Peak bytes of the tensors one training micro-step creates: teacher logits held, student forward, logit
     losses, backward (weight gradients excluded: DeepSpeed moves them into its own buffers, counted with the
     student's states)."""
-    from ds_distill.student import forward_features, token_counts
+    from ds_distill.train.student import forward_features, token_counts
 
     torch.manual_seed(0)
     model = adapter.from_config(student_config).to(shape.dtype).train()

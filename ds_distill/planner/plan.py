@@ -36,10 +36,11 @@ from typing import Any
 
 import torch
 
-from ds_distill import ds_config, models
-from ds_distill.config import RunConfig
+from ds_distill import models
+from ds_distill.config import deepspeed as ds_config
+from ds_distill.config.run import RunConfig
 from ds_distill.errors import ConfigError
-from ds_distill.step_trace import StepMemory, StepShape, step_memory, step_shape
+from ds_distill.planner.trace import StepMemory, StepShape, step_memory, step_shape
 
 GB = 2**30  # as the run logs peak_memory_gb
 GPU_RESERVE_GB = 1.0  # CUDA context, communication buffers
@@ -218,7 +219,7 @@ def feature_bytes(losses: dict, pair, shape: StepShape, teacher_bytes: int) -> f
     the student's (and so through the logit losses' peak). The float32 copies the layer-wise losses make come
     after that peak, while the logit losses' temporaries are gone, and are not added (on one H100, CKA on 26
     layer pairs raised the peak by 4.1 GB where its captured features hold 4.4 GB: bench/RESULTS.md)."""
-    from ds_distill.capture import parse_key
+    from ds_distill.objectives.capture import parse_key
 
     _, teacher_adapter = pair.adapters()
     keys = set().union(*(loss.teacher_keys for loss in losses.values()))
@@ -315,9 +316,9 @@ def make_plan(run: RunConfig, hw: Hardware, vocab: int | None = None, gpu: bool 
     """Everything `ds-distill plan` prints. `vocab`: the tokenizer's size (default: the student's vocabulary);
     `gpu`: trace the step as GPU kernels hold memory (False: as the CPU's do, for CPU runs); `configs`: the
     teacher's and the student's Hugging Face configs where the run's paths do not exist yet (a chain's stages)."""
-    from ds_distill.losses import build_losses
-    from ds_distill.student import student_hf_config
-    from ds_distill.trainer import model_pair
+    from ds_distill.objectives.registry import build_losses
+    from ds_distill.train.loop import model_pair
+    from ds_distill.train.student import student_hf_config
 
     notes = []
     if configs is not None:

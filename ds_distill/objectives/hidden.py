@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from ds_distill.errors import ConfigError
-from ds_distill.layer_map import LayerPair
-from ds_distill.losses.base import micro_batch_share, token_mean
-from ds_distill.losses.layerwise import (
+from ds_distill.objectives.base import micro_batch_share, token_mean
+from ds_distill.objectives.layer_map import LayerPair
+from ds_distill.objectives.layerwise import (
     LayerwiseLoss,
     LayerwiseOptions,
     ModelPair,

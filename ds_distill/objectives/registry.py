@@ -1,4 +1,4 @@
-"""Loss registry: the YAML's `losses:` section names entries of `LOSSES`, each with a `weight` and options.
+"""The loss registry: the YAML's `losses:` section names entries of `LOSSES`, each with a `weight` and options.
 
 Every loss is a small `torch.nn.Module` with one signature::
 
@@ -21,14 +21,14 @@ from typing import Any
 
 import torch
 
-from ds_distill.config import coerce, from_dict, unknown_key_error
+from ds_distill.config.run import coerce, from_dict, unknown_key_error
 from ds_distill.errors import ConfigError
-from ds_distill.losses.attention import AttentionKLLoss, AttentionMSELoss, MiniEnDLoss, RelationLoss
-from ds_distill.losses.base import DistillationLoss
-from ds_distill.losses.hidden import CKALoss, EmbeddingMSELoss, HiddenCosineLoss, HiddenMSELoss, LinearLoss
-from ds_distill.losses.layerwise import LayerwiseLoss, ModelPair
-from ds_distill.losses.logits import CrossEntropyLoss, LogitDistillationLoss
-from ds_distill.losses.makd import MaKDLoss
+from ds_distill.objectives.attention import AttentionKLLoss, AttentionMSELoss, MiniEnDLoss, RelationLoss
+from ds_distill.objectives.base import DistillationLoss
+from ds_distill.objectives.hidden import CKALoss, EmbeddingMSELoss, HiddenCosineLoss, HiddenMSELoss, LinearLoss
+from ds_distill.objectives.layerwise import LayerwiseLoss, ModelPair
+from ds_distill.objectives.logits import CrossEntropyLoss, LogitDistillationLoss
+from ds_distill.objectives.makd import MaKDLoss
 
 LOSSES: dict[str, type[DistillationLoss]] = {
     "ce": CrossEntropyLoss,

@@ -23,7 +23,7 @@ from transformers import (
 )
 
 from ds_distill import dist
-from ds_distill.config import DataConfig, RunConfig
+from ds_distill.config.run import DataConfig, RunConfig
 from ds_distill.errors import ConfigError
 
 FILE_BUILDERS = ("json", "csv", "parquet", "text")

@@ -24,16 +24,27 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ds_distill import batches, checkpoint, data, dist, ds_config, export, models, run_dir
-from ds_distill.capture import FeatureCapture
-from ds_distill.config import RunConfig, to_yaml
+from ds_distill import dist, models
+from ds_distill.config import deepspeed as ds_config
+from ds_distill.config.run import RunConfig, to_yaml
+from ds_distill.data import batches
+from ds_distill.data import tokenized as data
 from ds_distill.errors import ConfigError
 from ds_distill.evaluation import evaluate
-from ds_distill.losses import LayerwiseLoss, ModelPair, build_losses
-from ds_distill.student import DistillationModule, build_student, forward_features, student_hf_config, token_counts
+from ds_distill.objectives.capture import FeatureCapture
+from ds_distill.objectives.layerwise import LayerwiseLoss, ModelPair
+from ds_distill.objectives.registry import build_losses
 from ds_distill.surgery import prune, students
 from ds_distill.surgery.importance import activation_scores
-from ds_distill.teacher import load_teacher
+from ds_distill.train import checkpoint, export, run_dir
+from ds_distill.train.student import (
+    DistillationModule,
+    build_student,
+    forward_features,
+    student_hf_config,
+    token_counts,
+)
+from ds_distill.train.teacher import load_teacher
 
 
 @dataclass

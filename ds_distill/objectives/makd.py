@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from ds_distill.errors import ConfigError
-from ds_distill.losses.attention import AttentionKLLoss, AttentionOptions
-from ds_distill.losses.base import token_mean
-from ds_distill.losses.layerwise import (
+from ds_distill.objectives.attention import AttentionKLLoss, AttentionOptions
+from ds_distill.objectives.base import token_mean
+from ds_distill.objectives.layerwise import (
     Aligner,
     ModelPair,
     check_normalization,

@@ -14,11 +14,11 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from ds_distill.config import LayerMapConfig
+from ds_distill.config.run import LayerMapConfig
 from ds_distill.errors import ConfigError
-from ds_distill.layer_map import LayerPair
-from ds_distill.losses.base import token_mean
-from ds_distill.losses.layerwise import LayerwiseLoss, LayerwiseOptions, ModelPair, features
+from ds_distill.objectives.base import token_mean
+from ds_distill.objectives.layer_map import LayerPair
+from ds_distill.objectives.layerwise import LayerwiseLoss, LayerwiseOptions, ModelPair, features
 
 
 def _key_mask(query_mask: torch.Tensor, key_mask: torch.Tensor, causal: bool) -> torch.Tensor:

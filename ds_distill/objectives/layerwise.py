@@ -15,12 +15,13 @@ import torch
 import torch.nn.functional as F
 from transformers import PretrainedConfig
 
-from ds_distill import layer_map, models
-from ds_distill.capture import feature_key
-from ds_distill.config import LayerMapConfig
+from ds_distill import models
+from ds_distill.config.run import LayerMapConfig
 from ds_distill.errors import ConfigError
-from ds_distill.layer_map import LayerPair
-from ds_distill.losses.base import DistillationLoss
+from ds_distill.objectives import layer_map
+from ds_distill.objectives.base import DistillationLoss
+from ds_distill.objectives.capture import feature_key
+from ds_distill.objectives.layer_map import LayerPair
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from ds_distill import models
-from ds_distill.ds_config import model_dtype, zero3_loading
+from ds_distill.config.deepspeed import model_dtype, zero3_loading
 
 
 def load_teacher(model_name_or_path: str, ds_config: dict[str, Any]):

@@ -23,9 +23,9 @@ from typing import Any
 import yaml
 
 from ds_distill.errors import ConfigError
-from ds_distill.methods import METHODS
+from ds_distill.objectives.methods import METHODS
 
-RECIPES_DIR = Path(__file__).parent / "recipes"
+RECIPES_DIR = Path(__file__).parents[1] / "recipes"
 
 
 @dataclass

@@ -15,10 +15,10 @@ import torch
 from transformers import PretrainedConfig
 
 from ds_distill import models
-from ds_distill.capture import FeatureCapture
-from ds_distill.config import StudentConfig
-from ds_distill.ds_config import zero3_loading
-from ds_distill.losses.base import IGNORE_INDEX
+from ds_distill.config.deepspeed import zero3_loading
+from ds_distill.config.run import StudentConfig
+from ds_distill.objectives.base import IGNORE_INDEX
+from ds_distill.objectives.capture import FeatureCapture
 
 
 def student_hf_config(student: StudentConfig, teacher_hf_config: PretrainedConfig | None) -> PretrainedConfig:

@@ -1,0 +1,1 @@
+"""Data: datasets -> tokenized splits (tokenized.py), and batches and the restartable training stream (batches.py)."""

@@ -1,0 +1,1 @@
+"""Training: every check before weights load, the two engines, the optimizer step loop, checkpoints and export."""
