@@ -292,3 +292,32 @@ def describe(tree: dict[str, Any]) -> list[tuple[str, RunConfig, Stage]]:
     """(name, resolved run config, stage) per stage, for count_params."""
     output_dir, stages = parse(tree)
     return [(stage.name, resolve(stage, output_dir), stage) for stage in stages]
+
+
+def planned_stages(tree: dict[str, Any]):
+    """(name, run, teacher config, student config as trained, export config) per stage of a chain, each stage's
+    teacher (and the model its student is cut from) being an earlier stage's export, known before it exists."""
+    import dataclasses
+
+    from ds_distill import models
+    from ds_distill.surgery.prune import target_config
+    from ds_distill.train.student import student_hf_config
+
+    exported = {}
+    for name, run, stage in describe(tree):
+        if stage.teacher_from:
+            teacher_config = exported[stage.teacher_from]
+            run = dataclasses.replace(
+                run, teacher=dataclasses.replace(run.teacher, model_name_or_path=f"stage {stage.teacher_from}")
+            )
+        else:
+            teacher_config = models.load_config(run.teacher.weights(), "teacher")
+        source = teacher_config
+        if stage.student_from:
+            source = exported[stage.student_from]
+            dims = dataclasses.replace(run.student.init.from_teacher, source=None)
+            student = dataclasses.replace(run.student, init=dataclasses.replace(run.student.init, from_teacher=dims))
+            run = dataclasses.replace(run, student=student)
+        student_config = student_hf_config(run.student, source)
+        exported[name] = target_config(student_config, run.prune) if run.prune else student_config
+        yield name, run, teacher_config, student_config, exported[name]

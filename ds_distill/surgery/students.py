@@ -161,3 +161,36 @@ def propose_dims(teacher: PretrainedConfig, target: int, count: int = 3) -> list
             check_cut(teacher, student)
             candidates.append((dims, models.count_parameters(student)))
     return sorted(candidates, key=lambda candidate: abs(candidate[1] - target))[:count]
+
+
+def calibration_batches(config: str, teacher: str, count: int):
+    """Calibration batches from a YAML's data section: a seeded sample of the training split, tokenized with
+    the teacher's tokenizer (only the sampled rows)."""
+    import datasets
+
+    from ds_distill.config.run import DataConfig, TrainConfig, from_dict, read_tree
+    from ds_distill.data import batches
+    from ds_distill.data import tokenized as data
+
+    tree = read_tree(Path(config))
+    if "data" not in tree:
+        raise ConfigError(f"--data={config} has no data: section to draw calibration batches from")
+    data_config = from_dict(DataConfig, tree["data"], "data")
+    train = {k: v for k, v in tree.get("train", {}).items() if k in ("per_device_train_batch_size", "seed")}
+    train = from_dict(TrainConfig, train, "train")
+    size, seed = train.per_device_train_batch_size, train.seed
+    tokenizer = data.load_tokenizer(teacher)
+    raw = data.load_raw(data_config)[data_config.train_split]
+    rows = calibration_rows(len(raw), size, count, seed)
+    sample = raw.select([i for batch in rows for i in batch])
+    split = data.tokenize(data_config, tokenizer, datasets.DatasetDict({data_config.train_split: sample}))
+    split = split[data_config.train_split]
+
+    def calibration(model):
+        collate = batches.make_collator(data_config, tokenizer, model)
+        return [
+            collate([split[i] for i in range(start, min(start + size, len(split)))])
+            for start in range(0, len(split), size)
+        ]
+
+    return calibration

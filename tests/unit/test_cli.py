@@ -13,6 +13,34 @@ def test_launcher_local_rank_flag_is_removed(monkeypatch):
     assert cli.strip_launcher_flags(["distill", "--local_rank", "3", "--x=1"]) == ["distill", "--x=1"]
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["make_student", "--teacher=t"], "ds-distill make_student needs --output_dir=..."),
+        (["export", "--checkpoint_dir=c", "--output_dir=o", "--tagg=x"], "ds-distill export has no flag --tagg;"),
+        (["export", "c", "o", "t", "false", "extra"], "ds-distill export does not take 'extra'"),
+        (["count_params", "--recipes=flan_t5_3b_145m"], "ds-distill count_params has no flag --recipes;"),
+    ],
+)
+def test_command_line_mistakes_are_one_line_errors_with_the_verbs_usage(argv, message, capsys):
+    with pytest.raises(SystemExit) as exited:
+        cli.main(argv)
+    error = capsys.readouterr().err.splitlines()
+    assert exited.value.code == 2
+    assert error[0] == f"error: {message}" or error[0].startswith(f"error: {message}")
+    assert error[1].startswith(f"usage: ds-distill {argv[0]} ") and len(error) == 2  # not fire's trace
+
+
+def test_count_params_takes_the_recipe_as_a_flag_or_a_name(capsys):
+    cli.main(["count_params", "--recipe=flan_t5_3b_145m"])
+    as_flag = capsys.readouterr().out
+    cli.main(["count_params", "flan_t5_3b_145m"])
+    assert as_flag == capsys.readouterr().out and "19.5x smaller" in as_flag
+    with pytest.raises(SystemExit):
+        cli.main(["count_params"])
+    assert "give one of: a model path or hub id, --recipe=NAME or --config=RUN.yaml" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("verb", list(cli.VERBS))
 def test_every_verb_has_help(verb, capsys):
     cli.main([verb, "--help"])

@@ -362,15 +362,15 @@ def test_a_t5_saved_from_a_v1_1_style_config_with_only_the_shared_embedding_can_
 
 
 def test_make_student_data_needs_only_a_data_section_and_tokenizes_only_the_sampled_rows(tiny, tmp_path):
-    from ds_distill.cli import _calibration
+    from ds_distill.surgery.students import calibration_batches
     from tests.conftest import translation_config, write_yaml
 
     data = translation_config(tiny, tmp_path / "unused")["data"]
     data.pop("max_train_samples", None)  # the whole 9,000-row split: only the 2 x 4 sampled rows are tokenized
     config = write_yaml(tmp_path / "data.yaml", {"data": data, "train": {"per_device_train_batch_size": 4}})
     teacher = models.adapter_for(models.load_config(str(tiny["t5"]), "t")).from_pretrained(str(tiny["t5"]))
-    calibration = _calibration(str(config), str(tiny["t5"]), 2)
+    calibration = calibration_batches(str(config), str(tiny["t5"]), 2)
     drawn = calibration(teacher)
     assert [batch["input_ids"].shape[0] for batch in drawn] == [4, 4]
     with pytest.raises(ConfigError, match="no data: section"):
-        _calibration(str(write_yaml(tmp_path / "none.yaml", {"train": {}})), str(tiny["t5"]), 2)
+        calibration_batches(str(write_yaml(tmp_path / "none.yaml", {"train": {}})), str(tiny["t5"]), 2)

@@ -1,0 +1,102 @@
+"""The `ds-distill` command (also `python -m ds_distill`): one verb per user task.
+
+    ds-distill demo                                   the whole job on an embedded default, in minutes
+    ds-distill distill --config=RUN.yaml [--a.b=v]    one distillation run (or --recipe=NAME)
+    ds-distill prepare_data --config=RUN.yaml         tokenize to data.tokenized_path ahead of a launch
+    ds-distill make_student --teacher=T --output_dir=D [--d_model ...]   a student cut from the teacher
+    ds-distill chain --config=CHAIN.yaml              teacher -> assistant(s) -> student, resumable by stage
+    ds-distill evaluate --model=DIR --config=RUN.yaml   loss, perplexity, BLEU + chrF or ROUGE; report + hypotheses
+    ds-distill export --checkpoint_dir=D --output_dir=O
+    ds-distill count_params PATH_OR_RECIPE             (or --recipe=NAME, --config=RUN.yaml)
+    ds-distill plan --config=RUN.yaml --gpus_per_node=8 --gpu_memory_gb=80   memory per GPU, what fits, fastest
+    ds-distill list
+    ds-distill VERB --help
+
+Under the DeepSpeed launcher every rank runs `python -u -m ds_distill ... --local_rank=N`; that flag is
+taken out here (its value is in LOCAL_RANK) so fire never sees it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+
+import fire
+
+from ds_distill.cli.args import check_command, strip_launcher_flags
+from ds_distill.cli.components import list_components
+from ds_distill.cli.evaluate import evaluate
+from ds_distill.cli.plan import plan
+from ds_distill.cli.run import chain, demo, distill, prepare_data
+from ds_distill.cli.students import count_params, export, make_student
+from ds_distill.errors import ConfigError
+
+VERBS = {
+    "demo": demo,
+    "distill": distill,
+    "prepare_data": prepare_data,
+    "make_student": make_student,
+    "export": export,
+    "count_params": count_params,
+    "list": list_components,
+    "chain": chain,
+    "evaluate": evaluate,
+    "plan": plan,
+}
+
+
+def usage() -> str:
+    lines = ["usage: ds-distill VERB [ARGS]   (ds-distill VERB --help for details)", "", "verbs:"]
+    for name, function in VERBS.items():
+        lines.append(f"  {name:<14} {inspect.getdoc(function).splitlines()[0]}")
+    return "\n".join(lines)
+
+
+def verb_help(name: str) -> str:
+    return f"{verb_usage(name)}\n\n{inspect.getdoc(VERBS[name])}"
+
+
+def verb_usage(name: str) -> str:
+    return f"usage: ds-distill {name} {_flags(inspect.signature(VERBS[name]))}"
+
+
+def _flags(signature: inspect.Signature) -> str:
+    parts = []
+    for param in signature.parameters.values():
+        if param.kind is param.VAR_KEYWORD:
+            parts.append("[--SECTION.KEY=VALUE ...]")
+        elif param.kind is param.VAR_POSITIONAL:
+            continue
+        elif param.default is inspect.Parameter.empty:
+            parts.append(f"--{param.name}=VALUE")
+        else:
+            parts.append(f"[--{param.name}]")
+    return " ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = strip_launcher_flags(list(sys.argv[1:] if argv is None else argv))
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return
+    if argv[0] not in VERBS:
+        print(f"error: unknown verb '{argv[0]}'\n\n{usage()}", file=sys.stderr)
+        sys.exit(2)
+    if any(arg in ("-h", "--help") for arg in argv[1:]):
+        print(verb_help(argv[0]))
+        return
+    try:
+        check_command(argv[0], VERBS[argv[0]], argv[1:])
+    except ConfigError as error:
+        print(f"error: {error}\n{verb_usage(argv[0])}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        fire.Fire(VERBS[argv[0]], command=argv[1:], name=f"ds-distill {argv[0]}")
+    except ConfigError as error:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    from ds_distill import dist
+
+    dist.shutdown()

@@ -1,0 +1,199 @@
+"""Verbs about a student's weights and size: `make_student`, `export`, `count_params`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ds_distill.cli.args import flag
+from ds_distill.errors import ConfigError
+
+
+def make_student(
+    teacher: str,
+    output_dir: str,
+    encoder_layers: int | None = None,
+    decoder_layers: int | None = None,
+    d_model: int | None = None,
+    d_ff: int | None = None,
+    num_heads: int | None = None,
+    layers: str = "alternate",
+    encoder_layers_from=None,
+    decoder_layers_from=None,
+    width: str = "first",
+    data: str | None = None,
+    calibration_batches: int = 8,
+    target_params: str | None = None,
+    overwrite: bool = False,
+):
+    """Cuts a student from a teacher's weights into a Hugging Face directory that from_pretrained loads.
+
+        ds-distill make_student --teacher=google/flan-t5-xl --output_dir=students/145m \
+            --encoder_layers=12 --decoder_layers=12 --d_model=512 --d_ff=2048 --num_heads=8
+        ds-distill make_student --teacher=DIR --output_dir=OUT --target_params=145M --width=importance --data=run.yaml
+
+    Depth: the student's blocks copy teacher blocks chosen by --layers, or listed per stack. Width: the same
+    hidden channels, heads and FFN neurons are kept through every matrix that reads or writes them (embeddings,
+    every q/k/v/o of self- and cross-attention, gated and plain FFNs, norms, T5's relative position bias, the LM
+    head): the leading ones (--width=first) or those with the largest activations on calibration batches
+    (--width=importance, as NVIDIA's Minitron ranks them: a seeded sample across the training split). Heads are
+    chosen per block (every block keeps as many), except in T5-family models, whose relative position bias
+    serves all blocks of a stack: there one head set serves the stack. Under grouped-query attention whole
+    key/value groups are kept. Where heads may narrow (BERT, BART, GPT-2), query/key and value/output channels
+    are ranked apart. Width-dependent scales (T5's tied output scale, BART's embedding scale) are folded into
+    the weights, so the student computes what the teacher computes on the kept units. The teacher is read one
+    tensor at a time, so cutting needs memory for the student, not the teacher (importance loads the teacher
+    once to rank). Prints what it kept and the student's size. Unset dimensions keep the teacher's.
+
+    Args:
+        teacher: hub id or directory of the teacher (safetensors weights).
+        output_dir: the directory to write; an earlier make_student output there is replaced.
+        encoder_layers: encoder blocks of the student.
+        decoder_layers: decoder blocks of the student.
+        d_model: hidden width (a whole number of heads: num_heads x the teacher's head width).
+        d_ff: feed-forward width.
+        num_heads: attention heads.
+        layers: alternate (every k-th block, ending with the last) | uniform (first to last, evenly) | first | last.
+        encoder_layers_from: the teacher's encoder blocks (0-based) to copy, e.g. 0,2,4, instead of --layers.
+        decoder_layers_from: the teacher's decoder blocks to copy.
+        width: first | importance. A run's from_teacher.width defaults to importance (it has the data; cut
+            students ranked so scored better in bench/RESULTS.md); here first is the default, as importance
+            needs --data.
+        data: a YAML whose data: section (and train.per_device_train_batch_size, default 8) gives the
+            calibration batches (--width=importance); a whole run config does too. Only the sampled rows are
+            tokenized.
+        calibration_batches: how many batches of that batch size to rank on.
+        target_params: a size such as 145M: proposes dimensions near it (count_params confirms them) and uses
+            the closest for the dimensions not given.
+        overwrite: replace output_dir even if it is not an earlier make_student output.
+    """
+    from ds_distill import models
+    from ds_distill.config.run import FromTeacherConfig, coerce
+    from ds_distill.surgery import students
+    from ds_distill.train import run_dir
+
+    target = Path(output_dir)
+    run_dir.check_target(target, run_dir.STUDENT_MARKER, "an earlier make_student output", flag(overwrite, "overwrite"))
+    given = {
+        "encoder_layers": encoder_layers,
+        "decoder_layers": decoder_layers,
+        "d_model": d_model,
+        "d_ff": d_ff,
+        "num_heads": num_heads,
+    }
+    teacher_config = models.load_config(teacher, "teacher")
+    if target_params is not None:
+        proposals = students.propose_dims(teacher_config, students.parse_count(target_params))
+        print(f"dimensions near {target_params} (parameters counted on the meta device):")
+        for dims, count in proposals:
+            shown = {k: v for k, v in vars(dims).items() if k in given and v is not None}
+            print(f"  {count / 1e6:,.1f}M  " + "  ".join(f"--{k}={v}" for k, v in shown.items()))
+        best = vars(proposals[0][0])
+        given = {k: v if v is not None else best.get(k) for k, v in given.items()}
+    dims = FromTeacherConfig(
+        **{k: coerce(v, int | None, k) for k, v in given.items()},
+        strategy="sliced",
+        layers=layers,
+        encoder_layers_from=coerce(encoder_layers_from, list[int] | None, "encoder_layers_from"),
+        decoder_layers_from=coerce(decoder_layers_from, list[int] | None, "decoder_layers_from"),
+        width=width,
+        calibration_batches=calibration_batches,
+    )
+    calibration = students.calibration_batches(data, teacher, calibration_batches) if data else None
+    student_config, plan = students.make_student(teacher, target, dims, calibration)
+    teacher_count, student_count = models.count_parameters(teacher_config), models.count_parameters(student_config)
+    print(f"kept, of teacher {teacher}:\n{plan.summary()}")
+    print(f"wrote {target}: {student_count / 1e6:,.1f}M parameters ({teacher_count / student_count:.1f}x smaller)")
+
+
+def export(checkpoint_dir: str, output_dir: str, tag: str | None = None, overwrite: bool = False):
+    """Turns a run's ZeRO checkpoint (stage 2 or 3) into a Hugging Face directory that from_pretrained loads.
+
+    An earlier export at output_dir is replaced; any other non-empty directory is refused unless --overwrite
+    is given, and a run directory, its checkpoints, the working or home directory never are.
+
+    Args:
+        checkpoint_dir: a run's `output_dir/checkpoints`.
+        output_dir: the directory to write (config, model.safetensors, tokenizer, generation config).
+        tag: a checkpoint such as step_200; default: the newest complete one.
+        overwrite: replace output_dir even if it is not an earlier export.
+    """
+    from ds_distill.train.export import export_checkpoint
+
+    path = export_checkpoint(checkpoint_dir, output_dir, tag, overwrite=flag(overwrite, "overwrite"))
+    print(f"exported {checkpoint_dir} to {path}")
+
+
+def count_params(path_or_recipe: str | None = None, recipe: str | None = None, config: str | None = None):
+    """Counts parameters on the meta device (no weights needed) for a model path, hub id, run YAML or recipe.
+
+        ds-distill count_params google/flan-t5-xl
+        ds-distill count_params --recipe=flan_t5_3b_145m          (or: count_params flan_t5_3b_145m)
+        ds-distill count_params --config=run.yaml
+
+    For a run config or recipe it prints the teacher, the student and the compression ratio; for a chain,
+    each stage (its teacher being the student of the stage it comes from) and the chain's overall ratio.
+
+    Args:
+        path_or_recipe: a model directory or hub id, a run YAML or a recipe name.
+        recipe: a shipped recipe (`ds-distill list`), instead of path_or_recipe.
+        config: a run or chain YAML, instead of path_or_recipe.
+    """
+    from ds_distill import chain, models
+    from ds_distill.config import run as config_module
+
+    given = [value for value in (path_or_recipe, recipe, config) if value]
+    if len(given) != 1:
+        raise ConfigError("give one of: a model path or hub id, --recipe=NAME or --config=RUN.yaml")
+    name = str(given[0])
+    is_yaml = bool(config) or name.endswith((".yaml", ".yml"))
+    is_recipe = bool(recipe) or (not is_yaml and (config_module.RECIPES_DIR / f"{name}.yaml").is_file())
+    if not (is_yaml or is_recipe):
+        hf_config = models.load_config(name, "model")
+        print(f"{name}: {models.count_parameters(hf_config) / 1e6:,.1f}M parameters")
+        return
+    yaml_path, recipe_name = (name, None) if is_yaml else (None, name)
+    if chain.is_chain(config_module.read_tree(Path(name) if is_yaml else config_module.recipe_path(name))):
+        _count_chain(chain.load(yaml_path, recipe_name, {}))
+        return
+    run = config_module.load_config(yaml_path, recipe_name)
+    teacher_config = None
+    if run.teacher.model_name_or_path:
+        teacher_config = models.load_config(run.teacher.weights(), "teacher")
+    _count_run(run, teacher_config)
+
+
+def _count_run(run, teacher_config, student_config=None):
+    """Prints teacher, student (and pruned export) sizes; returns the exported student's config."""
+    from ds_distill import models
+    from ds_distill.surgery.prune import target_config
+    from ds_distill.train.student import student_hf_config
+
+    student_config = student_config or student_hf_config(run.student, teacher_config)
+    student = models.count_parameters(student_config)
+    teacher = models.count_parameters(teacher_config) if teacher_config is not None else None
+    if teacher is not None:
+        print(f"teacher {run.teacher.model_name_or_path}: {teacher / 1e6:,.1f}M parameters")
+    if run.prune is not None:
+        print(f"student while pruning: {student / 1e6:,.1f}M parameters")
+        student_config = target_config(student_config, run.prune)
+        student = models.count_parameters(student_config)
+        label = "student after pruning (the export)"
+    else:
+        label = "student"
+    ratio = f" ({teacher / student:.1f}x smaller)" if teacher is not None else ""
+    print(f"{label}: {student / 1e6:,.1f}M parameters{ratio}")
+    return student_config
+
+
+def _count_chain(tree):
+    """Every stage of a chain, and the chain's overall ratio."""
+    from ds_distill import chain, models
+
+    first = last = None
+    for name, run, teacher_config, student_config, export_config in chain.planned_stages(tree):
+        print(f"stage {name}:")
+        _count_run(run, teacher_config, student_config)
+        first = first or models.count_parameters(teacher_config)
+        last = export_config
+    print(f"chain: {first / 1e6:,.1f}M -> {models.count_parameters(last) / 1e6:,.1f}M parameters "
+          f"({first / models.count_parameters(last):.1f}x smaller)")  # fmt: skip
