@@ -40,7 +40,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from ds_distill import models  # noqa: E402
-from ds_distill.config.run import FromTeacherConfig, load_config  # noqa: E402
+from ds_distill.config.load import load_config  # noqa: E402
+from ds_distill.config.run import FromTeacherConfig  # noqa: E402
 
 RECIPE = "flan_t5_3b_145m"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU serves the --smoke check of this script

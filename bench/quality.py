@@ -46,7 +46,8 @@ import fire
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ds_distill import demo, models  # noqa: E402
-from ds_distill.config.run import RunConfig, expand_method, from_dict, to_dict  # noqa: E402
+from ds_distill.config.load import expand_method, from_dict  # noqa: E402
+from ds_distill.config.run import RunConfig, to_dict  # noqa: E402
 
 TEACHER_STEPS, TEACHER_LR = 300, 7e-4
 STUDENT_LR, CUT_LR = 1e-3, 1e-3

@@ -48,16 +48,8 @@ import torch
 import yaml
 
 from ds_distill import dist
-from ds_distill.config.run import (
-    RunConfig,
-    expand_method,
-    from_dict,
-    merge,
-    read_tree,
-    to_dict,
-    validate,
-    with_base,
-)
+from ds_distill.config.load import expand_method, from_dict, merge, read_tree, with_base
+from ds_distill.config.run import RunConfig, to_dict, validate
 from ds_distill.errors import ConfigError
 from ds_distill.train import checkpoint
 
@@ -107,7 +99,7 @@ def parse(tree: dict[str, Any]) -> tuple[Path, list[Stage]]:
 
 
 def load(config: str | None, recipe: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
-    from ds_distill.config.run import apply_override, recipe_path
+    from ds_distill.config.load import apply_override, recipe_path
 
     if bool(config) == bool(recipe):
         raise ConfigError("give --config=CHAIN.yaml or --recipe=NAME")

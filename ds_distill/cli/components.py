@@ -6,7 +6,7 @@ from __future__ import annotations
 def list_components():
     """Lists shipped recipes, methods, loss terms, layer-map strategies, model families and DeepSpeed configs."""
     from ds_distill.config.deepspeed import PROJECT_ROOT
-    from ds_distill.config.run import RECIPES_DIR
+    from ds_distill.config.load import RECIPES_DIR
     from ds_distill.models import ADAPTERS
     from ds_distill.objectives.layer_map import describe_strategies
     from ds_distill.objectives.methods import METHODS

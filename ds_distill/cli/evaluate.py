@@ -50,7 +50,8 @@ def evaluate(
     """
     import dataclasses
 
-    from ds_distill.config.run import EVAL_METRICS, load_config
+    from ds_distill.config.load import load_config
+    from ds_distill.config.run import EVAL_METRICS
     from ds_distill.evaluation import DEFAULT_METRIC, evaluate_model
 
     run = load_config(config, recipe, overrides)

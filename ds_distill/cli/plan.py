@@ -38,7 +38,7 @@ def plan(
         cpu_memory_gb: host memory per node; default this machine's.
         **overrides: dotted run settings, e.g. --train.per_device_train_batch_size=64.
     """
-    from ds_distill.config.run import load_config
+    from ds_distill.config.load import load_config
     from ds_distill.planner import plan as planner
 
     hardware = planner.Hardware(
@@ -61,7 +61,7 @@ def plan(
 
 def _is_chain(config: str | None, recipe: str | None) -> bool:
     from ds_distill import chain
-    from ds_distill.config.run import read_tree, recipe_path
+    from ds_distill.config.load import read_tree, recipe_path
 
     if bool(config) == bool(recipe):
         raise ConfigError("give --config=RUN.yaml or --recipe=NAME")

@@ -44,7 +44,7 @@ def distill(
         overwrite: delete an earlier run in train.output_dir first.
         **overrides: any config key as a dotted flag, e.g. --train.learning_rate=3e-4.
     """
-    from ds_distill.config.run import load_config
+    from ds_distill.config.load import load_config
     from ds_distill.train.loop import distill as run_distill
 
     run = load_config(config, recipe, overrides)
@@ -101,7 +101,7 @@ def prepare_data(config: str | None = None, recipe: str | None = None, **overrid
         recipe: name of a shipped recipe instead.
         **overrides: dotted flags, e.g. --data.tokenized_path=DIR --data.max_train_samples=100000.
     """
-    from ds_distill.config.run import load_config
+    from ds_distill.config.load import load_config
     from ds_distill.data import tokenized as data
 
     run = load_config(config, recipe, overrides)

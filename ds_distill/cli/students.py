@@ -67,7 +67,8 @@ def make_student(
         overwrite: replace output_dir even if it is not an earlier make_student output.
     """
     from ds_distill import models
-    from ds_distill.config.run import FromTeacherConfig, coerce
+    from ds_distill.config.load import coerce
+    from ds_distill.config.run import FromTeacherConfig
     from ds_distill.surgery import students
     from ds_distill.train import run_dir
 
@@ -139,7 +140,7 @@ def count_params(path_or_recipe: str | None = None, recipe: str | None = None, c
         config: a run or chain YAML, instead of path_or_recipe.
     """
     from ds_distill import chain, models
-    from ds_distill.config import run as config_module
+    from ds_distill.config import load as config_module
 
     given = [value for value in (path_or_recipe, recipe, config) if value]
     if len(given) != 1:

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from ds_distill.config.run import LR_SCHEDULERS, TrainConfig, unknown_key_error
+from ds_distill.config.load import unknown_key_error
+from ds_distill.config.run import LR_SCHEDULERS, TrainConfig
 from ds_distill.errors import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]

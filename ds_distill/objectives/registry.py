@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ds_distill.config.run import coerce, from_dict, unknown_key_error
+from ds_distill.config.load import coerce, from_dict, unknown_key_error
 from ds_distill.errors import ConfigError
 from ds_distill.objectives.attention import AttentionKLLoss, AttentionMSELoss, MiniEnDLoss, RelationLoss
 from ds_distill.objectives.base import DistillationLoss

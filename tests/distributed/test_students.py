@@ -63,7 +63,8 @@ def test_homodistil_prunes_to_the_target_exports_it_dense_and_resumes_exactly(ti
     assert (model.config.d_model, model.config.d_ff, model.config.num_heads) == (48, 96, 2)
     assert {"loss/hidden_mse", "loss/attention_mse", "loss/embedding_mse"} <= set(training_log(reference)[-2])
 
-    from ds_distill.config.run import RunConfig, from_dict
+    from ds_distill.config.load import from_dict
+    from ds_distill.config.run import RunConfig
     from ds_distill.data import batches
     from ds_distill.data import tokenized as data
     from ds_distill.evaluation import evaluate

@@ -2,7 +2,8 @@
 
 import pytest
 
-from ds_distill.config.run import RunConfig, from_dict, load_config
+from ds_distill.config.load import from_dict, load_config
+from ds_distill.config.run import RunConfig
 from ds_distill.errors import ConfigError
 from tests.conftest import translation_config, write_yaml
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ds_distill.config.run import LayerMapConfig, load_config, to_yaml
+from ds_distill.config.load import load_config
+from ds_distill.config.run import LayerMapConfig, to_yaml
 from ds_distill.errors import ConfigError
 from ds_distill.objectives.layer_map import resolve, resolve_stack, uniform
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import BertTokenizer
 
-from ds_distill.config.run import DataConfig, load_config
+from ds_distill.config.load import load_config
+from ds_distill.config.run import DataConfig
 from ds_distill.data import batches
 from ds_distill.data import tokenized as data
 from ds_distill.errors import ConfigError

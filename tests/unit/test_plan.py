@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ds_distill import models
-from ds_distill.config.run import load_config
+from ds_distill.config.load import load_config
 from ds_distill.errors import ConfigError
 from ds_distill.planner import plan as planner
 from ds_distill.planner import trace as step_trace

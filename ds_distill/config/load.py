@@ -1,0 +1,206 @@
+"""Reading a run config: YAML files and shipped recipes (`base:` chains), dotted overrides, method presets,
+and typed parsing into the dataclasses of config/run.py::
+
+    ds-distill distill --config=run.yaml --train.max_steps=10 --losses.kd.temperature=2
+
+Unknown keys are errors that list the valid ones. Values are coerced to the declared field types here,
+at the boundary, because fire guesses types from text (`--data.prefix=1` arrives as an int).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ds_distill.config.run import RunConfig, validate
+from ds_distill.errors import ConfigError
+from ds_distill.objectives.methods import METHODS
+
+RECIPES_DIR = Path(__file__).parents[1] / "recipes"
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], True
+    return tp, False
+
+
+def coerce(value: Any, tp: Any, where: str) -> Any:
+    tp, optional = _unwrap_optional(tp)
+    if value is None or (optional and value in ("", "none", "None", "null")):
+        if optional:
+            return None
+        raise ConfigError(f"{where} must not be empty")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping of {_field_names(tp)}, got {value!r}")
+        return from_dict(tp, value, where)
+    origin = typing.get_origin(tp)
+    if origin is list:
+        if isinstance(value, str):  # "0,2,4" from a flag
+            value = [part for part in value.split(",") if part.strip()]
+        if not isinstance(value, (list, tuple)):  # fire reads `0,2,4` as a tuple and `0` as an int
+            value = [value]
+        (item_tp,) = typing.get_args(tp)
+        return [coerce(item, item_tp, f"{where}[{i}]") for i, item in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        key_tp, value_tp = typing.get_args(tp)
+        return {str(k): coerce(v, value_tp, f"{where}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("true", "1", "yes", "on"):
+            return True
+        if text in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if tp is int:
+        try:
+            number = float(value) if isinstance(value, str) else value  # "1e3" from YAML or a flag
+            if isinstance(number, bool) or not float(number).is_integer():
+                raise ValueError
+            return int(number)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} must be an integer, got {value!r}") from None
+    if tp is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} must be a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (tuple, list)):  # fire reads `a,b` as a tuple
+            return ",".join(str(v) for v in value)
+        return str(value)
+    return value
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def unknown_key_error(key: str, valid: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"unknown key '{where}{key}'.{hint} Valid keys: {', '.join(valid)}")
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Builds dataclass `cls` from `data`, coercing values to the field types; unknown keys are errors."""
+    hints = typing.get_type_hints(cls)
+    valid = _field_names(cls)
+    prefix = f"{where}." if where else ""
+    for key in data:
+        if key not in valid:
+            raise unknown_key_error(key, valid, prefix)
+    kwargs = {key: coerce(value, hints[key], f"{prefix}{key}") for key, value in data.items()}
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# YAML + overrides.
+
+
+def recipe_path(name: str) -> Path:
+    """The shipped recipe `name` (with or without `.yaml`)."""
+    path = RECIPES_DIR / (name if name.endswith(".yaml") else f"{name}.yaml")
+    if not path.is_file():
+        available = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("[!_]*.yaml")))
+        raise ConfigError(f"no recipe named '{name}'. Available: {available}")
+    return path
+
+
+def apply_override(tree: dict[str, Any], dotted_key: str, value: Any) -> None:
+    """Sets `a.b.c = value` inside nested dicts, creating mappings on the way."""
+    parts = dotted_key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set '{dotted_key}': '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def read_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML config as a tree, with its `base:` (a file beside it, or a shipped recipe) merged under it key by
+    key, so that sizes of one recipe share everything else (bases may have bases)."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    tree = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path} must hold a mapping with the sections {_field_names(RunConfig)}")
+    return with_base(tree, path, seen)
+
+
+def with_base(tree: dict[str, Any], path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """`tree` (read from `path`) merged over its `base:`, if it names one."""
+    tree = dict(tree)
+    base = tree.pop("base", None)
+    if base is None:
+        return tree
+    base_path = path.parent / base if (path.parent / base).is_file() else recipe_path(str(base))
+    if base_path.resolve() in seen:
+        raise ConfigError(f"{path}: base {base} leads back to itself")
+    return merge(read_tree(base_path, (*seen, path.resolve())), tree)
+
+
+def merge(under: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` merged onto a copy of `under`, mapping by mapping; values of `over` win."""
+    merged = copy.deepcopy(under)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def expand_method(tree: dict[str, Any]) -> dict[str, Any]:
+    """The config tree with its `method` preset (methods.py) filled in under the config's own keys."""
+    name = tree.get("method")
+    if not name:
+        return tree
+    if name not in METHODS:
+        raise ConfigError(f"method '{name}' is unknown; choose one of {', '.join(METHODS)}")
+    method = METHODS[name]
+    for section in ("losses", "layer_map"):
+        if tree.get(section) is not None and not isinstance(tree[section], dict):
+            raise ConfigError(f"{section} must be a mapping, got {tree[section]!r}")
+    expanded = dict(tree)
+    own_losses = {k: (v if v is not None else {}) for k, v in (tree.get("losses") or {}).items()}
+    expanded["losses"] = merge(method.losses, own_losses)
+    if method.layer_map is not None:
+        expanded["layer_map"] = merge(method.layer_map, tree.get("layer_map") or {})
+    return expanded
+
+
+def load_config(
+    config: str | None = None, recipe: str | None = None, overrides: dict[str, Any] | None = None
+) -> RunConfig:
+    """Reads a YAML file or shipped recipe, applies dotted overrides and validates the result."""
+    if config and recipe:
+        raise ConfigError("give either --config=FILE or --recipe=NAME, not both")
+    tree: dict[str, Any] = {}
+    if config or recipe:
+        tree = read_tree(Path(config) if config else recipe_path(recipe))
+    for key, value in (overrides or {}).items():
+        apply_override(tree, key, value)
+    run = from_dict(RunConfig, expand_method(tree))
+    validate(run)
+    return run
