@@ -261,8 +261,8 @@ def build_trainer(
 def release(trainer) -> None:
     """Frees the student engine; the teacher engine stays for the next method, without this run's hooks."""
     trainer.progress.close()
-    if trainer.teacher_capture is not None:
-        trainer.teacher_capture.remove()
+    if trainer.teacher_side is not None:
+        trainer.teacher_side.capture.remove()
     trainer.engine.destroy()
 
 

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from ds_distill import models
-from ds_distill.config.deepspeed import model_dtype, zero3_loading
+import torch
+
+from ds_distill import dist, models
+from ds_distill.config.deepspeed import model_dtype, zero3_loading, zero_stage
+from ds_distill.objectives.capture import FeatureCapture
+from ds_distill.train.student import forward_features
 
 
 def load_teacher(model_name_or_path: str, ds_config: dict[str, Any]):
@@ -25,3 +29,25 @@ def load_teacher(model_name_or_path: str, ds_config: dict[str, Any]):
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     engine.eval()
     return engine
+
+
+class TeacherFeatures:
+    """The teacher's side of a step: `features(batch)` runs the frozen teacher under no_grad and returns what the
+    loss terms read (logits, masks and the captured features of the mapped layers)."""
+
+    def __init__(self, engine, ds_config: dict[str, Any], keys: set[str], compile: bool):
+        self.engine = engine
+        self.adapter = models.adapter_for(engine.module.config)
+        self.capture = FeatureCapture(engine.module, self.adapter, keys)
+        self.forward = engine
+        if compile:
+            # graphs compiled earlier in this process (a reused teacher) would ignore the hooks added above
+            torch.compiler.reset()
+            if zero_stage(ds_config) < 3:
+                self.forward = torch.compile(engine.module)
+            else:
+                dist.print_main("train.torch_compile: the ZeRO-3 teacher runs eagerly (weights gathered per module)")
+
+    @torch.no_grad()
+    def features(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return forward_features(self.forward, self.adapter, batch, self.capture)

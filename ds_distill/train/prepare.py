@@ -1,0 +1,150 @@
+"""Everything a run checks before any weights load: config, DeepSpeed JSONs, both models' configs, the tokenizer
+and the data; then the output directory is claimed. A mistake found here costs seconds, not a launch."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ds_distill import dist, models
+from ds_distill.config import deepspeed as ds_config
+from ds_distill.config.run import RunConfig, to_yaml
+from ds_distill.data import batches
+from ds_distill.data import tokenized as data
+from ds_distill.errors import ConfigError
+from ds_distill.objectives.layerwise import ModelPair
+from ds_distill.objectives.registry import build_losses
+from ds_distill.surgery import prune
+from ds_distill.train import checkpoint, export, run_dir
+from ds_distill.train.student import student_hf_config
+
+
+@dataclass
+class Prepared:
+    """Everything known before weights load."""
+
+    run: RunConfig
+    output_dir: Path
+    resume: bool
+    tokenizer: Any
+    datasets: Any
+    teacher_ds: dict | None
+    student_ds: dict
+    student_config: Any
+    generation_config: Any
+    total_steps: int
+    validation_split: str | None
+
+
+def prepare(run: RunConfig, resume: bool = False, overwrite: bool = False) -> Prepared:
+    """Validates config, DeepSpeed JSON, the models' configs, tokenizer and data, then claims output_dir.
+
+    Nothing in output_dir is touched (not even by --overwrite) until every check has passed.
+    """
+    train = run.train
+    teacher_json = ds_config.load_json(run.teacher.deepspeed_config) if run.teacher.model_name_or_path else None
+    student_json = ds_config.load_json(run.student.deepspeed_config)
+    if teacher_json is not None and "optimizer" in teacher_json:
+        raise ConfigError(f"{run.teacher.deepspeed_config}: the teacher is frozen; remove its optimizer section")
+    teacher_config, student_config = check_models(run)
+    tokenizer = check_tokenizer(run, teacher_config, student_config)
+
+    tokenized = data.load_tokenized(run.data, tokenizer)
+    validation_split = run.data.validation_split if run.data.validation_split in tokenized else None
+    if run.data.validation_split and not validation_split:
+        dist.print_main(
+            f"dataset '{run.data.dataset}' has no split '{run.data.validation_split}': training without evaluation "
+            "(data.validation_split_percentage holds out a share of the training split)"
+        )
+    batches_per_epoch = batches.batches_per_epoch(
+        len(tokenized[run.data.train_split]), train.per_device_train_batch_size
+    )
+    total_steps = train.max_steps
+    if total_steps <= 0:
+        total_steps = math.ceil(train.num_train_epochs * batches_per_epoch / train.gradient_accumulation_steps)
+
+    from deepspeed.accelerator import get_accelerator
+
+    on_cpu = get_accelerator().device_name() == "cpu"
+    world = dist.world_size()
+    student_ds = ds_config.fill_auto(student_json, train, world, total_steps, on_cpu, run.student.deepspeed_config)
+    teacher_ds = None
+    if teacher_json is not None:
+        teacher_ds = ds_config.fill_auto(teacher_json, train, world, total_steps, on_cpu, run.teacher.deepspeed_config)
+    if run.prune is not None:
+        dims = run.student.init.from_teacher
+        sliced = dims is not None and dims.strategy == "sliced" and not dims.source
+        prune.check(run.prune, student_ds, teacher_config, student_config, starts_from_teacher=sliced)
+    output_dir = Path(train.output_dir)
+    # rank 0's view decides for all (on node-local disks the others may see none; resuming then says so)
+    has_checkpoint = dist.all_gather_objects(checkpoint.latest_tag(output_dir / "checkpoints") is not None)[0]
+    resume = run_dir.claim(output_dir, to_yaml(run), resume, overwrite, has_checkpoint)
+    source = run.teacher.weights() or run.student.model_name_or_path
+    generation_config = export.generation_config(source, student_config, len(tokenizer))
+    return Prepared(
+        run, output_dir, resume, tokenizer, tokenized, teacher_ds, student_ds, student_config, generation_config,
+        total_steps, validation_split,
+    )  # fmt: skip
+
+
+def check_models(run: RunConfig):
+    """Both models' configs (no weights), checked against the task, the losses and the metric."""
+    teacher_config = None
+    if run.teacher.model_name_or_path:
+        teacher_config = models.load_config(run.teacher.weights(), "teacher")
+    student_config = student_hf_config(run.student, teacher_config)
+    adapter = models.adapter_for(student_config)
+    if run.data.task not in adapter.tasks:
+        raise ConfigError(
+            f"data.task '{run.data.task}' does not fit a {adapter.kind} student; use {' or '.join(adapter.tasks)}"
+        )
+    if run.train.eval_metric in ("bleu", "rouge") and adapter.kind != "seq2seq":
+        raise ConfigError(f"train.eval_metric '{run.train.eval_metric}' needs a seq2seq model; use loss or accuracy")
+    losses, _ = build_losses(run.losses, model_pair(run, student_config, teacher_config))
+    if any("logits" in loss.needs for loss in losses.values()):
+        for role, config in (("teacher", teacher_config), ("student", student_config)):
+            if config is not None and not models.adapter_for(config).has_lm_head(config):
+                raise ConfigError(f"the {role} has no LM head (a bare encoder): logit losses (ce, kd) do not apply")
+        if run.data.task == "masked_lm" and run.data.mlm_probability == 0:
+            raise ConfigError("data.mlm_probability is 0, so no token is a target for ce or kd; set it above 0")
+    return teacher_config, student_config
+
+
+def model_pair(run: RunConfig, student_config, teacher_config) -> ModelPair | None:
+    return ModelPair(student_config, teacher_config, run.layer_map) if teacher_config is not None else None
+
+
+def check_tokenizer(run: RunConfig, teacher_config, student_config):
+    """The one tokenizer both models must share."""
+    tokenizer = data.load_tokenizer(data.tokenizer_source(run))
+    if teacher_config is not None and run.student.model_name_or_path:
+        data.check_same_tokenizer(run.teacher.weights(), run.student.model_name_or_path)
+    for role, config in (("teacher", teacher_config), ("student", student_config)):
+        if config is not None and config.vocab_size < len(tokenizer):
+            raise ConfigError(
+                f"the {role}'s vocabulary ({config.vocab_size}) is smaller than the tokenizer's ({len(tokenizer)}); "
+                "they do not belong together: set data.tokenizer to the model's own tokenizer"
+            )
+    return tokenizer
+
+
+def write_run_files(p: Prepared) -> None:
+    """config.yaml, the filled DeepSpeed JSONs and the export template, on the main rank."""
+    if not dist.is_main():
+        return
+    p.output_dir.mkdir(parents=True, exist_ok=True)
+    (p.output_dir / "config.yaml").write_text(to_yaml(p.run))
+    (p.output_dir / "ds_config_student.json").write_text(json.dumps(p.student_ds, indent=2))
+    if p.teacher_ds is not None:
+        (p.output_dir / "ds_config_teacher.json").write_text(json.dumps(p.teacher_ds, indent=2))
+    pruned = prune.target_config(p.student_config, p.run.prune) if p.run.prune else None
+    export.save_template(
+        p.output_dir / "checkpoints" / export.TEMPLATE_DIR,
+        pruned or p.student_config,
+        p.tokenizer,
+        p.generation_config,
+        pruned_from=p.student_config if pruned else None,
+    )
