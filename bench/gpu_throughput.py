@@ -96,7 +96,7 @@ def peak_memory_gb() -> float:
 def make_assets(assets: Path, data: Path, examples: int = 1024) -> None:
     """A sentencepiece tokenizer and `train.jsonl` of translation pairs whose both sides tokenise to at least
     128 tokens (consecutive sentences joined), so truncation leaves every example exactly 128 + 128 tokens."""
-    from ds_distill.data.tokenized import train_sentencepiece_tokenizer
+    from ds_distill.data.tokenizers import train_sentencepiece_tokenizer
 
     if (assets / "train.jsonl").is_file():
         return

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ds_distill import models  # noqa: E402
 from ds_distill.config.deepspeed import PROJECT_ROOT  # noqa: E402
-from ds_distill.data.tokenized import train_sentencepiece_tokenizer  # noqa: E402
+from ds_distill.data.tokenizers import train_sentencepiece_tokenizer  # noqa: E402
 from tests.tiny_models import SHARED_DATA  # noqa: E402
 
 FLAN_T5_XL = dict(

@@ -22,8 +22,8 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from gpu_throughput import PLACEMENTS, RECIPE, TOKENIZER_PIECES  # noqa: E402
 
-from ds_distill import models  # noqa: E402
 from ds_distill.config.load import load_config  # noqa: E402
+from ds_distill.models import adapters  # noqa: E402
 from ds_distill.planner import plan as planner  # noqa: E402
 
 RESULTS = ("bench/results/gpu_throughput_h100_eager.json", "bench/results/gpu_throughput_h100_fused.json")
@@ -43,12 +43,12 @@ def main(results=RESULTS):
     results = [results] if isinstance(results, str) else list(results)
     print("| results | teacher placement | objective | batch | predicted GB | measured GB | error |")
     print("|---|---|---|---:|---:|---:|---:|")
-    fused_kernels = models.use_fused_kernels
+    fused_kernels = adapters.use_fused_kernels
     errors = []
     for path in results:
         data = json.loads((REPO / path).read_text())
         # the eager run predates the fused kernels: plan it with the stock modules
-        models.use_fused_kernels = (lambda model: None) if "eager" in path else fused_kernels
+        adapters.use_fused_kernels = (lambda model: None) if "eager" in path else fused_kernels
         for row in data["runs"]:
             if row["kind"] != "toolkit" or "peak_memory_gb" not in row:
                 continue
@@ -57,7 +57,7 @@ def main(results=RESULTS):
             errors.append(abs(error))
             print(f"| {Path(path).stem} | {row['placement']} | {row['method']} | {row['batch']} | {predicted:.1f} | "
                   f"{row['peak_memory_gb']:.1f} | {error:+.1%} |")  # fmt: skip
-    models.use_fused_kernels = fused_kernels
+    adapters.use_fused_kernels = fused_kernels
     print(f"\nlargest error: {max(errors):.1%} over {len(errors)} runs ({data['gpu']})")
 
 

@@ -91,7 +91,7 @@ CKA_VARIANTS = {
 def prepare_teacher(out: Path) -> tuple[dict[str, str], Path]:
     """The corpus, tokenizer and trained teacher in `out` (built on first use): (data files, teacher export)."""
     from ds_distill import dist
-    from ds_distill.data.tokenized import train_sentencepiece_tokenizer
+    from ds_distill.data.tokenizers import train_sentencepiece_tokenizer
     from ds_distill.train.loop import distill
 
     files = {split: str(out / "data" / f"{split}.jsonl") for split in ("train", "validation")}

@@ -39,7 +39,8 @@ from ds_distill import dist, models  # noqa: E402
 from ds_distill.config.deepspeed import PROJECT_ROOT  # noqa: E402
 from ds_distill.config.load import expand_method, from_dict  # noqa: E402
 from ds_distill.config.run import RunConfig  # noqa: E402
-from ds_distill.data.tokenized import load_tokenized, load_tokenizer  # noqa: E402
+from ds_distill.data.tokenized import load_tokenized  # noqa: E402
+from ds_distill.data.tokenizers import load_tokenizer  # noqa: E402
 from tests.real_models import smollm2_gguf  # noqa: E402
 from tests.tiny_models import SHARED_DATA  # noqa: E402
 

@@ -27,7 +27,7 @@ from ds_distill import dist, models
 from ds_distill.config.deepspeed import PROJECT_ROOT
 from ds_distill.config.load import from_dict
 from ds_distill.config.run import FromTeacherConfig, RunConfig, to_dict
-from ds_distill.data.tokenized import train_sentencepiece_tokenizer
+from ds_distill.data.tokenizers import train_sentencepiece_tokenizer
 
 # -- the corpus ------------------------------------------------------------------------------------------
 
@@ -245,7 +245,7 @@ def _prepare_inputs(output_dir: Path) -> tuple[dict[str, str], Path, Path]:
 
 
 def run_demo(output_dir: Path, teacher_steps: int = 300, student_steps: int = 150) -> None:
-    from ds_distill.data.tokenized import load_tokenizer
+    from ds_distill.data.tokenizers import load_tokenizer
     from ds_distill.train.loop import distill
 
     dist.init()

@@ -154,6 +154,7 @@ def evaluate_model(
 
     from ds_distill.config import deepspeed as ds_config
     from ds_distill.data import tokenized as data
+    from ds_distill.data import tokenizers
     from ds_distill.train.teacher import load_teacher
 
     dist.init(run.train.ddp_timeout)
@@ -161,7 +162,7 @@ def evaluate_model(
     if split not in (run.data.train_split, run.data.validation_split):  # such as test: it plays validation
         run = dataclasses.replace(run, data=dataclasses.replace(run.data, validation_split=split))
     path = model_directory(Path(model), output_dir)
-    tokenizer = data.load_tokenizer(str(path))
+    tokenizer = tokenizers.load_tokenizer(str(path))
     raw = data.load_raw(run.data, need_train=False)
     if split not in raw:
         raise ConfigError(f"dataset '{run.data.dataset}' has no split '{split}' (it has {', '.join(raw)})")

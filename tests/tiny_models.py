@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ds_distill.data.tokenized import train_sentencepiece_tokenizer
+from ds_distill.data.tokenizers import train_sentencepiece_tokenizer
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wmt_ende_10k"
 

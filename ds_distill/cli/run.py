@@ -103,14 +103,15 @@ def prepare_data(config: str | None = None, recipe: str | None = None, **overrid
     """
     from ds_distill.config.load import load_config
     from ds_distill.data import tokenized as data
+    from ds_distill.data import tokenizers
 
     run = load_config(config, recipe, overrides)
     if not run.data.tokenized_path:
         raise ConfigError(
             "set data.tokenized_path: the directory to write (one that every node of the launch can read)"
         )
-    tokenizer = data.load_tokenizer(data.tokenizer_source(run))
+    tokenizer = tokenizers.load_tokenizer(tokenizers.tokenizer_source(run))
     tokenized = data.tokenize(run.data, tokenizer, data.load_raw(run.data))
-    data.check_unknown_tokens(run.data, tokenizer, tokenized[run.data.train_split])
+    tokenizers.check_unknown_tokens(run.data, tokenizer, tokenized[run.data.train_split])
     path = data.save_prepared(run.data, tokenizer, tokenized)
     print(f"wrote {', '.join(f'{split}: {len(rows):,} rows' for split, rows in tokenized.items())} to {path}")

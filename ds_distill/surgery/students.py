@@ -170,7 +170,7 @@ def calibration_batches(config: str, teacher: str, count: int):
 
     from ds_distill.config.load import from_dict, read_tree
     from ds_distill.config.run import DataConfig, TrainConfig
-    from ds_distill.data import batches
+    from ds_distill.data import batches, tokenizers
     from ds_distill.data import tokenized as data
 
     tree = read_tree(Path(config))
@@ -180,7 +180,7 @@ def calibration_batches(config: str, teacher: str, count: int):
     train = {k: v for k, v in tree.get("train", {}).items() if k in ("per_device_train_batch_size", "seed")}
     train = from_dict(TrainConfig, train, "train")
     size, seed = train.per_device_train_batch_size, train.seed
-    tokenizer = data.load_tokenizer(teacher)
+    tokenizer = tokenizers.load_tokenizer(teacher)
     raw = data.load_raw(data_config)[data_config.train_split]
     rows = calibration_rows(len(raw), size, count, seed)
     sample = raw.select([i for batch in rows for i in batch])

@@ -12,7 +12,7 @@ from typing import Any
 from ds_distill import dist, models
 from ds_distill.config import deepspeed as ds_config
 from ds_distill.config.run import RunConfig, to_yaml
-from ds_distill.data import batches
+from ds_distill.data import batches, tokenizers
 from ds_distill.data import tokenized as data
 from ds_distill.errors import ConfigError
 from ds_distill.objectives.layerwise import ModelPair
@@ -119,9 +119,9 @@ def model_pair(run: RunConfig, student_config, teacher_config) -> ModelPair | No
 
 def check_tokenizer(run: RunConfig, teacher_config, student_config):
     """The one tokenizer both models must share."""
-    tokenizer = data.load_tokenizer(data.tokenizer_source(run))
+    tokenizer = tokenizers.load_tokenizer(tokenizers.tokenizer_source(run))
     if teacher_config is not None and run.student.model_name_or_path:
-        data.check_same_tokenizer(run.teacher.weights(), run.student.model_name_or_path)
+        tokenizers.check_same_tokenizer(run.teacher.weights(), run.student.model_name_or_path)
     for role, config in (("teacher", teacher_config), ("student", student_config)):
         if config is not None and config.vocab_size < len(tokenizer):
             raise ConfigError(

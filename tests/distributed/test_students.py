@@ -65,12 +65,12 @@ def test_homodistil_prunes_to_the_target_exports_it_dense_and_resumes_exactly(ti
 
     from ds_distill.config.load import from_dict
     from ds_distill.config.run import RunConfig
-    from ds_distill.data import batches
+    from ds_distill.data import batches, tokenizers
     from ds_distill.data import tokenized as data
     from ds_distill.evaluation import evaluate
 
     run = from_dict(RunConfig, homodistil_config(tiny, reference))
-    tokenizer = data.load_tokenizer(str(reference / "model"))
+    tokenizer = tokenizers.load_tokenizer(str(reference / "model"))
     validation = data.tokenize(run.data, tokenizer, data.load_raw(run.data))["validation"]
     scores = evaluate(model, validation, batches.make_collator(run.data, tokenizer, model), tokenizer, run)
     logged = [row for row in training_log(reference) if "eval/loss" in row][-1]["eval/loss"]

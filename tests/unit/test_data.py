@@ -6,7 +6,7 @@ import json
 import pytest
 
 from ds_distill.config.run import DataConfig
-from ds_distill.data import batches
+from ds_distill.data import batches, tokenizers
 from ds_distill.data import tokenized as data
 from tests import tiny_models
 
@@ -24,7 +24,7 @@ def translation(tiny):
             "validation": str(tiny_models.SHARED_DATA / "valid.jsonl"),
         },
     )
-    tokenizer = data.load_tokenizer(str(tiny["tokenizer"]))
+    tokenizer = tokenizers.load_tokenizer(str(tiny["tokenizer"]))
     return config, tokenizer, data.tokenize(config, tokenizer, data.load_raw(config))
 
 
@@ -95,7 +95,7 @@ def test_evaluation_share_counts_real_rows(translation):
 
 def test_causal_lm_text_is_packed_into_blocks(tiny):
     config = DataConfig(task="causal_lm", dataset="text", block_size=32, data_files=tiny["text"])
-    tokenizer = data.load_tokenizer(str(tiny["tokenizer"]))
+    tokenizer = tokenizers.load_tokenizer(str(tiny["tokenizer"]))
     tokenized = data.tokenize(config, tokenizer, data.load_raw(config))
     assert {len(ids) for ids in tokenized["train"]["input_ids"]} == {32}
     batch = batches.make_collator(config, tokenizer)([tokenized["train"][0], tokenized["train"][1]])
@@ -104,7 +104,7 @@ def test_causal_lm_text_is_packed_into_blocks(tiny):
 
 def test_masked_lm_masks_a_share_of_tokens(tiny):
     config = DataConfig(task="masked_lm", dataset="text", mlm_probability=0.3, data_files=tiny["text"])
-    tokenizer = data.load_tokenizer(str(tiny["tokenizer"]))
+    tokenizer = tokenizers.load_tokenizer(str(tiny["tokenizer"]))
     tokenized = data.tokenize(config, tokenizer, data.load_raw(config))
     collate = batches.make_collator(config, tokenizer)
     batch = next(batches.eval_batches(tokenized["train"], collate, batch_size=32))[0]
@@ -114,7 +114,7 @@ def test_masked_lm_masks_a_share_of_tokens(tiny):
 
 def test_masks_of_a_micro_batch_do_not_depend_on_workers_or_where_the_stream_started(tiny):
     config = DataConfig(task="masked_lm", dataset="text", mlm_probability=0.3, data_files=tiny["text"])
-    tokenizer = data.load_tokenizer(str(tiny["tokenizer"]))
+    tokenizer = tokenizers.load_tokenizer(str(tiny["tokenizer"]))
     tokenized = data.tokenize(config, tokenizer, data.load_raw(config))["train"].select(range(64))
     collate = batches.make_collator(config, tokenizer)
     alone = batches.TrainBatches(tokenized, collate, batch_size=8, seed=3)

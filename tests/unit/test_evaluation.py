@@ -10,7 +10,7 @@ import torch
 from ds_distill import models
 from ds_distill.config.load import from_dict
 from ds_distill.config.run import RunConfig
-from ds_distill.data import batches
+from ds_distill.data import batches, tokenizers
 from ds_distill.data import tokenized as data
 from ds_distill.evaluation import evaluate
 from tests.conftest import translation_config
@@ -21,7 +21,7 @@ def test_bleu_is_sacrebleu_against_the_raw_references_not_the_truncated_labels(t
         RunConfig,
         translation_config(tiny, tmp_path, data={"max_target_length": 8}, train={"eval_metric": "bleu"}),
     )
-    tokenizer = data.load_tokenizer(str(tiny["tokenizer"]))
+    tokenizer = tokenizers.load_tokenizer(str(tiny["tokenizer"]))
     validation = data.tokenize(run.data, tokenizer, data.load_raw(run.data))["validation"]
     model = models.adapter_for(models.load_config(str(tiny["t5"]), "t")).from_pretrained(str(tiny["t5"]))
     labels = {tuple(row["input_ids"]): row["labels"] for row in validation}
@@ -46,7 +46,7 @@ def test_bleu_is_sacrebleu_against_the_raw_references_not_the_truncated_labels(t
 
 def test_token_accuracy_is_the_share_of_target_tokens_predicted_by_argmax(tiny, tmp_path):
     run = from_dict(RunConfig, translation_config(tiny, tmp_path))
-    tokenizer = data.load_tokenizer(str(tiny["tokenizer"]))
+    tokenizer = tokenizers.load_tokenizer(str(tiny["tokenizer"]))
     validation = data.tokenize(run.data, tokenizer, data.load_raw(run.data))["validation"]
     model = models.adapter_for(models.load_config(str(tiny["t5"]), "t")).from_pretrained(str(tiny["t5"])).eval()
     # a random tiny model predicts almost no token right (none, with some thread counts); lifting the most common

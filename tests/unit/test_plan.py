@@ -11,6 +11,7 @@ import torch
 from ds_distill import models
 from ds_distill.config.load import load_config
 from ds_distill.errors import ConfigError
+from ds_distill.models import adapters
 from ds_distill.planner import plan as planner
 from ds_distill.planner import trace as step_trace
 from tests.conftest import REPO, run_cli
@@ -127,7 +128,7 @@ def test_plan_predicts_the_peaks_measured_on_an_h100(row, monkeypatch):
     name, index = row
     measured = json.loads((REPO / f"bench/results/gpu_throughput_h100_{name}.json").read_text())["runs"][index]
     if name == "eager":  # taken before the fused norm and GELU kernels
-        monkeypatch.setattr(models, "use_fused_kernels", lambda model: None)
+        monkeypatch.setattr(adapters, "use_fused_kernels", lambda model: None)
     run = load_config(recipe="flan_t5_3b_145m", overrides={
         "method": measured["method"], "teacher.deepspeed_config": PLACEMENTS[measured["placement"]],
         "train.per_device_train_batch_size": measured["batch"],

@@ -14,6 +14,7 @@ from ds_distill import dist
 from ds_distill.config.load import from_dict
 from ds_distill.config.run import DataConfig, RunConfig
 from ds_distill.data import tokenized as data
+from ds_distill.data import tokenizers
 from ds_distill.errors import ConfigError
 from ds_distill.train import loop as trainer
 from tests import tiny_models
@@ -35,9 +36,9 @@ def refuse_weights(monkeypatch):
 
 def test_share_is_unknown_tokens_over_all_tokens_of_the_rows():
     rows = [[5, 2, 7, 1], [2, 2, 9, 1, 3, 4]]  # 3 of 10 tokens are id 2
-    assert data.unknown_token_share(rows, unk_token_id=2) == 0.3
-    assert data.unknown_token_share(rows, unk_token_id=8) == 0.0
-    assert data.unknown_token_share([[]], unk_token_id=2) == 0.0
+    assert tokenizers.unknown_token_share(rows, unk_token_id=2) == 0.3
+    assert tokenizers.unknown_token_share(rows, unk_token_id=8) == 0.0
+    assert tokenizers.unknown_token_share([[]], unk_token_id=2) == 0.0
 
 
 def test_a_tokenizer_that_knows_no_words_stops_the_run_before_weights_load(tiny, tmp_path, monkeypatch):
@@ -52,14 +53,14 @@ def test_a_tokenizer_that_knows_no_words_stops_the_run_before_weights_load(tiny,
     )
     assert "(4 tokens): a mismatched or broken tokenizer" in message and "\n" not in message
     share = float(message.split("%")[0]) / 100
-    assert share > data.UNKNOWN_TOKEN_ERROR_SHARE
+    assert share > tokenizers.UNKNOWN_TOKEN_ERROR_SHARE
     assert not (tmp_path / "out").exists()
 
 
 def test_prepared_data_is_checked_without_tokenizing_again(tiny, tmp_path, monkeypatch):
     config = translation_config(tiny, tmp_path / "out", data={"tokenized_path": str(tmp_path / "tokenized")})
     data_config = from_dict(DataConfig, config["data"])
-    tokenizer = data.load_tokenizer(str(broken_tokenizer(tiny, tmp_path / "b")))
+    tokenizer = tokenizers.load_tokenizer(str(broken_tokenizer(tiny, tmp_path / "b")))
     data.save_prepared(data_config, tokenizer, data.tokenize(data_config, tokenizer, data.load_raw(data_config)))
     monkeypatch.setattr(data, "tokenize", lambda *args: pytest.fail("prepared data must not be tokenized again"))
     with pytest.raises(ConfigError, match="of the source \\(en\\) tokens .* a mismatched or broken tokenizer"):
@@ -77,9 +78,9 @@ def test_a_share_between_the_thresholds_warns_and_names_the_side(tiny, tmp_path,
     config = causal_lm_config(tiny, tmp_path / "out", data={"data_files": {k: str(v) for k, v in files.items()}})
     prepared = trainer.prepare(from_dict(RunConfig, config))
     rows = prepared.datasets["train"]["input_ids"]
-    assert len(rows) <= data.UNKNOWN_TOKEN_SAMPLE_ROWS  # the sample is every row
-    share = data.unknown_token_share(rows, prepared.tokenizer.unk_token_id)
-    assert data.UNKNOWN_TOKEN_WARN_SHARE < share < data.UNKNOWN_TOKEN_ERROR_SHARE
+    assert len(rows) <= tokenizers.UNKNOWN_TOKEN_SAMPLE_ROWS  # the sample is every row
+    share = tokenizers.unknown_token_share(rows, prepared.tokenizer.unk_token_id)
+    assert tokenizers.UNKNOWN_TOKEN_WARN_SHARE < share < tokenizers.UNKNOWN_TOKEN_ERROR_SHARE
     assert (
         f"warning: {share:.1%} of the text (text) tokens of a training sample are <unk> under tokenizer "
         f"{tiny['gpt2']}; is it the right tokenizer?"
@@ -91,10 +92,13 @@ def test_a_matching_tokenizer_passes_silently(tiny, tmp_path, capsys):
     assert "<unk>" not in capsys.readouterr().out
     unk = prepared.tokenizer.unk_token_id
     for column in ("input_ids", "labels"):
-        assert data.unknown_token_share(prepared.datasets["train"][column], unk) < data.UNKNOWN_TOKEN_WARN_SHARE
+        assert (
+            tokenizers.unknown_token_share(prepared.datasets["train"][column], unk)
+            < tokenizers.UNKNOWN_TOKEN_WARN_SHARE
+        )
 
 
 def test_a_tokenizer_whose_unknown_token_is_its_eos_is_not_checked():
     gpt2_like = SimpleNamespace(unk_token_id=1, eos_token_id=1, bos_token_id=1, pad_token_id=1, sep_token_id=None)
     train = datasets.Dataset.from_dict({"input_ids": [[7, 1, 8, 1], [1, 1, 1, 1]]})  # EOS separates documents
-    data.check_unknown_tokens(DataConfig(task="causal_lm"), gpt2_like, train)
+    tokenizers.check_unknown_tokens(DataConfig(task="causal_lm"), gpt2_like, train)

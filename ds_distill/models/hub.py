@@ -1,0 +1,47 @@
+"""What can be read of a model before its weights load: its config (the recipes' hub teachers have theirs shipped
+in known_configs/, so counting and validating a recipe needs no network) and the tensor names of its checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from transformers import AutoConfig, PretrainedConfig
+
+from ds_distill.errors import ConfigError
+
+KNOWN_CONFIGS_DIR = Path(__file__).parent / "known_configs"
+
+
+def checkpoint_keys(name_or_path: str) -> set[str] | None:
+    """The tensor names in a checkpoint's safetensors files (headers only), or None where they cannot be read
+    (PyTorch .bin weights, or a hub id that cannot be reached: loading then reports the problem)."""
+    from safetensors import safe_open
+    from transformers.utils import cached_file
+
+    try:
+        index = cached_file(name_or_path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False)
+        if index:
+            return set(json.loads(Path(index).read_text())["weight_map"])
+        weights = cached_file(name_or_path, "model.safetensors", _raise_exceptions_for_missing_entries=False)
+    except OSError:
+        return None
+    if not weights:
+        return None
+    with safe_open(weights, "pt") as handle:
+        return set(handle.keys())
+
+
+def load_config(name_or_path: str, role: str) -> PretrainedConfig:
+    """`AutoConfig.from_pretrained` with a clear error. The recipes' hub teachers have their config shipped
+    (`known_configs/`), so counting and validating a recipe needs no network."""
+    known = KNOWN_CONFIGS_DIR / f"{name_or_path.replace('/', '--')}.json"
+    if not Path(name_or_path).exists() and known.is_file():
+        return AutoConfig.from_pretrained(known)
+    try:
+        return AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as error:
+        raise ConfigError(
+            f"{role}.model_name_or_path '{name_or_path}' is neither a local model directory nor a reachable hub id "
+            f"({str(error).splitlines()[0]}); check the path or download the model first"
+        ) from None
