@@ -252,7 +252,8 @@ def build_trainer(
     compile: bool,
     teacher,
 ):
-    from ds_distill.train.loop import Trainer, prepare
+    from ds_distill.train.loop import Trainer
+    from ds_distill.train.prepare import prepare
 
     run = toolkit_run_config(assets, work_dir, placement, method, batch, steps, smoke, compile)
     return Trainer(prepare(run, overwrite=True), teacher=teacher)

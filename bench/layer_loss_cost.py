@@ -90,7 +90,9 @@ def synthetic_batch(batch: int, length: int, seed: int) -> dict[str, torch.Tenso
 
 
 def main(rounds: int = 3, steps_per_round: int = 2, batch: int = 16, length: int = 128) -> None:
-    from ds_distill.train.loop import LogWindow, Trainer, prepare
+    from ds_distill.train.loop import Trainer
+    from ds_distill.train.prepare import prepare
+    from ds_distill.train.progress import LogWindow
 
     dist.init()
     work = Path(tempfile.mkdtemp(prefix="layer_loss_cost_"))

@@ -22,9 +22,9 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from gpu_throughput import PLACEMENTS, RECIPE, TOKENIZER_PIECES  # noqa: E402
 
+from ds_distill import planner  # noqa: E402
 from ds_distill.config.load import load_config  # noqa: E402
 from ds_distill.models import adapters  # noqa: E402
-from ds_distill.planner import plan as planner  # noqa: E402
 
 RESULTS = ("bench/results/gpu_throughput_h100_eager.json", "bench/results/gpu_throughput_h100_fused.json")
 

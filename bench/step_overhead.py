@@ -116,7 +116,8 @@ class HandLoop:
 
 
 def main(rounds: int = 6, steps_per_round: int = 20) -> None:
-    from ds_distill.train.loop import Trainer, prepare
+    from ds_distill.train.loop import Trainer
+    from ds_distill.train.prepare import prepare
 
     dist.init()
     work = Path(tempfile.mkdtemp(prefix="step_overhead_"))

@@ -38,8 +38,8 @@ def plan(
         cpu_memory_gb: host memory per node; default this machine's.
         **overrides: dotted run settings, e.g. --train.per_device_train_batch_size=64.
     """
+    from ds_distill import planner
     from ds_distill.config.load import load_config
-    from ds_distill.planner import plan as planner
 
     hardware = planner.Hardware(
         gpus_per_node, nodes, gpu_memory_gb, planner.host_memory_gb() if cpu_memory_gb is None else cpu_memory_gb

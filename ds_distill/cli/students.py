@@ -74,36 +74,33 @@ def make_student(
 
     target = Path(output_dir)
     run_dir.check_target(target, run_dir.STUDENT_MARKER, "an earlier make_student output", flag(overwrite, "overwrite"))
-    given = {
-        "encoder_layers": encoder_layers,
-        "decoder_layers": decoder_layers,
-        "d_model": d_model,
-        "d_ff": d_ff,
-        "num_heads": num_heads,
-    }
+    given = dict(encoder_layers=encoder_layers, decoder_layers=decoder_layers, d_model=d_model, d_ff=d_ff,
+                 num_heads=num_heads)  # fmt: skip
     teacher_config = models.load_config(teacher, "teacher")
     if target_params is not None:
-        proposals = students.propose_dims(teacher_config, students.parse_count(target_params))
-        print(f"dimensions near {target_params} (parameters counted on the meta device):")
-        for dims, count in proposals:
-            shown = {k: v for k, v in vars(dims).items() if k in given and v is not None}
-            print(f"  {count / 1e6:,.1f}M  " + "  ".join(f"--{k}={v}" for k, v in shown.items()))
-        best = vars(proposals[0][0])
-        given = {k: v if v is not None else best.get(k) for k, v in given.items()}
-    dims = FromTeacherConfig(
-        **{k: coerce(v, int | None, k) for k, v in given.items()},
-        strategy="sliced",
-        layers=layers,
-        encoder_layers_from=coerce(encoder_layers_from, list[int] | None, "encoder_layers_from"),
-        decoder_layers_from=coerce(decoder_layers_from, list[int] | None, "decoder_layers_from"),
-        width=width,
-        calibration_batches=calibration_batches,
-    )
+        given = _near_target(teacher_config, target_params, given)
+    layers_from = {f"{stack}_layers_from": coerce(value, list[int] | None, f"{stack}_layers_from")
+                   for stack, value in (("encoder", encoder_layers_from), ("decoder", decoder_layers_from))}  # fmt: skip
+    dims = FromTeacherConfig(**{k: coerce(v, int | None, k) for k, v in given.items()}, **layers_from,
+                             strategy="sliced", layers=layers, width=width, calibration_batches=calibration_batches)  # fmt: skip
     calibration = students.calibration_batches(data, teacher, calibration_batches) if data else None
     student_config, plan = students.make_student(teacher, target, dims, calibration)
     teacher_count, student_count = models.count_parameters(teacher_config), models.count_parameters(student_config)
     print(f"kept, of teacher {teacher}:\n{plan.summary()}")
     print(f"wrote {target}: {student_count / 1e6:,.1f}M parameters ({teacher_count / student_count:.1f}x smaller)")
+
+
+def _near_target(teacher_config, target_params: str, given: dict) -> dict:
+    """Prints the dimensions proposed near `target_params` and fills the ones not given from the closest."""
+    from ds_distill.surgery import students
+
+    proposals = students.propose_dims(teacher_config, students.parse_count(target_params))
+    print(f"dimensions near {target_params} (parameters counted on the meta device):")
+    for dims, count in proposals:
+        shown = {k: v for k, v in vars(dims).items() if k in given and v is not None}
+        print(f"  {count / 1e6:,.1f}M  " + "  ".join(f"--{k}={v}" for k, v in shown.items()))
+    best = vars(proposals[0][0])
+    return {k: v if v is not None else best.get(k) for k, v in given.items()}
 
 
 def export(checkpoint_dir: str, output_dir: str, tag: str | None = None, overwrite: bool = False):

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
+from ds_distill import planner
 from ds_distill.config.load import load_config
-from ds_distill.planner import plan as planner
 from tests.conftest import translation_config
 from tests.distributed.launch import distill, training_log
 

@@ -8,11 +8,10 @@ import json
 import pytest
 import torch
 
-from ds_distill import models
+from ds_distill import models, planner
 from ds_distill.config.load import load_config
 from ds_distill.errors import ConfigError
 from ds_distill.models import adapters
-from ds_distill.planner import plan as planner
 from ds_distill.planner import trace as step_trace
 from tests.conftest import REPO, run_cli
 
@@ -67,7 +66,7 @@ def test_traced_peak_grows_linearly_in_depth_and_batch(tmp_path, gpu):
     """The plan traces one and two blocks at batch 1 and 2; its extension to 3 + 3 blocks at batch 5 equals a
     direct trace of that model."""
     from ds_distill.objectives.registry import build_losses
-    from ds_distill.train.loop import model_pair
+    from ds_distill.train.prepare import model_pair
     from ds_distill.train.student import student_hf_config
 
     run = _tiny_t5_run(tmp_path)

@@ -8,7 +8,7 @@ import pytest
 from ds_distill.config.load import from_dict
 from ds_distill.config.run import RunConfig
 from ds_distill.errors import ConfigError
-from ds_distill.train.loop import prepare
+from ds_distill.train.prepare import prepare
 from tests import tiny_models
 from tests.conftest import translation_config
 
