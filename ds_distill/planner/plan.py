@@ -13,7 +13,7 @@ own ones too), per rank:
                      (`estimate_zero2_model_states_mem_needs`, `estimate_zero3_model_states_mem_needs`)
     step             the peak of live tensors over one training step: the teacher's logits, the student's
                      activations, the logit losses and the backward pass, traced on the CPU at the run's widths,
-                     lengths, dtype and gradient checkpointing (`step_trace.py`)
+                     lengths, dtype and gradient checkpointing (`trace.py`)
     features         what the layer-wise losses read from the teacher (captured outputs of mapped layers), held
                      through the step's peak
 
