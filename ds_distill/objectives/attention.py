@@ -117,7 +117,7 @@ class RelationLoss(LayerwiseLoss):
         positions, for cross-attention keys and values) and `cross` (decoder queries against encoder keys)."""
         return [("self_q", "self_q", "self"), ("self_k", "self_k", "self"), ("self_v", "self_v", "self")]
 
-    def pair_loss(self, pair, student, teacher):
+    def pair_loss(self, pair, student, teacher, tokens):
         own_mask = student[f"{pair.stack}.mask"]
         values = []
         for query_site, key_site, kind in self.relations(pair):
@@ -139,7 +139,7 @@ class RelationLoss(LayerwiseLoss):
                 causal,
                 f"{self.where} {pair} {query_site}-{key_site}",
             )
-            values.append(token_mean(row_sum, student, query_stack, query_mask.sum()))
+            values.append(token_mean(row_sum, tokens, query_stack, query_mask.sum()))
         return torch.stack(values).mean()
 
 
@@ -214,7 +214,7 @@ class AttentionDistributionLoss(LayerwiseLoss):
                 "comparing head-averaged attention distributions"
             )
 
-    def pair_loss(self, pair, student, teacher):
+    def pair_loss(self, pair, student, teacher, tokens):
         mask = student[f"{pair.stack}.mask"]
         student_probs, teacher_probs = features(pair, "attention_probs", student, teacher)
         allowed = _key_mask(mask, mask, causal=False)  # future keys of a decoder have probability 0 on both sides
@@ -231,7 +231,7 @@ class AttentionDistributionLoss(LayerwiseLoss):
         else:
             scale = 1.0
         row_sum = self.compare(student_probs, teacher_probs, allowed, mask)
-        return token_mean(row_sum * scale, student, pair.stack, mask.sum())
+        return token_mean(row_sum * scale, tokens, pair.stack, mask.sum())
 
 
 class AttentionKLLoss(AttentionDistributionLoss):

@@ -34,23 +34,28 @@ class DistillationLoss(torch.nn.Module):
         self.student_keys: set[str] = set()
         self.teacher_keys: set[str] = set()
 
-    def forward(self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor] | None) -> torch.Tensor:
+    def forward(
+        self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor] | None, tokens: StepTokens = None
+    ) -> torch.Tensor:
         raise NotImplementedError
 
 
 # Token weighting. A term is a mean over the tokens of the whole optimizer step: every micro-batch of every rank
-# divides its sum by the step's token count, which the trainer passes in the student's features as
-# `{key}.tokens` (key: "targets" for logit terms, a stack name for layer-wise ones). Summing the micro-batches'
-# shares then weighs every token alike, however the step's tokens fall into micro-batches and ranks. Without
-# the count (a loss called on its own, evaluation) a term is the mean over its micro-batch.
+# divides its sum by the step's token count, which the trainer passes to every term as `tokens`. Summing the
+# micro-batches' shares then weighs every token alike, however the step's tokens fall into micro-batches and
+# ranks. Without the counts (a loss called on its own, evaluation) a term is the mean over its micro-batch.
+StepTokens = dict[str, torch.Tensor] | None
+"""The optimizer step's real tokens over all its micro-batches and ranks, by key: "targets" (the labels logit
+terms are over) and each stack ("encoder", "decoder"; layer-wise terms). `train/student.py`'s token_counts."""
 
 
-def token_mean(total: torch.Tensor, features: dict, key: str, local_count: torch.Tensor) -> torch.Tensor:
+def token_mean(total: torch.Tensor, tokens: StepTokens, key: str, local_count: torch.Tensor) -> torch.Tensor:
     """A micro-batch's sum over tokens as its share of the step's mean over `key` tokens."""
-    return total / features.get(f"{key}.tokens", local_count).clamp_min(1)
+    step_count = tokens.get(key) if tokens else None
+    return total / (local_count if step_count is None else step_count).clamp_min(1)
 
 
-def micro_batch_share(value: torch.Tensor, features: dict, key: str, local_count: torch.Tensor) -> torch.Tensor:
+def micro_batch_share(value: torch.Tensor, tokens: StepTokens, key: str, local_count: torch.Tensor) -> torch.Tensor:
     """A statistic of a whole micro-batch (CKA), weighted by the micro-batch's share of the step's tokens."""
-    step_count = features.get(f"{key}.tokens")
+    step_count = tokens.get(key) if tokens else None
     return value if step_count is None else value * local_count / step_count.clamp_min(1)

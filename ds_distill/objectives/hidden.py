@@ -110,7 +110,7 @@ class CKALoss(LayerwiseLoss):
         super().__init__(options, model_pair, where)
         self.normalization = resolve_normalization(options.normalize, model_pair, self.notes)
 
-    def pair_loss(self, pair, student, teacher):
+    def pair_loss(self, pair, student, teacher, tokens):
         mask = student[f"{pair.stack}.mask"]
         compared = mask.clone()
         if self.options.skip_first:
@@ -125,7 +125,7 @@ class CKALoss(LayerwiseLoss):
             normalize=self.normalization,
         )
         # CKA is a statistic of the micro-batch's token rows: it counts by the micro-batch's share of the step
-        return micro_batch_share(value, student, pair.stack, mask.sum())
+        return micro_batch_share(value, tokens, pair.stack, mask.sum())
 
 
 @dataclass
@@ -170,12 +170,12 @@ class ProjectedHiddenLoss(LayerwiseLoss):
         """Per token: `[tokens, width]` twice -> `[tokens]`."""
         raise NotImplementedError
 
-    def pair_loss(self, pair, student, teacher):
+    def pair_loss(self, pair, student, teacher, tokens):
         mask = student[f"{pair.stack}.mask"]
         student_hidden, teacher_hidden = features(pair, "hidden", student, teacher)
         student_rows = normalized(self.project(pair, student_hidden[mask]), self.normalization)
         per_token = self.compare(student_rows, normalized(teacher_hidden[mask].float(), self.normalization))
-        return token_mean(per_token.sum(), student, pair.stack, mask.sum())
+        return token_mean(per_token.sum(), tokens, pair.stack, mask.sum())
 
 
 class HiddenMSELoss(ProjectedHiddenLoss):

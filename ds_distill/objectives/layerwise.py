@@ -19,7 +19,7 @@ from ds_distill import models
 from ds_distill.config.run import LayerMapConfig
 from ds_distill.errors import ConfigError
 from ds_distill.objectives import layer_map
-from ds_distill.objectives.base import DistillationLoss
+from ds_distill.objectives.base import DistillationLoss, StepTokens
 from ds_distill.objectives.capture import feature_key
 from ds_distill.objectives.layer_map import LayerPair
 
@@ -121,11 +121,11 @@ class LayerwiseLoss(DistillationLoss):
     def pair_sites(self, pair: LayerPair) -> tuple[str, ...]:
         return self.sites
 
-    def pair_loss(self, pair: LayerPair, student: dict, teacher: dict) -> torch.Tensor:
+    def pair_loss(self, pair: LayerPair, student: dict, teacher: dict, tokens: StepTokens) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, student, teacher):
-        values = torch.stack([self.pair_loss(pair, student, teacher) for pair in self.pairs])
+    def forward(self, student, teacher, tokens=None):
+        values = torch.stack([self.pair_loss(pair, student, teacher, tokens) for pair in self.pairs])
         return values.sum() if self.options.reduction == "sum" else values.mean()
 
 

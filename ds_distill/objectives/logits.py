@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 
 from ds_distill.errors import ConfigError
-from ds_distill.objectives.base import IGNORE_INDEX, DistillationLoss, token_mean
+from ds_distill.objectives.base import IGNORE_INDEX, DistillationLoss, StepTokens, token_mean
 
 
-def _target_mean(per_token: torch.Tensor, student: dict) -> torch.Tensor:
+def _target_mean(per_token: torch.Tensor, student: dict, tokens: StepTokens) -> torch.Tensor:
     targets = student["labels"] != IGNORE_INDEX
-    return token_mean(torch.where(targets, per_token, 0.0).sum(), student, "targets", targets.sum())
+    return token_mean(torch.where(targets, per_token, 0.0).sum(), tokens, "targets", targets.sum())
 
 
 class CrossEntropyLoss(DistillationLoss):
@@ -27,13 +27,13 @@ class CrossEntropyLoss(DistillationLoss):
 
     requires_teacher = False
 
-    def forward(self, student, teacher=None):
+    def forward(self, student, teacher=None, tokens=None):
         logits = student["logits"][..., : self.vocab_size].float()
         labels = student["labels"]
         per_token = F.cross_entropy(
             logits.flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
         ).view_as(labels)
-        return _target_mean(per_token, student)
+        return _target_mean(per_token, student, tokens)
 
 
 def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -103,7 +103,7 @@ class LogitDistillationLoss(DistillationLoss):
 
     Options = KDOptions
 
-    def forward(self, student, teacher):
+    def forward(self, student, teacher, tokens=None):
         # Compared on the tokenizer's vocabulary: rows past it (T5 pads 32100 tokens to 32128) are never targets,
         # and a student built from the teacher has them too, so they would take mass in both softmaxes.
         vocab = self.vocab_size or min(student["logits"].shape[-1], teacher["logits"].shape[-1])
@@ -111,4 +111,4 @@ class LogitDistillationLoss(DistillationLoss):
         log_student = F.log_softmax(student["logits"][..., :vocab].float() / temperature, dim=-1)
         log_teacher = F.log_softmax(teacher["logits"][..., :vocab].float() / temperature, dim=-1)
         per_token = divergence(self.options.divergence, log_teacher, log_student, self.options.beta, self.options.alpha)
-        return _target_mean(per_token, student) * temperature_scale(self.options.divergence, temperature)
+        return _target_mean(per_token, student, tokens) * temperature_scale(self.options.divergence, temperature)

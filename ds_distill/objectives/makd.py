@@ -109,7 +109,7 @@ class MaKDLoss(AttentionKLLoss):
     def set_step(self, step: int) -> None:
         self.step = step
 
-    def pair_loss(self, pair, student, teacher):
+    def pair_loss(self, pair, student, teacher, tokens):
         active = self.active_aspects()
         total = torch.zeros((), device=student[f"{pair.stack}.mask"].device)
         for aspect in self.pair_aspects(pair):
@@ -117,7 +117,7 @@ class MaKDLoss(AttentionKLLoss):
             # (DeepSpeed's ZeRO stages expect the same parameters to take part in every step)
             weight = self.options.aspect_weights[aspect] if aspect in active else 0.0
             if aspect == "attention":
-                value = super().pair_loss(pair, student, teacher)
+                value = super().pair_loss(pair, student, teacher, tokens)
             else:
                 mask = student[f"{pair.stack}.mask"]
                 student_states, teacher_states = features(pair, SITES[aspect], student, teacher)
@@ -127,6 +127,6 @@ class MaKDLoss(AttentionKLLoss):
                 student_states = normalized(student_states.float(), self.normalization)
                 teacher_states = normalized(teacher_states[mask].float(), self.normalization)
                 squared = F.mse_loss(student_states, teacher_states, reduction="none")
-                value = token_mean(squared.mean(-1).sum(), student, pair.stack, mask.sum())
+                value = token_mean(squared.mean(-1).sum(), tokens, pair.stack, mask.sum())
             total = total + weight * value
         return total

@@ -2,11 +2,12 @@
 
 Every loss is a small `torch.nn.Module` with one signature::
 
-    loss(student: dict[str, Tensor], teacher: dict[str, Tensor] | None) -> Tensor (scalar, float32)
+    loss(student: dict[str, Tensor], teacher: dict[str, Tensor] | None, tokens: StepTokens = None)
+        -> Tensor (scalar, float32)
 
 A term is a mean over tokens, and in training over all tokens of the optimizer step: each micro-batch returns
-its sum divided by the step's count (`base.token_mean`), so every token weighs alike whatever the split into
-micro-batches and ranks.
+its sum divided by the step's count, `tokens` (`base.StepTokens`, `base.token_mean`), so every token weighs
+alike whatever the split into micro-batches and ranks. Without it, a term is its micro-batch's mean.
 
 The feature dicts hold what a term asks for: `logits` [batch, seq, vocab] and `labels` [batch, seq] (-100 on
 positions that do not count), aligned so that `logits[:, t]` predicts `labels[:, t]`; for layer-wise terms the

@@ -208,7 +208,7 @@ def trace_step(
     if shape.checkpointing:  # as the trainer turns it on
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     inputs = _batch(model, adapter, shape, batch)
-    counts = {f"{key}.tokens": count for key, count in token_counts(adapter, inputs).items()}
+    counts = token_counts(adapter, inputs)
     embedded = []
     for module in model.modules():
         if isinstance(module, torch.nn.Embedding):
@@ -224,8 +224,7 @@ def trace_step(
             if adapter.kind == "causal":
                 teacher["logits"] = teacher["logits"][:, :-1]
         student = forward_features(model, adapter, inputs)
-        student.update(counts)
-        total = sum(weights[name] * loss(student, teacher) for name, loss in logit_losses.items())
+        total = sum(weights[name] * loss(student, teacher, counts) for name, loss in logit_losses.items())
         if not logit_losses:  # layer-wise terms only: a stand-in that keeps the whole graph
             total = student.get("logits", next(iter(embedded))).float().mean()
         del teacher, student

@@ -135,11 +135,10 @@ class DistillationModule(torch.nn.Module):
         """`step_tokens`: the optimizer step's token counts over all micro-batches and ranks (`token_counts`
         summed); each term is then this micro-batch's share of the step's mean. Without: micro-batch means."""
         student_features = forward_features(self.training_forward, self.adapter, batch, self.capture)
-        student_features.update({f"{key}.tokens": count for key, count in (step_tokens or {}).items()})
         if self.kept_heads is not None:
             for key in [key for key in student_features if key.endswith(".attention_probs")]:
                 stack, layer, _ = key.split(".")
                 student_features[f"{stack}.{layer}.kept_heads"] = self.kept_heads(stack, int(layer) - 1)
-        terms = {name: loss(student_features, teacher_features) for name, loss in self.losses.items()}
+        terms = {name: loss(student_features, teacher_features, step_tokens) for name, loss in self.losses.items()}
         total = sum(self.weights[name] * value for name, value in terms.items())
         return total, {name: value.detach() for name, value in terms.items()}
