@@ -13,7 +13,8 @@ here for 300 steps, which a CPU learns to BLEU 30 and more. It is trained once p
 
 - `seed000`: the CKA paper's table in miniature. Students at about 20x, 12x, 7x and 4x fewer parameters
   (counted), from random weights or cut from the teacher (`from_teacher`: layers alternate, width by
-  importance), each trained with CE + KD (`method: kd`), CE + KD + CKA (`cka`) and CE + KD + linear (`linear`).
+  importance; a run's default is now `layers: first`, which `cut_width` measures), each trained with CE + KD
+  (`method: kd`), CE + KD + CKA (`cka`) and CE + KD + linear (`linear`).
 - `seed001`: at about 20x, direct distillation vs teacher -> assistant -> student (MiniEnD's chain) for the same
   total student steps, and MiniEnD-D (decoder self- and cross-attention relations) vs KD.
 - `seed003`: HomoDistil (start as the teacher, prune to the widths while distilling) vs a student cut to the same
@@ -67,8 +68,10 @@ SIZES = {
 INITS = ("random", "cut")  # seed000's columns; cut_width adds cut_first
 INIT_STRATEGIES = {
     "random": {"strategy": "random"},
-    "cut": {"strategy": "sliced", "width": "importance"},  # layers: alternate (the default)
-    "cut_first": {"strategy": "sliced", "width": "first"},
+    # the blocks the uniform layer map pairs (the default until `layers` measured best at `first`), and the most
+    # active channels, heads and FFN neurons (the default width) or the first ones
+    "cut": {"strategy": "sliced", "width": "importance", "layers": "alternate"},
+    "cut_first": {"strategy": "sliced", "width": "first", "layers": "alternate"},
     # which teacher blocks a cut keeps (width: importance)
     "cut_layers_uniform": {"strategy": "sliced", "layers": "uniform"},
     "cut_layers_first": {"strategy": "sliced", "layers": "first"},
