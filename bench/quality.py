@@ -4,7 +4,8 @@
     python bench/quality.py seed001   [--seeds=3] [--steps=300] [--size=20x] [--assistant=4x]
     python bench/quality.py cka_depth [--seeds=3] [--steps=300] [--size=20x] [--init=random]
     python bench/quality.py smollm2_cka [--seeds=3] [--steps=60] [--layers=12] [--variants=kd,cka,cka_mean,...]
-    python bench/quality.py cut_width [--seeds=3] [--steps=300] [--sizes=20x] [--inits=random,cut,cut_first]
+    python bench/quality.py cut_width [--seeds=3] [--steps=300] [--sizes=20x] [--inits=random,cut,cut_first,...]
+    python bench/quality.py seed003   [--seeds=3] [--steps=300] [--widths=quarter,half] [--smollm2_steps=60]
 
 The teacher is the demo's task (ds_distill/demo.py): English into a made-up verb-final language, a sentencepiece
 tokenizer of 256 pieces and a T5 teacher of 7.41M parameters (d_model 256, 4+4 blocks, tied embeddings) trained
@@ -12,11 +13,15 @@ here for 300 steps, which a CPU learns to BLEU 30 and more. It is trained once p
 
 - `seed000`: the CKA paper's table in miniature. Students at about 20x, 12x, 7x and 4x fewer parameters
   (counted), from random weights or cut from the teacher (`from_teacher`: layers alternate, width by
-  importance), each trained with CE + KD (`method: kd`), CE + KD + CKA (`cka`) and CE + KD + linear (`linear`).
+  importance; a run's default is now `layers: first`, which `cut_width` measures), each trained with CE + KD
+  (`method: kd`), CE + KD + CKA (`cka`) and CE + KD + linear (`linear`).
 - `seed001`: at about 20x, direct distillation vs teacher -> assistant -> student (MiniEnD's chain) for the same
   total student steps, and MiniEnD-D (decoder self- and cross-attention relations) vs KD.
+- `seed003`: HomoDistil (start as the teacher, prune to the widths while distilling) vs a student cut to the same
+  widths + CE + KD, the same steps: on a BERT masked LM trained here on the demo corpus, and on SmolLM2-135M.
 - `cut_width`: the student's start, with CE + KD: random weights, or cut from the teacher keeping its first
-  channels, heads and FFN neurons (`width: first`) or the most active ones (`width: importance`).
+  channels, heads and FFN neurons (`width: first`) or the most active ones (`width: importance`), or other
+  teacher blocks (`layers: uniform | first | last` instead of `alternate`).
 - `cka_depth`: what makes the CKA term help: the sum over layer pairs vs the mean (the sum at weight 1/pairs),
   raw vs normalised states, the first position left out, float64 products; one student size, against KD alone.
 - `smollm2_cka`: the same question on a real pre-LN decoder, SmolLM2-135M, with 13 layer pairs (its own
@@ -46,6 +51,7 @@ import fire
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ds_distill import demo, models  # noqa: E402
+from ds_distill.config.deepspeed import PROJECT_ROOT  # noqa: E402
 from ds_distill.config.load import expand_method, from_dict  # noqa: E402
 from ds_distill.config.run import RunConfig, to_dict  # noqa: E402
 
@@ -63,8 +69,14 @@ SIZES = {
 INITS = ("random", "cut")  # seed000's columns; cut_width adds cut_first
 INIT_STRATEGIES = {
     "random": {"strategy": "random"},
-    "cut": {"strategy": "sliced", "width": "importance"},  # layers: alternate (the default)
-    "cut_first": {"strategy": "sliced", "width": "first"},
+    # the blocks the uniform layer map pairs (the default until `layers` measured best at `first`), and the most
+    # active channels, heads and FFN neurons (the default width) or the first ones
+    "cut": {"strategy": "sliced", "width": "importance", "layers": "alternate"},
+    "cut_first": {"strategy": "sliced", "width": "first", "layers": "alternate"},
+    # which teacher blocks a cut keeps (width: importance)
+    "cut_layers_uniform": {"strategy": "sliced", "layers": "uniform"},
+    "cut_layers_first": {"strategy": "sliced", "layers": "first"},
+    "cut_layers_last": {"strategy": "sliced", "layers": "last"},
 }
 RAW = {"normalize": "none"}  # CKA on the raw block outputs: the default until CKA's `normalize: auto`
 # seed000's columns: name -> (label, method, the run's own loss options)
@@ -113,13 +125,10 @@ def prepare_teacher(out: Path) -> tuple[dict[str, str], Path]:
 
 
 def write_result(run_dir: Path, model: Path, seconds: float) -> dict:
+    """The run's last evaluation (loss, bleu or accuracy and perplexity), parameters and seconds, as result.json."""
     evals = [json.loads(line) for line in open(run_dir / "log.jsonl") if "eval/loss" in line]
-    result = {
-        "loss": evals[-1]["eval/loss"],
-        "bleu": evals[-1]["eval/bleu"],
-        "parameters": models.count_parameters(models.load_config(str(model), "model")),
-        "seconds": seconds,
-    }
+    result = {key.removeprefix("eval/"): value for key, value in evals[-1].items() if key.startswith("eval/")}
+    result.update(parameters=models.count_parameters(models.load_config(str(model), "model")), seconds=seconds)
     (run_dir / "result.json").write_text(json.dumps(result) + "\n")
     return result
 
@@ -364,17 +373,18 @@ def seed001(seeds: int = 3, steps: int = 300, size: str = "20x", assistant: str 
     write_table(out / "seed001", f"seed 001 in miniature: direct vs chain, MiniEnD-D vs KD, at {size}", lines)
 
 
-def cut_width(seeds: int = 3, steps: int = 300, sizes=("20x",), inits=tuple(INIT_STRATEGIES), workers: int = 2,
-              output_dir: str = "runs/bench/quality") -> None:  # fmt: skip
-    """CE + KD from random weights vs cut from the teacher with its first channels/heads/neurons vs the most
-    active ones (`from_teacher.width: first | importance`)."""
+def cut_width(seeds: int = 3, steps: int = 300, sizes=("20x",), inits=tuple(INIT_STRATEGIES), method: str = "kd",
+              workers: int = 2, output_dir: str = "runs/bench/quality") -> None:  # fmt: skip
+    """CE + KD (or `--method`) from random weights vs cut from the teacher (INIT_STRATEGIES): `cut` keeps the alternate blocks and
+    the most active channels, heads and FFN neurons (`width: importance`), `cut_first` the first ones, and
+    `cut_layers_uniform|first|last` other blocks (`from_teacher.layers`)."""
     out = Path(output_dir)
     started = time.perf_counter()
     files, teacher = prepare_teacher(out)
     sizes, inits = as_list(sizes), as_list(inits)
     cells, jobs = {}, {}
     for size, init, seed in itertools.product(sizes, inits, range(seeds)):
-        name, jobs[name] = student_run(files, teacher, out, size, init, "kd", {}, steps, seed)
+        name, jobs[name] = student_run(files, teacher, out, size, init, method, {}, steps, seed)
         cells.setdefault((size, init), []).append(name)
     results = run_jobs(jobs, out / "queue", workers)
     teacher_result = json.loads((out / "teacher" / "result.json").read_text())
@@ -388,7 +398,7 @@ def cut_width(seeds: int = 3, steps: int = 300, sizes=("20x",), inits=tuple(INIT
         row += [mean_sd([r["loss"] for r in runs[init]], 3) for init in inits]
         lines.append(f"| {size} | {ratio:.1f}x | " + " | ".join(row) + " |")
     lines += ["", cost(results, started)]
-    title = "Student initialisation, CE + KD: " + " vs ".join(inits) + " (cut: width importance; cut_first: first)"
+    title = f"Student initialisation, method {method}: " + " vs ".join(inits)
     write_table(out / "cut_width", title, lines)
 
 
@@ -467,11 +477,178 @@ def smollm2_cka(seeds: int = 3, steps: int = 60, batch: int = 4, block_size: int
     write_table(Path(output_dir) / "smollm2_cka", "CKA variants on SmolLM2-135M (a pre-LN decoder)", lines)
 
 
+# -- seed 003: HomoDistil vs a cut student + KD --------------------------------------------------------------
+
+# a post-LN BERT masked LM on the demo corpus (both sides, one sentence per line), 256 pieces + <mask>
+MLM_TEACHER_SHAPE = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 1024}
+MLM_TEACHER_STEPS, MLM_BATCH, MLM_BLOCK = 600, 16, 32  # micro-batches of 16 blocks of 32 tokens
+# final widths (every block kept): a quarter and half of the teacher's width
+MLM_WIDTHS = {
+    "quarter": {"d_model": 64, "d_ff": 256, "num_heads": 1},
+    "half": {"d_model": 128, "d_ff": 512, "num_heads": 2},
+}
+# SmolLM2: the student shape of bench/smollm2_students.py (12 of 30 blocks, width 384)
+SMOLLM2_STUDENT = {"decoder_layers": 12, "d_model": 384, "d_ff": 1024, "num_heads": 6}
+SMOLLM2_LR = 3e-4  # both rows start from the teacher's weights
+
+
+def mlm_tree(files: dict[str, str], teacher: Path | None, student: dict, steps: int, lr: float, seed: int) -> dict:
+    """A masked-LM run on the demo corpus: teacher ZeRO-3 inference, student ZeRO-2."""
+    teacher_ds = PROJECT_ROOT / "ds_configs" / "teacher_zero3_inference_cpu.json"
+    return {
+        "teacher": {"model_name_or_path": str(teacher) if teacher else None, "deepspeed_config": str(teacher_ds)},
+        "student": {**student, "deepspeed_config": str(PROJECT_ROOT / "ds_configs" / "student_zero2.json")},
+        "data": {"task": "masked_lm", "dataset": "json", "data_files": files, "max_source_length": MLM_BLOCK},
+        "train": {"max_steps": steps, "per_device_train_batch_size": MLM_BATCH, "per_device_eval_batch_size": 200,
+                  "learning_rate": lr, "warmup_steps": steps // 20, "logging_steps": steps, "seed": seed},
+    }  # fmt: skip
+
+
+def prepare_mlm_teacher(out: Path) -> tuple[dict[str, str], Path]:
+    """The demo corpus as text, a sentencepiece tokenizer with a mask token and a BERT masked LM trained on it,
+    in `out` (built on first use): (data files, teacher export)."""
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+
+    from ds_distill import dist
+    from ds_distill.data.tokenizers import train_sentencepiece_tokenizer
+    from ds_distill.train.loop import distill
+
+    teacher = out / "teacher" / "model"
+    files = {split: str(out / "data" / f"{split}.jsonl") for split in ("train", "validation")}
+    if (out / "teacher" / "result.json").is_file():
+        return files, teacher
+    dist.init()
+    pairs = demo.write_corpus(out / "corpus", train_size=TRAIN_PAIRS, valid_size=VALID_PAIRS)
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    for split, path in files.items():
+        rows = [json.loads(line)["translation"] for line in open(pairs[split])]
+        Path(path).write_text("".join(json.dumps({"text": row[lang]}) + "\n" for row in rows for lang in ("en", "zz")))
+    tokenizer = train_sentencepiece_tokenizer(pairs["train"], ("en", "zz"), out / "tokenizer", vocab_size=256)
+    tokenizer.add_special_tokens({"mask_token": "<mask>"})
+    config = BertConfig(vocab_size=-(-len(tokenizer) // 64) * 64, max_position_embeddings=MLM_BLOCK,
+                        pad_token_id=tokenizer.pad_token_id, **MLM_TEACHER_SHAPE)  # fmt: skip
+    torch.manual_seed(0)
+    BertForMaskedLM(config).save_pretrained(out / "teacher_init")
+    tokenizer.save_pretrained(out / "teacher_init")
+    print(f"training the masked LM teacher for {MLM_TEACHER_STEPS} steps", flush=True)
+    started = time.perf_counter()
+    tree = mlm_tree(files, None, {"model_name_or_path": str(out / "teacher_init")}, MLM_TEACHER_STEPS, TEACHER_LR, 0)
+    tree["train"]["output_dir"] = str(out / "teacher")
+    distill(from_dict(RunConfig, {**tree, "losses": {"ce": {"weight": 1.0}}}), overwrite=True)
+    write_result(out / "teacher", teacher, time.perf_counter() - started)
+    return files, teacher
+
+
+def named(out: Path, prefix: str, tree: dict) -> tuple[str, dict]:
+    """(name, tree) with the name ending in a hash of the settings and the run's output_dir under out/runs."""
+    key = hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:8]
+    name = f"{prefix}_{key}"
+    tree["train"]["output_dir"] = str(out / "runs" / name)
+    return name, tree
+
+
+def homodistil_rows(cut: dict, full: dict, widths: dict, steps: int, homodistil_losses: dict) -> dict:
+    """Row label -> (student.init, method, losses, prune) of the two rows compared at one final width."""
+    return {
+        "cut + KD": ({"from_teacher": {**cut, **widths, "strategy": "sliced", "width": "importance"}}, "kd", {}, None),
+        "HomoDistil": ({"from_teacher": {**full, "strategy": "sliced"}}, "homodistil", homodistil_losses,
+                       {**widths, "steps": steps // 2}),
+    }  # fmt: skip
+
+
+def seed003(seeds: int = 3, steps: int = 300, widths=tuple(MLM_WIDTHS), smollm2_steps: int = 60, smollm2_batch: int = 4,
+            block_size: int = 64, workers: int = 2, output_dir: str = "runs/bench/quality") -> None:  # fmt: skip
+    """HomoDistil vs a student cut from the teacher (importance) + CE + KD, at the same final widths and steps:
+    on a BERT masked LM trained here (every block kept, `--widths=quarter,half` of its width) and on SmolLM2-135M
+    (12 of 30 blocks, width 384; `--smollm2_steps=0` leaves it out). HomoDistil starts from the teacher (the
+    alternate blocks for SmolLM2) and prunes to the widths over the first half of the run (the homobert recipes'
+    schedule), then trains at those widths."""
+    out = Path(output_dir)
+    started = time.perf_counter()
+    mlm_out = out / "seed003_mlm"
+    files, teacher = prepare_mlm_teacher(mlm_out)
+    widths = as_list(widths)
+    cells, jobs = {}, {}  # (model, width, row) -> [run name per seed]
+    for width, seed in itertools.product(widths, range(seeds)):
+        rows = homodistil_rows({}, {}, MLM_WIDTHS[width], steps, {})
+        for row, (init, method, losses, prune) in rows.items():
+            tree = {**mlm_tree(files, teacher, {"init": init}, steps, CUT_LR, seed), "method": method, "losses": losses}
+            if prune:
+                tree["prune"] = prune
+            name, jobs[name] = named(out, f"mlm_{width}_{method}_s{seed}", tree)
+            cells.setdefault(("mlm", width, row), []).append(name)
+    if smollm2_steps:
+        from bench.smollm2_students import english_text, teacher_dir
+
+        smollm2 = teacher_dir(PROJECT_ROOT / ".bench_assets")
+        text = english_text(out / "seed003_smollm2_data")
+        # SmolLM2's pre-LN residual stream runs to hundreds: HomoDistil's MSE terms on normalised states
+        normalised = {"hidden_mse": {"normalize": True}, "embedding_mse": {"normalize": True}}
+        shape = {k: SMOLLM2_STUDENT[k] for k in ("d_model", "d_ff", "num_heads")}
+        depth = {"decoder_layers": SMOLLM2_STUDENT["decoder_layers"], "layers": "alternate"}
+        for seed in range(seeds):
+            rows = homodistil_rows(depth, depth, shape, smollm2_steps, normalised)
+            for row, (init, method, losses, prune) in rows.items():
+                tree = {
+                    "teacher": {"model_name_or_path": str(smollm2),
+                                "deepspeed_config": str(PROJECT_ROOT / "ds_configs" / "teacher_zero3_inference_cpu.json")},
+                    "student": {"init": init, "deepspeed_config": str(PROJECT_ROOT / "ds_configs" / "student_zero2.json")},
+                    "data": {"task": "causal_lm", "dataset": "json", "data_files": text, "tokenizer": str(smollm2),
+                             "block_size": block_size},
+                    "train": {"max_steps": smollm2_steps, "per_device_train_batch_size": smollm2_batch,
+                              "per_device_eval_batch_size": 16, "learning_rate": SMOLLM2_LR,
+                              "warmup_steps": smollm2_steps // 10, "logging_steps": smollm2_steps, "seed": seed},
+                    "method": method,
+                    "losses": losses,
+                }  # fmt: skip
+                if prune:
+                    tree["prune"] = prune
+                name, jobs[name] = named(out, f"smollm2_{method}_s{seed}", tree)
+                cells.setdefault(("smollm2", "384", row), []).append(name)
+    results = run_jobs(jobs, out / "queue" / "seed003", workers)
+    teacher_result = json.loads((mlm_out / "teacher" / "result.json").read_text())
+    lines = [
+        f"Masked LM teacher: BERT {MLM_TEACHER_SHAPE}, {teacher_result['parameters'] / 1e6:.2f}M, trained here "
+        f"{MLM_TEACHER_STEPS} steps at lr {TEACHER_LR} on the demo corpus (both sides, a sentence per line, 15% "
+        f"masked): validation loss {teacher_result['loss']:.3f}, masked-token accuracy "
+        f"{teacher_result['accuracy']:.3f}. Students: {steps} steps x {MLM_BATCH} x {MLM_BLOCK} tokens, lr {CUT_LR}, "
+        "every block kept."
+    ]
+    if smollm2_steps:
+        lines.append(
+            f"SmolLM2-135M-Instruct teacher, the English side of wmt_ende_10k: students of 12 blocks x 384 (6 query / "
+            f"2 key-value heads, FFN 1024), {smollm2_steps} steps x {smollm2_batch} x {block_size} tokens, lr "
+            f"{SMOLLM2_LR}; HomoDistil from the 12 alternate blocks at full width, its MSE terms on normalised states."
+        )
+    lines += [
+        "HomoDistil prunes to the final widths over the first half of the run (cubic schedule, masks every step), "
+        "then trains at them; the cut student is ranked by importance on a calibration sample. A seed sets the "
+        f"data order (and the cut's calibration sample); seeds 0..{seeds - 1}, mean +- sd; paired: seed by seed.",
+        "",
+        "| teacher | final width | parameters | cut + KD loss | HomoDistil loss | HomoDistil - cut (paired) | "
+        "cut + KD accuracy / perplexity | HomoDistil accuracy / perplexity |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for model, width in dict.fromkeys((m, w) for m, w, _ in cells):
+        cut, homo = ([results[n] for n in cells[model, width, row]] for row in ("cut + KD", "HomoDistil"))
+        metric, digits = ("accuracy", 3) if model == "mlm" else ("perplexity", 1)
+        gain = mean_sd([h["loss"] - c["loss"] for h, c in zip(homo, cut, strict=True)], 3)
+        lines.append(
+            f"| {'BERT MLM' if model == 'mlm' else 'SmolLM2-135M'} | {width} | {cut[0]['parameters'] / 1e6:.2f}M | "
+            f"{mean_sd([r['loss'] for r in cut], 3)} | {mean_sd([r['loss'] for r in homo], 3)} | {gain} | "
+            f"{mean_sd([r[metric] for r in cut], digits)} | {mean_sd([r[metric] for r in homo], digits)} |"
+        )
+    lines += ["", cost(results, started)]
+    write_table(out / "seed003", "seed 003: HomoDistil vs a cut student + KD at the same widths and steps", lines)
+
+
 if __name__ == "__main__":
     fire.Fire(
         {
             "seed000": seed000,
             "seed001": seed001,
+            "seed003": seed003,
             "cka_depth": cka_depth,
             "cut_width": cut_width,
             "smollm2_cka": smollm2_cka,

@@ -16,7 +16,7 @@ def make_student(
     d_model: int | None = None,
     d_ff: int | None = None,
     num_heads: int | None = None,
-    layers: str = "alternate",
+    layers: str = "first",
     encoder_layers_from=None,
     decoder_layers_from=None,
     width: str = "first",
@@ -52,7 +52,8 @@ def make_student(
         d_model: hidden width (a whole number of heads: num_heads x the teacher's head width).
         d_ff: feed-forward width.
         num_heads: attention heads.
-        layers: alternate (every k-th block, ending with the last) | uniform (first to last, evenly) | first | last.
+        layers: first (the default: it measured best) | alternate (every k-th block, ending with the last) |
+            uniform (first to last, evenly) | last.
         encoder_layers_from: the teacher's encoder blocks (0-based) to copy, e.g. 0,2,4, instead of --layers.
         decoder_layers_from: the teacher's decoder blocks to copy.
         width: first | importance. A run's from_teacher.width defaults to importance (it has the data; cut

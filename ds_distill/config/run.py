@@ -47,8 +47,9 @@ class FromTeacherConfig:
     strategy: str = "random"
     """How weights start. `random`: fresh initialisation from the shrunk config; `sliced`: cut from the
     teacher's weights (`ds-distill make_student`), written to output_dir/student_init at the start."""
-    layers: str = "alternate"
-    """sliced: which teacher blocks: alternate | uniform | first | last (ds-distill make_student --help)."""
+    layers: str = "first"
+    """sliced: which teacher blocks: first | alternate | uniform | last (ds-distill make_student --help). first
+    measured best (bench/RESULTS.md, "Which teacher blocks"), on a teacher of 4 blocks per stack."""
     encoder_layers_from: list[int] | None = None
     """sliced: the teacher's encoder blocks (0-based) the student's copy, instead of `layers`."""
     decoder_layers_from: list[int] | None = None

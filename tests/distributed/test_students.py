@@ -36,7 +36,7 @@ def test_a_student_sliced_by_importance_trains_under_zero3(tiny, tmp_path):
     )  # fmt: skip
     run_dir = distill(tmp_path, "sliced", config)
     provenance = json.loads((run_dir / "student_init" / "ds_distill_student.json").read_text())
-    assert provenance["width"] == "importance" and provenance["layers"] == {"encoder": [1], "decoder": [1]}
+    assert provenance["width"] == "importance" and provenance["layers"] == {"encoder": [0], "decoder": [0]}
     initial = load_file(run_dir / "student_init" / "model.safetensors")
     assert initial["shared.weight"].shape == (initial["shared.weight"].shape[0], 32)
     assert sorted(losses(run_dir)) == [1, 2, 3, 4]
