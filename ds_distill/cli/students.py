@@ -52,8 +52,7 @@ def make_student(
         d_model: hidden width (a whole number of heads: num_heads x the teacher's head width).
         d_ff: feed-forward width.
         num_heads: attention heads.
-        layers: first (the default: it measured best) | alternate (every k-th block, ending with the last) |
-            uniform (first to last, evenly) | last.
+        layers: first (measured best) | alternate (every k-th block, ending with the last) | uniform (evenly) | last.
         encoder_layers_from: the teacher's encoder blocks (0-based) to copy, e.g. 0,2,4, instead of --layers.
         decoder_layers_from: the teacher's decoder blocks to copy.
         width: first | importance. A run's from_teacher.width defaults to importance (it has the data; cut
