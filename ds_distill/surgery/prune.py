@@ -167,6 +167,7 @@ class Pruner:
             step % self.prune.every_steps == 0 or step == self.prune.steps
         )
 
+    @torch.no_grad()
     def observe(self, sensitivities, reduce=None) -> None:
         """Adds this step's sensitivity |w * dL/dw| to each unit's moving average. `sensitivities`: (name,
         |w * dL/dw|) for every student weight, whole, or each rank its own part with zeros elsewhere and
@@ -260,6 +261,7 @@ class Pruner:
         return plan_from_masks(self.model.config, self.masks)
 
 
+@torch.no_grad()  # DeepSpeed's fp32 master weights require grad: a product with them would keep its graph
 def local_sensitivity(parameter: torch.nn.Parameter) -> torch.Tensor:
     """|w * dL/dw| of a ZeRO-1/2 student weight over the part of it this rank's optimizer holds (its fp32 master
     weights and reduced gradient), zero elsewhere: the ranks' parts add up to the whole weight, so scoring needs

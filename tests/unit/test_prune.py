@@ -70,6 +70,36 @@ def test_sensitivity_ranks_a_unit_that_never_matters_last():
     assert not pruner.masks[("ffn", "decoder", 0)][3]
 
 
+def test_scores_keep_no_autograd_history_from_step_to_step():
+    """DeepSpeed's fp32 master weights require grad, so |w x grad| built from them carries a graph; a moving
+    average over such scores chained every step's graph, and a gradient copy with it, to the next."""
+    from types import SimpleNamespace
+
+    config = FAMILIES["llama"]
+    torch.manual_seed(0)
+    model = models.adapter_for(config).from_config(config)
+    pruner = prune.Pruner(model, PruneConfig(d_ff=40, steps=4))
+    ids = torch.randint(3, 96, (2, 9))
+    for _ in range(2):
+        model.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        pruner.observe((name, (p * p.grad).abs()) for name, p in model.named_parameters())
+    assert not any(score.requires_grad for score in pruner.scores.values())
+
+    weight = torch.nn.Parameter(torch.zeros(4, 3))
+    master = torch.randn(12, requires_grad=True)  # the rank's fp32 partition, as DeepSpeed keeps it
+    weight._index_in_param_group = 0
+    weight._hp_mapping = SimpleNamespace(
+        lp_fragment_address=SimpleNamespace(start=2, numel=6),
+        get_lp_grad_fragment=lambda index: torch.full((6,), -2.0),
+        get_hp_fragment=lambda: master[2:8],
+    )
+    sensitivity = prune.local_sensitivity(weight).flatten()
+    assert not sensitivity.requires_grad
+    torch.testing.assert_close(sensitivity[2:8], 2 * master[2:8].detach().abs())
+    assert sensitivity[:2].eq(0).all() and sensitivity[8:].eq(0).all()
+
+
 def test_masks_and_scores_round_trip_as_tensors():
     import io
 
