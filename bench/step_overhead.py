@@ -2,9 +2,12 @@
 
     python bench/step_overhead.py [--rounds=6] [--steps_per_round=20]
 
-Both loops get the same tiny T5 teacher (ZeRO-3 inference, CPU offload) and student (ZeRO-2), the same
-DeepSpeed configs, the same data (the shared WMT sample) and the same objective (CE + forward KL). Rounds
-alternate between the two, so drift of the machine hits both alike; the ratio is toolkit time / hand time.
+What a new user would try: a random T5 teacher (4+4 blocks, d_model 128) with a 2000-piece sentencepiece
+vocabulary trained on the shared WMT sample, under teacher_zero3_inference_cpu.json; a 2+2-block d_model-64
+student under student_zero2.json; micro-batch 4 of EN-DE pairs at up to 48 + 48 tokens; CE + forward KL at
+T = 2; one process. The hand-written loop builds the same two engines from the same DeepSpeed files and batches,
+and computes the loss inline. Rounds alternate between the two, so drift of the machine hits both alike; the
+ratio is toolkit time / hand time.
 """
 
 from __future__ import annotations
@@ -26,6 +29,26 @@ from ds_distill.config.run import RunConfig  # noqa: E402
 from tests import tiny_models  # noqa: E402
 
 
+BATCH = 4
+
+
+def build_teacher(directory: Path, tokenizer) -> Path:
+    from transformers import T5Config
+
+    from ds_distill.models import adapter_for
+
+    torch.manual_seed(0)
+    config = T5Config(
+        vocab_size=tiny_models.padded_vocab(tokenizer), d_model=128, d_ff=256, d_kv=32, num_heads=4, num_layers=4,
+        num_decoder_layers=4, feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0,
+        pad_token_id=0, eos_token_id=1,
+    )  # fmt: skip
+    model = adapter_for(config).from_config(config)
+    model.save_pretrained(directory / "teacher")
+    tokenizer.save_pretrained(directory / "teacher")
+    return directory / "teacher"
+
+
 def run_config(teacher: Path, output_dir: Path) -> RunConfig:
     return from_dict(
         RunConfig,
@@ -35,15 +58,7 @@ def run_config(teacher: Path, output_dir: Path) -> RunConfig:
                 "deepspeed_config": "ds_configs/teacher_zero3_inference_cpu.json",
             },
             "student": {
-                "init": {
-                    "from_teacher": {
-                        "encoder_layers": 1,
-                        "decoder_layers": 1,
-                        "d_model": 32,
-                        "d_ff": 64,
-                        "num_heads": 2,
-                    }
-                },
+                "init": {"from_teacher": {"encoder_layers": 2, "decoder_layers": 2, "d_model": 64}},
                 "deepspeed_config": "ds_configs/student_zero2.json",
             },
             "data": {
@@ -53,14 +68,14 @@ def run_config(teacher: Path, output_dir: Path) -> RunConfig:
                 "target_lang": "de",
                 "data_files": {"train": str(tiny_models.SHARED_DATA / "train.jsonl")},
                 "validation_split": None,
-                "max_source_length": 64,
-                "max_target_length": 64,
+                "max_source_length": 48,
+                "max_target_length": 48,
             },
-            "losses": {"ce": {"weight": 1.0}, "kd": {"weight": 1.0, "temperature": 1.0}},
+            "losses": {"ce": {"weight": 1.0}, "kd": {"weight": 1.0, "temperature": 2.0}},
             "train": {
                 "output_dir": str(output_dir),
                 "max_steps": 100000,
-                "per_device_train_batch_size": 16,
+                "per_device_train_batch_size": BATCH,
                 "logging_steps": 10,
                 "learning_rate": 1e-3,
                 "seed": 0,
@@ -90,7 +105,7 @@ class HandLoop:
         )
         collate = make_collator(run.data, prepared.tokenizer, student)
         self.loader = torch.utils.data.DataLoader(
-            prepared.datasets["train"], batch_size=16, shuffle=True, drop_last=True, collate_fn=collate
+            prepared.datasets["train"], batch_size=BATCH, shuffle=True, drop_last=True, collate_fn=collate
         )
         self.batches = iter(self.loader)
 
@@ -108,9 +123,9 @@ class HandLoop:
             mask = labels != -100
             ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
             vocab = min(logits.shape[-1], teacher_logits.shape[-1])
-            log_s = F.log_softmax(logits[..., :vocab], -1)
-            log_t = F.log_softmax(teacher_logits[..., :vocab].float(), -1)
-            kl = ((log_t.exp() * (log_t - log_s)).sum(-1) * mask).sum() / mask.sum()
+            log_s = F.log_softmax(logits[..., :vocab] / 2.0, -1)
+            log_t = F.log_softmax(teacher_logits[..., :vocab].float() / 2.0, -1)
+            kl = ((log_t.exp() * (log_t - log_s)).sum(-1) * mask).sum() / mask.sum() * 4.0
             self.student.backward(ce + kl)
             self.student.step()
 
@@ -121,8 +136,8 @@ def main(rounds: int = 6, steps_per_round: int = 20) -> None:
 
     dist.init()
     work = Path(tempfile.mkdtemp(prefix="step_overhead_"))
-    tokenizer = tiny_models.train_tokenizer(work / "tokenizer")
-    teacher = tiny_models.build(work, tokenizer)["t5"]
+    tokenizer = tiny_models.train_tokenizer(work / "tokenizer", vocab_size=2000)
+    teacher = build_teacher(work, tokenizer)
     prepared = prepare(run_config(teacher, work / "run"))
     toolkit, hand = Trainer(prepared), HandLoop(prepared)
     toolkit.begin()

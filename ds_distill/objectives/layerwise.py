@@ -163,8 +163,9 @@ def resolve_normalization(value: str, model_pair: ModelPair, notes: list[str]) -
     return PRE_LN_NORMALIZATION
 
 
-def normalized(rows: torch.Tensor, how: str, eps: float = 1e-6) -> torch.Tensor:
-    """Token rows of one micro-batch (`[tokens, width]`, padding already left out), normalised for comparison.
+def normalized(rows: torch.Tensor, how: str, keep: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+    """Token rows of one micro-batch (`[tokens, width]`), normalised for comparison; `keep` ([tokens] bool) marks
+    the real tokens where padding rows are still in (they are left out of the channel statistics).
 
     rms: each row divided by its root mean square (an RMSNorm without weight, what a pre-LN block's next norm
     reads); layer: each row centred and divided by its std (LayerNorm without weight); channel: each column
@@ -175,8 +176,10 @@ def normalized(rows: torch.Tensor, how: str, eps: float = 1e-6) -> torch.Tensor:
     if how == "layer":
         return F.layer_norm(rows, rows.shape[-1:], eps=eps)
     if how == "channel":
-        centred = rows - rows.mean(0, keepdim=True)
-        return centred * torch.rsqrt(centred.pow(2).mean(0, keepdim=True) + eps)
+        weight = torch.ones_like(rows[:, :1]) if keep is None else keep.unsqueeze(-1).to(rows.dtype)
+        count = weight.sum().clamp_min(1)
+        centred = rows - (rows * weight).sum(0, keepdim=True) / count
+        return centred * torch.rsqrt((centred.pow(2) * weight).sum(0, keepdim=True) / count + eps)
     return rows
 
 

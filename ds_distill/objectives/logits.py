@@ -3,37 +3,138 @@
 Logit KD: Hinton et al. 2015, "Distilling the Knowledge in a Neural Network" (temperature, T^2 scaling);
 reverse KL: Gu et al. 2024, MiniLLM; generalised JSD: Agarwal et al. 2024, GKD; skew KL: Ko et al. 2024,
 DistiLLM; total variation distance: Wen et al. 2023, f-divergence minimisation for sequence-level KD.
+
+The logits are the largest tensors of a step ([batch, tokens, vocabulary]: 0.2 GB per 2048-token example of a
+49k vocabulary in bf16). The terms here read only the target positions, a chunk of rows at a time, in float32
+inside the chunk, and compute the chunk's gradient together with its value (`_TargetRows`): no float32 copy of a
+whole micro-batch's logits ever exists, and nothing of the teacher is kept for the backward. The trainer
+computes all of a run's logit terms in one such pass (`logit_terms`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from ds_distill.errors import ConfigError
-from ds_distill.objectives.base import IGNORE_INDEX, DistillationLoss, StepTokens, token_mean
+from ds_distill.objectives.base import IGNORE_INDEX, DistillationLoss, StepTokens
+
+CHUNK_ELEMENTS = 2**23
+"""Logits per chunk: CHUNK_ELEMENTS // vocabulary rows (170 of a 49k vocabulary), 32 MB per float32 temporary
+whatever the vocabulary, and still enough work per kernel for a GPU to run at full bandwidth."""
 
 
-def _target_mean(per_token: torch.Tensor, student: dict, tokens: StepTokens) -> torch.Tensor:
-    targets = student["labels"] != IGNORE_INDEX
-    return token_mean(torch.where(targets, per_token, 0.0).sum(), tokens, "targets", targets.sum())
+@contextlib.contextmanager
+def chunk_elements(count: int):
+    """Chunks of `count` logits while open (the planner's traces, tests)."""
+    global CHUNK_ELEMENTS
+    saved, CHUNK_ELEMENTS = CHUNK_ELEMENTS, count
+    try:
+        yield
+    finally:
+        CHUNK_ELEMENTS = saved
 
 
-class CrossEntropyLoss(DistillationLoss):
+def target_positions(features: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(example, position) of every label that counts. The trainer passes their flat indices, computed on the
+    host (`target_index`), so the device never waits for a mask's count; without them they are found here."""
+    labels = features["labels"]
+    index = features.get("target_index")
+    if index is None:
+        index = (labels.flatten() != IGNORE_INDEX).nonzero().squeeze(1)
+    return index.div(labels.shape[1], rounding_mode="floor"), index.remainder(labels.shape[1])
+
+
+def _float32(rows: torch.Tensor) -> torch.Tensor:
+    return rows.to(torch.promote_types(rows.dtype, torch.float32))
+
+
+class _TargetRows(torch.autograd.Function):
+    """Over the target rows r, chunk by chunk: each term's sum of fn(student[r] in float32, *(o[r] for o in
+    others)), and the weighted sum of those sums, the one output that gradients flow through.
+
+    The gradient with respect to the student's logits is computed in the forward, chunk by chunk (autograd on
+    the chunk), into one buffer of the logits' dtype for all terms, as Liger's fused losses do; the backward only
+    scales it. So no chunk's float32 temporaries and none of the teacher's logits outlive the forward, and
+    nothing is recomputed.
+    """
+
+    @staticmethod
+    def forward(ctx, student, example, position, terms, weights):
+        wants_grad = ctx.needs_input_grad[0]
+        grad = torch.zeros_like(student) if wants_grad else None
+        sums = torch.zeros(len(terms), dtype=weights.dtype, device=student.device)
+        rows = max(1, CHUNK_ELEMENTS // student.shape[-1])
+        for start in range(0, example.numel(), rows):
+            b, t = example[start : start + rows], position[start : start + rows]
+            with torch.enable_grad():
+                chunk = _float32(student[b, t]).detach().requires_grad_(wants_grad)
+                values = torch.stack([fn(chunk, *(other[b, t] for other in others)) for fn, others in terms])
+                if wants_grad:
+                    (chunk_grad,) = torch.autograd.grad((values * weights).sum(), chunk)
+                    grad[b, t] = chunk_grad.to(grad.dtype)
+            sums += values.detach()
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(sums)
+        return (sums * weights).sum(), sums
+
+    @staticmethod
+    def backward(ctx, grad_output, _):
+        (grad,) = ctx.saved_tensors
+        return grad.mul_(grad_output.to(grad.dtype)), None, None, None, None  # our own buffer: scaled in place
+
+
+class LogitTerm(DistillationLoss):
+    """A term that sums a function of the target positions' logit rows; `logit_terms` computes several at once."""
+
+    def row_term(self, student: dict, teacher: dict | None) -> tuple[Callable, tuple[torch.Tensor, ...], float]:
+        """(fn(student rows in float32, *other rows) -> the term summed over them, the other tensors, indexed as
+        the student's logits are, the factor the term's token mean is multiplied by)."""
+        raise NotImplementedError
+
+    def forward(self, student, teacher=None, tokens=None):
+        total, _ = logit_terms({"term": (self, 1.0)}, student, teacher, tokens)
+        return total
+
+
+def logit_terms(
+    terms: dict[str, tuple[LogitTerm, float]], student: dict, teacher: dict | None, tokens: StepTokens = None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(sum of weight x term, {name: term}) for logit terms, each a mean over the target tokens (over those of
+    the whole step, given `tokens`), computed in one pass over the target rows, with one gradient buffer."""
+    example, position = target_positions(student)
+    logits = student["logits"]
+    step_count = tokens.get("targets") if tokens else None
+    count = step_count.clamp_min(1) if step_count is not None else max(example.numel(), 1)
+    fns, scales = [], []
+    for loss, _ in terms.values():
+        fn, others, scale = loss.row_term(student, teacher)
+        fns.append((fn, others))
+        scales.append(scale)
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    scales = torch.tensor(scales, dtype=dtype, device=logits.device) / count
+    weights = torch.tensor([weight for _, weight in terms.values()], dtype=dtype, device=logits.device) * scales
+    total, sums = _TargetRows.apply(logits, example, position, fns, weights)
+    return total, dict(zip(terms, (sums * scales).unbind()))
+
+
+class CrossEntropyLoss(LogitTerm):
     """ce: cross-entropy of the student on the labels (the task loss), over the tokenizer's vocabulary."""
 
     requires_teacher = False
 
-    def forward(self, student, teacher=None, tokens=None):
-        logits = student["logits"][..., : self.vocab_size].float()
-        labels = student["labels"]
-        per_token = F.cross_entropy(
-            logits.flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
-        ).view_as(labels)
-        return _target_mean(per_token, student, tokens)
+    def row_term(self, student, teacher):
+        vocab = self.vocab_size
+
+        def fn(logits, labels):
+            return F.cross_entropy(logits[:, :vocab], labels, reduction="sum")
+
+        return fn, (student["labels"],), 1.0
 
 
 def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -68,6 +169,7 @@ DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd")
 
 
 @dataclass
+@dataclass
 class KDOptions:
     divergence: str = "forward_kl"
     """forward_kl | reverse_kl | jsd | skew_kl | tvd"""
@@ -98,17 +200,20 @@ def temperature_scale(name: str, temperature: float) -> float:
     return temperature if name == "tvd" else temperature**2
 
 
-class LogitDistillationLoss(DistillationLoss):
+class LogitDistillationLoss(LogitTerm):
     """kd: divergence between teacher and student token distributions at temperature T (scaled by T^2; TVD by T)."""
 
     Options = KDOptions
 
-    def forward(self, student, teacher, tokens=None):
+    def row_term(self, student, teacher):
         # Compared on the tokenizer's vocabulary: rows past it (T5 pads 32100 tokens to 32128) are never targets,
         # and a student built from the teacher has them too, so they would take mass in both softmaxes.
         vocab = self.vocab_size or min(student["logits"].shape[-1], teacher["logits"].shape[-1])
-        temperature = self.options.temperature
-        log_student = F.log_softmax(student["logits"][..., :vocab].float() / temperature, dim=-1)
-        log_teacher = F.log_softmax(teacher["logits"][..., :vocab].float() / temperature, dim=-1)
-        per_token = divergence(self.options.divergence, log_teacher, log_student, self.options.beta, self.options.alpha)
-        return _target_mean(per_token, student, tokens) * temperature_scale(self.options.divergence, temperature)
+        options = self.options
+
+        def fn(student_logits, teacher_logits):
+            log_student = F.log_softmax(student_logits[:, :vocab] / options.temperature, dim=-1)
+            log_teacher = F.log_softmax(_float32(teacher_logits[:, :vocab]) / options.temperature, dim=-1)
+            return divergence(options.divergence, log_teacher, log_student, options.beta, options.alpha).sum()
+
+        return fn, (teacher["logits"],), temperature_scale(options.divergence, options.temperature)

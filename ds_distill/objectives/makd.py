@@ -119,14 +119,14 @@ class MaKDLoss(AttentionKLLoss):
             if aspect == "attention":
                 value = super().pair_loss(pair, student, teacher, tokens)
             else:
-                mask = student[f"{pair.stack}.mask"]
-                student_states, teacher_states = features(pair, SITES[aspect], student, teacher)
-                student_states = student_states[mask]
+                keep = student[f"{pair.stack}.mask"].flatten()  # padding weighted out, not selected: no host sync
+                pairs = features(pair, SITES[aspect], student, teacher)
+                student_states, teacher_states = (states.flatten(0, -2) for states in pairs)
                 if aspect in self.aligners:
                     student_states = self.aligners[aspect](student_states)
-                student_states = normalized(student_states.float(), self.normalization)
-                teacher_states = normalized(teacher_states[mask].float(), self.normalization)
-                squared = F.mse_loss(student_states, teacher_states, reduction="none")
-                value = token_mean(squared.mean(-1).sum(), tokens, pair.stack, mask.sum())
+                student_states = normalized(student_states.float(), self.normalization, keep)
+                teacher_states = normalized(teacher_states.float(), self.normalization, keep)
+                squared = F.mse_loss(student_states, teacher_states, reduction="none").mean(-1)
+                value = token_mean(torch.where(keep, squared, 0.0).sum(), tokens, pair.stack, keep.sum())
             total = total + weight * value
         return total

@@ -25,10 +25,10 @@ import torch
 from ds_distill.config.load import coerce, from_dict, unknown_key_error
 from ds_distill.errors import ConfigError
 from ds_distill.objectives.attention import AttentionKLLoss, AttentionMSELoss, MiniEnDLoss, RelationLoss
-from ds_distill.objectives.base import DistillationLoss
+from ds_distill.objectives.base import DistillationLoss, StepTokens
 from ds_distill.objectives.hidden import CKALoss, EmbeddingMSELoss, HiddenCosineLoss, HiddenMSELoss, LinearLoss
 from ds_distill.objectives.layerwise import LayerwiseLoss, ModelPair
-from ds_distill.objectives.logits import CrossEntropyLoss, LogitDistillationLoss
+from ds_distill.objectives.logits import CrossEntropyLoss, LogitDistillationLoss, LogitTerm, logit_terms
 from ds_distill.objectives.makd import MaKDLoss
 
 LOSSES: dict[str, type[DistillationLoss]] = {
@@ -80,3 +80,17 @@ def build_losses(
 def describe_losses() -> dict[str, str]:
     """One line per registered loss, for `ds-distill list`."""
     return {name: (cls.__doc__ or "").strip().splitlines()[0] for name, cls in LOSSES.items()}
+
+
+def weighted_terms(
+    losses: torch.nn.ModuleDict, weights: dict[str, float], student: dict, teacher: dict | None, tokens: StepTokens
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(sum of weight x term, {name: term}) for one micro-batch. The logit terms share one pass over the logits
+    and one gradient buffer (`logits.logit_terms`); every other term runs on its own."""
+    logit = {name: (loss, weights[name]) for name, loss in losses.items() if isinstance(loss, LogitTerm)}
+    total, values = logit_terms(logit, student, teacher, tokens) if logit else (0.0, {})
+    for name, loss in losses.items():
+        if name not in logit:
+            values[name] = loss(student, teacher, tokens)
+            total = total + weights[name] * values[name]
+    return total, {name: values[name] for name in losses}

@@ -201,6 +201,7 @@ def trace_step(
     """Peak bytes of the tensors one training micro-step creates: teacher logits held, student forward, logit
     losses, backward (weight gradients excluded: DeepSpeed moves them into its own buffers, counted with the
     student's states)."""
+    from ds_distill.objectives.registry import weighted_terms
     from ds_distill.train.student import forward_features, token_counts
 
     torch.manual_seed(0)
@@ -224,8 +225,9 @@ def trace_step(
             if adapter.kind == "causal":
                 teacher["logits"] = teacher["logits"][:, :-1]
         student = forward_features(model, adapter, inputs)
-        total = sum(weights[name] * loss(student, teacher, counts) for name, loss in logit_losses.items())
-        if not logit_losses:  # layer-wise terms only: a stand-in that keeps the whole graph
+        if logit_losses:
+            total, _ = weighted_terms(logit_losses, weights, student, teacher, counts)
+        else:  # layer-wise terms only: a stand-in that keeps the whole graph
             total = student.get("logits", next(iter(embedded))).float().mean()
         del teacher, student
         torch.autograd.grad(total, [e for e in embedded if e.requires_grad], allow_unused=True)
@@ -245,7 +247,13 @@ class StepMemory:
 
 def step_memory(student_config, adapter, shape, logit_losses, weights, teacher_logits) -> StepMemory:
     """Traces one block per stack at batch 1 and 2, and two blocks in each stack in turn, then extends the
-    peak linearly to the student's depth."""
+    peak linearly to the student's depth.
+
+    The logit terms' float32 temporaries are those of one chunk of rows whatever the batch
+    (`logits.CHUNK_ELEMENTS`). The traces use chunks of one example's rows, so both batches fill them; a
+    trace with half as many rows per chunk gives their bytes per row, and the fixed part gets a full chunk."""
+    from ds_distill.objectives import logits
+
     depths = adapter.depths(student_config)
 
     def shallow(extra_stack: str | None = None):
@@ -255,7 +263,15 @@ def step_memory(student_config, adapter, shape, logit_losses, weights, teacher_l
     def trace(config, batch):
         return trace_step(config, adapter, shape, logit_losses, weights, teacher_logits, batch)
 
-    one, two = trace(shallow(), 1), trace(shallow(), 2)
-    per_block = {stack: trace(shallow(stack), 1) - one for stack in depths}
+    rows = max(1, logits.CHUNK_ELEMENTS // shape.vocab)
+    traced = min(rows, shape.target or shape.source - 1)
+    with logits.chunk_elements(traced * shape.vocab):
+        one, two = trace(shallow(), 1), trace(shallow(), 2)
+        per_block = {stack: trace(shallow(stack), 1) - one for stack in depths}
     per_example = two - one + sum((depths[s] - 1) * per_block[s] for s in depths)
-    return StepMemory(fixed=one - (two - one), per_example=per_example)
+    chunk = 0.0
+    if logit_losses and rows > traced > 1:
+        with logits.chunk_elements(traced // 2 * shape.vocab):
+            half = trace(shallow(), 1)
+        chunk = (one - half) / (traced - traced // 2) * (rows - traced)
+    return StepMemory(fixed=one - (two - one) + chunk, per_example=per_example)

@@ -28,7 +28,7 @@ from ds_distill.surgery import prune
 from ds_distill.train import checkpoint, engines, export
 from ds_distill.train.prepare import Prepared, prepare, write_run_files
 from ds_distill.train.progress import LogWindow, RunLog, memory_in_use_gb, peak_memory_gb
-from ds_distill.train.student import build_student, token_counts
+from ds_distill.train.student import build_student, target_index, token_counts
 from ds_distill.train.teacher import TeacherFeatures, load_teacher
 
 
@@ -98,6 +98,8 @@ class Trainer:
 
     # -- one step -----------------------------------------------------------------------------------------
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if batch.get("labels") is not None:
+            batch = {**batch, "target_index": target_index(self.student_adapter, batch["labels"])}
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def teacher_features(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:

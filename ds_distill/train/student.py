@@ -19,6 +19,7 @@ from ds_distill.config.deepspeed import zero3_loading
 from ds_distill.config.run import StudentConfig
 from ds_distill.objectives.base import IGNORE_INDEX
 from ds_distill.objectives.capture import FeatureCapture
+from ds_distill.objectives.registry import weighted_terms
 
 
 def student_hf_config(student: StudentConfig, teacher_hf_config: PretrainedConfig | None) -> PretrainedConfig:
@@ -49,7 +50,7 @@ def build_student(
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """What the Hugging Face forward takes: labels stay out, our losses use them (no wasted internal CE)."""
-    return {k: v for k, v in batch.items() if k != "labels"}
+    return {k: v for k, v in batch.items() if k not in ("labels", "target_index")}
 
 
 def stack_masks(adapter: models.ModelAdapter, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -66,6 +67,12 @@ def stack_masks(adapter: models.ModelAdapter, batch: dict[str, torch.Tensor]) ->
 def aligned_labels(adapter: models.ModelAdapter, labels: torch.Tensor) -> torch.Tensor:
     """Labels aligned with the logits: a causal LM's logits at t predict the label at t + 1."""
     return labels[:, 1:] if adapter.kind == "causal" else labels
+
+
+def target_index(adapter: models.ModelAdapter, labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the aligned labels that count: where the logit losses look. The trainer computes them on
+    the host with the batch, so no loss has to wait for the device to count a mask."""
+    return (aligned_labels(adapter, labels).flatten() != IGNORE_INDEX).nonzero().squeeze(1)
 
 
 def token_counts(adapter: models.ModelAdapter, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -87,6 +94,8 @@ def forward_features(
     with capture.recording() if capture else contextlib.nullcontext():
         output = model(**inputs)
     features = {"labels": batch.get("labels"), **stack_masks(adapter, batch)}
+    if "target_index" in batch:
+        features["target_index"] = batch["target_index"]
     if capture:
         features.update(capture.pop())
     if hasattr(output, "logits"):
@@ -139,6 +148,5 @@ class DistillationModule(torch.nn.Module):
             for key in [key for key in student_features if key.endswith(".attention_probs")]:
                 stack, layer, _ = key.split(".")
                 student_features[f"{stack}.{layer}.kept_heads"] = self.kept_heads(stack, int(layer) - 1)
-        terms = {name: loss(student_features, teacher_features, step_tokens) for name, loss in self.losses.items()}
-        total = sum(self.weights[name] * value for name, value in terms.items())
+        total, terms = weighted_terms(self.losses, self.weights, student_features, teacher_features, step_tokens)
         return total, {name: value.detach() for name, value in terms.items()}

@@ -49,6 +49,26 @@ class TestCKA:
         assert cka_loss(self.student, self.teacher, squared).item() == pytest.approx(expected, rel=1e-5)
         assert cka_loss(self.student, self.teacher, squared, torch.float64).item() == pytest.approx(expected, rel=1e-7)
 
+    def test_bf16_products_stay_within_1e_3_of_float64_on_massive_activations(self):
+        """bf16 d x d products with rows centred and scaled in float32 (bench/cka_precision.py: within 3.5e-4
+        on SmolLM2's states); gradients still reach the student in float32."""
+        generator = torch.Generator().manual_seed(4)
+        student = torch.randn(512, 96, generator=generator) + self.correlated(512, 96, generator)
+        teacher = torch.randn(512, 128, generator=generator) + self.correlated(512, 128, generator)
+        student[:, :2] *= 300  # massive channels, as in a pre-LN residual stream
+        expected = reference_cka_loss(student, teacher)
+        student.requires_grad_(True)
+        loss = cka_loss(student, teacher, dtype=torch.bfloat16)
+        loss.backward()
+        assert loss.dtype == torch.float32 and student.grad.dtype == torch.float32
+        assert loss.item() == pytest.approx(expected, abs=1e-3)
+
+    @staticmethod
+    def correlated(tokens, width, generator):
+        """A shared 4-dimensional signal, so the two sides are related and CKA is far from 1."""
+        shared = torch.randn(tokens, 4, generator=torch.Generator().manual_seed(5))
+        return 3 * shared @ torch.randn(4, width, generator=generator)
+
     def test_squared_form_is_one_minus_the_square_of_sqrt_cka(self):
         sqrt_cka = 1 - cka_loss(self.student, self.teacher).item()
         assert cka_loss(self.student, self.teacher, squared=True).item() == pytest.approx(1 - sqrt_cka**2, rel=1e-5)
@@ -283,7 +303,7 @@ def test_head_counts_that_differ_are_averaged_and_said():
     "spec, message",
     [
         ({"hidden_mse": {}}, "student width 16 differs from teacher width 32; set losses.hidden_mse.projection"),
-        ({"cka": {"dtype": "float16"}}, "choose float32 or float64"),
+        ({"cka": {"dtype": "float16"}}, "choose one of bfloat16, float32, float64"),
         ({"relation": {"layer_map": {"include_embeddings": True}}}, "layer 0 .* has no attention"),
         ({"makd": {"stages": [{"steps": 0, "aspects": []}]}}, "each stage is"),
         ({"makd": {"aspect_weights": {"ffn": 1.0}}}, "unknown aspects"),
@@ -504,3 +524,53 @@ def test_makd_normalizes_its_mse_aspects():
     assert loss(student, teacher).item() == pytest.approx(expected, rel=1e-5)
     scaled = {k: 250.0 * v if not k.endswith(".mask") else v for k, v in student.items()}
     assert loss(scaled, student).item() == pytest.approx(0, abs=1e-6)  # scale alone no longer counts
+
+
+class SyncingOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the ops that make a host wait for the device: a count (nonzero, a boolean index, masked_select) or
+    a value (item)."""
+
+    COUNTING = {torch.ops.aten.nonzero.default, torch.ops.aten.masked_select.default,
+                torch.ops.aten._local_scalar_dense.default}  # fmt: skip
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        boolean_index = func is torch.ops.aten.index.Tensor and any(
+            i is not None and i.dtype == torch.bool for i in args[1]
+        )
+        if func in self.COUNTING or boolean_index:
+            self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_terms_of_a_step_never_wait_for_the_device():
+    """With the target positions counted on the host (as the trainer passes them), neither the forward nor the
+    backward of the logit and layer-wise terms asks the device for a count or a value."""
+    from ds_distill.objectives.registry import weighted_terms
+    from ds_distill.train.student import target_index
+
+    spec = {"ce": {}, "kd": {}, "cka": {}, "linear": {}, "hidden_mse": {"normalize": "channel", "projection": "linear"}, "makd": {"rank": 4}}
+    torch.manual_seed(0)
+    student_config = models.adapter_for(TEACHER).shrink(TEACHER, FromTeacherConfig(2, 2, 16, 32, 2))
+    teacher_model = models.adapter_for(TEACHER).from_config(TEACHER).eval()
+    student_model = models.adapter_for(student_config).from_config(student_config)
+    losses, weights = build_losses(spec, ModelPair(student_config, TEACHER, LayerMapConfig()))
+    adapter = models.adapter_for(TEACHER)
+    batch = {
+        "input_ids": torch.randint(2, 64, (2, 6)),
+        "attention_mask": torch.tensor([[1] * 6, [1] * 4 + [0] * 2]),
+        "labels": torch.tensor([[5, 6, 7, 1], [8, 9, -100, -100]]),
+    }
+    batch["decoder_input_ids"] = teacher_model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
+    batch["target_index"] = target_index(adapter, batch["labels"])
+    keys = {side: set().union(*(getattr(loss, f"{side}_keys") for loss in losses.values())) for side in ("student", "teacher")}
+    with torch.no_grad():
+        teacher = forward_features(teacher_model, adapter, batch, FeatureCapture(teacher_model, adapter, keys["teacher"]))
+    student = forward_features(student_model, adapter, batch, FeatureCapture(student_model, adapter, keys["student"]))
+    with SyncingOps() as syncs:
+        total, _ = weighted_terms(losses, weights, student, teacher, None)
+        total.backward()
+    assert syncs.seen == []

@@ -158,3 +158,87 @@ def test_bad_loss_configs_are_refused(spec, message):
 def test_kd_without_a_teacher_is_refused():
     with pytest.raises(ConfigError, match="compares with a teacher"):
         build_losses({"kd": {}}, model_pair=None)
+
+
+def full_tensor_reference(name, student, teacher, labels, temperature, vocab, beta=0.5, alpha=0.1):
+    """The logit terms as they were first written: float32 copies of the whole [batch, seq, vocab] logits."""
+    from ds_distill.objectives.logits import divergence
+
+    mask = labels != -100
+    if name == "ce":
+        per_token = F.cross_entropy(
+            student[..., :vocab].float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none"
+        ).view_as(labels)
+        return torch.where(mask, per_token, 0.0).sum() / mask.sum()
+    log_s = F.log_softmax(student[..., :vocab].float() / temperature, -1)
+    log_t = F.log_softmax(teacher[..., :vocab].float() / temperature, -1)
+    per_token = divergence(name, log_t, log_s, beta, alpha)
+    scale = temperature if name == "tvd" else temperature**2
+    return torch.where(mask, per_token, 0.0).sum() / mask.sum() * scale
+
+
+@pytest.mark.parametrize("name", ["ce", "forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("vocab_size", [None, 45])
+def test_chunked_terms_equal_the_full_tensor_formulas_in_value_and_gradient(
+    monkeypatch, name, temperature, vocab_size
+):
+    """Several chunks (3 rows each), padding between targets, a teacher with a padded vocabulary: the same
+    value and the same gradient (rel 1e-6, float32) as the formula on whole float32 tensors."""
+    from ds_distill.objectives import logits as logit_losses
+
+    generator = torch.Generator().manual_seed(3)
+    student = torch.randn(3, 11, 50, generator=generator, requires_grad=True)
+    teacher = torch.randn(3, 11, 53, generator=generator)  # 3 rows of vocabulary padding past the student's
+    labels = torch.randint(0, 45, (3, 11), generator=generator)
+    labels[0, 7:] = labels[2, :2] = labels[1, 4] = -100
+    monkeypatch.setattr(logit_losses, "CHUNK_ELEMENTS", 3 * 50)
+    if name == "ce":
+        losses, _ = build_losses({"ce": {}}, model_pair=None, vocab_size=vocab_size)
+    else:
+        losses, _ = build_losses(
+            {"kd": {"divergence": name, "temperature": temperature}}, model_pair=TEACHER_PRESENT, vocab_size=vocab_size
+        )
+    loss = next(iter(losses.values()))(features(student, labels), features(teacher, labels))
+    (grad,) = torch.autograd.grad(loss, student)
+    vocab = vocab_size or 50
+    expected = full_tensor_reference(name, student, teacher, labels, 1.0 if name == "ce" else temperature, vocab)
+    (expected_grad,) = torch.autograd.grad(expected, student)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-6, atol=1e-9)
+
+
+def test_target_indices_from_the_host_select_the_same_positions(pair):
+    from ds_distill.models import adapter_for
+    from ds_distill.train.student import target_index
+
+    student, teacher, labels = pair
+    loss = kd()
+    given = {**features(student, labels), "target_index": target_index(adapter_for(TEACHER), labels)}
+    assert loss(given, features(teacher, labels)).item() == loss(features(student, labels), features(teacher, labels)).item()
+
+
+def test_logit_terms_never_hold_a_float32_copy_of_the_whole_logits(monkeypatch):
+    """bf16 logits of 2 x 256 positions x 8192 words: the forward and backward of CE + KD together, as the
+    trainer computes them, hold less than one float32 copy of them (the terms as first written held several
+    float32 copies each), at 2^16 logits per chunk."""
+    from ds_distill.objectives import logits as logit_losses
+    from ds_distill.objectives.logits import logit_terms
+    from ds_distill.planner.trace import LiveTensorBytes
+
+    monkeypatch.setattr(logit_losses, "CHUNK_ELEMENTS", 2**16)
+    generator = torch.Generator().manual_seed(0)
+    student = torch.randn(2, 256, 8192, generator=generator).bfloat16().requires_grad_(True)
+    teacher = torch.randn(2, 256, 8192, generator=generator).bfloat16()
+    labels = torch.randint(0, 8192, (2, 256), generator=generator)
+    labels[1, 200:] = -100
+    losses, weights = build_losses({"ce": {}, "kd": {"temperature": 2.0}}, model_pair=TEACHER_PRESENT)
+    tracker = LiveTensorBytes()
+    tracker.exclude([student, teacher, labels])
+    terms = {name: (loss, weights[name]) for name, loss in losses.items()}
+    with tracker:
+        total, _ = logit_terms(terms, features(student, labels), features(teacher, labels))
+        total.backward()
+    float32_copy = student.numel() * 4
+    assert student.grad is not None and student.grad[1, 200:].abs().sum() == 0
+    assert tracker.peak < 0.75 * float32_copy, tracker.peak / float32_copy
