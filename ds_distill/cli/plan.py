@@ -26,8 +26,8 @@ def plan(
     Counts the teacher's weights per placement (whole, ZeRO-3 partition plus gathered modules, or offloaded),
     the student's weights, gradients and Adam states (DeepSpeed's estimators), and the step's activations and
     loss tensors, traced on the CPU at the run's widths, lengths, dtype and micro-batch (longest examples;
-    10-20 s). A chain config (`stages:`) is planned stage by stage. Measured against H100 peaks: within 0.6%
-    (bench/RESULTS.md).
+    10-20 s). A chain config (`stages:`) is planned stage by stage. Measured against H100 peaks: within 0.6%,
+    with the logit terms before they were chunked (bench/RESULTS.md).
 
     Args:
         config: path of a run YAML (or --recipe=NAME).
