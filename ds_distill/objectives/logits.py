@@ -56,7 +56,7 @@ def _float32(rows: torch.Tensor) -> torch.Tensor:
 
 class _TargetRows(torch.autograd.Function):
     """Over the target rows r, chunk by chunk: each term's sum of fn(student[r] in float32, *(o[r] for o in
-    others)), and the weighted sum of those sums, the one output that gradients flow through.
+    others)), and the weighted sum of those sums over `divisor`, the one output that gradients flow through.
 
     The gradient with respect to the student's logits is computed in the forward, chunk by chunk (autograd on
     the chunk), into one buffer of the logits' dtype for all terms, as Liger's fused losses do; the backward only
@@ -65,28 +65,29 @@ class _TargetRows(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student, example, position, terms, weights):
+    def forward(ctx, student, example, position, terms, weights, divisor):
         wants_grad = ctx.needs_input_grad[0]
         grad = torch.zeros_like(student) if wants_grad else None
-        sums = torch.zeros(len(terms), dtype=weights.dtype, device=student.device)
+        sums = torch.zeros(len(terms), dtype=torch.promote_types(student.dtype, torch.float32), device=student.device)
         rows = max(1, CHUNK_ELEMENTS // student.shape[-1])
         for start in range(0, example.numel(), rows):
             b, t = example[start : start + rows], position[start : start + rows]
             with torch.enable_grad():
                 chunk = _float32(student[b, t]).detach().requires_grad_(wants_grad)
-                values = torch.stack([fn(chunk, *(other[b, t] for other in others)) for fn, others in terms])
+                values = [fn(chunk, *(other[b, t] for other in others)) for fn, others in terms]
                 if wants_grad:
-                    (chunk_grad,) = torch.autograd.grad((values * weights).sum(), chunk)
+                    weighted = sum(weight * value for weight, value in zip(weights, values)) / divisor
+                    (chunk_grad,) = torch.autograd.grad(weighted, chunk)
                     grad[b, t] = chunk_grad.to(grad.dtype)
-            sums += values.detach()
+            sums += torch.stack(values).detach()
         ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(sums)
-        return (sums * weights).sum(), sums
+        return sum(weight * value for weight, value in zip(weights, sums.unbind())) / divisor, sums
 
     @staticmethod
     def backward(ctx, grad_output, _):
         (grad,) = ctx.saved_tensors
-        return grad.mul_(grad_output.to(grad.dtype)), None, None, None, None  # our own buffer: scaled in place
+        return grad.mul_(grad_output.to(grad.dtype)), None, None, None, None, None  # our buffer: scaled in place
 
 
 class LogitTerm(DistillationLoss):
@@ -108,19 +109,15 @@ def logit_terms(
     """(sum of weight x term, {name: term}) for logit terms, each a mean over the target tokens (over those of
     the whole step, given `tokens`), computed in one pass over the target rows, with one gradient buffer."""
     example, position = target_positions(student)
-    logits = student["logits"]
     step_count = tokens.get("targets") if tokens else None
     count = step_count.clamp_min(1) if step_count is not None else max(example.numel(), 1)
-    fns, scales = [], []
-    for loss, _ in terms.values():
+    fns, scaled = [], []  # Python numbers and the device count only: no small tensor copied to the device
+    for loss, weight in terms.values():
         fn, others, scale = loss.row_term(student, teacher)
         fns.append((fn, others))
-        scales.append(scale)
-    dtype = torch.promote_types(logits.dtype, torch.float32)
-    scales = torch.tensor(scales, dtype=dtype, device=logits.device) / count
-    weights = torch.tensor([weight for _, weight in terms.values()], dtype=dtype, device=logits.device) * scales
-    total, sums = _TargetRows.apply(logits, example, position, fns, weights)
-    return total, dict(zip(terms, (sums * scales).unbind()))
+        scaled.append((weight * scale, scale))
+    total, sums = _TargetRows.apply(student["logits"], example, position, fns, [w for w, _ in scaled], count)
+    return total, {name: value * scale / count for name, value, (_, scale) in zip(terms, sums.unbind(), scaled)}
 
 
 class CrossEntropyLoss(LogitTerm):

@@ -236,13 +236,18 @@ def trace_step(
 
 @dataclass
 class StepMemory:
-    """Peak step memory as `fixed + batch * per_example`, from traces of the shallow model."""
+    """Peak step memory as `fixed + batch * per_example`, from traces of the shallow model. `fixed` holds a full
+    chunk of the logit terms' rows; a micro-batch with fewer target rows than a chunk holds less of it."""
 
     fixed: float
     per_example: float
+    chunk_row: float = 0.0  # bytes per logit row of a chunk
+    chunk_rows: int = 0  # the rows of a full chunk
+    targets: int = 0  # target rows per example
 
     def at(self, batch: int) -> float:
-        return self.fixed + batch * self.per_example
+        unfilled = max(0, self.chunk_rows - batch * self.targets)
+        return self.fixed + batch * self.per_example - self.chunk_row * unfilled
 
 
 def step_memory(student_config, adapter, shape, logit_losses, weights, teacher_logits) -> StepMemory:
@@ -269,9 +274,10 @@ def step_memory(student_config, adapter, shape, logit_losses, weights, teacher_l
         one, two = trace(shallow(), 1), trace(shallow(), 2)
         per_block = {stack: trace(shallow(stack), 1) - one for stack in depths}
     per_example = two - one + sum((depths[s] - 1) * per_block[s] for s in depths)
-    chunk = 0.0
-    if logit_losses and rows > traced > 1:
-        with logits.chunk_elements(traced // 2 * shape.vocab):
-            half = trace(shallow(), 1)
-        chunk = (one - half) / (traced - traced // 2) * (rows - traced)
-    return StepMemory(fixed=one - (two - one) + chunk, per_example=per_example)
+    if not (logit_losses and rows > traced > 1):
+        return StepMemory(fixed=one - (two - one), per_example=per_example)
+    with logits.chunk_elements(traced // 2 * shape.vocab):
+        half = trace(shallow(), 1)
+    chunk_row = (one - half) / (traced - traced // 2)
+    fixed = one - (two - one) + chunk_row * (rows - traced)
+    return StepMemory(fixed, per_example, chunk_row, rows, shape.target or shape.source - 1)

@@ -99,7 +99,8 @@ class Trainer:
     # -- one step -----------------------------------------------------------------------------------------
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if batch.get("labels") is not None:
-            batch = {**batch, "target_index": target_index(self.student_adapter, batch["labels"])}
+            index = target_index(self.student_adapter, batch["labels"])
+            batch = {**batch, "target_index": index.pin_memory() if self.device.type != "cpu" else index}
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def teacher_features(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
