@@ -6,7 +6,7 @@ Paths are relative to a block of the stack's `blocks` list, which is relative to
     hidden                 block output (layer i); the input of block 1 for layer 0 (the embeddings' output)
     self_q/self_k/self_v   outputs of the self-attention's query/key/value projections   [batch, seq, width]
     cross_q/k/v            the same for cross-attention (k/v over the encoder's positions)
-    attention_probs        self-attention probabilities (eager attention, dropout off)     [batch, heads, seq, seq]
+    attention_probs        self-attention probabilities (math path, dropout off)          [batch, heads, seq, seq]
     self_heads/cross_heads the heads' concatenated outputs, the input of the attention's output projection
                                                                                    [batch, seq, heads x head_dim]
     attention_output       the self-attention sub-layer's output, before the residual     [batch, seq, d_model]

@@ -24,6 +24,7 @@ import torch
 from ds_distill.errors import ConfigError
 from ds_distill.models import ModelAdapter
 from ds_distill.models.layouts import Site
+from ds_distill.objectives.probabilities import use_probabilities
 
 
 def parse_key(key: str) -> tuple[str, int, str]:
@@ -40,7 +41,7 @@ def _read(value, site: Site, key: str) -> torch.Tensor:
         value = value[site.index if site.index is not None else 0]
     if value is None:
         raise RuntimeError(
-            f"{key}: the model returned no value here; attention probabilities need eager attention, which "
+            f"{key}: the model returned no value here; attention probabilities need the math path, which "
             "FeatureCapture switches on (was the implementation changed after it was built?)"
         )
     if site.chunk is not None:
@@ -81,9 +82,10 @@ class FeatureCapture:
                 f"layer-wise losses need every block to run, but the model skips blocks at random ({layerdrop}); "
                 "set its layerdrop to 0 in config.json"
             )
-        if any(parse_key(key)[2] == "attention_probs" for key in keys):
-            # sdpa and flash attention never form the probabilities; eager attention returns them
-            model.set_attn_implementation("eager")
+        # fused attention never forms the probabilities: the layers whose probabilities a loss reads compute them
+        probability_keys = sorted(key for key in keys if parse_key(key)[2] == "attention_probs")
+        if probability_keys:
+            use_probabilities(model, [adapter.site(model, *parse_key(key))[0] for key in probability_keys])
         for key in sorted(keys):
             module, site = adapter.site(model, *parse_key(key))
             if site.dropout:

@@ -145,3 +145,33 @@ def test_gradients_through_captures_survive_gradient_checkpointing():
     assert plain.keys() == checkpointed.keys() and plain
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], msg=name)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_only_the_mapped_layers_leave_the_fused_kernel(family):
+    """On an SDPA model, capturing block 2's probabilities computes them there only: they equal what eager
+    attention gives (padding and causal masks included), every other block stays on SDPA (returns none), and the
+    outputs are the eager model's."""
+    fused = tiny_model(family)
+    fused.set_attn_implementation("sdpa")
+    eager = tiny_model(family)
+    adapter = models.adapter_for(fused.config)
+    keys = {feature_key(stack, 2, "attention_probs") for stack in adapter.layout}
+    capture = FeatureCapture(fused, adapter, keys)
+    reference = FeatureCapture(eager, adapter, keys)
+    returned = {}
+    for stack in adapter.layout:
+        module, _ = adapter.site(fused, stack, 1, "attention_probs")
+        module.register_forward_hook(lambda m, args, output, stack=stack: returned.setdefault(stack, output[-1]))
+    batch = tiny_batch(adapter.kind)
+    with capture.recording(), torch.no_grad():
+        out = fused(**batch)
+    with reference.recording(), torch.no_grad():
+        expected = eager(**batch)
+    features, expected_features = capture.pop(), reference.pop()
+    for key in keys:
+        torch.testing.assert_close(features[key], expected_features[key], rtol=1e-5, atol=1e-6)
+    assert all(weights is None for weights in returned.values()) and set(returned) == set(adapter.layout)
+    result = out.logits if hasattr(out, "logits") else out.last_hidden_state
+    reference_result = expected.logits if hasattr(expected, "logits") else expected.last_hidden_state
+    torch.testing.assert_close(result, reference_result, rtol=1e-5, atol=1e-5)
