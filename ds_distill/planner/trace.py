@@ -268,15 +268,16 @@ def step_memory(student_config, adapter, shape, logit_losses, weights, teacher_l
     def trace(config, batch):
         return trace_step(config, adapter, shape, logit_losses, weights, teacher_logits, batch)
 
-    rows = max(1, logits.CHUNK_ELEMENTS // shape.vocab)
+    width = student_config.vocab_size  # the logits' rows, the tokenizer's vocabulary and any padding past it
+    rows = max(1, logits.CHUNK_ELEMENTS // width)
     traced = min(rows, shape.target or shape.source - 1)
-    with logits.chunk_elements(traced * shape.vocab):
+    with logits.chunk_elements(traced * width):
         one, two = trace(shallow(), 1), trace(shallow(), 2)
         per_block = {stack: trace(shallow(stack), 1) - one for stack in depths}
     per_example = two - one + sum((depths[s] - 1) * per_block[s] for s in depths)
     if not (logit_losses and rows > traced > 1):
         return StepMemory(fixed=one - (two - one), per_example=per_example)
-    with logits.chunk_elements(traced // 2 * shape.vocab):
+    with logits.chunk_elements(traced // 2 * width):
         half = trace(shallow(), 1)
     chunk_row = (one - half) / (traced - traced // 2)
     fixed = one - (two - one) + chunk_row * (rows - traced)
