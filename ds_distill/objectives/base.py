@@ -49,12 +49,10 @@ StepTokens = dict[str, torch.Tensor] | None
 terms are over) and each stack ("encoder", "decoder"; layer-wise terms). `train/student.py`'s token_counts."""
 
 
-def token_mean(total: torch.Tensor, tokens: StepTokens, key: str, local_count: torch.Tensor | int) -> torch.Tensor:
+def token_mean(total: torch.Tensor, tokens: StepTokens, key: str, local_count: torch.Tensor) -> torch.Tensor:
     """A micro-batch's sum over tokens as its share of the step's mean over `key` tokens."""
     step_count = tokens.get(key) if tokens else None
-    if step_count is not None:
-        return total / step_count.clamp_min(1)
-    return total / (local_count.clamp_min(1) if isinstance(local_count, torch.Tensor) else max(local_count, 1))
+    return total / (local_count if step_count is None else step_count).clamp_min(1)
 
 
 def micro_batch_share(value: torch.Tensor, tokens: StepTokens, key: str, local_count: torch.Tensor) -> torch.Tensor:
