@@ -52,6 +52,9 @@ class ModelAdapter:
     optional_parts: tuple[str, ...] = ()
     """Prefixes of tensors of parts distillation never reads (BERT's pooler and next-sentence head): a checkpoint
     may lack them or hold them for a class without them, with a note, where other such tensors are errors."""
+    logits_bias: str | None = None
+    """A buffer the model's forward adds to the LM head's output (BART's `final_logits_bias`): the folded head
+    adds it itself (`objectives/head.py`)."""
     pre_layer_norm_types: tuple[str, ...] = ()
     """The model types whose blocks normalise their input (pre-LN): their block outputs are raw residual sums,
     hundreds to thousands in size, which hidden-state MSE terms normalise by default (mBART, not BART)."""
@@ -229,6 +232,7 @@ ADAPTERS: tuple[ModelAdapter, ...] = (
     ModelAdapter(
         name="bart",
         model_types=("bart", "mbart"),
+        logits_bias="final_logits_bias",
         pre_layer_norm_types=("mbart",),
         kind="seq2seq",
         config_fields={

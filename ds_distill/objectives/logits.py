@@ -8,7 +8,8 @@ The logits are the largest tensors of a step ([batch, tokens, vocabulary]: 0.2 G
 49k vocabulary in bf16). The terms here read only the target positions, a chunk of rows at a time, in float32
 inside the chunk, and compute the chunk's gradient together with its value (`_TargetRows`): no float32 copy of a
 whole micro-batch's logits ever exists, and nothing of the teacher is kept for the backward. The trainer
-computes all of a run's logit terms in one such pass (`logit_terms`).
+computes all of a run's logit terms in one such pass (`logit_terms`), with the student's LM head folded in
+(`head.py`): the chunk's logits are made from the head's input, so the student's whole logits never exist.
 """
 
 from __future__ import annotations
@@ -51,46 +52,72 @@ def target_positions(features: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return index.div(labels.shape[1], rounding_mode="floor"), index.remainder(labels.shape[1])
 
 
+def logit_width(features: dict) -> int:
+    """The logits' last dimension, also where the LM head is folded in and `logits` hold its input."""
+    head = features.get("head")
+    return head.out_features if head is not None else features["logits"].shape[-1]
+
+
 def _float32(rows: torch.Tensor) -> torch.Tensor:
     return rows.to(torch.promote_types(rows.dtype, torch.float32))
 
 
 class _TargetRows(torch.autograd.Function):
-    """Over the target rows r, chunk by chunk: each term's sum of fn(student[r] in float32, *(o[r] for o in
+    """Over the target rows r, chunk by chunk: each term's sum of fn(logits[r] in float32, *(o[r] for o in
     others)), and the weighted sum of those sums over `divisor`, the one output that gradients flow through.
 
-    The gradient with respect to the student's logits is computed in the forward, chunk by chunk (autograd on
-    the chunk), into one buffer of the logits' dtype for all terms, as Liger's fused losses do; the backward only
-    scales it. So no chunk's float32 temporaries and none of the teacher's logits outlive the forward, and
-    nothing is recomputed.
+    `student` holds the logits, or, with a `weight` (the LM head folded in, `head.py`), the head's input: then
+    a chunk's logits are `linear(student[r], weight, bias)`, made only for that chunk.
+
+    The gradients are computed in the forward, chunk by chunk (autograd on the chunk), into one buffer of the
+    input's dtype for all terms (and float32 sums for the head's weight and bias), as Liger's fused losses do;
+    the backward only scales them. So no chunk's float32 temporaries and none of the teacher's logits outlive the
+    forward, and nothing is recomputed.
     """
 
     @staticmethod
-    def forward(ctx, student, example, position, terms, weights, divisor):
-        wants_grad = ctx.needs_input_grad[0]
-        grad = torch.zeros_like(student) if wants_grad else None
-        sums = torch.zeros(len(terms), dtype=torch.promote_types(student.dtype, torch.float32), device=student.device)
-        rows = max(1, CHUNK_ELEMENTS // student.shape[-1])
+    def forward(ctx, student, example, position, terms, weights, divisor, weight=None, bias=None):
+        needs = [ctx.needs_input_grad[i] if i < len(ctx.needs_input_grad) else False for i in (0, 6, 7)]
+        wide = torch.promote_types(student.dtype, torch.float32)
+        # The rows' gradient keeps their dtype, as the logits' did; the head's weight and bias sum chunks in float32.
+        grads = [
+            None if not need else torch.zeros_like(x, dtype=None if i == 0 else wide)
+            for i, (x, need) in enumerate(zip((student, weight, bias), needs))
+        ]
+        wanted = [i for i, need in enumerate(needs) if need]
+        sums = torch.zeros(len(terms), dtype=wide, device=student.device)
+        rows = max(1, CHUNK_ELEMENTS // (student.shape[-1] if weight is None else weight.shape[0]))
         for start in range(0, example.numel(), rows):
             b, t = example[start : start + rows], position[start : start + rows]
             with torch.enable_grad():
-                chunk = _float32(student[b, t]).detach().requires_grad_(wants_grad)
-                values = [fn(chunk, *(other[b, t] for other in others)) for fn, others in terms]
-                if wants_grad:
-                    weighted = sum(weight * value for weight, value in zip(weights, values)) / divisor
-                    (chunk_grad,) = torch.autograd.grad(weighted, chunk)
-                    grad[b, t] = chunk_grad.to(grad.dtype)
-                    del chunk_grad
+                leaves = [
+                    None if x is None else x.detach().requires_grad_(need)
+                    for x, need in zip((student[b, t], weight, bias), needs)
+                ]
+                logits = _float32(leaves[0] if weight is None else F.linear(*leaves))
+                values = [fn(logits, *(other[b, t] for other in others)) for fn, others in terms]
+                if wanted:
+                    weighted = sum(w * value for w, value in zip(weights, values)) / divisor
+                    for i, grad in zip(wanted, torch.autograd.grad(weighted, [leaves[i] for i in wanted])):
+                        if i == 0:
+                            grads[0][b, t] = grad.to(grads[0].dtype)
+                        else:
+                            grads[i] += grad
+                    del grad
             sums += torch.stack(values).detach()
-            del chunk, values  # before the next chunk's are made: one chunk's temporaries alive at a time
-        ctx.save_for_backward(grad)
+            del leaves, logits, values  # before the next chunk's are made: one chunk's temporaries alive at a time
+        ctx.save_for_backward(*grads)
+        ctx.dtypes = [None if x is None else x.dtype for x in (student, weight, bias)]
         ctx.mark_non_differentiable(sums)
-        return sum(weight * value for weight, value in zip(weights, sums.unbind())) / divisor, sums
+        return sum(w * value for w, value in zip(weights, sums.unbind())) / divisor, sums
 
     @staticmethod
     def backward(ctx, grad_output, _):
-        (grad,) = ctx.saved_tensors
-        return grad.mul_(grad_output.to(grad.dtype)), None, None, None, None, None  # our buffer: scaled in place
+        student, weight, bias = (
+            None if grad is None else grad.mul_(grad_output.to(grad.dtype)).to(dtype)  # our buffers: scaled in place
+            for grad, dtype in zip(ctx.saved_tensors, ctx.dtypes)
+        )
+        return student, None, None, None, None, None, weight, bias
 
 
 class LogitTerm(DistillationLoss):
@@ -119,7 +146,9 @@ def logit_terms(
         fn, others, scale = loss.row_term(student, teacher)
         fns.append((fn, others))
         scaled.append((weight * scale, scale))
-    total, sums = _TargetRows.apply(student["logits"], example, position, fns, [w for w, _ in scaled], count)
+    args = (example, position, fns, [w for w, _ in scaled], count)
+    head = student.get("head")  # folded in (`head.py`): called as a module, so ZeRO-3 gathers its weight
+    total, sums = head(student["logits"], *args) if head is not None else _TargetRows.apply(student["logits"], *args)
     return total, {name: value * scale / count for name, value, (_, scale) in zip(terms, sums.unbind(), scaled)}
 
 
@@ -208,7 +237,7 @@ class LogitDistillationLoss(LogitTerm):
     def row_term(self, student, teacher):
         # Compared on the tokenizer's vocabulary: rows past it (T5 pads 32100 tokens to 32128) are never targets,
         # and a student built from the teacher has them too, so they would take mass in both softmaxes.
-        vocab = self.vocab_size or min(student["logits"].shape[-1], teacher["logits"].shape[-1])
+        vocab = self.vocab_size or min(logit_width(student), teacher["logits"].shape[-1])
         options = self.options
 
         def fn(student_logits, teacher_logits):

@@ -201,6 +201,7 @@ def trace_step(
     """Peak bytes of the tensors one training micro-step creates: teacher logits held, student forward, logit
     losses, backward (weight gradients excluded: DeepSpeed moves them into its own buffers, counted with the
     student's states)."""
+    from ds_distill.objectives.head import fold_head
     from ds_distill.objectives.registry import weighted_terms
     from ds_distill.train.student import forward_features, token_counts
 
@@ -224,7 +225,7 @@ def trace_step(
             teacher = {"logits": torch.zeros(batch, length, vocab, dtype=dtype)}
             if adapter.kind == "causal":
                 teacher["logits"] = teacher["logits"][:, :-1]
-        student = forward_features(model, adapter, inputs)
+        student = forward_features(model, adapter, inputs, head=fold_head(model, adapter))
         if logit_losses:
             total, _ = weighted_terms(logit_losses, weights, student, teacher, counts)
         else:  # layer-wise terms only: a stand-in that keeps the whole graph

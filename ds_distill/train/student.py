@@ -19,6 +19,7 @@ from ds_distill.config.deepspeed import zero3_loading
 from ds_distill.config.run import StudentConfig
 from ds_distill.objectives.base import IGNORE_INDEX
 from ds_distill.objectives.capture import FeatureCapture
+from ds_distill.objectives.head import fold_head, folded
 from ds_distill.objectives.registry import weighted_terms
 
 
@@ -84,16 +85,23 @@ def token_counts(adapter: models.ModelAdapter, batch: dict[str, torch.Tensor]) -
 
 
 def forward_features(
-    model, adapter: models.ModelAdapter, batch: dict[str, torch.Tensor], capture: FeatureCapture | None = None
+    model,
+    adapter: models.ModelAdapter,
+    batch: dict[str, torch.Tensor],
+    capture: FeatureCapture | None = None,
+    head: torch.nn.Linear | None = None,
 ) -> dict[str, torch.Tensor]:
     """Runs `model` on `batch` and returns the features losses read: logits aligned so logits[:, t] predicts
-    labels[:, t], the stack masks, and what `capture` collected during this forward."""
+    labels[:, t], the stack masks, and what `capture` collected during this forward. With `head` (the model's,
+    from `fold_head`), `logits` hold the head's input and `head` computes them in the logit terms' chunks."""
     inputs = model_inputs(batch)
     if adapter.kind != "encoder":
         inputs["use_cache"] = False  # no key/value cache to build and hold for a forward that generates nothing
-    with capture.recording() if capture else contextlib.nullcontext():
+    with capture.recording() if capture else contextlib.nullcontext(), folded(head):
         output = model(**inputs)
     features = {"labels": batch.get("labels"), **stack_masks(adapter, batch)}
+    if head is not None:
+        features["head"] = head
     if "target_index" in batch:
         features["target_index"] = batch["target_index"]
     if capture:
@@ -126,6 +134,7 @@ class DistillationModule(torch.nn.Module):
         # Kept out of the module tree (a registered wrapper would list every weight twice in checkpoints);
         # generation and evaluation call the student itself.
         self.__dict__["training_forward"] = torch.compile(student) if compile else student
+        self.__dict__["head"] = fold_head(student, self.adapter)  # the student's own module, listed once
         self.kept_heads = None
         """HomoDistil: (stack, block) -> [heads] bool, the heads not pruned; attention losses compare only those."""
 
@@ -143,7 +152,7 @@ class DistillationModule(torch.nn.Module):
     ):
         """`step_tokens`: the optimizer step's token counts over all micro-batches and ranks (`token_counts`
         summed); each term is then this micro-batch's share of the step's mean. Without: micro-batch means."""
-        student_features = forward_features(self.training_forward, self.adapter, batch, self.capture)
+        student_features = forward_features(self.training_forward, self.adapter, batch, self.capture, self.head)
         if self.kept_heads is not None:
             for key in [key for key in student_features if key.endswith(".attention_probs")]:
                 stack, layer, _ = key.split(".")
