@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ds_distill.errors import ConfigError
+from ds_distill.objectives import topk
 from ds_distill.objectives.base import IGNORE_INDEX, DistillationLoss, StepTokens
 
 CHUNK_ELEMENTS = 2**25
@@ -237,8 +238,18 @@ class LogitDistillationLoss(LogitTerm):
     def row_term(self, student, teacher):
         # Compared on the tokenizer's vocabulary: rows past it (T5 pads 32100 tokens to 32128) are never targets,
         # and a student built from the teacher has them too, so they would take mass in both softmaxes.
-        vocab = self.vocab_size or min(logit_width(student), teacher["logits"].shape[-1])
         options = self.options
+        if "topk_ids" in teacher:  # a teacher's cached top-k (`topk.py`)
+            vocab = self.vocab_size or logit_width(student)
+
+            def sparse(student_logits, ids, top, rest):  # the teacher's values are at the temperature already
+                log_student = topk.buckets(student_logits[:, :vocab] / options.temperature, ids)
+                log_teacher = topk.teacher_buckets(top, rest)
+                return divergence(options.divergence, log_teacher, log_student, options.beta, options.alpha).sum()
+
+            scale = temperature_scale(options.divergence, options.temperature)
+            return sparse, tuple(teacher[key] for key in topk.KEYS), scale
+        vocab = self.vocab_size or min(logit_width(student), teacher["logits"].shape[-1])
 
         def fn(student_logits, teacher_logits):
             log_student = F.log_softmax(student_logits[:, :vocab] / options.temperature, dim=-1)
