@@ -37,18 +37,26 @@ def distill(
         ds-distill distill --recipe=flan_t5_3b_145m --method=cka --layer_map.decoder=last
         deepspeed --num_gpus 8 --module ds_distill distill --recipe=flan_t5_3b_145m
 
+    A config with `students:` (a name per student, each overriding the run's sections key by key) trains them
+    all on one teacher pass, each into train.output_dir/NAME (train/cohort.py).
+
     Args:
-        config: path of a run YAML (method, teacher, student, data, layer_map, losses, train).
+        config: path of a run YAML (method, teacher, student, data, layer_map, losses, train; students).
         recipe: name of a shipped recipe instead (`ds-distill list` shows them).
         resume: continue from the newest complete checkpoint in train.output_dir.
         overwrite: delete an earlier run in train.output_dir first.
         **overrides: any config key as a dotted flag, e.g. --train.learning_rate=3e-4.
     """
-    from ds_distill.config.load import load_config
+    from ds_distill.config.load import load_tree, parse_run, parse_students
+    from ds_distill.train.cohort import distill_students
     from ds_distill.train.loop import distill as run_distill
 
-    run = load_config(config, recipe, overrides)
-    run_distill(run, resume=flag(resume, "resume"), overwrite=flag(overwrite, "overwrite"))
+    tree = load_tree(config, recipe, overrides)
+    resume, overwrite = flag(resume, "resume"), flag(overwrite, "overwrite")
+    if "students" in tree:
+        distill_students(parse_students(tree), resume=resume, overwrite=overwrite)
+    else:
+        run_distill(parse_run(tree), resume=resume, overwrite=overwrite)
 
 
 def chain(config: str | None = None, recipe: str | None = None, overwrite=(), **overrides):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -190,10 +191,10 @@ def expand_method(tree: dict[str, Any]) -> dict[str, Any]:
     return expanded
 
 
-def load_config(
+def load_tree(
     config: str | None = None, recipe: str | None = None, overrides: dict[str, Any] | None = None
-) -> RunConfig:
-    """Reads a YAML file or shipped recipe, applies dotted overrides and validates the result."""
+) -> dict[str, Any]:
+    """A YAML file or shipped recipe as a tree, its `base:` merged in and dotted overrides applied."""
     if config and recipe:
         raise ConfigError("give either --config=FILE or --recipe=NAME, not both")
     tree: dict[str, Any] = {}
@@ -201,6 +202,70 @@ def load_config(
         tree = read_tree(Path(config) if config else recipe_path(recipe))
     for key, value in (overrides or {}).items():
         apply_override(tree, key, value)
+    return tree
+
+
+def parse_run(tree: dict[str, Any]) -> RunConfig:
+    """A run config tree (method preset expanded) as a validated `RunConfig`."""
+    if "students" in tree:
+        raise ConfigError("this config trains several students (students:); ds-distill distill runs it")
     run = from_dict(RunConfig, expand_method(tree))
     validate(run)
     return run
+
+
+def load_config(
+    config: str | None = None, recipe: str | None = None, overrides: dict[str, Any] | None = None
+) -> RunConfig:
+    """Reads a YAML file or shipped recipe, applies dotted overrides and validates the result."""
+    return parse_run(load_tree(config, recipe, overrides))
+
+
+SHARED_SECTIONS = ("teacher", "data")
+"""What one teacher pass and one batch stream serve to every student of a run."""
+SHARED_TRAIN_KEYS = (
+    "output_dir", "max_steps", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
+    "seed", "group_by_length", "dataloader_num_workers", "dataloader_pin_memory", "save_steps", "save_total_limit",
+    "ddp_timeout", "torch_compile",
+)  # fmt: skip
+"""`train` keys the students share: the batches and steps, the checkpoints they resume from together."""
+STUDENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def parse_students(tree: dict[str, Any]) -> dict[str, RunConfig]:
+    """A config with `students:` as one validated `RunConfig` per student. Each entry overrides the run's own
+    sections key by key (as a chain stage overrides `defaults`) and trains into `train.output_dir/NAME`."""
+    students = tree.get("students")
+    if not isinstance(students, dict) or not students:
+        raise ConfigError("students: must map each student's name to its overrides, e.g. {small: {student: ...}}")
+    shared = {key: value for key, value in tree.items() if key != "students"}
+    output_dir = Path((shared.get("train") or {}).get("output_dir", RunConfig().train.output_dir))
+    runs = {}
+    for name, entry in students.items():
+        where = f"students.{name}"
+        if not STUDENT_NAME.match(str(name)):
+            raise ConfigError(f"{where}: a student's name is its directory; use letters, digits, '_', '.' and '-'")
+        entry = entry or {}
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where} must be a mapping of run sections, got {entry!r}")
+        for key in entry:
+            if key in SHARED_SECTIONS:
+                raise ConfigError(
+                    f"{where}.{key}: one teacher pass and one batch stream serve every student; set {key} "
+                    "outside students:"
+                )
+            if key not in _field_names(RunConfig):
+                raise unknown_key_error(key, [f for f in _field_names(RunConfig) if f not in SHARED_SECTIONS], f"{where}.")
+        for key in entry.get("train") or {}:
+            if key in SHARED_TRAIN_KEYS:
+                raise ConfigError(
+                    f"{where}.train.{key}: the students share batches, steps and checkpoints; set train.{key} "
+                    "outside students:"
+                )
+        merged = merge(shared, entry)
+        merged.setdefault("train", {})["output_dir"] = str(output_dir / str(name))
+        try:
+            runs[str(name)] = parse_run(merged)
+        except ConfigError as error:
+            raise ConfigError(f"{where}: {error}") from None
+    return runs

@@ -35,9 +35,11 @@ from ds_distill.train.teacher import TeacherFeatures, load_teacher
 class Trainer:
     """Owns both engines and the loop; `train()` runs from the current step to the last and exports."""
 
-    def __init__(self, p: Prepared, teacher=None):
+    def __init__(self, p: Prepared, teacher=None, capture_teacher: bool = True, resume_tag: str | None = None):
         """`teacher`: an already loaded teacher engine to reuse (a benchmark comparing objectives on one
-        teacher); by default the run's teacher is loaded here."""
+        teacher, several students on one teacher pass); by default the run's teacher is loaded here.
+        `capture_teacher=False`: the caller sets `teacher_side` (one teacher pass for several students, capturing
+        the union of their `teacher_keys`). `resume_tag`: the checkpoint to resume from, else the newest."""
         from transformers import set_seed
 
         self.p, self.run, self.train_config = p, p.run, p.run.train
@@ -55,9 +57,10 @@ class Trainer:
             student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         losses, weights = engines.loss_terms(p, teacher)
         self.teacher_side = None
-        if teacher is not None:
-            keys = set().union(*(loss.teacher_keys for loss in losses.values()))
-            self.teacher_side = TeacherFeatures(teacher, p.teacher_ds, keys, self.train_config.torch_compile)
+        self.teacher_keys = set().union(*(loss.teacher_keys for loss in losses.values()))
+        if teacher is not None and capture_teacher:
+            compile_teacher = self.train_config.torch_compile
+            self.teacher_side = TeacherFeatures(teacher, p.teacher_ds, self.teacher_keys, compile_teacher)
         self.engine = engines.student_engine(p, student, losses, weights)
         self.student_adapter = models.adapter_for(p.student_config)
         self.pruner = prune.Pruner(self.engine.module.student, self.run.prune) if self.run.prune else None
@@ -71,7 +74,7 @@ class Trainer:
         self.step = 0
         self.micro_batches_done = 0
         if p.resume:
-            self._resume()
+            self._resume(resume_tag or checkpoint.latest_tag(self.checkpoints))
         self.log = RunLog(p.output_dir, self.step)
 
     def _train_batches(self) -> batches.TrainBatches:
@@ -88,8 +91,7 @@ class Trainer:
             group_by_length=self.run.data.task in ("translation", "seq2seq") if grouped is None else grouped,
         )
 
-    def _resume(self) -> None:
-        tag = checkpoint.latest_tag(self.checkpoints)
+    def _resume(self, tag: str) -> None:
         state = checkpoint.load(self.engine, self.checkpoints, tag)
         self.step, self.micro_batches_done = state["step"], state["micro_batches_done"]
         if self.pruner is not None:
@@ -130,17 +132,21 @@ class Trainer:
         the step's count, and since DeepSpeed averages gradients over ranks, each rank's share is scaled by the
         world size (and not divided by the accumulation steps).
         """
-        step_tokens, world = self.step_tokens(batches), dist.world_size()
+        step_tokens = self.step_tokens(batches)
         for index, batch in enumerate(batches):
             batch = self._to_device(batch)
-            total, terms = self.engine(batch, self.teacher_features(batch), step_tokens)
-            self.engine.backward(total * world, scale_wrt_gas=False)
-            last = index == len(batches) - 1  # the step's gradient is complete; scored only where masks tighten
-            if self.pruner is not None and last and self.pruner.scoring(self.step + 1):
-                self.pruner.observe(self._local_sensitivities(), reduce=self._sum_over_ranks)
-            self.engine.step()
-            for name, value in {"loss": total.detach(), **terms}.items():
-                self.window.sums[name] += value  # stays on the device until a logging step
+            self.micro_step(batch, self.teacher_features(batch), step_tokens, last=index == len(batches) - 1)
+
+    def micro_step(self, batch, teacher_features, step_tokens, last: bool) -> None:
+        """Student forward and loss terms on one micro-batch (on the device), backward, engine step; `last`: the
+        step's gradient is complete after it."""
+        total, terms = self.engine(batch, teacher_features, step_tokens)
+        self.engine.backward(total * dist.world_size(), scale_wrt_gas=False)
+        if self.pruner is not None and last and self.pruner.scoring(self.step + 1):  # scored where masks tighten
+            self.pruner.observe(self._local_sensitivities(), reduce=self._sum_over_ranks)
+        self.engine.step()
+        for name, value in {"loss": total.detach(), **terms}.items():
+            self.window.sums[name] += value  # stays on the device until a logging step
 
     def _local_sensitivities(self):
         """(name, |w * grad| over this rank's part of the weight) for every student weight."""
@@ -172,17 +178,18 @@ class Trainer:
         if self.teacher is not None and self.owns_teacher:
             self.teacher.destroy()
 
-    def begin(self) -> None:
-        """Writes the run's files and opens the batch stream at the (possibly resumed) position."""
+    def begin(self, desc: str = "distill", stream: bool = True) -> None:
+        """Writes the run's files and opens the batch stream at the (possibly resumed) position; `desc` names the
+        progress bar; `stream=False`: the caller feeds the batches (`Cohort`)."""
         write_run_files(self.p)
         self.memory_before_steps_gb = memory_in_use_gb()  # the models and their states are in place
         self.engine.train()
-        self.stream = self.batches.iterate(self.micro_batches_done)
+        self.stream = self.batches.iterate(self.micro_batches_done) if stream else None
         self.window = LogWindow()
         self.progress = tqdm(
             total=self.p.total_steps,
             initial=self.step,
-            desc="distill",
+            desc=desc,
             disable=not dist.is_main(),
             dynamic_ncols=True,
             mininterval=0.1 if sys.stderr.isatty() else 30.0,  # a log file gets a line every 30 s, not every step
@@ -190,23 +197,27 @@ class Trainer:
 
     def train_steps(self, until: int) -> None:
         """Optimizer steps up to step `until`, logging, evaluating and checkpointing on their schedules."""
-        accumulation, last_step = self.train_config.gradient_accumulation_steps, self.p.total_steps
+        accumulation = self.train_config.gradient_accumulation_steps
         while self.step < until:
             self.engine.module.set_step(self.step)
             self.optimizer_step([next(self.stream) for _ in range(accumulation)])
-            self.step += 1
-            if self.pruner is not None:
-                self.pruner.update(self.step)
-            self.window.steps += 1
-            self.micro_batches_done += accumulation
-            self.progress.update(1)
-            last = self.step == last_step
-            if last or self.step % self.train_config.logging_steps == 0:
-                self._log_training()
-            if last or (self.train_config.eval_steps and self.step % self.train_config.eval_steps == 0):
-                self._evaluate()
-            if last or (self.train_config.save_steps and self.step % self.train_config.save_steps == 0):
-                self._save_checkpoint()
+            self.finish_step()
+
+    def finish_step(self) -> None:
+        """After an optimizer step: counters, pruning masks, and logging, evaluation and checkpoints when due."""
+        self.step += 1
+        if self.pruner is not None:
+            self.pruner.update(self.step)
+        self.window.steps += 1
+        self.micro_batches_done += self.train_config.gradient_accumulation_steps
+        self.progress.update(1)
+        last = self.step == self.p.total_steps
+        if last or self.step % self.train_config.logging_steps == 0:
+            self._log_training()
+        if last or (self.train_config.eval_steps and self.step % self.train_config.eval_steps == 0):
+            self._evaluate()
+        if last or (self.train_config.save_steps and self.step % self.train_config.save_steps == 0):
+            self._save_checkpoint()
 
     def _log_training(self) -> None:
         window, self.window = self.window, LogWindow()

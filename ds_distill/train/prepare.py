@@ -3,6 +3,7 @@ and the data; then the output directory is claimed. A mistake found here costs s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -39,8 +40,9 @@ class Prepared:
     validation_split: str | None
 
 
-def prepare(run: RunConfig, resume: bool = False, overwrite: bool = False) -> Prepared:
-    """Validates config, DeepSpeed JSON, the models' configs, tokenizer and data, then claims output_dir.
+def prepare(run: RunConfig, resume: bool = False, overwrite: bool = False, claim: bool = True) -> Prepared:
+    """Validates config, DeepSpeed JSON, the models' configs, tokenizer and data, then claims output_dir
+    (`claim_output_dir`; `claim=False` leaves that to the caller, which prepares several runs first).
 
     Nothing in output_dir is touched (not even by --overwrite) until every check has passed.
     """
@@ -78,16 +80,20 @@ def prepare(run: RunConfig, resume: bool = False, overwrite: bool = False) -> Pr
         dims = run.student.init.from_teacher
         sliced = dims is not None and dims.strategy == "sliced" and not dims.source
         prune.check(run.prune, student_ds, teacher_config, student_config, starts_from_teacher=sliced)
-    output_dir = Path(train.output_dir)
-    # rank 0's view decides for all (on node-local disks the others may see none; resuming then says so)
-    has_checkpoint = dist.all_gather_objects(checkpoint.latest_tag(output_dir / "checkpoints") is not None)[0]
-    resume = run_dir.claim(output_dir, to_yaml(run), resume, overwrite, has_checkpoint)
     source = run.teacher.weights() or run.student.model_name_or_path
     generation_config = export.generation_config(source, student_config, len(tokenizer))
-    return Prepared(
-        run, output_dir, resume, tokenizer, tokenized, teacher_ds, student_ds, student_config, generation_config,
-        total_steps, validation_split,
+    prepared = Prepared(
+        run, Path(train.output_dir), resume, tokenizer, tokenized, teacher_ds, student_ds, student_config,
+        generation_config, total_steps, validation_split,
     )  # fmt: skip
+    return claim_output_dir(prepared, resume, overwrite) if claim else prepared
+
+
+def claim_output_dir(p: Prepared, resume: bool, overwrite: bool) -> Prepared:
+    """`p` with its output directory claimed (`run_dir.claim`) and `resume` set to whether it resumes."""
+    # rank 0's view decides for all (on node-local disks the others may see none; resuming then says so)
+    has_checkpoint = dist.all_gather_objects(checkpoint.latest_tag(p.output_dir / "checkpoints") is not None)[0]
+    return dataclasses.replace(p, resume=run_dir.claim(p.output_dir, to_yaml(p.run), resume, overwrite, has_checkpoint))
 
 
 def check_models(run: RunConfig):

@@ -57,9 +57,10 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {row["step"]: row["loss"] for row in training_log(run_dir) if "loss" in row}
 
 
-def distill_until_first_checkpoint(tmp_path: Path, name: str, config: dict) -> Path:
-    """Starts a run and kill -9s all its ranks as soon as its first checkpoint is complete; returns output_dir."""
-    run_dir = Path(config["train"]["output_dir"])
+def distill_until_first_checkpoint(tmp_path: Path, name: str, config: dict, student: str | None = None) -> Path:
+    """Starts a run and kill -9s all its ranks as soon as its first checkpoint (`student`'s, of a run with
+    several) is complete; returns output_dir."""
+    run_dir = Path(config["train"]["output_dir"]) / (student or "")
     path = write_yaml(tmp_path / f"{name}.yaml", config)
     with open(tmp_path / f"{name}.log", "w") as out:
         command = deepspeed_command(path)

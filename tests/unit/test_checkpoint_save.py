@@ -91,3 +91,26 @@ def test_a_rank_that_raises_stops_the_other_rank_at_once(tmp_path):
         assert "step_5 was not written completely (rank 1: RuntimeError: shard write failed)" in message
         assert seconds < 20, (rank, seconds)  # well inside the 30 s collective timeout
     assert not (tmp_path / "step_5" / checkpoint.COMPLETE).exists()
+
+
+def test_students_resume_together_from_the_newest_step_all_completed(tmp_path):
+    """A kill between two students' saves leaves one a step ahead: both resume from the step they share."""
+    from types import SimpleNamespace
+
+    from ds_distill.errors import ConfigError
+    from ds_distill.train.cohort import common_resume_tag
+
+    def student(name, steps, resume=True, incomplete=()):
+        for step in (*steps, *incomplete):
+            (tmp_path / name / "checkpoints" / f"step_{step}").mkdir(parents=True)
+        for step in steps:
+            (tmp_path / name / "checkpoints" / f"step_{step}" / checkpoint.COMPLETE).write_text("{}")
+        return SimpleNamespace(output_dir=tmp_path / name, resume=resume)
+
+    ahead, behind = student("a", [4, 8, 12]), student("b", [4, 8], incomplete=[12])
+    assert common_resume_tag({"a": ahead, "b": behind}) == "step_8"
+    assert common_resume_tag({"a": SimpleNamespace(resume=False), "b": SimpleNamespace(resume=False)}) is None
+    with pytest.raises(ConfigError, match="students c have no checkpoint to resume from"):
+        common_resume_tag({"a": ahead, "c": SimpleNamespace(resume=False)})
+    with pytest.raises(ConfigError, match="no checkpoint step in common"):
+        common_resume_tag({"a": ahead, "d": student("d", [16])})

@@ -1,11 +1,13 @@
 """Config loading: unknown keys, dotted overrides, fire's type guesses, recipes, validation."""
 
+import re
+
 import pytest
 
 from ds_distill.config.load import from_dict, load_config
 from ds_distill.config.run import RunConfig
 from ds_distill.errors import ConfigError
-from tests.conftest import translation_config, write_yaml
+from tests.conftest import run_cli, translation_config, write_yaml
 
 
 @pytest.fixture
@@ -102,3 +104,59 @@ def test_values_that_would_fail_late_are_refused_early(run_yaml, override, messa
 def test_lists_of_data_files_stay_lists(run_yaml):
     run = load_config(str(run_yaml), overrides={"data.data_files": {"train": ["a.jsonl", "b.jsonl"]}})
     assert run.data.data_files == {"train": ["a.jsonl", "b.jsonl"]}
+
+
+def students_tree(tmp_path, **students):
+    tree = translation_config({"t5": tmp_path / "t5"}, tmp_path / "runs")
+    return {**tree, "students": students}
+
+
+def test_each_student_overrides_the_run_key_by_key_into_its_own_directory(tmp_path):
+    from ds_distill.config.load import parse_students
+
+    runs = parse_students(students_tree(
+        tmp_path,
+        small={"student": {"init": {"from_teacher": {"d_model": 16}}}},
+        small_cka={"method": "cka", "train": {"learning_rate": 1e-4}},
+    ))  # fmt: skip
+    assert list(runs) == ["small", "small_cka"]
+    small, cka = runs["small"], runs["small_cka"]
+    assert small.train.output_dir == str(tmp_path / "runs" / "small")
+    assert small.student.init.from_teacher.d_model == 16 and small.student.init.from_teacher.d_ff == 64  # kept
+    assert cka.student.init.from_teacher.d_model == 32 and "cka" in cka.losses and "kd" in cka.losses
+    assert cka.train.learning_rate == 1e-4 and small.train.learning_rate == 1e-3
+    assert cka.train.max_steps == small.train.max_steps == 12
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"train": {"max_steps": 5}}, "students.b.train.max_steps: the students share batches, steps and checkpoints"),
+        ({"train": {"per_device_train_batch_size": 2}}, "students.b.train.per_device_train_batch_size: the students"),
+        ({"teacher": {"model_name_or_path": "x"}}, "students.b.teacher: one teacher pass and one batch stream"),
+        ({"data": {"max_train_samples": 8}}, "students.b.data: one teacher pass"),
+        ({"studnet": {}}, "unknown key 'students.b.studnet'. Did you mean 'student'?"),
+        ({"train": {"learning_rate": "fast"}}, "students.b: train.learning_rate must be a number, got 'fast'"),
+        ("small", "students.b must be a mapping of run sections"),
+    ],
+)
+def test_a_student_entry_that_cannot_work_is_refused_by_name(tmp_path, entry, message):
+    from ds_distill.config.load import parse_students
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_students(students_tree(tmp_path, a={}, b=entry))
+
+
+def test_a_config_with_students_is_not_read_as_one_run(tmp_path):
+    with pytest.raises(ConfigError, match="trains several students"):
+        load_config(str(write_yaml(tmp_path / "s.yaml", students_tree(tmp_path, a={}))))
+
+
+def test_a_student_that_fails_its_checks_stops_the_run_before_any_directory_or_weights(tiny, tmp_path):
+    """Student b's loss options are wrong: refused by name while no student's output directory exists yet."""
+    tree = translation_config(tiny, tmp_path / "runs")
+    tree["students"] = {"a": {}, "b": {"losses": {"kd": {"divergence": "kl"}}}}
+    result = run_cli("distill", f"--config={write_yaml(tmp_path / 's.yaml', tree)}")
+    assert result.returncode == 2
+    assert "students.b: losses.kd.divergence 'kl' is unknown" in result.stderr
+    assert not (tmp_path / "runs").exists()
