@@ -26,7 +26,8 @@ def plan(
     Counts the teacher's weights per placement (whole, ZeRO-3 partition plus gathered modules, or offloaded),
     the student's weights, gradients and Adam states (DeepSpeed's estimators), and the step's activations and
     loss tensors, traced on the CPU at the run's widths, lengths, dtype and micro-batch (longest examples;
-    10-20 s). A chain config (`stages:`) is planned stage by stage. Measured against H100 peaks: within 0.6%,
+    10-20 s). A chain config (`stages:`) is planned stage by stage; one with `students:` as one teacher with
+    all the students (their states added up, the largest of their steps). Measured against H100 peaks: within 0.6%,
     with the logit terms before they were chunked (bench/RESULTS.md).
 
     Args:
@@ -39,15 +40,21 @@ def plan(
         **overrides: dotted run settings, e.g. --train.per_device_train_batch_size=64.
     """
     from ds_distill import planner
-    from ds_distill.config.load import load_config
+    from ds_distill.config.load import load_tree, parse_run, parse_students
 
     hardware = planner.Hardware(
         gpus_per_node, nodes, gpu_memory_gb, planner.host_memory_gb() if cpu_memory_gb is None else cpu_memory_gb
     )
     print("tracing one training step on the CPU at the run's shapes ...", file=sys.stderr)
     if not _is_chain(config, recipe):
-        run = load_config(config, recipe, overrides)
-        print(planner.report(planner.make_plan(run, hardware, planner.tokenizer_size(run))))
+        tree = load_tree(config, recipe, overrides)
+        if "students" in tree:
+            runs = parse_students(tree)
+            plan = planner.make_students_plan(runs, hardware, planner.tokenizer_size(next(iter(runs.values()))))
+        else:
+            run = parse_run(tree)
+            plan = planner.make_plan(run, hardware, planner.tokenizer_size(run))
+        print(planner.report(plan))
         return
     from ds_distill import chain
 

@@ -128,8 +128,9 @@ def count_params(path_or_recipe: str | None = None, recipe: str | None = None, c
         ds-distill count_params --recipe=flan_t5_3b_145m          (or: count_params flan_t5_3b_145m)
         ds-distill count_params --config=run.yaml
 
-    For a run config or recipe it prints the teacher, the student and the compression ratio; for a chain,
-    each stage (its teacher being the student of the stage it comes from) and the chain's overall ratio.
+    For a run config or recipe it prints the teacher, the student and the compression ratio (every student of
+    a config with `students:`); for a chain, each stage (its teacher being the student of the stage it comes
+    from) and the chain's overall ratio.
 
     Args:
         path_or_recipe: a model directory or hub id, a run YAML or a recipe name.
@@ -153,14 +154,17 @@ def count_params(path_or_recipe: str | None = None, recipe: str | None = None, c
     if chain.is_chain(config_module.read_tree(Path(name) if is_yaml else config_module.recipe_path(name))):
         _count_chain(chain.load(yaml_path, recipe_name, {}))
         return
-    run = config_module.load_config(yaml_path, recipe_name)
+    tree = config_module.load_tree(yaml_path, recipe_name)
+    runs = config_module.parse_students(tree) if "students" in tree else {None: config_module.parse_run(tree)}
+    first = next(iter(runs.values()))
     teacher_config = None
-    if run.teacher.model_name_or_path:
-        teacher_config = models.load_config(run.teacher.weights(), "teacher")
-    _count_run(run, teacher_config)
+    if first.teacher.model_name_or_path:
+        teacher_config = models.load_config(first.teacher.weights(), "teacher")
+    for index, (student, run) in enumerate(runs.items()):
+        _count_run(run, teacher_config, show_teacher=index == 0, name=f"student {student}" if student else "student")
 
 
-def _count_run(run, teacher_config, student_config=None):
+def _count_run(run, teacher_config, student_config=None, show_teacher=True, name="student"):
     """Prints teacher, student (and pruned export) sizes; returns the exported student's config."""
     from ds_distill import models
     from ds_distill.surgery.prune import target_config
@@ -169,15 +173,15 @@ def _count_run(run, teacher_config, student_config=None):
     student_config = student_config or student_hf_config(run.student, teacher_config)
     student = models.count_parameters(student_config)
     teacher = models.count_parameters(teacher_config) if teacher_config is not None else None
-    if teacher is not None:
+    if teacher is not None and show_teacher:
         print(f"teacher {run.teacher.model_name_or_path}: {teacher / 1e6:,.1f}M parameters")
     if run.prune is not None:
-        print(f"student while pruning: {student / 1e6:,.1f}M parameters")
+        print(f"{name} while pruning: {student / 1e6:,.1f}M parameters")
         student_config = target_config(student_config, run.prune)
         student = models.count_parameters(student_config)
-        label = "student after pruning (the export)"
+        label = f"{name} after pruning (the export)"
     else:
-        label = "student"
+        label = name
     ratio = f" ({teacher / student:.1f}x smaller)" if teacher is not None else ""
     print(f"{label}: {student / 1e6:,.1f}M parameters{ratio}")
     return student_config

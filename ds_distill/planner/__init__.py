@@ -4,8 +4,8 @@ weighs every placement against the hardware, report.py writes what the user read
 command and the benchmarks use."""
 
 from ds_distill.planner.memory import GB, Hardware, ModelSize, Placement, student_cost, teacher_cost
-from ds_distill.planner.plan import host_memory_gb, make_plan, tokenizer_size
+from ds_distill.planner.plan import host_memory_gb, make_plan, make_students_plan, tokenizer_size
 from ds_distill.planner.report import advice, report
 
-__all__ = ["GB", "Hardware", "ModelSize", "Placement", "advice", "host_memory_gb", "make_plan", "report",
-           "student_cost", "teacher_cost", "tokenizer_size"]  # fmt: skip
+__all__ = ["GB", "Hardware", "ModelSize", "Placement", "advice", "host_memory_gb", "make_plan", "make_students_plan",
+           "report", "student_cost", "teacher_cost", "tokenizer_size"]  # fmt: skip

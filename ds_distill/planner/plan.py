@@ -178,6 +178,40 @@ def make_plan(run: RunConfig, hw: Hardware, vocab: int | None = None, gpu: bool 
     return Plan(run, hw, options, teacher_size, student_size, step, features, vocab, notes, checkpointed)
 
 
+def make_students_plan(runs: dict[str, RunConfig], hw: Hardware, vocab: int | None = None) -> Plan:
+    """The plan of several students on one teacher pass (`students:`): per placement, the teacher's weights once,
+    every student's states, the largest of their steps (they step one after another, each freeing its
+    activations), and the features all of them read (their sum, an upper bound of the union the teacher keeps)."""
+    plans = {name: make_plan(run, hw, vocab) for name, run in runs.items()}
+
+    def key(option: Option) -> tuple:
+        return (option.teacher.path if option.teacher else None, option.student.path)
+
+    shared_keys = set.intersection(*({key(o) for o in plan.options} for plan in plans.values()))
+    largest = max(plans.values(), key=lambda plan: plan.step.per_example)
+    features = sum(plan.features_per_example for plan in plans.values())
+    micro = largest.run.train.per_device_train_batch_size
+    options = []
+    for option in (o for o in largest.options if key(o) in shared_keys):
+        parts = [next(o for o in plan.options if key(o) == key(option)) for plan in plans.values()]
+        gpu = {**option.gpu, "student states": sum(o.gpu["student states"] for o in parts)}
+        gpu["step"] = max(o.gpu["step"] for o in parts)
+        gpu["features"] = features * micro
+        host = {name: value for name, value in option.host.items() if name.startswith("teacher")}
+        host["student states"] = sum(o.host.get("student states", 0) for o in parts)
+        fixed = sum(gpu.values()) - (largest.step.per_example + features) * micro
+        combined = Option(option.teacher, option.student, gpu, host, option.nvme, fixed)
+        combined.fits_gpu = sum(gpu.values()) <= hw.usable_gpu
+        combined.fits_host = sum(host.values()) <= hw.usable_host
+        options.append(combined)
+    sizes = ", ".join(f"{name} {plan.student_size.params / 1e6:,.1f}M" for name, plan in plans.items())
+    notes = [*largest.notes, f"students: {sizes}; the step shown is the largest student's"]
+    student_size = dataclasses.replace(largest.student_size, params=sum(p.student_size.params for p in plans.values()))
+    return dataclasses.replace(
+        largest, options=options, student_size=student_size, features_per_example=features, notes=notes
+    )
+
+
 def _teacher_bf16(run: RunConfig) -> bool:
     """The run's teacher config: bf16 where it says so or leaves it ("auto") to a bf16 run."""
     return Placement.read(run.teacher.deepspeed_config, "teacher", run.train.bf16).weight_bytes == 2

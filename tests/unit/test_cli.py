@@ -125,6 +125,23 @@ def test_recipe_students_are_within_three_percent_of_their_size(recipe, millions
     assert student == pytest.approx(millions, rel=0.03)
 
 
+def test_the_table_recipe_trains_the_four_recipe_students_with_kd_and_with_cka(capsys):
+    """flan_t5_3b_table: seed 000's eight students, each the size and method of its own recipe."""
+    from ds_distill.config.load import load_config, load_tree, parse_students
+
+    cli.main(["count_params", "flan_t5_3b_table"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("teacher google/flan-t5-xl") and len(lines) == 9
+    runs = parse_students(load_tree(recipe="flan_t5_3b_table"))
+    for size in ("145m", "250m", "425m", "780m"):
+        alone = load_config(recipe=f"flan_t5_3b_{size}")
+        kd, cka = runs[f"s{size}"], runs[f"s{size}_cka"]
+        assert kd.student.init == cka.student.init == alone.student.init
+        assert kd.train.learning_rate == alone.train.learning_rate
+        assert set(kd.losses) == {"ce", "kd"} and set(cka.losses) == set(alone.losses) == {"ce", "kd", "cka"}
+        assert cka.train.output_dir == f"runs/flan_t5_3b_table/s{size}_cka"
+
+
 # HomoDistil's widths from BERT-base, against the paper's sizes (65M, 17.3M, 15.6M, 14.1M).
 @pytest.mark.parametrize(
     "recipe, millions",

@@ -204,3 +204,24 @@ def test_plan_of_a_chain_plans_every_stage(capsys):
     assert "stage l12:" in out and "stage l6:" in out
     assert "teacher stage l12: 424.5M parameters" in out  # the second stage's teacher is the first's export
     assert out.count("--defaults.teacher.deepspeed_config=ds_configs/teacher_replicated_bf16.json") == 2
+
+
+def test_a_plan_of_several_students_counts_the_teacher_once_and_every_student(tiny, tmp_path):
+    """students: the teacher's weights once, the students' states added up, the larger step of the two."""
+    from ds_distill.config.load import parse_students
+    from tests.conftest import translation_config
+
+    tree = translation_config(tiny, tmp_path / "runs")
+    tree["students"] = {"small": {}, "wide": {"student": {"init": {"from_teacher": {"d_model": 64, "num_heads": 4}}}}}
+    runs = parse_students(tree)
+    together = planner.make_students_plan(runs, H100, vocab=1000)
+    alone = {name: planner.make_plan(run, H100, vocab=1000) for name, run in runs.items()}
+    assert together.student_size.params == sum(plan.student_size.params for plan in alone.values())
+    assert len(together.options) == len(alone["small"].options)
+    for option in together.options:
+        parts = [next(o for o in plan.options if (o.teacher.path, o.student.path) == (option.teacher.path,
+                      option.student.path)) for plan in alone.values()]  # fmt: skip
+        assert option.gpu["teacher"] == parts[0].gpu["teacher"] == parts[1].gpu["teacher"]
+        assert option.gpu["student states"] == pytest.approx(sum(p.gpu["student states"] for p in parts))
+        assert option.gpu["step"] == max(p.gpu["step"] for p in parts) == parts[1].gpu["step"]
+    assert "students: small" in planner.report(together)
