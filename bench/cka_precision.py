@@ -35,7 +35,9 @@ def main(tokens: int = 2048) -> None:
     with torch.no_grad():
         states = forward_features(teacher, adapter, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, capture)
     print(f"SmolLM2-135M block outputs, {ids.numel()} tokens; |CKA loss - float64| and gradient relative error")
-    print(f"{'pair':>8} {'normalize':>9} {'float64 loss':>12} {'float32':>9} {'bfloat16':>9} {'grad f32':>9} {'grad bf16':>9}")
+    print(
+        f"{'pair':>8} {'normalize':>9} {'float64 loss':>12} {'float32':>9} {'bfloat16':>9} {'grad f32':>9} {'grad bf16':>9}"
+    )
     worst = {"float32": 0.0, "bfloat16": 0.0}
     for low, high in PAIRS:
         for normalize in ("none", "rms"):

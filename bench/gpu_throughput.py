@@ -355,7 +355,7 @@ def profile(assets, work_dir, placement, method, batch: int, steps: int, warmup:
             batch_on_host = next(trainer.stream)
             marks.append(time.perf_counter())
             step_tokens = trainer.step_tokens([batch_on_host])
-            batch_on_device = trainer._to_device(batch_on_host)
+            batch_on_device = trainer.to_device(batch_on_host)
             teacher_features = trainer.teacher_features(batch_on_device)
             synchronize()
             marks.append(time.perf_counter())

@@ -28,7 +28,6 @@ from ds_distill.config.load import from_dict  # noqa: E402
 from ds_distill.config.run import RunConfig  # noqa: E402
 from tests import tiny_models  # noqa: E402
 
-
 BATCH = 4
 
 

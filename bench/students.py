@@ -1,9 +1,9 @@
 """Wall time of one run of four students on one teacher pass against four single runs (CPU).
 
-    python bench/students.py [--steps=60] [--rounds=2]
+    python bench/students.py [--steps=40] [--rounds=2]
 
 Teacher-dominated shapes, as distillation's are (Flan-T5-XL -> 145M: the teacher's forward is ~85% of a step's
-arithmetic): a random T5 teacher of 6+6 blocks at d_model 256 (16M parameters) with a 2000-piece sentencepiece
+arithmetic): a random T5 teacher of 6+6 blocks at d_model 384 with a 2000-piece sentencepiece
 vocabulary under teacher_zero3_inference_cpu.json, four students of 2+2 blocks at d_model 64 or 96 under
 student_zero2.json, CE + KD (one with JSD), micro-batch 8 of EN-DE pairs at up to 48 + 48 tokens, one process.
 Each run, from its checks to its export, is timed whole; rounds alternate the two ways so that the machine's
@@ -42,7 +42,7 @@ def build_teacher(directory: Path, tokenizer) -> Path:
 
     torch.manual_seed(0)
     config = T5Config(
-        vocab_size=tiny_models.padded_vocab(tokenizer), d_model=256, d_ff=1024, d_kv=64, num_heads=4, num_layers=6,
+        vocab_size=tiny_models.padded_vocab(tokenizer), d_model=384, d_ff=1536, d_kv=64, num_heads=6, num_layers=6,
         num_decoder_layers=6, feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0,
         pad_token_id=0, eos_token_id=1,
     )  # fmt: skip
@@ -69,7 +69,22 @@ def tree(teacher: Path, output_dir: Path, steps: int) -> dict:
     }  # fmt: skip
 
 
-def main(steps: int = 60, rounds: int = 2) -> None:
+def flop_share(teacher: Path, runs: dict) -> float:
+    """The teacher's share of a single run's arithmetic per token, 2 x teacher / (2 x teacher + 6 x student)
+    parameters, averaged over the students."""
+    from ds_distill import models
+    from ds_distill.train.student import student_hf_config
+
+    teacher_config = models.load_config(str(teacher), "teacher")
+    teacher_params = models.count_parameters(teacher_config)
+    shares = []
+    for run in runs.values():
+        student = models.count_parameters(student_hf_config(run.student, teacher_config))
+        shares.append(2 * teacher_params / (2 * teacher_params + 6 * student))
+    return statistics.mean(shares)
+
+
+def main(steps: int = 40, rounds: int = 2) -> None:
     from ds_distill.config.load import merge
     from ds_distill.train.cohort import distill_students
     from ds_distill.train.loop import distill
@@ -89,6 +104,7 @@ def main(steps: int = 60, rounds: int = 2) -> None:
             run["train"]["output_dir"] = str(work / "alone" / name)
             distill(parse_run(run), overwrite=True)
 
+    share = flop_share(teacher, parse_students({**base, "students": STUDENTS}))
     times = {"together": [], "alone": []}
     for round_index in range(rounds):
         for way in ("together", "alone") if round_index % 2 == 0 else ("alone", "together"):
@@ -97,7 +113,7 @@ def main(steps: int = 60, rounds: int = 2) -> None:
             times[way].append(time.perf_counter() - started)
     ratios = [t / a for t, a in zip(times["together"], times["alone"])]
     print(
-        f"four students, {steps} steps: one run {statistics.mean(times['together']):.1f} s, four single runs "
+        f"teacher {share:.0%} of a single run's FLOPs; four students, {steps} steps: one run {statistics.mean(times['together']):.1f} s, four single runs "
         f"{statistics.mean(times['alone']):.1f} s (rounds: {', '.join(f'{t:.1f}/{a:.1f}' for t, a in zip(times['together'], times['alone']))}); "
         f"ratio {statistics.mean(ratios):.3f}"
     )

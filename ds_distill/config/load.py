@@ -255,7 +255,9 @@ def parse_students(tree: dict[str, Any]) -> dict[str, RunConfig]:
                     "outside students:"
                 )
             if key not in _field_names(RunConfig):
-                raise unknown_key_error(key, [f for f in _field_names(RunConfig) if f not in SHARED_SECTIONS], f"{where}.")
+                raise unknown_key_error(
+                    key, [f for f in _field_names(RunConfig) if f not in SHARED_SECTIONS], f"{where}."
+                )
         for key in entry.get("train") or {}:
             if key in SHARED_TRAIN_KEYS:
                 raise ConfigError(

@@ -4,7 +4,7 @@ A step's student logits and their gradient are two `[batch, tokens, vocabulary]`
 example of a 49k vocabulary in bf16), though the logit terms read them one chunk of target rows at a time. While
 `folded` is open, the student's head (`get_output_embeddings()`) returns its input, so the Hugging Face forward
 ends at the hidden state the head would read; the logit terms then call the head on that state with their chunk
-pass (`logits._TargetRows`), which makes each chunk's logits from its rows and sums the head's gradients. The
+pass (`logits.TargetRows`), which makes each chunk's logits from its rows and sums the head's gradients. The
 head is called as a module both times, so ZeRO-3 gathers its weight for the chunk pass as for any forward.
 
 A family whose forward adds a bias after the head (BART's `final_logits_bias`) names it in its adapter
@@ -20,7 +20,7 @@ import types
 import torch
 
 from ds_distill import models
-from ds_distill.objectives.logits import _TargetRows
+from ds_distill.objectives.logits import TargetRows
 
 
 def _forward(self, hidden: torch.Tensor, *chunk_pass) -> torch.Tensor:
@@ -31,7 +31,7 @@ def _forward(self, hidden: torch.Tensor, *chunk_pass) -> torch.Tensor:
         if self.bias_after is not None:
             after = self.bias_after.value().reshape(-1).to(self.weight.dtype)
             bias = after if bias is None else bias + after
-        return _TargetRows.apply(hidden, *chunk_pass, self.weight, bias)
+        return TargetRows.apply(hidden, *chunk_pass, self.weight, bias)
     if self.folded:
         return hidden
     return type(self).forward(self, hidden)

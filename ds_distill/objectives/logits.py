@@ -6,7 +6,7 @@ DistiLLM; total variation distance: Wen et al. 2023, f-divergence minimisation f
 
 The logits are the largest tensors of a step ([batch, tokens, vocabulary]: 0.2 GB per 2048-token example of a
 49k vocabulary in bf16). The terms here read only the target positions, a chunk of rows at a time, in float32
-inside the chunk, and compute the chunk's gradient together with its value (`_TargetRows`): no float32 copy of a
+inside the chunk, and compute the chunk's gradient together with its value (`TargetRows`): no float32 copy of a
 whole micro-batch's logits ever exists, and nothing of the teacher is kept for the backward. The trainer
 computes all of a run's logit terms in one such pass (`logit_terms`), with the student's LM head folded in
 (`head.py`): the chunk's logits are made from the head's input, so the student's whole logits never exist.
@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +63,7 @@ def _float32(rows: torch.Tensor) -> torch.Tensor:
     return rows.to(torch.promote_types(rows.dtype, torch.float32))
 
 
-class _TargetRows(torch.autograd.Function):
+class TargetRows(torch.autograd.Function):
     """Over the target rows r, chunk by chunk: each term's sum of fn(logits[r] in float32, *(o[r] for o in
     others)), and the weighted sum of those sums over `divisor`, the one output that gradients flow through.
 
@@ -149,7 +149,7 @@ def logit_terms(
         scaled.append((weight * scale, scale))
     args = (example, position, fns, [w for w, _ in scaled], count)
     head = student.get("head")  # folded in (`head.py`): called as a module, so ZeRO-3 gathers its weight
-    total, sums = head(student["logits"], *args) if head is not None else _TargetRows.apply(student["logits"], *args)
+    total, sums = head(student["logits"], *args) if head is not None else TargetRows.apply(student["logits"], *args)
     return total, {name: value * scale / count for name, value, (_, scale) in zip(terms, sums.unbind(), scaled)}
 
 

@@ -34,7 +34,9 @@ def common_resume_tag(prepared: dict[str, Prepared]) -> str | None:
         return None
     if resuming != set(prepared):
         fresh = ", ".join(sorted(set(prepared) - resuming))
-        raise ConfigError(f"students {fresh} have no checkpoint to resume from while the others do; they resume together")
+        raise ConfigError(
+            f"students {fresh} have no checkpoint to resume from while the others do; they resume together"
+        )
     tags = [set(checkpoint.complete_tags(p.output_dir / "checkpoints")) for p in prepared.values()]
     common = set.intersection(*tags)
     if not common:
@@ -46,9 +48,9 @@ class Cohort:
     """The students' trainers around one teacher; `train()` runs them step by step and exports each."""
 
     def __init__(self, prepared: dict[str, Prepared]):
+        tag = common_resume_tag(prepared)  # before any weights load
         first = next(iter(prepared.values()))
         teacher = load_teacher(first.run.teacher.weights(), first.teacher_ds) if first.teacher_ds else None
-        tag = common_resume_tag(prepared)
         self.trainers: dict[str, Trainer] = {}
         self.rng: dict[str, dict] = {}
         for name, p in prepared.items():
@@ -86,7 +88,7 @@ class Cohort:
         exports = {}
         for name in trainers:
             with self.own_rng(name) as trainer:
-                exports[name] = trainer._export()
+                exports[name] = trainer.export_student()
         return exports
 
     def optimizer_step(self, batches: list[dict]) -> None:
@@ -97,7 +99,7 @@ class Cohort:
             tokens[name] = trainer.step_tokens(batches)
         lead = next(iter(self.trainers.values()))
         for index, batch in enumerate(batches):
-            batch = lead._to_device(batch)
+            batch = lead.to_device(batch)
             features = self.teacher_side.features(batch) if self.teacher_side is not None else None
             for name in self.trainers:
                 with self.own_rng(name) as trainer:

@@ -99,7 +99,8 @@ class Trainer:
         dist.print_main(f"resumed from {self.checkpoints / tag} at step {self.step}")
 
     # -- one step -----------------------------------------------------------------------------------------
-    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The batch on the device, with the target positions' flat indices computed on the host."""
         if batch.get("labels") is not None:
             index = target_index(self.student_adapter, batch["labels"])
             batch = {**batch, "target_index": index.pin_memory() if self.device.type != "cpu" else index}
@@ -134,7 +135,7 @@ class Trainer:
         """
         step_tokens = self.step_tokens(batches)
         for index, batch in enumerate(batches):
-            batch = self._to_device(batch)
+            batch = self.to_device(batch)
             self.micro_step(batch, self.teacher_features(batch), step_tokens, last=index == len(batches) - 1)
 
     def micro_step(self, batch, teacher_features, step_tokens, last: bool) -> None:
@@ -165,7 +166,7 @@ class Trainer:
         """Runs from the current step to the last, then exports the student; returns the export's path."""
         self.begin()
         self.train_steps(until=self.p.total_steps)
-        return self._export()
+        return self.export_student()
 
     def close(self) -> None:
         """Ends the run in order: progress bar and TensorBoard writer closed, collating workers stopped, the
@@ -265,7 +266,8 @@ class Trainer:
         extra = self.pruner.state_dict() if self.pruner is not None else None
         checkpoint.save(self.engine, self.checkpoints, self.step, state, self.train_config.save_total_limit, extra)
 
-    def _export(self) -> Path:
+    def export_student(self) -> Path:
+        """Writes the trained student to output_dir/model (rank 0), after every rank has gathered its weights."""
         state = export.gather_student_state(self.engine)
         target = self.p.output_dir / "model"
         if dist.is_main():

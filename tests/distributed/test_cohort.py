@@ -53,7 +53,10 @@ def test_each_student_ends_as_it_would_trained_alone(cohort, tiny, tmp_path, nam
     alone = distill(tmp_path, name, alone_config(tiny, tmp_path / name, name))
     assert sorted(losses(together / name)) == list(range(1, 9))
     assert losses(together / name) == pytest.approx(losses(alone), rel=1e-5)
-    trained, reference = load_file(together / name / "model" / "model.safetensors"), load_file(alone / "model" / "model.safetensors")
+    trained, reference = (
+        load_file(together / name / "model" / "model.safetensors"),
+        load_file(alone / "model" / "model.safetensors"),
+    )
     assert trained.keys() == reference.keys()
     for key in reference:
         torch.testing.assert_close(trained[key], reference[key], rtol=1e-5, atol=1e-6, msg=key)

@@ -88,7 +88,9 @@ def test_folded_head_gives_the_losses_and_gradients_of_whole_logits(monkeypatch,
         assert terms[name].item() == pytest.approx(expected_terms[name].item(), rel=1e-5), name
     assert grads.keys() == expected_grads.keys()
     for name, grad in expected_grads.items():
-        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=max(1e-5 * grad.abs().max().item(), 1e-7), msg=name)
+        torch.testing.assert_close(
+            grads[name], grad, rtol=1e-5, atol=max(1e-5 * grad.abs().max().item(), 1e-7), msg=name
+        )
 
 
 @pytest.mark.parametrize("family", ["bart", "llama"])

@@ -552,7 +552,14 @@ def test_the_terms_of_a_step_never_wait_for_the_device():
     from ds_distill.objectives.registry import weighted_terms
     from ds_distill.train.student import target_index
 
-    spec = {"ce": {}, "kd": {}, "cka": {}, "linear": {}, "hidden_mse": {"normalize": "channel", "projection": "linear"}, "makd": {"rank": 4}}
+    spec = {
+        "ce": {},
+        "kd": {},
+        "cka": {},
+        "linear": {},
+        "hidden_mse": {"normalize": "channel", "projection": "linear"},
+        "makd": {"rank": 4},
+    }
     torch.manual_seed(0)
     student_config = models.adapter_for(TEACHER).shrink(TEACHER, FromTeacherConfig(2, 2, 16, 32, 2))
     teacher_model = models.adapter_for(TEACHER).from_config(TEACHER).eval()
@@ -566,9 +573,14 @@ def test_the_terms_of_a_step_never_wait_for_the_device():
     }
     batch["decoder_input_ids"] = teacher_model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
     batch["target_index"] = target_index(adapter, batch["labels"])
-    keys = {side: set().union(*(getattr(loss, f"{side}_keys") for loss in losses.values())) for side in ("student", "teacher")}
+    keys = {
+        side: set().union(*(getattr(loss, f"{side}_keys") for loss in losses.values()))
+        for side in ("student", "teacher")
+    }
     with torch.no_grad():
-        teacher = forward_features(teacher_model, adapter, batch, FeatureCapture(teacher_model, adapter, keys["teacher"]))
+        teacher = forward_features(
+            teacher_model, adapter, batch, FeatureCapture(teacher_model, adapter, keys["teacher"])
+        )
     student = forward_features(student_model, adapter, batch, FeatureCapture(student_model, adapter, keys["student"]))
     with SyncingOps() as syncs:
         total, _ = weighted_terms(losses, weights, student, teacher, None)

@@ -180,9 +180,7 @@ def full_tensor_reference(name, student, teacher, labels, temperature, vocab, be
 @pytest.mark.parametrize("name", ["ce", "forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd"])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 @pytest.mark.parametrize("vocab_size", [None, 45])
-def test_chunked_terms_equal_the_full_tensor_formulas_in_value_and_gradient(
-    monkeypatch, name, temperature, vocab_size
-):
+def test_chunked_terms_equal_the_full_tensor_formulas_in_value_and_gradient(monkeypatch, name, temperature, vocab_size):
     """Several chunks (3 rows each), padding between targets, a teacher with a padded vocabulary: the same
     value and the same gradient (rel 1e-6, float32) as the formula on whole float32 tensors."""
     from ds_distill.objectives import logits as logit_losses
@@ -215,7 +213,10 @@ def test_target_indices_from_the_host_select_the_same_positions(pair):
     student, teacher, labels = pair
     loss = kd()
     given = {**features(student, labels), "target_index": target_index(adapter_for(TEACHER), labels)}
-    assert loss(given, features(teacher, labels)).item() == loss(features(student, labels), features(teacher, labels)).item()
+    assert (
+        loss(given, features(teacher, labels)).item()
+        == loss(features(student, labels), features(teacher, labels)).item()
+    )
 
 
 def test_logit_terms_never_hold_a_float32_copy_of_the_whole_logits(monkeypatch):

@@ -126,7 +126,6 @@ def test_plan_predicts_the_peaks_measured_on_an_h100(row, monkeypatch):
     15%), so a change that drops a part of the step (as counting T5's attention as fused would: -10%) fails.
     They were measured with the logit terms as first written and the head unfolded, so the step is traced so."""
     from bench.gpu_throughput import PLACEMENTS, TOKENIZER_PIECES
-
     from ds_distill.objectives import head, logits, registry
     from tests.unit.test_losses import full_tensor_reference
 
