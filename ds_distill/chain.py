@@ -21,6 +21,8 @@ Per stage, besides any run key: `teacher_from: STAGE` (an earlier stage whose ex
 the previous stage, none for the first) and `student_from: STAGE` (cut the student from that stage's export
 instead of from the teacher; needs `from_teacher.strategy: sliced`). So `A -> B -> C` and `A -> {B, C}`
 (both with `teacher_from: A`) can be written. Stage `S` runs in OUTPUT_DIR/S and is evaluated there (`eval/`).
+A stage with `students:` (train/cohort.py) trains them on one teacher pass, each in OUTPUT_DIR/S/NAME; later
+stages name one of them as `S/NAME` (`teacher_from: l12/wide`), and so does the manifest.
 
 All stages run in this one launch (both engines of a stage are freed before the next). OUTPUT_DIR/chain.json,
 the manifest, records each finished stage: its resolved config, a fingerprint of that config and of the
@@ -48,7 +50,7 @@ import torch
 import yaml
 
 from ds_distill import dist
-from ds_distill.config.load import expand_method, from_dict, merge, read_tree, with_base
+from ds_distill.config.load import expand_method, from_dict, merge, parse_students, read_tree, with_base
 from ds_distill.config.run import RunConfig, to_dict, validate
 from ds_distill.errors import ConfigError
 from ds_distill.train import checkpoint
@@ -64,6 +66,12 @@ class Stage:
     tree: dict[str, Any]  # the stage's run config, before the paths of earlier stages are filled in
     teacher_from: str | None
     student_from: str | None
+    students: tuple[str, ...] = ()  # a stage with `students:` trains them on one teacher pass
+
+    @property
+    def units(self) -> list[str]:
+        """What the stage exports, as later stages and the manifest name it: the stage, or STAGE/STUDENT each."""
+        return [f"{self.name}/{student}" for student in self.students] or [self.name]
 
 
 def is_chain(tree: dict[str, Any]) -> bool:
@@ -88,13 +96,20 @@ def parse(tree: dict[str, Any]) -> tuple[Path, list[Stage]]:
         name = str(raw["name"])
         if not NAME.match(name) or name in {s.name for s in stages}:
             raise ConfigError(f"stage name '{name}' must be unique and made of letters, digits, _ . -")
-        earlier = {s.name for s in stages}
+        earlier = [unit for s in stages for unit in s.units]
         teacher_from = raw.get("teacher_from", stages[-1].name if stages else None)
         for key, value in (("teacher_from", teacher_from), ("student_from", raw.get("student_from"))):
-            if value is not None and value not in earlier:
-                raise ConfigError(f"stage {name}: {key} '{value}' is not an earlier stage ({', '.join(earlier)})")
+            if value is None or value in earlier:
+                continue
+            several = [unit for unit in earlier if unit.startswith(f"{value}/")]
+            if several:
+                raise ConfigError(
+                    f"stage {name}: {key} '{value}' trains several students; name one ({', '.join(several)})"
+                )
+            raise ConfigError(f"stage {name}: {key} '{value}' is not an earlier stage ({', '.join(earlier)})")
         stage_tree = merge(defaults, {k: v for k, v in raw.items() if k not in CHAIN_KEYS})
-        stages.append(Stage(name, stage_tree, teacher_from, raw.get("student_from")))
+        students = tuple(str(s) for s in stage_tree["students"]) if isinstance(stage_tree.get("students"), dict) else ()
+        stages.append(Stage(name, stage_tree, teacher_from, raw.get("student_from"), students))
     return Path(tree["output_dir"]), stages
 
 
@@ -114,8 +129,31 @@ def load(config: str | None, recipe: str | None, overrides: dict[str, Any]) -> d
     return tree
 
 
+def resolve_units(stage: Stage, output_dir: Path) -> dict[str, RunConfig]:
+    """{unit: run config} of the stage (`Stage.units`), with the earlier stages' exports as teacher or source."""
+    if not stage.students:
+        return {stage.name: resolve(stage, output_dir)}
+    tree = _with_sources(stage, output_dir)
+    try:
+        runs = parse_students(tree)
+    except ConfigError as error:
+        raise ConfigError(f"stage {stage.name}: {error}") from None
+    return {f"{stage.name}/{student}": run for student, run in runs.items()}
+
+
 def resolve(stage: Stage, output_dir: Path) -> RunConfig:
     """The stage's run config with the earlier stages' exports as its teacher or student source."""
+    tree = _with_sources(stage, output_dir)
+    try:
+        run = from_dict(RunConfig, expand_method(tree))
+        validate(run)
+    except ConfigError as error:
+        raise ConfigError(f"stage {stage.name}: {error}") from None
+    return run
+
+
+def _with_sources(stage: Stage, output_dir: Path) -> dict[str, Any]:
+    """The stage's tree with the exports it starts from and its output directory filled in."""
     tree = copy.deepcopy(stage.tree)
     if stage.teacher_from:
         tree.setdefault("teacher", {})["model_name_or_path"] = str(output_dir / stage.teacher_from / "model")
@@ -126,12 +164,7 @@ def resolve(stage: Stage, output_dir: Path) -> RunConfig:
             raise ConfigError(f"stage {stage.name}: student_from needs student.init.from_teacher.strategy: sliced")
         dims["source"] = str(output_dir / stage.student_from / "model")
     tree.setdefault("train", {})["output_dir"] = str(output_dir / stage.name)
-    try:
-        run = from_dict(RunConfig, expand_method(tree))
-        validate(run)
-    except ConfigError as error:
-        raise ConfigError(f"stage {stage.name}: {error}") from None
-    return run
+    return tree
 
 
 def tree_hash(directory: Path) -> str:
@@ -191,7 +224,6 @@ def write_manifest(output_dir: Path, manifest: dict) -> None:
 def run_chain(tree: dict[str, Any], overwrite: tuple[str, ...] = ()) -> dict:
     """Runs the chain's stages in order (see the module docstring); returns the manifest."""
     from ds_distill.evaluation import evaluate_model
-    from ds_distill.train.loop import distill
 
     output_dir, stages = parse(tree)
     unknown = sorted(set(overwrite) - {s.name for s in stages})
@@ -200,46 +232,81 @@ def run_chain(tree: dict[str, Any], overwrite: tuple[str, ...] = ()) -> dict:
     dist.init()
     manifest = dist.all_gather_objects(read_manifest(output_dir))[0]  # rank 0's view decides for all
     for stage in stages:
-        run = resolve(stage, output_dir)
-        stage_dir = Path(run.train.output_dir)
-        done = manifest["stages"].get(stage.name)
-        key = fingerprint(run, stage, manifest)  # the stages it starts from finished before it, unchanged since
-        if done is not None and done["fingerprint"] == key and _export_intact(done):
+        runs = resolve_units(stage, output_dir)
+        # the stages it starts from finished before it, unchanged since
+        keys = {unit: fingerprint(run, stage, manifest) for unit, run in runs.items()}
+        done = {unit: manifest["stages"].get(unit) for unit in runs}
+        if all(d is not None and d["fingerprint"] == keys[u] for u, d in done.items()) and all(
+            _export_intact(d) for d in done.values()
+        ):
             dist.print_main(f"chain: stage {stage.name} finished earlier; its files stay as they are")
             continue
-        if done is not None or _started_with_other_config(stage_dir, run):
-            if stage.name not in overwrite:
-                if done is not None and done["fingerprint"] == key:
-                    why = f"stage {stage.name}'s export {done['export']} changed since it finished"
-                else:
-                    what = "finished" if done is not None else "started"
-                    why = f"stage {stage.name} {what} with another config (or from other exports of earlier stages)"
-                raise ConfigError(f"{why}; pass --overwrite={stage.name} to redo it")
+        _clear_if_changed(stage, runs, keys, manifest, overwrite)
+        exports = _train_stage(stage, runs)
+        for unit, export in exports.items():
+            run, unit_dir = runs[unit], Path(runs[unit].train.output_dir)
+            _free_memory()
+            metrics = evaluate_model(str(export), scored(run), unit_dir / "eval")
+            _free_memory()
             if dist.is_main():
-                manifest["stages"].pop(stage.name, None)
-                _remove_stage(stage_dir)
-            dist.barrier()
-        has_checkpoint = dist.all_gather_objects(checkpoint.latest_tag(stage_dir / "checkpoints") is not None)[0]
-        dist.print_main(f"chain: stage {stage.name} ({'resuming' if has_checkpoint else 'starting'}) in {stage_dir}")
-        export = distill(run, resume=has_checkpoint, overwrite=not has_checkpoint and stage_dir.exists())
-        _free_memory()
-        metrics = evaluate_model(str(export), scored(run), stage_dir / "eval")
-        _free_memory()
-        if dist.is_main():
-            manifest["stages"][stage.name] = {
-                "fingerprint": key,
-                "teacher": run.teacher.model_name_or_path,
-                "student_from": stage.student_from,
-                "config": to_dict(run),
-                "export": str(export),
-                "export_sha256": tree_hash(export),
-                "evaluation": metrics,
-                "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            }
-            write_manifest(output_dir, manifest)
-        manifest = dist.all_gather_objects(manifest)[0]
-        dist.print_main(f"chain: stage {stage.name} done: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                manifest["stages"][unit] = {
+                    "fingerprint": keys[unit],
+                    "teacher": run.teacher.model_name_or_path,
+                    "student_from": stage.student_from,
+                    "config": to_dict(run),
+                    "export": str(export),
+                    "export_sha256": tree_hash(export),
+                    "evaluation": metrics,
+                    "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                }
+                write_manifest(output_dir, manifest)
+            manifest = dist.all_gather_objects(manifest)[0]
+            dist.print_main(f"chain: stage {unit} done: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return manifest
+
+
+def _clear_if_changed(
+    stage: Stage, runs: dict[str, RunConfig], keys: dict[str, str], manifest: dict, overwrite: tuple[str, ...]
+) -> None:
+    """Refuses a stage that finished or started with another config (or whose export changed) unless
+    --overwrite names it; then removes its runs and their manifest entries."""
+    for unit, run in runs.items():
+        done = manifest["stages"].get(unit)
+        if done is None and not _started_with_other_config(Path(run.train.output_dir), run):
+            continue
+        if stage.name not in overwrite:
+            if done is not None and done["fingerprint"] == keys[unit]:
+                why = f"stage {unit}'s export {done['export']} changed since it finished"
+            else:
+                what = "finished" if done is not None else "started"
+                why = f"stage {unit} {what} with another config (or from other exports of earlier stages)"
+            raise ConfigError(f"{why}; pass --overwrite={stage.name} to redo it")
+        if dist.is_main():
+            for other, other_run in runs.items():
+                manifest["stages"].pop(other, None)
+                _remove_stage(Path(other_run.train.output_dir))
+        dist.barrier()
+        return
+
+
+def _train_stage(stage: Stage, runs: dict[str, RunConfig]) -> dict[str, Path]:
+    """Trains the stage's student (or students, on one teacher pass), resuming where all have checkpoints;
+    returns {unit: export}."""
+    from ds_distill.train.cohort import distill_students
+    from ds_distill.train.loop import distill
+
+    dirs = {unit: Path(run.train.output_dir) for unit, run in runs.items()}
+    resume = all(
+        dist.all_gather_objects(checkpoint.latest_tag(path / "checkpoints") is not None)[0] for path in dirs.values()
+    )
+    fresh = not resume and any(path.exists() for path in dirs.values())  # begun, no checkpoint: start again
+    where = ", ".join(str(path) for path in dirs.values())
+    dist.print_main(f"chain: stage {stage.name} ({'resuming' if resume else 'starting'}) in {where}")
+    if not stage.students:
+        return {stage.name: distill(runs[stage.name], resume=resume, overwrite=fresh)}
+    by_student = {unit.split("/", 1)[1]: run for unit, run in runs.items()}
+    exports = distill_students(by_student, resume=resume, overwrite=fresh)
+    return {f"{stage.name}/{student}": export for student, export in exports.items()}
 
 
 def scored(run: RunConfig) -> RunConfig:
@@ -281,9 +348,9 @@ def _free_memory() -> None:
 
 
 def describe(tree: dict[str, Any]) -> list[tuple[str, RunConfig, Stage]]:
-    """(name, resolved run config, stage) per stage, for count_params."""
+    """(unit, resolved run config, stage) per stage, or per student of a stage with several, for count_params."""
     output_dir, stages = parse(tree)
-    return [(stage.name, resolve(stage, output_dir), stage) for stage in stages]
+    return [(unit, run, stage) for stage in stages for unit, run in resolve_units(stage, output_dir).items()]
 
 
 def planned_stages(tree: dict[str, Any]):

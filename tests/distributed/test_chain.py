@@ -22,15 +22,15 @@ from tests.distributed.launch import deepspeed_command, shared_memory_left
 pytestmark = pytest.mark.distributed
 
 
+def sliced(layers, d_model, d_ff, heads):
+    dims = {"encoder_layers": layers, "decoder_layers": layers, "d_model": d_model, "d_ff": d_ff}
+    return {"init": {"from_teacher": {**dims, "num_heads": heads, "strategy": "sliced"}}}
+
+
 def chain_config(tiny, output_dir) -> dict:
     defaults = translation_config(tiny, output_dir / "unused", train={"max_steps": 8, "save_steps": 4,
                                                                       "generation_max_length": 12})  # fmt: skip
     del defaults["train"]["output_dir"], defaults["student"]["init"]
-
-    def sliced(layers, d_model, d_ff, heads):
-        dims = {"encoder_layers": layers, "decoder_layers": layers, "d_model": d_model, "d_ff": d_ff}
-        return {"init": {"from_teacher": {**dims, "num_heads": heads, "strategy": "sliced"}}}
-
     return {
         "output_dir": str(output_dir),
         "defaults": defaults,
@@ -110,3 +110,30 @@ def test_a_chain_killed_in_stage_2_resumes_there_and_ends_as_an_uninterrupted_on
         and "stage l2's export" in refused.stderr
         and "changed since it finished" in refused.stderr
     )
+
+
+def test_a_stage_of_two_students_trains_both_and_a_later_stage_learns_from_one(tiny, tmp_path):
+    """Stage `pair` trains two students on one teacher pass; stage `next` takes `pair/wide` as its teacher. A
+    rerun skips both stages and leaves every file as it was."""
+    config = chain_config(tiny, tmp_path / "chain")
+    config["stages"] = [
+        {"name": "pair", "students": {"wide": {"student": sliced(2, 48, 96, 3)},
+                                      "narrow": {"student": sliced(1, 32, 64, 2)}}},
+        {"name": "next", "teacher_from": "pair/wide", "student": sliced(1, 16, 32, 1)},
+    ]  # fmt: skip
+    result = run_chain(tmp_path, "first", config)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    manifest = json.loads((tmp_path / "chain" / "chain.json").read_text())
+    assert sorted(manifest["stages"]) == ["next", "pair/narrow", "pair/wide"] and list(manifest["stages"])[-1] == "next"
+    assert manifest["stages"]["next"]["teacher"] == str(tmp_path / "chain" / "pair" / "wide" / "model")
+    widths = {}
+    for unit, entry in manifest["stages"].items():
+        assert entry["export"] == str(tmp_path / "chain" / unit / "model") and entry["evaluation"]["bleu"] >= 0
+        widths[unit] = json.loads((Path(entry["export"]) / "config.json").read_text())["d_model"]
+    assert widths == {"pair/wide": 48, "pair/narrow": 32, "next": 16}
+    hashes = {unit: tree_hash(tmp_path / "chain" / unit) for unit in manifest["stages"]}
+
+    again = run_chain(tmp_path, "again", config)
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
+    assert "stage pair finished earlier" in again.stdout and "stage next finished earlier" in again.stdout
+    assert {unit: tree_hash(tmp_path / "chain" / unit) for unit in manifest["stages"]} == hashes

@@ -64,6 +64,10 @@ def test_top_level_help_lists_verbs(capsys):
         ({"output_dir": "x", "stages": [{"name": "a", "teacher_from": "b"}, {"name": "b"}]},
          "stage a: teacher_from 'b' is not an earlier stage"),
         ({"output_dir": "x", "stages": [{"name": "a"}], "default": {}}, "unknown chain key(s) default"),
+        ({"output_dir": "x", "stages": [{"name": "a", "students": {"s": {}, "t": {}}}, {"name": "b"}]},
+         "stage b: teacher_from 'a' trains several students; name one (a/s, a/t)"),
+        ({"output_dir": "x", "stages": [{"name": "a", "students": {"s": {}}}, {"name": "b", "teacher_from": "a/u"}]},
+         "stage b: teacher_from 'a/u' is not an earlier stage (a/s)"),
         ({"output_dir": "x", "stages": [{"name": "a"}]}, "stage a: data.dataset is missing"),
         ({"output_dir": "x", "defaults": {"data": {"task": "causal_lm", "dataset": "json", "data_files": {"train": "t"}},
                                         "student": {"model_name_or_path": "s"}},
@@ -77,7 +81,7 @@ def test_bad_chains_are_refused_before_anything_runs(tmp_path, chain, message):
     with pytest.raises(ConfigError) as error:
         output_dir, stages = chain_module.parse(chain)
         for stage in stages:
-            chain_module.resolve(stage, output_dir)
+            chain_module.resolve_units(stage, output_dir)
     assert message in str(error.value)
 
 
