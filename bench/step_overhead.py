@@ -31,16 +31,19 @@ from tests import tiny_models  # noqa: E402
 BATCH = 4
 
 
-def build_teacher(directory: Path, tokenizer) -> Path:
+def build_teacher(
+    directory: Path, tokenizer, d_model: int = 128, d_ff: int = 256, num_heads: int = 4, layers: int = 4
+) -> Path:
+    """A random Flan-T5-style teacher (gated GELU, separate head) saved with the tokenizer in directory/teacher."""
     from transformers import T5Config
 
     from ds_distill.models import adapter_for
 
     torch.manual_seed(0)
     config = T5Config(
-        vocab_size=tiny_models.padded_vocab(tokenizer), d_model=128, d_ff=256, d_kv=32, num_heads=4, num_layers=4,
-        num_decoder_layers=4, feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0,
-        pad_token_id=0, eos_token_id=1,
+        vocab_size=tiny_models.padded_vocab(tokenizer), d_model=d_model, d_ff=d_ff, d_kv=d_model // num_heads,
+        num_heads=num_heads, num_layers=layers, num_decoder_layers=layers, feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
     )  # fmt: skip
     model = adapter_for(config).from_config(config)
     model.save_pretrained(directory / "teacher")

@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 
 import fire
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.step_overhead import build_teacher  # noqa: E402
 from ds_distill import dist  # noqa: E402
 from ds_distill.config.load import parse_run, parse_students  # noqa: E402
 from tests import tiny_models  # noqa: E402
@@ -33,22 +33,6 @@ STUDENTS = {
     "wide": {"student": {"init": {"from_teacher": {"d_model": 96}}}},
     "wide_t1": {"student": {"init": {"from_teacher": {"d_model": 96}}}, "losses": {"kd": {"temperature": 1.0}}},
 }
-
-
-def build_teacher(directory: Path, tokenizer) -> Path:
-    from transformers import T5Config
-
-    from ds_distill.models import adapter_for
-
-    torch.manual_seed(0)
-    config = T5Config(
-        vocab_size=tiny_models.padded_vocab(tokenizer), d_model=384, d_ff=1536, d_kv=64, num_heads=6, num_layers=6,
-        num_decoder_layers=6, feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0,
-        pad_token_id=0, eos_token_id=1,
-    )  # fmt: skip
-    adapter_for(config).from_config(config).save_pretrained(directory / "teacher")
-    tokenizer.save_pretrained(directory / "teacher")
-    return directory / "teacher"
 
 
 def tree(teacher: Path, output_dir: Path, steps: int) -> dict:
@@ -92,7 +76,7 @@ def main(steps: int = 40, rounds: int = 2) -> None:
     dist.init()
     work = Path(tempfile.mkdtemp(prefix="bench_students_"))
     tokenizer = tiny_models.train_tokenizer(work / "tokenizer", vocab_size=2000)
-    teacher = build_teacher(work, tokenizer)
+    teacher = build_teacher(work, tokenizer, d_model=384, d_ff=1536, num_heads=6, layers=6)
     base = tree(teacher, work / "runs", steps)
 
     def together() -> None:

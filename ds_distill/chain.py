@@ -40,7 +40,6 @@ import gc
 import hashlib
 import json
 import os
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,14 +49,13 @@ import torch
 import yaml
 
 from ds_distill import dist
-from ds_distill.config.load import expand_method, from_dict, merge, parse_students, read_tree, with_base
+from ds_distill.config.load import NAME, expand_method, from_dict, merge, parse_students, read_tree, with_base
 from ds_distill.config.run import RunConfig, to_dict, validate
 from ds_distill.errors import ConfigError
 from ds_distill.train import checkpoint
 
 MANIFEST = "chain.json"
 CHAIN_KEYS = ("name", "teacher_from", "student_from")
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 @dataclass

@@ -229,7 +229,8 @@ SHARED_TRAIN_KEYS = (
     "ddp_timeout", "torch_compile",
 )  # fmt: skip
 """`train` keys the students share: the batches and steps, the checkpoints they resume from together."""
-STUDENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+"""A student's or a chain stage's name: it names a directory."""
 
 
 def parse_students(tree: dict[str, Any]) -> dict[str, RunConfig]:
@@ -243,7 +244,7 @@ def parse_students(tree: dict[str, Any]) -> dict[str, RunConfig]:
     runs = {}
     for name, entry in students.items():
         where = f"students.{name}"
-        if not STUDENT_NAME.match(str(name)):
+        if not NAME.match(str(name)):
             raise ConfigError(f"{where}: a student's name is its directory; use letters, digits, '_', '.' and '-'")
         entry = entry or {}
         if not isinstance(entry, dict):
