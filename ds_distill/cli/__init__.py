@@ -96,7 +96,20 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as error:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        _refused_exit()
     from ds_distill import dist
 
     dist.shutdown()
+
+
+def _refused_exit() -> None:
+    """Exits with status 2 after a refusal. Once the process group is up, a normal interpreter exit may abort in
+    the process group's C++ threads ("terminate called without an active exception", status 250 instead of 2);
+    the group cannot be left in step either, since one rank alone may have refused. So leave at once."""
+    from ds_distill import dist
+
+    if not dist.initialized():
+        sys.exit(2)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(2)
