@@ -156,6 +156,7 @@ def _with_sources(stage: Stage, output_dir: Path) -> dict[str, Any]:
     if stage.teacher_from:
         tree.setdefault("teacher", {})["model_name_or_path"] = str(output_dir / stage.teacher_from / "model")
         tree["teacher"].pop("gguf_file", None)
+        tree["teacher"].pop("cache", None)  # a cache of the first teacher is not one of an export
     if stage.student_from:
         dims = ((tree.get("student") or {}).get("init") or {}).get("from_teacher")
         if not dims or dims.get("strategy") != "sliced":

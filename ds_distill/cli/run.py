@@ -1,4 +1,4 @@
-"""Verbs that run the job: `demo`, `distill`, `chain`, `prepare_data`."""
+"""Verbs that run the job: `demo`, `distill`, `chain`, `prepare_data`, `cache_teacher`."""
 
 from __future__ import annotations
 
@@ -123,3 +123,52 @@ def prepare_data(config: str | None = None, recipe: str | None = None, **overrid
     tokenizers.check_unknown_tokens(run.data, tokenizer, tokenized[run.data.train_split])
     path = data.save_prepared(run.data, tokenizer, tokenized)
     print(f"wrote {', '.join(f'{split}: {len(rows):,} rows' for split, rows in tokenized.items())} to {path}")
+
+
+def cache_teacher(
+    config: str | None = None,
+    recipe: str | None = None,
+    output_dir: str | None = None,
+    top_k: int = 64,
+    dtype: str = "bfloat16",
+    batch_size: int | None = None,
+    shard_examples: int = 4096,
+    overwrite: bool = False,
+    **overrides,
+):
+    """Writes the teacher's top-k log-probabilities for every target token of a run's training split to disk.
+
+        ds-distill cache_teacher --config=RUN.yaml --output_dir=/shared/cache_t5xl_k64
+        deepspeed --num_gpus 8 --module ds_distill cache_teacher --config=RUN.yaml --output_dir=DIR
+        ds-distill distill --config=RUN.yaml --teacher.cache=DIR      # then: KD from DIR, no teacher loaded
+
+    Per target position: the k most likely ids (int32), their log-probabilities at the run's losses.kd.temperature
+    (bf16) and the log of the probability left to all other ids (float32): 388 bytes per token at k = 64. The KD
+    term then takes its divergence over the k ids plus one bucket for the rest (train/teacher_cache.py). Every
+    rank writes shards of its own; a killed run, started again with the same command, writes only the missing
+    shards. The cache records the teacher, tokenizer, data settings, training split and temperature it was
+    written from, and runs from other ones are refused. Layer-wise terms (cka, hidden_mse, ...) need the online
+    teacher.
+
+    Args:
+        config: path of the run YAML whose teacher, data and KD temperature to cache.
+        recipe: name of a shipped recipe instead.
+        output_dir: the cache directory (default: the config's teacher.cache); one every rank can write.
+        top_k: ids kept per token (k = the vocabulary keeps the whole distribution).
+        dtype: bfloat16 | float32, of the log-probabilities (float32: 516 bytes per token at k = 64).
+        batch_size: examples per teacher forward (default: train.per_device_train_batch_size).
+        shard_examples: examples per shard file (a killed run loses at most one shard per rank).
+        overwrite: replace a cache written with other settings in output_dir.
+        **overrides: dotted flags, e.g. --data.max_train_samples=100000.
+    """
+    from ds_distill.config.load import load_config
+    from ds_distill.train.cache_writer import CacheSettings, write_cache
+
+    run = load_config(config, recipe, overrides)
+    output_dir = output_dir or run.teacher.cache
+    if not output_dir:
+        raise ConfigError("give --output_dir=DIR (or set teacher.cache in the config)")
+    batch_size = batch_size or run.train.per_device_train_batch_size
+    settings = CacheSettings(top_k=int(top_k), dtype=str(dtype), batch_size=int(batch_size),
+                             shard_examples=int(shard_examples))  # fmt: skip
+    write_cache(run, Path(output_dir), settings, overwrite=flag(overwrite, "overwrite"))

@@ -25,6 +25,10 @@ class TeacherConfig:
     gguf_file: str | None = None
     """A GGUF file in model_name_or_path to use instead of safetensors weights (converted once per machine)."""
     deepspeed_config: str = "ds_configs/teacher_zero3_inference_cpu.json"
+    cache: str | None = None
+    """A directory written by `ds-distill cache_teacher` for this run: the KD term reads the teacher's top-k from
+    it and no teacher loads (model_name_or_path still names the teacher, for the tokenizer and the check that
+    the cache was written from it, with this data and KD temperature)."""
 
     def weights(self) -> str | None:
         """What to load: model_name_or_path, or the Hugging Face directory its GGUF file converts to."""

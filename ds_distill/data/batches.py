@@ -84,8 +84,9 @@ class _Batches(torch.utils.data.Dataset):
     not depend on which worker made it or on what was drawn before, so a resumed run sees the same masks.
     """
 
-    def __init__(self, dataset, batches: list[list[int]], collate, key: tuple[int, ...]):
+    def __init__(self, dataset, batches: list[list[int]], collate, key: tuple[int, ...], teacher_rows=None):
         self.dataset, self.batches, self.collate, self.key = dataset, batches, collate, key
+        self.teacher_rows = teacher_rows
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -94,7 +95,11 @@ class _Batches(torch.utils.data.Dataset):
         if hasattr(self.collate, "generator"):
             seed = np.random.SeedSequence([*self.key, g]).generate_state(1, np.uint64)[0]
             self.collate.generator = torch.Generator().manual_seed(int(seed))
-        return self.collate([self.dataset[i] for i in self.batches[g]])
+        batch = self.collate([self.dataset[i] for i in self.batches[g]])
+        batch["example_index"] = torch.tensor(self.batches[g])
+        if self.teacher_rows is not None:
+            batch.update(self.teacher_rows(batch))
+        return batch
 
 
 @dataclass
@@ -103,7 +108,9 @@ class TrainBatches:
 
     Every rank gets the same number of micro-batches per epoch (drop_last), because the teacher's ZeRO-3
     forward is collective: a rank that ran one batch fewer would hang the others. `num_workers` processes
-    collate ahead of the loop (pinned memory, so copies to the GPU can overlap compute).
+    collate ahead of the loop (pinned memory, so copies to the GPU can overlap compute). Each batch carries its
+    examples' indices in the split (`example_index`) and, given `teacher_rows` (a teacher cache's reader), what
+    it returns for the batch: read where the batch is collated, ahead of the loop.
     """
 
     dataset: datasets.Dataset
@@ -113,6 +120,7 @@ class TrainBatches:
     num_workers: int = 0
     pin_memory: bool = False
     group_by_length: bool = False
+    teacher_rows: Any = None
 
     def __post_init__(self):
         self.sampler = DistributedSampler(
@@ -133,7 +141,7 @@ class TrainBatches:
             else:
                 batches = [indices[i : i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
             yield from DataLoader(
-                _Batches(self.dataset, batches, self.collate, (self.seed, dist.rank(), epoch)),
+                _Batches(self.dataset, batches, self.collate, (self.seed, dist.rank(), epoch), self.teacher_rows),
                 batch_size=None,  # items are whole micro-batches
                 sampler=range(skip, len(batches)),
                 num_workers=self.num_workers,

@@ -24,13 +24,13 @@ import torch.nn.functional as F
 KEYS = ("topk_ids", "topk_logprobs", "tail_logmass")
 
 
-def top_k(logits: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+def top_k(logits: torch.Tensor, k: int, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
     """`logits` [..., vocabulary] (divided by the temperature) -> the k most likely ids (int32), their
-    log-probabilities (bf16) and the log of the probability of all other ids (float32; -inf when k is the
+    log-probabilities (in `dtype`) and the log of the probability of all other ids (float32; -inf when k is the
     vocabulary)."""
     log_p = F.log_softmax(logits.float(), dim=-1)
     values, ids = log_p.topk(k, dim=-1)
-    return {"topk_ids": ids.int(), "topk_logprobs": values.bfloat16(), "tail_logmass": _rest(log_p, ids)}
+    return {"topk_ids": ids.int(), "topk_logprobs": values.to(dtype), "tail_logmass": _rest(log_p, ids)}
 
 
 def _rest(log_p: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

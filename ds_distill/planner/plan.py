@@ -101,7 +101,7 @@ class Plan:
 def candidate_placements(run: RunConfig) -> tuple[list[Placement], list[Placement]]:
     bf16 = run.train.bf16
     teachers: list[Placement] = []
-    if run.teacher.model_name_or_path:
+    if run.teacher.model_name_or_path and not run.teacher.cache:  # a cached run loads no teacher
         paths = list(ds_config.TEACHER_PLACEMENTS.values())
         if run.teacher.deepspeed_config not in paths:
             paths.append(run.teacher.deepspeed_config)
@@ -149,6 +149,9 @@ def make_plan(run: RunConfig, hw: Hardware, vocab: int | None = None, gpu: bool 
     teacher_logits = None
     if any(loss.requires_teacher for loss in logit_losses.values()):
         teacher_logits = (teacher_config.vocab_size, torch.bfloat16 if teacher_bytes == 2 else torch.float32)
+        if run.teacher.cache:
+            notes.append("teacher.cache: no teacher loads; the step is traced with the teacher's whole logits, "
+                         "so it is overstated by about their size (the cached top-k rows are far smaller)")  # fmt: skip
     step = step_memory(student_config, adapter, shape, logit_losses, weights, teacher_logits)
     checkpointed = None
     if not shape.checkpointing:

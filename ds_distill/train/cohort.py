@@ -57,7 +57,9 @@ class Cohort:
             self.trainers[name] = Trainer(p, teacher=teacher, capture_teacher=False, resume_tag=tag)
             self.rng[name] = checkpoint.rng_state()  # as it seeded (or resumed) it
         self.teacher, self.teacher_side = teacher, None
-        if teacher is not None:
+        if first.run.teacher.cache:  # every student's trainer reads the one cache; the lead's batches carry it
+            self.teacher_side = next(iter(self.trainers.values())).teacher_side
+        elif teacher is not None:
             keys = set().union(*(trainer.teacher_keys for trainer in self.trainers.values()))
             self.teacher_side = TeacherFeatures(teacher, first.teacher_ds, keys, first.run.train.torch_compile)
             for trainer in self.trainers.values():

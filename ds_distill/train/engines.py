@@ -56,10 +56,9 @@ def cut_student(p: Prepared, teacher) -> Path | None:
     return path
 
 
-def loss_terms(p: Prepared, teacher) -> tuple[torch.nn.ModuleDict, dict[str, float]]:
+def loss_terms(p: Prepared) -> tuple[torch.nn.ModuleDict, dict[str, float]]:
     """The configured terms and weights for this student and teacher; prints each layer-wise term's pairs."""
-    teacher_config = teacher.module.config if teacher is not None else None
-    pair = model_pair(p.run, p.student_config, teacher_config)
+    pair = model_pair(p.run, p.student_config, p.teacher_config)
     losses, weights = build_losses(p.run.losses, pair, vocab_size=len(p.tokenizer))
     for name, loss in losses.items():
         if isinstance(loss, LayerwiseLoss):

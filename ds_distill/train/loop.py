@@ -30,6 +30,7 @@ from ds_distill.train.prepare import Prepared, prepare, write_run_files
 from ds_distill.train.progress import LogWindow, RunLog, memory_in_use_gb, peak_memory_gb
 from ds_distill.train.student import build_student, target_index, token_counts
 from ds_distill.train.teacher import TeacherFeatures, load_teacher
+from ds_distill.train.teacher_cache import CachedTeacher
 
 
 class Trainer:
@@ -55,7 +56,7 @@ class Trainer:
         if self.train_config.gradient_checkpointing:
             # non-reentrant: gradients also flow into features captured inside a checkpointed block
             student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        losses, weights = engines.loss_terms(p, teacher)
+        losses, weights = engines.loss_terms(p)
         self.teacher_side = None
         self.teacher_keys = set().union(*(loss.teacher_keys for loss in losses.values()))
         if teacher is not None and capture_teacher:
@@ -63,6 +64,8 @@ class Trainer:
             self.teacher_side = TeacherFeatures(teacher, p.teacher_ds, self.teacher_keys, compile_teacher)
         self.engine = engines.student_engine(p, student, losses, weights)
         self.student_adapter = models.adapter_for(p.student_config)
+        if self.run.teacher.cache:
+            self.teacher_side = CachedTeacher(self.run.teacher.cache, self.student_adapter)
         self.pruner = prune.Pruner(self.engine.module.student, self.run.prune) if self.run.prune else None
         if self.pruner is not None:
             self.engine.module.kept_heads = self.pruner.kept_heads
@@ -89,6 +92,7 @@ class Trainer:
             num_workers=(2 if on_gpu else 0) if workers is None else workers,
             pin_memory=on_gpu and self.train_config.dataloader_pin_memory,
             group_by_length=self.run.data.task in ("translation", "seq2seq") if grouped is None else grouped,
+            teacher_rows=self.teacher_side.rows if isinstance(self.teacher_side, CachedTeacher) else None,
         )
 
     def _resume(self, tag: str) -> None:

@@ -19,7 +19,7 @@ from ds_distill.errors import ConfigError
 from ds_distill.objectives.layerwise import ModelPair
 from ds_distill.objectives.registry import build_losses
 from ds_distill.surgery import prune
-from ds_distill.train import checkpoint, export, run_dir
+from ds_distill.train import checkpoint, export, run_dir, teacher_cache
 from ds_distill.train.student import student_hf_config
 
 
@@ -38,6 +38,7 @@ class Prepared:
     generation_config: Any
     total_steps: int
     validation_split: str | None
+    teacher_config: Any = None
 
 
 def prepare(run: RunConfig, resume: bool = False, overwrite: bool = False, claim: bool = True) -> Prepared:
@@ -55,6 +56,10 @@ def prepare(run: RunConfig, resume: bool = False, overwrite: bool = False, claim
     tokenizer = check_tokenizer(run, teacher_config, student_config)
 
     tokenized = data.load_tokenized(run.data, tokenizer)
+    if run.teacher.cache:  # the teacher's outputs come from disk: no teacher engine
+        pair = model_pair(run, student_config, teacher_config)
+        teacher_cache.check_run(run, teacher_config, student_config, tokenizer, tokenized[run.data.train_split], pair)
+        teacher_json = None
     validation_split = run.data.validation_split if run.data.validation_split in tokenized else None
     if run.data.validation_split and not validation_split:
         dist.print_main(
@@ -84,7 +89,7 @@ def prepare(run: RunConfig, resume: bool = False, overwrite: bool = False, claim
     generation_config = export.generation_config(source, student_config, len(tokenizer))
     prepared = Prepared(
         run, Path(train.output_dir), resume, tokenizer, tokenized, teacher_ds, student_ds, student_config,
-        generation_config, total_steps, validation_split,
+        generation_config, total_steps, validation_split, teacher_config,
     )  # fmt: skip
     return claim_output_dir(prepared, resume, overwrite) if claim else prepared
 

@@ -17,6 +17,7 @@ from transformers import PretrainedConfig
 from ds_distill import models
 from ds_distill.config.deepspeed import zero3_loading
 from ds_distill.config.run import StudentConfig
+from ds_distill.objectives import topk
 from ds_distill.objectives.base import IGNORE_INDEX
 from ds_distill.objectives.capture import FeatureCapture
 from ds_distill.objectives.head import fold_head, folded
@@ -49,9 +50,13 @@ def build_student(
     return adapter.from_config(hf_config)
 
 
+NOT_MODEL_INPUTS = frozenset({"labels", "target_index", "example_index", *topk.KEYS})
+"""What a batch carries for the losses and the teacher cache, besides the model's inputs."""
+
+
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """What the Hugging Face forward takes: labels stay out, our losses use them (no wasted internal CE)."""
-    return {k: v for k, v in batch.items() if k not in ("labels", "target_index")}
+    return {k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS}
 
 
 def stack_masks(adapter: models.ModelAdapter, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

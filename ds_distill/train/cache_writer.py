@@ -1,0 +1,203 @@
+"""`ds-distill cache_teacher`: the teacher's top-k at every target position of the training split, to disk.
+
+    ds-distill cache_teacher --config=RUN.yaml --output_dir=DIR [--top_k=64] [--batch_size=32]
+    deepspeed --num_gpus 8 --module ds_distill cache_teacher --config=RUN.yaml --output_dir=DIR
+
+The format and its reader are in teacher_cache.py. The teacher loads as in a run (its own DeepSpeed JSON, ZeRO-3
+partitioned where it says so); the shards still missing are dealt out to the ranks, round by round, and each
+rank writes its own. A ZeRO-3 forward needs every rank, so a rank left without a shard in the last round runs
+the others' forwards on a stand-in batch. Examples are batched by length within a shard, so a shard's values do
+not depend on the number of ranks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ds_distill import dist, models
+from ds_distill.config.run import RunConfig
+from ds_distill.data import batches
+from ds_distill.errors import ConfigError
+from ds_distill.objectives import topk
+from ds_distill.objectives.base import IGNORE_INDEX
+from ds_distill.train import run_dir
+from ds_distill.train.prepare import model_pair, prepare
+from ds_distill.train.student import forward_features
+from ds_distill.train.teacher import load_teacher
+from ds_distill.train.teacher_cache import DTYPES, MANIFEST, fingerprint, kd_temperature, read_manifest, shard_name
+
+ROW_CHUNK_ELEMENTS = 2**25
+"""Logits per top-k chunk: float32 temporaries of 128 MB whatever the vocabulary."""
+
+
+@dataclasses.dataclass
+class CacheSettings:
+    top_k: int = 64
+    dtype: str = "bfloat16"
+    batch_size: int = 16
+    shard_examples: int = 4096
+
+    def check(self, vocabulary: int) -> None:
+        if not 0 < self.top_k <= vocabulary:
+            raise ConfigError(f"--top_k must lie between 1 and the vocabulary ({vocabulary}), got {self.top_k}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype '{self.dtype}' is unknown; choose one of {', '.join(DTYPES)}")
+        for name in ("batch_size", "shard_examples"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be at least 1")
+
+
+def write_cache(run: RunConfig, directory: Path, settings: CacheSettings, overwrite: bool = False) -> Path:
+    """Writes (or finishes) the cache of `run`'s teacher in `directory`; returns it."""
+    dist.init(run.train.ddp_timeout)
+    run = dataclasses.replace(run, teacher=dataclasses.replace(run.teacher, cache=None))
+    if not run.teacher.model_name_or_path:
+        raise ConfigError("cache_teacher needs teacher.model_name_or_path")
+    if run.data.task == "masked_lm":
+        raise ConfigError("masked LM inputs are masked anew at every step, so their teacher outputs cannot be cached")
+    p = prepare(run, claim=False)
+    settings.check(len(p.tokenizer))
+    split = p.datasets[run.data.train_split]
+    temperature = kd_temperature(run, model_pair(run, p.student_config, p.teacher_config))
+    manifest = {
+        "fingerprint": fingerprint(run, p.teacher_config, p.tokenizer, split, temperature),
+        **dataclasses.asdict(settings),
+        "shards": -(-len(split) // settings.shard_examples),
+        "complete": False,
+    }
+    pending = dist.all_gather_objects(_claim(directory, manifest, overwrite) if dist.is_main() else None)[0]
+    if isinstance(pending, str):  # rank 0's refusal, raised on every rank
+        raise ConfigError(pending)
+    teacher = load_teacher(run.teacher.weights(), p.teacher_ds)
+    try:
+        _write_shards(teacher, p, split, directory, settings, temperature, pending, manifest["shards"])
+    finally:
+        teacher.destroy()
+    if dist.is_main():
+        shards = [directory / shard_name(s) for s in range(manifest["shards"])]
+        manifest["bytes"] = sum(path.stat().st_size for path in shards)
+        manifest["target_tokens"] = sum(_rows(path) for path in shards)
+        manifest["complete"] = True
+        _write_manifest(directory, manifest)
+        per_token = manifest["bytes"] / max(manifest["target_tokens"], 1)
+        print(f"cached the teacher's top-{settings.top_k} for {manifest['target_tokens']:,} target tokens in "
+              f"{directory} ({manifest['bytes'] / 1e6:.1f} MB, {per_token:.0f} bytes per token)")  # fmt: skip
+    dist.barrier()
+    return directory
+
+
+def _claim(directory: Path, manifest: dict, overwrite: bool) -> list[int] | str:
+    """Checks `directory` against the cache to write (rank 0); returns the shards still to write, or why not.
+    The same cache resumes; another one is refused unless `overwrite`; a directory holding something else is
+    refused."""
+    existing = read_manifest(directory)
+    differ = sorted(k for k, v in manifest.items() if k != "complete" and (existing or {}).get(k) != v)
+    try:
+        if existing is not None and differ and not overwrite:
+            raise ConfigError(
+                f"{directory} holds a teacher cache written with other settings ({', '.join(differ)} differ); "
+                "pass --overwrite to replace it or choose another --output_dir"
+            )
+        run_dir.check_replaceable(directory, MANIFEST, "a teacher cache", "--output_dir")
+    except ConfigError as error:
+        return str(error)
+    if differ:
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir(parents=True)
+        _write_manifest(directory, manifest)
+    return [s for s in range(manifest["shards"]) if not (directory / shard_name(s)).is_file()]
+
+
+def _write_manifest(directory: Path, manifest: dict) -> None:
+    tmp = directory / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, directory / MANIFEST)
+
+
+def _rows(path: Path) -> int:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as handle:
+        return handle.get_slice("tail_logmass").get_shape()[0]
+
+
+def _write_shards(teacher, p, split, directory: Path, settings: CacheSettings, temperature: float, pending, shards):
+    """Round r: rank i writes pending shard r x world + i, if there is one."""
+    collate = batches.make_collator(p.run.data, p.tokenizer, teacher.module)
+    adapter = models.adapter_for(teacher.module.config)
+    lengths = batches.example_lengths(split)
+    device = teacher.device
+    stand_in = collate([split[0]])
+    world, rank = dist.world_size(), dist.rank()
+    progress = tqdm(total=shards, initial=shards - len(pending), desc="cache_teacher", unit="shard",
+                    disable=not dist.is_main(), dynamic_ncols=True)  # fmt: skip
+    for start in range(0, len(pending), world):
+        mine = pending[start + rank] if start + rank < len(pending) else None
+        groups = _shard_batches(mine, len(split), lengths, settings) if mine is not None else []
+        forwards = max(dist.all_gather_objects(len(groups)))
+        rows: dict[int, dict] = {}
+        for g in range(forwards):
+            group = groups[g] if g < len(groups) else None
+            batch = collate([split[i] for i in group]) if group else stand_in
+            batch = {key: value.to(device) for key, value in batch.items()}
+            results = batch_top_k(teacher, adapter, batch, len(p.tokenizer), temperature, settings)
+            if group:
+                rows.update(zip(group, results))
+        if mine is not None:
+            _save_shard(directory, mine, rows)
+        progress.update(min(world, len(pending) - start))
+    progress.close()
+    dist.barrier()
+
+
+def _shard_batches(shard: int, examples: int, lengths, settings: CacheSettings) -> list[list[int]]:
+    """The shard's examples in batches of similar length (longest first)."""
+    first = shard * settings.shard_examples
+    indices = sorted(range(first, min(examples, first + settings.shard_examples)), key=lambda i: -lengths[i])
+    return [indices[i : i + settings.batch_size] for i in range(0, len(indices), settings.batch_size)]
+
+
+@torch.no_grad()
+def batch_top_k(teacher, adapter, batch, vocabulary: int, temperature: float, settings: CacheSettings) -> list[dict]:
+    """The teacher's top-k at the target positions of each example of `batch` (`topk.top_k` of its logits over
+    the tokenizer's vocabulary at `temperature`), one dict of rows per example, on the host."""
+    features = forward_features(teacher, adapter, batch)
+    labels, logits = features["labels"], features["logits"]
+    example, position = (labels != IGNORE_INDEX).nonzero(as_tuple=True)
+    step = max(1, ROW_CHUNK_ELEMENTS // vocabulary)
+    chunks = [
+        topk.top_k(logits[example[i : i + step], position[i : i + step], :vocabulary] / temperature,
+                   settings.top_k, DTYPES[settings.dtype])
+        for i in range(0, example.numel(), step)
+    ]  # fmt: skip
+    empty = {"topk_ids": (torch.int32, (0, settings.top_k)), "topk_logprobs": (DTYPES[settings.dtype], (0, settings.top_k)),
+             "tail_logmass": (torch.float32, (0,))}  # fmt: skip
+    rows = {
+        key: torch.cat([chunk[key] for chunk in chunks]).cpu() if chunks else torch.empty(shape, dtype=dtype)
+        for key, (dtype, shape) in empty.items()
+    }
+    counts = (labels != IGNORE_INDEX).sum(1).tolist()
+    return [dict(zip(topk.KEYS, parts)) for parts in zip(*(rows[key].split(counts) for key in topk.KEYS))]
+
+
+def _save_shard(directory: Path, shard: int, rows: dict[int, dict]) -> None:
+    """Writes one shard whole (a temporary file renamed), its examples in ascending order."""
+    from safetensors.torch import save_file
+
+    examples = sorted(rows)
+    counts = torch.tensor([len(rows[i]["tail_logmass"]) for i in examples])
+    tensors = {
+        "examples": torch.tensor(examples, dtype=torch.int64),
+        "offsets": torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]),
+        **{key: torch.cat([rows[i][key] for i in examples]).contiguous() for key in topk.KEYS},
+    }
+    tmp = directory / (shard_name(shard) + f".tmp{dist.rank()}")
+    save_file(tensors, tmp)
+    os.replace(tmp, directory / shard_name(shard))
