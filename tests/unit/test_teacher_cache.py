@@ -159,7 +159,9 @@ def test_runs_the_cache_cannot_serve_are_refused_before_weights_load(tiny, tmp_p
     assert "losses cka read its layers" in refused({"losses": {"kd": kd, "cka": {"weight": 1.0}}})
     sliced = {"init": {"from_teacher": {"decoder_layers": 1, "d_model": 32, "strategy": "sliced"}}}
     assert "cut it first (ds-distill make_student)" in refused({"student": sliced})
-    assert "serves the kd term, and this run has none" in refused({"losses": {"ce": {"weight": 1.0}, "kd": {**kd, "weight": 0.0}}})
+    assert "serves the kd term, and this run has none" in refused(
+        {"losses": {"ce": {"weight": 1.0}, "kd": {**kd, "weight": 0.0}}}
+    )
     assert not (tmp_path / "run").exists()
 
     manifest = json.loads((tmp_path / "cache" / "cache.json").read_text())
