@@ -33,6 +33,7 @@ def distill(
 
     Examples:
         ds-distill distill --config=run.yaml --train.max_steps=100 --losses.kd.temperature=2
+        ds-distill distill --config=run.yaml --teacher.cache=DIR     # KD from `ds-distill cache_teacher`'s DIR
         ds-distill distill --recipe=flan_t5_3b_145m --train.output_dir=runs/145m
         ds-distill distill --recipe=flan_t5_3b_145m --method=cka --layer_map.decoder=last
         deepspeed --num_gpus 8 --module ds_distill distill --recipe=flan_t5_3b_145m
@@ -148,7 +149,7 @@ def cache_teacher(
     rank writes shards of its own; a killed run, started again with the same command, writes only the missing
     shards. The cache records the teacher, tokenizer, data settings, training split and temperature it was
     written from, and runs from other ones are refused. Layer-wise terms (cka, hidden_mse, ...) need the online
-    teacher.
+    teacher. For a config with `students:`, the first student's KD temperature is cached.
 
     Args:
         config: path of the run YAML whose teacher, data and KD temperature to cache.
@@ -161,10 +162,12 @@ def cache_teacher(
         overwrite: replace a cache written with other settings in output_dir.
         **overrides: dotted flags, e.g. --data.max_train_samples=100000.
     """
-    from ds_distill.config.load import load_config
+    from ds_distill.config.load import load_tree, parse_run, parse_students
     from ds_distill.train.cache_writer import CacheSettings, write_cache
 
-    run = load_config(config, recipe, overrides)
+    tree = load_tree(config, recipe, overrides)
+    # students share the teacher and the data; the first one's KD temperature is cached
+    run = next(iter(parse_students(tree).values())) if "students" in tree else parse_run(tree)
     output_dir = output_dir or run.teacher.cache
     if not output_dir:
         raise ConfigError("give --output_dir=DIR (or set teacher.cache in the config)")
