@@ -5,17 +5,13 @@
 
 The format and its reader are in teacher_cache.py. The teacher loads as in a run (its own DeepSpeed JSON, ZeRO-3
 partitioned where it says so); the shards still missing are dealt out to the ranks, round by round, and each
-rank writes its own. A ZeRO-3 forward needs every rank, so a rank left without a shard in the last round runs
-the others' forwards on a stand-in batch. Examples are batched by length within a shard, so a shard's values do
-not depend on the number of ranks.
+rank writes its own (shards.py). A ZeRO-3 forward needs every rank, so a rank left without a shard in the last
+round runs the others' forwards on a stand-in batch.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -27,11 +23,11 @@ from ds_distill.data import batches
 from ds_distill.errors import ConfigError
 from ds_distill.objectives import topk
 from ds_distill.objectives.base import IGNORE_INDEX
-from ds_distill.train import run_dir
+from ds_distill.train import shards
 from ds_distill.train.prepare import model_pair, prepare
 from ds_distill.train.student import forward_features
 from ds_distill.train.teacher import load_teacher
-from ds_distill.train.teacher_cache import DTYPES, MANIFEST, fingerprint, kd_temperature, read_manifest, shard_name
+from ds_distill.train.teacher_cache import DTYPES, MANIFEST, fingerprint, kd_temperature, shard_name
 
 ROW_CHUNK_ELEMENTS = 2**25
 """Logits per top-k chunk: float32 temporaries of 128 MB whatever the vocabulary."""
@@ -75,22 +71,21 @@ def write_cache(run: RunConfig, directory: Path, settings: CacheSettings, overwr
         "shards": -(-len(split) // settings.shard_examples),
         "complete": False,
     }
-    pending = dist.all_gather_objects(_claim(directory, manifest, overwrite) if dist.is_main() else None)[0]
-    if isinstance(pending, str):  # rank 0's refusal, raised on every rank
-        raise ConfigError(pending)
+    pending = shards.claim(directory, MANIFEST, manifest, lambda s: directory / shard_name(s), "a teacher cache",
+                           overwrite)  # fmt: skip
     teacher = load_teacher(run.teacher.weights(), p.teacher_ds)
     try:
         _write_shards(teacher, p, split, directory, settings, temperature, pending, manifest["shards"])
     finally:
         teacher.destroy()
     if dist.is_main():
-        shards = [directory / shard_name(s) for s in range(manifest["shards"])]
-        held = torch.cat([_held_mass(path) for path in shards])
-        manifest["bytes"] = sum(path.stat().st_size for path in shards)
+        paths = [directory / shard_name(s) for s in range(manifest["shards"])]
+        held = torch.cat([_held_mass(path) for path in paths])
+        manifest["bytes"] = sum(path.stat().st_size for path in paths)
         manifest["target_tokens"] = len(held)
         manifest["top_k_mass_mean"] = held.mean().item() if len(held) else 1.0
         manifest["complete"] = True
-        _write_manifest(directory, manifest)
+        shards.write_manifest(directory / MANIFEST, manifest)
         per_token = manifest["bytes"] / max(manifest["target_tokens"], 1)
         print(f"cached the teacher's top-{settings.top_k} for {manifest['target_tokens']:,} target tokens in "
               f"{directory} ({manifest['bytes'] / 1e6:.1f} MB, {per_token:.0f} bytes per token); they hold "
@@ -103,34 +98,6 @@ def write_cache(run: RunConfig, directory: Path, settings: CacheSettings, overwr
     return directory
 
 
-def _claim(directory: Path, manifest: dict, overwrite: bool) -> list[int] | str:
-    """Checks `directory` against the cache to write (rank 0); returns the shards still to write, or why not.
-    The same cache resumes; another one is refused unless `overwrite`; a directory holding something else is
-    refused."""
-    existing = read_manifest(directory)
-    differ = sorted(k for k, v in manifest.items() if k != "complete" and (existing or {}).get(k) != v)
-    try:
-        if existing is not None and differ and not overwrite:
-            raise ConfigError(
-                f"{directory} holds a teacher cache written with other settings ({', '.join(differ)} differ); "
-                "pass --overwrite to replace it or choose another --output_dir"
-            )
-        run_dir.check_replaceable(directory, MANIFEST, "a teacher cache", "--output_dir")
-    except ConfigError as error:
-        return str(error)
-    if differ:
-        shutil.rmtree(directory, ignore_errors=True)
-        directory.mkdir(parents=True)
-        _write_manifest(directory, manifest)
-    return [s for s in range(manifest["shards"]) if not (directory / shard_name(s)).is_file()]
-
-
-def _write_manifest(directory: Path, manifest: dict) -> None:
-    tmp = directory / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, directory / MANIFEST)
-
-
 def _held_mass(path: Path) -> torch.Tensor:
     """The probability the top-k hold, per cached token of a shard."""
     from safetensors import safe_open
@@ -139,19 +106,19 @@ def _held_mass(path: Path) -> torch.Tensor:
         return 1 - handle.get_tensor("tail_logmass").exp()
 
 
-def _write_shards(teacher, p, split, directory: Path, settings: CacheSettings, temperature: float, pending, shards):
-    """Round r: rank i writes pending shard r x world + i, if there is one."""
+def _write_shards(teacher, p, split, directory: Path, settings: CacheSettings, temperature: float, pending, total):
+    """Each rank's shards, round by round (`shards.rounds`)."""
     collate = batches.make_collator(p.run.data, p.tokenizer, teacher.module)
     adapter = models.adapter_for(teacher.module.config)
     lengths = batches.example_lengths(split)
     device = teacher.device
     stand_in = collate([split[0]])
-    world, rank = dist.world_size(), dist.rank()
-    progress = tqdm(total=shards, initial=shards - len(pending), desc="cache_teacher", unit="shard",
+    progress = tqdm(total=total, initial=total - len(pending), desc="cache_teacher", unit="shard",
                     disable=not dist.is_main(), dynamic_ncols=True)  # fmt: skip
-    for start in range(0, len(pending), world):
-        mine = pending[start + rank] if start + rank < len(pending) else None
-        groups = _shard_batches(mine, len(split), lengths, settings) if mine is not None else []
+    for mine, finished in shards.rounds(pending):
+        groups = []
+        if mine is not None:
+            groups = shards.batches(mine, settings.shard_examples, len(split), lengths, settings.batch_size)
         forwards = max(dist.all_gather_objects(len(groups)))
         rows: dict[int, dict] = {}
         for g in range(forwards):
@@ -162,17 +129,10 @@ def _write_shards(teacher, p, split, directory: Path, settings: CacheSettings, t
             if group:
                 rows.update(zip(group, results))
         if mine is not None:
-            _save_shard(directory, mine, rows)
-        progress.update(min(world, len(pending) - start))
+            _save_shard(directory / shard_name(mine), rows)
+        progress.update(finished)
     progress.close()
     dist.barrier()
-
-
-def _shard_batches(shard: int, examples: int, lengths, settings: CacheSettings) -> list[list[int]]:
-    """The shard's examples in batches of similar length (longest first)."""
-    first = shard * settings.shard_examples
-    indices = sorted(range(first, min(examples, first + settings.shard_examples)), key=lambda i: -lengths[i])
-    return [indices[i : i + settings.batch_size] for i in range(0, len(indices), settings.batch_size)]
 
 
 @torch.no_grad()
@@ -198,8 +158,8 @@ def batch_top_k(teacher, adapter, batch, vocabulary: int, temperature: float, se
     return [dict(zip(topk.KEYS, parts)) for parts in zip(*(rows[key].split(counts) for key in topk.KEYS))]
 
 
-def _save_shard(directory: Path, shard: int, rows: dict[int, dict]) -> None:
-    """Writes one shard whole (a temporary file renamed), its examples in ascending order."""
+def _save_shard(path: Path, rows: dict[int, dict]) -> None:
+    """Writes one shard whole, its examples in ascending order."""
     from safetensors.torch import save_file
 
     examples = sorted(rows)
@@ -209,6 +169,4 @@ def _save_shard(directory: Path, shard: int, rows: dict[int, dict]) -> None:
         "offsets": torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]),
         **{key: torch.cat([rows[i][key] for i in examples]).contiguous() for key in topk.KEYS},
     }
-    tmp = directory / (shard_name(shard) + f".tmp{dist.rank()}")
-    save_file(tensors, tmp)
-    os.replace(tmp, directory / shard_name(shard))
+    shards.write_atomically(path, lambda tmp: save_file(tensors, tmp))

@@ -35,6 +35,7 @@ from ds_distill.objectives import topk
 from ds_distill.objectives.base import IGNORE_INDEX
 from ds_distill.objectives.logits import LogitDistillationLoss
 from ds_distill.objectives.registry import build_losses
+from ds_distill.train import shards
 from ds_distill.train.student import aligned_labels
 
 MANIFEST = "cache.json"
@@ -111,8 +112,7 @@ def fingerprint(run: RunConfig, teacher_config, tokenizer, split, temperature: f
 
 
 def read_manifest(directory: Path) -> dict | None:
-    path = directory / MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else None
+    return shards.read_manifest(directory / MANIFEST)
 
 
 def check_run(run: RunConfig, teacher_config, student_config, tokenizer, split, pair) -> None:
