@@ -4,6 +4,7 @@
     ds-distill distill --config=RUN.yaml [--a.b=v]    one distillation run (or --recipe=NAME)
     ds-distill prepare_data --config=RUN.yaml         tokenize to data.tokenized_path ahead of a launch
     ds-distill cache_teacher --config=RUN.yaml --output_dir=DIR [--top_k=64]   the teacher's top-k on disk
+    ds-distill generate_targets --config=RUN.yaml --output_dir=DIR [--num_beams=5]   its outputs as targets
     ds-distill make_student --teacher=T --output_dir=D [--d_model ...]   a student cut from the teacher
     ds-distill chain --config=CHAIN.yaml              teacher -> assistant(s) -> student, resumable by stage
     ds-distill evaluate --model=DIR --config=RUN.yaml   loss, perplexity, BLEU + chrF or ROUGE; report + hypotheses
@@ -29,7 +30,7 @@ from ds_distill.cli.args import check_command, strip_launcher_flags
 from ds_distill.cli.components import list_components
 from ds_distill.cli.evaluate import evaluate
 from ds_distill.cli.plan import plan
-from ds_distill.cli.run import cache_teacher, chain, demo, distill, prepare_data
+from ds_distill.cli.run import cache_teacher, chain, demo, distill, generate_targets, prepare_data
 from ds_distill.cli.students import count_params, export, make_student
 from ds_distill.errors import ConfigError
 
@@ -38,6 +39,7 @@ VERBS = {
     "distill": distill,
     "prepare_data": prepare_data,
     "cache_teacher": cache_teacher,
+    "generate_targets": generate_targets,
     "make_student": make_student,
     "export": export,
     "count_params": count_params,

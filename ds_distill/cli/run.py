@@ -1,4 +1,4 @@
-"""Verbs that run the job: `demo`, `distill`, `chain`, `prepare_data`, `cache_teacher`."""
+"""Verbs that run the job: `demo`, `distill`, `chain`, `prepare_data`, `cache_teacher`, `generate_targets`."""
 
 from __future__ import annotations
 
@@ -175,3 +175,56 @@ def cache_teacher(
     settings = CacheSettings(top_k=int(top_k), dtype=str(dtype), batch_size=int(batch_size),
                              shard_examples=int(shard_examples))  # fmt: skip
     write_cache(run, Path(output_dir), settings, overwrite=flag(overwrite, "overwrite"))
+
+
+def generate_targets(
+    config: str | None = None,
+    recipe: str | None = None,
+    output_dir: str | None = None,
+    num_beams: int = 5,
+    max_new_tokens: int | None = None,
+    batch_size: int | None = None,
+    shard_examples: int = 1024,
+    overwrite: bool = False,
+    **overrides,
+):
+    """Writes the teacher's outputs for a run's training sources as training data (sequence-level KD).
+
+        ds-distill generate_targets --config=RUN.yaml --output_dir=/shared/targets_beam5
+        deepspeed --num_gpus 8 --module ds_distill generate_targets --config=RUN.yaml --output_dir=DIR
+        ds-distill distill --config=RUN.yaml --data.dataset=json --data.data_files.train=DIR/train.jsonl \\
+            --data.data_files.validation=DIR/validation.jsonl --data.targets=teacher     # or both
+
+    DIR/train.jsonl: the training examples as the data gives them, in its order, each with `teacher_target`, the
+    teacher's beam-search output for its source (translation and seq2seq data); DIR/validation.jsonl: the
+    validation split unchanged. With data.targets: teacher a run trains on the teacher's outputs (Kim & Rush
+    2016), with both on each example twice (its reference, the teacher's). Every rank generates shards of its
+    own (a ZeRO-3 teacher with the ranks in step); a killed run, started again with the same command, generates
+    only the missing ones; DIR/targets.json records the teacher, data and settings.
+
+    Args:
+        config: path of the run YAML whose teacher and training data to use.
+        recipe: name of a shipped recipe instead.
+        output_dir: where to write (a directory every rank can write).
+        num_beams: beam width (Kim & Rush: 5).
+        max_new_tokens: the longest output (default: data.max_target_length).
+        batch_size: sources per generate call (default: train.per_device_eval_batch_size).
+        shard_examples: examples per shard (a killed run loses at most one shard per rank).
+        overwrite: replace targets generated with other settings in output_dir.
+        **overrides: dotted flags, e.g. --data.max_train_samples=100000.
+    """
+    from ds_distill.config.load import load_tree, parse_run, parse_students
+    from ds_distill.train.generate_targets import GenerationSettings
+    from ds_distill.train.generate_targets import generate_targets as write_targets
+
+    if not output_dir:
+        raise ConfigError("give --output_dir=DIR")
+    tree = load_tree(config, recipe, overrides)
+    run = next(iter(parse_students(tree).values())) if "students" in tree else parse_run(tree)
+    settings = GenerationSettings(
+        num_beams=int(num_beams),
+        max_new_tokens=int(max_new_tokens or run.data.max_target_length),
+        batch_size=int(batch_size or run.train.per_device_eval_batch_size),
+        shard_examples=int(shard_examples),
+    )
+    write_targets(run, Path(output_dir), settings, overwrite=flag(overwrite, "overwrite"))

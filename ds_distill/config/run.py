@@ -112,6 +112,10 @@ class DataConfig:
     text_field: str = "text"
     max_source_length: int = 128
     max_target_length: int = 128
+    targets: str = "references"
+    """translation and seq2seq training examples: references (the data's targets) | teacher (the `teacher_target`
+    field that `ds-distill generate_targets` adds: sequence-level KD) | both (each example twice, once with each).
+    Evaluation always scores against the references."""
     block_size: int = 128
     mlm_probability: float = 0.15
     line_by_line: bool = False
@@ -229,6 +233,9 @@ class RunConfig:
 
 
 TASKS = ("translation", "seq2seq", "causal_lm", "masked_lm")
+TARGETS = ("references", "teacher", "both")
+TEACHER_TARGET = "teacher_target"
+"""The field `ds-distill generate_targets` adds to each training example: the teacher's output text."""
 
 
 STRATEGIES = ("random", "sliced")
@@ -257,6 +264,10 @@ def validate(run: RunConfig) -> None:
         raise ConfigError("data.task 'translation' needs data.source_lang and data.target_lang (e.g. en, de)")
     if data.task == "seq2seq" and not (data.source_field and data.target_field):
         raise ConfigError("data.task 'seq2seq' needs data.source_field and data.target_field (e.g. document, summary)")
+    if data.targets not in TARGETS:
+        raise ConfigError(f"data.targets '{data.targets}' is unknown; choose one of {', '.join(TARGETS)}")
+    if data.targets != "references" and data.task not in ("translation", "seq2seq"):
+        raise ConfigError(f"data.targets '{data.targets}' needs translation or seq2seq data (sources to generate from)")
     if bool(student.model_name_or_path) == bool(student.init.from_teacher):
         raise ConfigError("give exactly one of student.model_name_or_path and student.init.from_teacher")
     if student.init.from_teacher and not run.teacher.model_name_or_path:

@@ -18,7 +18,7 @@ from typing import Any
 import datasets
 
 from ds_distill import dist
-from ds_distill.config.run import DataConfig
+from ds_distill.config.run import TEACHER_TARGET, DataConfig
 from ds_distill.data.tokenizers import check_unknown_tokens
 from ds_distill.errors import ConfigError
 
@@ -99,13 +99,22 @@ def _tokenize_seq2seq(data: DataConfig, tokenizer, dataset: datasets.Dataset, sp
         def pairs(batch):
             return batch[data.source_field], batch[data.target_field]
 
+    training = split == data.train_split
+    if training and data.targets != "references":
+        _check_fields(dataset, [TEACHER_TARGET], split)
+
     def tokenize(batch):
         sources, targets = pairs(batch)
+        if training and data.targets == "teacher":
+            targets = batch[TEACHER_TARGET]
+        elif training and data.targets == "both":  # each source twice: with its reference, with the teacher's
+            sources = [s for s in sources for _ in range(2)]
+            targets = [t for pair in zip(targets, batch[TEACHER_TARGET]) for t in pair]
         features = tokenizer([data.prefix + s for s in sources], max_length=data.max_source_length, truncation=True)
         features["labels"] = tokenizer(text_target=targets, max_length=data.max_target_length, truncation=True)[
             "input_ids"
         ]
-        if split != data.train_split:  # generations are scored against the text itself, not decoded labels
+        if not training:  # generations are scored against the text itself, not decoded labels
             features["reference"] = targets
         return features
 
@@ -220,13 +229,17 @@ def _workers(data: DataConfig, rows: int) -> int | None:
     return workers if workers > 1 else None
 
 
+def limited(data: DataConfig, split: str, dataset: datasets.Dataset) -> datasets.Dataset:
+    """The split's first max_train_samples (or max_eval_samples) rows."""
+    limit = {data.train_split: data.max_train_samples, data.validation_split: data.max_eval_samples}.get(split)
+    return dataset.select(range(min(limit, len(dataset)))) if limit else dataset
+
+
 def tokenize(data: DataConfig, tokenizer, raw: datasets.DatasetDict) -> datasets.DatasetDict:
     """Tokenizes every split (the caller holds `dist.local_main_first`, so each node tokenizes once)."""
-    limits = {data.train_split: data.max_train_samples, data.validation_split: data.max_eval_samples}
     out = {}
     for split, dataset in raw.items():
-        if limits.get(split):
-            dataset = dataset.select(range(min(limits[split], len(dataset))))
+        dataset = limited(data, split, dataset)
         fn = _tokenize_seq2seq if data.task in ("translation", "seq2seq") else _tokenize_text
         out[split] = fn(data, tokenizer, dataset, split)
         if len(out[split]) == 0:
@@ -249,11 +262,14 @@ TOKENIZATION_KEYS = (
 def describe(data: DataConfig, tokenizer) -> dict[str, Any]:
     """The data settings and tokenizer that tokenized data was made with (a vocabulary digest, not its path)."""
     vocabulary = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
-    # only masked_lm rows depend on line_by_line: copies prepared for other tasks stay valid without the key
+    # keys that most data leave at their defaults are described only where set, so that copies prepared before
+    # they existed stay valid: line_by_line (masked_lm rows only), targets (other than the references)
     masked_lm = {"line_by_line": data.line_by_line} if data.task == "masked_lm" else {}
+    targets = {"targets": data.targets} if data.targets != "references" else {}
     return {
         **{key: getattr(data, key) for key in TOKENIZATION_KEYS},
         **masked_lm,
+        **targets,
         "tokenizer": {"class": type(tokenizer).__name__, "vocabulary_sha256": sha256(vocabulary.encode()).hexdigest()},
     }
 
@@ -266,7 +282,7 @@ def prepared(data: DataConfig, tokenizer) -> datasets.DatasetDict | None:
         return None
     saved = json.loads((path / PREPARED_MARKER).read_text())
     wanted = json.loads(json.dumps(describe(data, tokenizer)))  # as JSON would store it (tuples become lists)
-    differ = sorted(key for key in wanted if saved.get(key) != wanted[key])
+    differ = sorted(key for key in set(wanted) | set(saved) if saved.get(key) != wanted.get(key))
     if differ:
         raise ConfigError(
             f"data.tokenized_path {path} was prepared with other settings ({', '.join(differ)} differ); run "

@@ -199,6 +199,27 @@ DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd")
 
 
 @dataclass
+class OnPolicyOptions:
+    """On-policy KD (GKD, Agarwal et al. 2024; train/on_policy.py): on `fraction` of the micro-batches the targets
+    are the student's own samples."""
+
+    fraction: float = 0.5
+    temperature: float = 1.0
+    """The student's sampling temperature (the divergence keeps losses.kd.temperature)."""
+    max_new_tokens: int = 64
+    prompt_tokens: int = 64
+    """Decoder-only (packed text): each block's first tokens that the student continues."""
+
+    def __post_init__(self):
+        if not 0 <= self.fraction <= 1:
+            raise ConfigError("losses.kd.on_policy.fraction must lie between 0 and 1")
+        if self.temperature <= 0:
+            raise ConfigError("losses.kd.on_policy.temperature must be positive")
+        for name in ("max_new_tokens", "prompt_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"losses.kd.on_policy.{name} must be at least 1")
+
+
 @dataclass
 class KDOptions:
     divergence: str = "forward_kl"
@@ -208,6 +229,8 @@ class KDOptions:
     """jsd: weight of the teacher in the mixture (0 < beta < 1)."""
     alpha: float = 0.1
     """skew_kl: weight of the teacher in the skewed student distribution (0 < alpha < 1)."""
+    on_policy: OnPolicyOptions | None = None
+    """{fraction, temperature, max_new_tokens, prompt_tokens}: also on the student's own samples."""
 
     def __post_init__(self):
         if self.divergence not in DIVERGENCES:

@@ -25,7 +25,7 @@ from ds_distill.config.run import RunConfig
 from ds_distill.data import batches
 from ds_distill.evaluation import evaluate
 from ds_distill.surgery import prune
-from ds_distill.train import checkpoint, engines, export
+from ds_distill.train import checkpoint, engines, export, on_policy
 from ds_distill.train.prepare import Prepared, prepare, write_run_files
 from ds_distill.train.progress import LogWindow, RunLog, memory_in_use_gb, peak_memory_gb
 from ds_distill.train.student import build_student, target_index, token_counts
@@ -66,6 +66,13 @@ class Trainer:
         self.student_adapter = models.adapter_for(p.student_config)
         if self.run.teacher.cache:
             self.teacher_side = CachedTeacher(self.run.teacher.cache, self.student_adapter)
+        self.on_policy, self.on_policy_terms = None, ()
+        for name, loss in losses.items():
+            options = getattr(loss.options, "on_policy", None) if hasattr(loss, "options") else None
+            if options is not None:
+                synced = on_policy.synced_generation(p.student_ds)
+                self.on_policy = on_policy.OnPolicy(options, seed, self.student_adapter, p.tokenizer, synced)
+                self.on_policy_terms = (name,)
         self.pruner = prune.Pruner(self.engine.module.student, self.run.prune) if self.run.prune else None
         if self.pruner is not None:
             self.engine.module.kept_heads = self.pruner.kept_heads
@@ -137,15 +144,24 @@ class Trainer:
         the step's count, and since DeepSpeed averages gradients over ranks, each rank's share is scaled by the
         world size (and not divided by the accumulation steps).
         """
+        sampled = [self.on_policy is not None and self.on_policy.chooses(self.micro_batches_done + i)
+                   for i in range(len(batches))]  # fmt: skip
+        if any(sampled):  # on-policy micro-batches: the student's samples are their targets (on_policy.py)
+            student = self.engine.module.student
+            batches = [self.on_policy.sampled(student, b, self.device) if s else b for b, s in zip(batches, sampled)]
         step_tokens = self.step_tokens(batches)
         for index, batch in enumerate(batches):
             batch = self.to_device(batch)
-            self.micro_step(batch, self.teacher_features(batch), step_tokens, last=index == len(batches) - 1)
+            only = self.on_policy_terms if sampled[index] else None
+            last = index == len(batches) - 1
+            self.micro_step(batch, self.teacher_features(batch), step_tokens, last=last, only=only)
 
-    def micro_step(self, batch, teacher_features, step_tokens, last: bool) -> None:
-        """Student forward and loss terms on one micro-batch (on the device), backward, engine step; `last`: the
-        step's gradient is complete after it."""
-        total, terms = self.engine(batch, teacher_features, step_tokens)
+    def micro_step(self, batch, teacher_features, step_tokens, last: bool, only: tuple[str, ...] | None = None) -> None:
+        """Student forward and loss terms (`only` these, if given) on one micro-batch (on the device), backward,
+        engine step; `last`: the step's gradient is complete after it."""
+        total, terms = self.engine(batch, teacher_features, step_tokens, only)
+        if only is not None:  # logged apart: loss/on_policy_kd
+            terms = {f"on_policy_{name}": value for name, value in terms.items()}
         self.engine.backward(total * dist.world_size(), scale_wrt_gas=False)
         if self.pruner is not None and last and self.pruner.scoring(self.step + 1):  # scored where masks tighten
             self.pruner.observe(self._local_sensitivities(), reduce=self._sum_over_ranks)

@@ -115,6 +115,14 @@ def check_models(run: RunConfig):
     if run.train.eval_metric in ("bleu", "rouge") and adapter.kind != "seq2seq":
         raise ConfigError(f"train.eval_metric '{run.train.eval_metric}' needs a seq2seq model; use loss or accuracy")
     losses, _ = build_losses(run.losses, model_pair(run, student_config, teacher_config))
+    if on_policy(run):
+        if adapter.kind == "encoder":
+            raise ConfigError("losses.kd.on_policy: the student samples its own outputs, and an encoder-only one cannot")
+        if run.teacher.cache:
+            raise ConfigError(
+                "losses.kd.on_policy: the teacher scores the student's own samples, which no cache holds; remove "
+                "teacher.cache"
+            )
     if any("logits" in loss.needs for loss in losses.values()):
         for role, config in (("teacher", teacher_config), ("student", student_config)):
             if config is not None and not models.adapter_for(config).has_lm_head(config):
@@ -122,6 +130,12 @@ def check_models(run: RunConfig):
         if run.data.task == "masked_lm" and run.data.mlm_probability == 0:
             raise ConfigError("data.mlm_probability is 0, so no token is a target for ce or kd; set it above 0")
     return teacher_config, student_config
+
+
+def on_policy(run: RunConfig) -> bool:
+    """Whether the run's KD term is also taken on the student's own samples (train/on_policy.py)."""
+    options = (run.losses.get("kd") or {}).get("on_policy")
+    return bool(options) and float(options.get("fraction", 0.5)) > 0
 
 
 def model_pair(run: RunConfig, student_config, teacher_config) -> ModelPair | None:

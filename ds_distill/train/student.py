@@ -154,13 +154,16 @@ class DistillationModule(torch.nn.Module):
         batch: dict[str, torch.Tensor],
         teacher_features: dict[str, torch.Tensor] | None = None,
         step_tokens: dict[str, torch.Tensor] | None = None,
+        only: tuple[str, ...] | None = None,
     ):
         """`step_tokens`: the optimizer step's token counts over all micro-batches and ranks (`token_counts`
-        summed); each term is then this micro-batch's share of the step's mean. Without: micro-batch means."""
+        summed); each term is then this micro-batch's share of the step's mean. Without: micro-batch means.
+        `only`: the terms to compute (an on-policy micro-batch's KD), else all."""
         student_features = forward_features(self.training_forward, self.adapter, batch, self.capture, self.head)
         if self.kept_heads is not None:
             for key in [key for key in student_features if key.endswith(".attention_probs")]:
                 stack, layer, _ = key.split(".")
                 student_features[f"{stack}.{layer}.kept_heads"] = self.kept_heads(stack, int(layer) - 1)
-        total, terms = weighted_terms(self.losses, self.weights, student_features, teacher_features, step_tokens)
+        losses = self.losses if only is None else {name: self.losses[name] for name in only}
+        total, terms = weighted_terms(losses, self.weights, student_features, teacher_features, step_tokens)
         return total, {name: value.detach() for name, value in terms.items()}

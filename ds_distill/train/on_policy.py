@@ -1,0 +1,101 @@
+"""On-policy KD (GKD, Agarwal et al. 2024): on a share of micro-batches the student's own samples are the targets.
+
+    losses:
+      kd: {divergence: jsd, beta: 0.5, on_policy: {fraction: 0.5, temperature: 1.0, max_new_tokens: 64}}
+
+For `fraction` of the micro-batches, drawn from (seed, micro-batch number), so the same on every rank and in a
+resumed run, the student samples continuations (at `temperature`) of the batch's sources (encoder-decoder) or of
+each block's first `prompt_tokens` (decoder-only, packed text); the batch then holds those samples as its
+targets, the teacher scores them like any batch, and the KD term (any divergence, at losses.kd.temperature) is
+taken on the sampled tokens only. The other micro-batches are teacher-forced on the data as before. Every term
+is a mean over all target tokens of the step; sampled tokens count towards the KD term only.
+
+Under ZeRO-3 the student generates with its weights gathered module by module and all ranks in step
+(`synced_gpus`), as evaluation does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ds_distill import dist, models
+from ds_distill.objectives.base import IGNORE_INDEX
+
+STREAM = 0x0B  # keeps the draw apart from other streams seeded by train.seed
+
+
+class OnPolicy:
+    """Which micro-batches are on-policy, and those batches with the student's samples as their targets."""
+
+    def __init__(self, options, seed: int, adapter: models.ModelAdapter, tokenizer, synced: bool):
+        self.options, self.seed, self.adapter, self.tokenizer, self.synced = options, seed, adapter, tokenizer, synced
+
+    def prompt_length(self, batch: dict[str, torch.Tensor]) -> int:
+        return min(self.options.prompt_tokens, batch["input_ids"].shape[1] - 1)
+
+    def chooses(self, micro_batch: int) -> bool:
+        """Whether micro-batch number `micro_batch` of the run is on-policy (no draw at fraction 0)."""
+        if self.options.fraction <= 0:
+            return False
+        return np.random.default_rng([self.seed, STREAM, micro_batch]).random() < self.options.fraction
+
+    @torch.no_grad()
+    def sampled(self, student, batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+        """`batch` (on the host) with the student's samples as its targets, on the host."""
+        options = self.options
+        training = student.training
+        student.eval()  # no dropout while sampling: the samples are the policy's own
+        try:
+            if self.adapter.kind == "seq2seq":
+                sources = {key: batch[key].to(device) for key in ("input_ids", "attention_mask")}
+            else:  # packed blocks: no padding, so every prompt has the same length
+                prompt = self.prompt_length(batch)
+                ids = batch["input_ids"][:, :prompt]
+                sources = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
+            outputs = student.generate(
+                **sources,
+                do_sample=True,
+                temperature=options.temperature,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=options.max_new_tokens,
+                synced_gpus=self.synced,
+            ).cpu()
+        finally:
+            student.train(training)
+        return self._as_targets(batch, outputs)
+
+    def _as_targets(self, batch: dict[str, torch.Tensor], outputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The batch with `outputs` (generate's sequences) as its labels: every sampled token up to and with the
+        first end-of-sequence one; what generate padded after it does not count."""
+        eos = self.tokenizer.eos_token_id
+        if self.adapter.kind == "seq2seq":
+            sampled = outputs[:, 1:]  # after the decoder's start token
+            labels = _until_end(sampled, eos)
+            return {
+                "input_ids": batch["input_ids"],
+                "attention_mask": batch["attention_mask"],
+                "labels": labels,
+                "decoder_input_ids": outputs[:, :-1],  # what the student read while sampling
+            }
+        prompt = self.prompt_length(batch)
+        labels = torch.full_like(outputs, IGNORE_INDEX)
+        labels[:, prompt:] = _until_end(outputs[:, prompt:], eos)
+        attention_mask = torch.ones_like(outputs)
+        attention_mask[:, prompt:] = labels[:, prompt:] != IGNORE_INDEX
+        return {"input_ids": outputs, "attention_mask": attention_mask, "labels": labels}
+
+
+def _until_end(tokens: torch.Tensor, eos_token_id: int | None) -> torch.Tensor:
+    """`tokens` with everything after each row's first `eos_token_id` set to IGNORE_INDEX."""
+    if eos_token_id is None:
+        return tokens.clone()
+    ended = (tokens == eos_token_id).int().cumsum(1) - (tokens == eos_token_id).int() > 0
+    return tokens.masked_fill(ended, IGNORE_INDEX)
+
+
+def synced_generation(student_ds: dict) -> bool:
+    from ds_distill.config import deepspeed as ds_config
+
+    return ds_config.zero_stage(student_ds) == 3 and dist.world_size() > 1

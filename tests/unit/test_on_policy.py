@@ -1,0 +1,128 @@
+"""On-policy KD (GKD) and sequence-level KD's data: which micro-batches sample, which sampled tokens count, the
+term on them against GKD's objective written out, and training examples with the teacher's targets."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ds_distill.config.run import DataConfig
+from ds_distill.data import tokenized as data
+from ds_distill.data import tokenizers
+from ds_distill.errors import ConfigError
+from ds_distill.objectives.logits import OnPolicyOptions
+from ds_distill.objectives.registry import build_losses
+from ds_distill.train.on_policy import OnPolicy
+from tests import tiny_models
+from tests.unit.test_losses import TEACHER_PRESENT, reference
+
+EOS, PAD = 1, 0
+
+
+def policy(kind: str = "seq2seq", **options) -> OnPolicy:
+    tokenizer = type("Tokenizer", (), {"eos_token_id": EOS, "pad_token_id": PAD})()
+    adapter = type("Adapter", (), {"kind": kind})()
+    return OnPolicy(OnPolicyOptions(**options), seed=3, adapter=adapter, tokenizer=tokenizer, synced=False)
+
+
+def test_the_share_of_on_policy_micro_batches_is_seeded_and_the_same_for_a_resumed_run():
+    chosen = [policy(fraction=0.3).chooses(i) for i in range(4000)]
+    assert abs(sum(chosen) / 4000 - 0.3) < 0.03
+    assert [policy(fraction=0.3).chooses(i) for i in range(1000, 1200)] == chosen[1000:1200]  # any start
+    assert not any(policy(fraction=0.0).chooses(i) for i in range(1000))
+    assert all(policy(fraction=1.0).chooses(i) for i in range(1000))
+
+
+def test_sampled_tokens_count_up_to_and_with_the_first_end_of_sequence():
+    """Encoder-decoder: generate's output starts with the decoder's start token and pads after EOS."""
+    batch = {
+        "input_ids": torch.tensor([[5, 6, EOS], [7, EOS, PAD]]),
+        "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0]]),
+    }
+    outputs = torch.tensor([[PAD, 9, 8, EOS, PAD], [PAD, 4, EOS, PAD, PAD]])
+    sampled = policy()._as_targets(batch, outputs)
+    assert sampled["labels"].tolist() == [[9, 8, EOS, -100], [4, EOS, -100, -100]]
+    assert sampled["decoder_input_ids"].tolist() == [[PAD, 9, 8, EOS], [PAD, 4, EOS, PAD]]
+    assert sampled["input_ids"] is batch["input_ids"]
+
+    # decoder-only: the block's first prompt_tokens are the prompt and not targets
+    block = {"input_ids": torch.arange(10, 18).view(1, 8), "attention_mask": torch.ones(1, 8, dtype=torch.long)}
+    outputs = torch.tensor([[10, 11, 12, 40, 41, EOS, EOS, EOS]])
+    sampled = policy("causal", prompt_tokens=3)._as_targets(block, outputs)
+    assert sampled["labels"].tolist() == [[-100, -100, -100, 40, 41, EOS, -100, -100]]
+    assert sampled["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 1, 0, 0]]
+
+
+@pytest.mark.parametrize(("divergence", "options"), [("jsd", {"beta": 0.3}), ("skew_kl", {"alpha": 0.2})])
+def test_the_term_on_sampled_tokens_is_gkds_objective_written_out(divergence, options):
+    """GKD's generalised JSD (beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q) and DistiLLM's
+    skew KL (KL(p || alpha p + (1 - alpha) q)), per sampled token, averaged over the tokens that count."""
+    generator = torch.Generator().manual_seed(0)
+    vocabulary = 11
+    outputs = torch.tensor([[PAD, 9, 8, EOS, PAD], [PAD, 4, EOS, PAD, PAD]])
+    batch = {"input_ids": torch.tensor([[5, EOS], [7, EOS]]), "attention_mask": torch.ones(2, 2, dtype=torch.long)}
+    labels = policy()._as_targets(batch, outputs)["labels"]
+    student = torch.randn(2, 4, vocabulary, generator=generator, dtype=torch.float64)
+    teacher = torch.randn(2, 4, vocabulary, generator=generator, dtype=torch.float64)
+    losses, _ = build_losses({"kd": {"divergence": divergence, "temperature": 1.0, **options}}, TEACHER_PRESENT)
+    term = losses["kd"]({"logits": student, "labels": labels}, {"logits": teacher})
+    expected = []
+    for b, t in (labels != -100).nonzero().tolist():
+        p, q = F.softmax(teacher[b, t], -1).tolist(), F.softmax(student[b, t], -1).tolist()
+        expected.append(reference(divergence, p, q, **options))
+    assert len(expected) == 5
+    assert term.item() == pytest.approx(sum(expected) / len(expected), rel=1e-9)
+    assert math.isfinite(term.item())
+
+
+def test_on_policy_options_are_checked():
+    for bad, message in (({"fraction": 1.5}, "fraction must lie between 0 and 1"),
+                         ({"temperature": 0}, "temperature must be positive"),
+                         ({"max_new_tokens": 0}, "max_new_tokens must be at least 1")):  # fmt: skip
+        with pytest.raises(ConfigError, match=message):
+            build_losses({"kd": {"on_policy": bad}}, TEACHER_PRESENT)
+
+
+@pytest.fixture(scope="module")
+def with_teacher_targets(tiny, tmp_path_factory):
+    """The first 8 training pairs with a made-up `teacher_target` each, as generate_targets writes them."""
+    path = tmp_path_factory.mktemp("targets") / "train.jsonl"
+    with open(tiny_models.SHARED_DATA / "train.jsonl") as source, open(path, "w") as out:
+        for index, line in zip(range(8), source):
+            out.write(json.dumps({**json.loads(line), "teacher_target": f"Ausgabe Nummer {index}"}) + "\n")
+    config = DataConfig(task="translation", dataset="json", source_lang="en", target_lang="de",
+                        data_files={"train": str(path), "validation": str(tiny_models.SHARED_DATA / "valid.jsonl")})  # fmt: skip
+    return config, tokenizers.load_tokenizer(str(tiny["tokenizer"]))
+
+
+@pytest.mark.parametrize("targets", ["references", "teacher", "both"])
+def test_training_examples_take_the_targets_the_run_asks_for(with_teacher_targets, targets):
+    config, tokenizer = with_teacher_targets
+    config = dataclasses.replace(config, targets=targets)
+    tokenized = data.tokenize(config, tokenizer, data.load_raw(config))
+    texts = [tokenizer.decode(row["labels"], skip_special_tokens=True) for row in tokenized["train"]]
+    sources = [tokenizer.decode(row["input_ids"], skip_special_tokens=True) for row in tokenized["train"]]
+    teacher = [f"Ausgabe Nummer {i}" for i in range(8)]
+    if targets == "references":
+        assert texts[0].startswith("Es geht nicht an") and len(texts) == 8
+    elif targets == "teacher":
+        assert texts == teacher
+    else:
+        assert texts[1::2] == teacher and texts[0].startswith("Es geht nicht an") and sources[0::2] == sources[1::2]
+    assert (
+        tokenized["validation"][0]["reference"]
+        == json.loads(open(config.data_files["validation"]).readline())["translation"]["de"]
+    )  # evaluation scores against the references whatever the training targets
+
+
+def test_teacher_targets_need_the_field_generate_targets_adds(tiny):
+    config = DataConfig(task="translation", dataset="json", source_lang="en", target_lang="de", targets="teacher",
+                        data_files={"train": str(tiny_models.SHARED_DATA / "valid.jsonl")}, validation_split=None)  # fmt: skip
+    tokenizer = tokenizers.load_tokenizer(str(tiny["tokenizer"]))
+    with pytest.raises(ConfigError, match="has no field 'teacher_target'"):
+        data.tokenize(config, tokenizer, data.load_raw(config))
