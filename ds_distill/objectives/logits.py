@@ -124,6 +124,9 @@ class TargetRows(torch.autograd.Function):
 class LogitTerm(DistillationLoss):
     """A term that sums a function of the target positions' logit rows; `logit_terms` computes several at once."""
 
+    counted = ("targets",)
+    """The step's tokens (`StepTokens` keys) the term is a mean over."""
+
     def row_term(self, student: dict, teacher: dict | None) -> tuple[Callable, tuple[torch.Tensor, ...], float]:
         """(fn(student rows in float32, *other rows) -> the term summed over them, the other tensors, indexed as
         the student's logits are, the factor the term's token mean is multiplied by)."""
@@ -140,17 +143,33 @@ def logit_terms(
     """(sum of weight x term, {name: term}) for logit terms, each a mean over the target tokens (over those of
     the whole step, given `tokens`), computed in one pass over the target rows, with one gradient buffer."""
     example, position = target_positions(student)
-    step_count = tokens.get("targets") if tokens else None
-    count = step_count.clamp_min(1) if step_count is not None else max(example.numel(), 1)
-    fns, scaled = [], []  # Python numbers and the device count only: no small tensor copied to the device
+    # which of the step's tokens each term is a mean over: all the same but in on-policy runs (KD, CE)
+    kinds = [tuple(key for key in loss.counted if tokens and key in tokens) for loss, _ in terms.values()]
+    counts = {kind: _step_count(kind, tokens, example.numel()) for kind in kinds}
+    fns, scaled = [], []  # Python numbers and the device counts only: no small tensor copied to the device
     for loss, weight in terms.values():
         fn, others, scale = loss.row_term(student, teacher)
         fns.append((fn, others))
         scaled.append((weight * scale, scale))
-    args = (example, position, fns, [w for w, _ in scaled], count)
+    weights, divisor = [w for w, _ in scaled], counts[kinds[0]]
+    if len(counts) > 1:  # each term divided by its own count
+        weights, divisor = [w / counts[kind] for w, kind in zip(weights, kinds)], 1.0
+    args = (example, position, fns, weights, divisor)
     head = student.get("head")  # folded in (`head.py`): called as a module, so ZeRO-3 gathers its weight
     total, sums = head(student["logits"], *args) if head is not None else TargetRows.apply(student["logits"], *args)
-    return total, {name: value * scale / count for name, value, (_, scale) in zip(terms, sums.unbind(), scaled)}
+    return total, {
+        name: value * scale / counts[kind] for name, value, (_, scale), kind in zip(terms, sums.unbind(), scaled, kinds)
+    }
+
+
+def _step_count(keys: tuple[str, ...], tokens: StepTokens, local: int):
+    """The step's count of the `keys` tokens (on the device); without any, the micro-batch's targets."""
+    if not keys:
+        return max(local, 1)
+    count = tokens[keys[0]]
+    for key in keys[1:]:
+        count = count + tokens[key]
+    return count.clamp_min(1)
 
 
 class CrossEntropyLoss(LogitTerm):
@@ -257,6 +276,7 @@ class LogitDistillationLoss(LogitTerm):
     """kd: divergence between teacher and student token distributions at temperature T (scaled by T^2; TVD by T)."""
 
     Options = KDOptions
+    counted = ("targets", "sampled")
 
     def row_term(self, student, teacher):
         # Compared on the tokenizer's vocabulary: rows past it (T5 pads 32100 tokens to 32128) are never targets,

@@ -120,14 +120,19 @@ class Trainer:
     def teacher_features(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
         return self.teacher_side.features(batch) if self.teacher_side is not None else None
 
-    def step_tokens(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def step_tokens(self, batches: list[dict[str, torch.Tensor]], sampled: list[bool] | None = None):
         """Token counts of the optimizer step's micro-batches on all ranks (`student.token_counts`), on the
-        device; counted on the host, so no micro-step waits for the device. Also adds to the window's tokens."""
+        device; counted on the host, so no micro-step waits for the device. Also adds to the window's tokens.
+        An on-policy micro-batch (`sampled`) counts only its targets, as "sampled": only the KD term reads it."""
         counts = defaultdict(int)
-        for batch in batches:
+        for index, batch in enumerate(batches):
             for key, count in token_counts(self.student_adapter, batch).items():
-                counts[key] += int(count)
-        self.window.tokens += sum(count for key, count in counts.items() if key != "targets")
+                if key != "targets":
+                    self.window.tokens += int(count)
+                if sampled and sampled[index]:
+                    key = "sampled" if key == "targets" else None
+                if key is not None:
+                    counts[key] += int(count)
         for batch in batches:  # positions computed, padding included: what grouping by length saves
             self.window.positions += batch["input_ids"].numel()
             if self.student_adapter.kind == "seq2seq" and batch.get("labels") is not None:
@@ -149,7 +154,7 @@ class Trainer:
         if any(sampled):  # on-policy micro-batches: the student's samples are their targets (on_policy.py)
             student = self.engine.module.student
             batches = [self.on_policy.sampled(student, b, self.device) if s else b for b, s in zip(batches, sampled)]
-        step_tokens = self.step_tokens(batches)
+        step_tokens = self.step_tokens(batches, sampled)
         for index, batch in enumerate(batches):
             batch = self.to_device(batch)
             only = self.on_policy_terms if sampled[index] else None

@@ -117,7 +117,9 @@ def check_models(run: RunConfig):
     losses, _ = build_losses(run.losses, model_pair(run, student_config, teacher_config))
     if on_policy(run):
         if adapter.kind == "encoder":
-            raise ConfigError("losses.kd.on_policy: the student samples its own outputs, and an encoder-only one cannot")
+            raise ConfigError(
+                "losses.kd.on_policy: the student samples its own outputs, and an encoder-only one cannot"
+            )
         if run.teacher.cache:
             raise ConfigError(
                 "losses.kd.on_policy: the teacher scores the student's own samples, which no cache holds; remove "
