@@ -10,12 +10,15 @@ import signal
 import subprocess
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from tests.conftest import REPO, run_cli, subprocess_env, translation_config, write_yaml
 from tests.distributed.launch import deepspeed_command, distill, launch, losses
+
+pytestmark = pytest.mark.distributed
 
 
 def cache_files(directory) -> dict[str, dict[str, torch.Tensor]]:

@@ -1,0 +1,80 @@
+"""On-policy KD and sequence-level KD's targets on real runs: a 2-rank on-policy run with the student under ZeRO-3,
+killed and resumed, ends as an uninterrupted one; `fraction: 0` is the run without on-policy KD, exactly;
+`generate_targets` writes on 2 ranks what it writes on 1, and a run trains on its file."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import causal_lm_config, run_cli, translation_config, write_yaml
+from tests.distributed.launch import deepspeed_command, distill, distill_until_first_checkpoint, launch, losses
+
+pytestmark = pytest.mark.distributed
+
+ON_POLICY = {"fraction": 0.5, "temperature": 1.0, "max_new_tokens": 12}
+
+
+def on_policy_config(tiny, output_dir):
+    kd = {"weight": 1.0, "divergence": "jsd", "beta": 0.5, "on_policy": ON_POLICY}
+    return translation_config(
+        tiny, output_dir, student={"deepspeed_config": "ds_configs/student_zero3.json"},
+        losses={"ce": {"weight": 1.0}, "kd": kd}, train={"max_steps": 6, "save_steps": 2},
+    )  # fmt: skip
+
+
+def test_an_on_policy_zero3_run_killed_and_resumed_ends_as_an_uninterrupted_one(tiny, tmp_path):
+    whole = distill(tmp_path, "whole", on_policy_config(tiny, tmp_path / "whole"))
+    log = [json.loads(line) for line in open(whole / "log.jsonl")]
+    sampled_steps = [row["step"] for row in log if "loss/on_policy_kd" in row]
+    assert sampled_steps and len(sampled_steps) < 6  # some micro-batches on the student's samples, not all
+
+    config = on_policy_config(tiny, tmp_path / "killed")
+    distill_until_first_checkpoint(tmp_path, "killed", config)
+    distill(tmp_path, "resumed", config, "--resume")
+    assert losses(tmp_path / "killed") == pytest.approx(losses(whole), rel=1e-6)
+    ends = [load_file(run / "model" / "model.safetensors") for run in (whole, tmp_path / "killed")]
+    for name, tensor in ends[0].items():
+        torch.testing.assert_close(ends[1][name], tensor, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_fraction_zero_is_the_run_without_on_policy_kd(tiny, tmp_path):
+    """A decoder-only student under ZeRO-3, one rank: the same losses and weights, bit for bit."""
+    runs = {}
+    for name, kd in (("plain", {"weight": 1.0}), ("zero", {"weight": 1.0, "on_policy": {**ON_POLICY, "fraction": 0}})):
+        config = causal_lm_config(tiny, tmp_path / name, losses={"ce": {"weight": 1.0}, "kd": kd})
+        result = run_cli("distill", f"--config={write_yaml(tmp_path / f'{name}.yaml', config)}")
+        assert result.returncode == 0, result.stderr[-4000:]
+        runs[name] = tmp_path / name
+    assert losses(runs["zero"]) == losses(runs["plain"])
+    plain, zero = (load_file(runs[name] / "model" / "model.safetensors") for name in ("plain", "zero"))
+    assert all(torch.equal(zero[name], tensor) for name, tensor in plain.items())
+
+
+def test_generate_targets_on_two_ranks_writes_what_one_writes_and_a_run_trains_on_it(tiny, tmp_path):
+    config = translation_config(tiny, tmp_path / "run", data={"max_train_samples": 24}, train={"max_steps": 2})
+    path = write_yaml(tmp_path / "run.yaml", config)
+    flags = ["--num_beams=2", "--max_new_tokens=10", "--batch_size=4", "--shard_examples=5"]
+    one = run_cli("generate_targets", f"--config={path}", f"--output_dir={tmp_path / 'one'}", *flags)
+    assert one.returncode == 0, one.stderr[-4000:]
+    launch(deepspeed_command(path, f"--output_dir={tmp_path / 'two'}", *flags, verb="generate_targets"),
+           tmp_path / "two.log")  # fmt: skip
+    written = (tmp_path / "one" / "train.jsonl").read_text()
+    assert (tmp_path / "two" / "train.jsonl").read_text() == written
+    rows = [json.loads(line) for line in written.splitlines()]
+    sources = [json.loads(line) for line in open(config["data"]["data_files"]["train"])][:24]
+    assert [{k: v for k, v in row.items() if k != "teacher_target"} for row in rows] == sources  # the data's order
+    assert all(isinstance(row["teacher_target"], str) for row in rows)
+    manifest = json.loads((tmp_path / "one" / "targets.json").read_text())
+    assert manifest["complete"] and manifest["num_beams"] == 2 and manifest["train_examples"] == 24
+
+    both = {**config["data"], "data_files": {"train": str(tmp_path / "one" / "train.jsonl"),
+                                             "validation": str(tmp_path / "one" / "validation.jsonl")},
+            "targets": "both"}  # fmt: skip
+    trained = write_yaml(tmp_path / "both.yaml", {**config, "data": both})
+    result = run_cli("distill", f"--config={trained}")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert sorted(losses(tmp_path / "run")) == [1, 2]
