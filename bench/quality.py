@@ -6,6 +6,7 @@
     python bench/quality.py smollm2_cka [--seeds=3] [--steps=60] [--layers=12] [--variants=kd,cka,cka_mean,...]
     python bench/quality.py cut_width [--seeds=3] [--steps=300] [--sizes=20x] [--inits=random,cut,cut_first,...]
     python bench/quality.py seed003   [--seeds=3] [--steps=300] [--widths=quarter,half] [--smollm2_steps=60]
+    python bench/quality.py seqkd     [--seeds=3] [--steps=300] [--size=20x] [--num_beams=5] [--fraction=0.5]
 
 The teacher is the demo's task (ds_distill/demo.py): English into a made-up verb-final language, a sentencepiece
 tokenizer of 256 pieces and a T5 teacher of 7.41M parameters (d_model 256, 4+4 blocks, tied embeddings) trained
@@ -19,6 +20,9 @@ here for 300 steps, which a CPU learns to BLEU 30 and more. It is trained once p
   total student steps, and MiniEnD-D (decoder self- and cross-attention relations) vs KD.
 - `seed003`: HomoDistil (start as the teacher, prune to the widths while distilling) vs a student cut to the same
   widths + CE + KD, the same steps: on a BERT masked LM trained here on the demo corpus, and on SmolLM2-135M.
+- `seqkd`: at about 20x, word-level KD on the references vs sequence-level KD (Kim & Rush: the teacher's beam
+  outputs as targets, `generate_targets`) vs on-policy KD (GKD: half the micro-batches on the student's samples)
+  vs both, with the tokens/s each row trains at.
 - `cut_width`: the student's start, with CE + KD: random weights, or cut from the teacher keeping its first
   channels, heads and FFN neurons (`width: first`) or the most active ones (`width: importance`), or other
   teacher blocks (`layers: uniform | first | last` instead of `alternate`).
@@ -643,6 +647,77 @@ def seed003(seeds: int = 3, steps: int = 300, widths=tuple(MLM_WIDTHS), smollm2_
     write_table(out / "seed003", "seed 003: HomoDistil vs a cut student + KD at the same widths and steps", lines)
 
 
+# seqkd: name -> (the run's own loss options, data.targets)
+ON_POLICY_KD = {"kd": {"on_policy": {"fraction": 0.5, "temperature": 1.0, "max_new_tokens": 48}}}
+SEQUENCE_ROWS = {
+    "word-level KD (references)": ({}, "references"),
+    "sequence-level KD (the teacher's beam outputs)": ({}, "teacher"),
+    "on-policy KD (the student's samples)": (ON_POLICY_KD, "references"),
+    "sequence-level + on-policy": (ON_POLICY_KD, "teacher"),
+}
+
+
+def seqkd(seeds: int = 3, steps: int = 300, size: str = "20x", init: str = "random", num_beams: int = 5,
+          fraction: float = 0.5, workers: int = 2, output_dir: str = "runs/bench/quality") -> None:  # fmt: skip
+    """Word-level vs sequence-level vs on-policy KD (vs sequence-level + on-policy) at one size, CE + KD each."""
+    from ds_distill.config.load import parse_run
+    from ds_distill.train.generate_targets import GenerationSettings, generate_targets
+
+    out = Path(output_dir)
+    started = time.perf_counter()
+    files, teacher = prepare_teacher(out)
+    targets = out / f"teacher_targets_beam{num_beams}"
+    _, base = student_run(files, teacher, out, size, init, "kd", {}, steps, 0)
+    if not (targets / "train.jsonl").is_file():
+        generating = time.perf_counter()
+        settings_ = GenerationSettings(num_beams=num_beams, max_new_tokens=64, batch_size=100)
+        generate_targets(parse_run(base), targets, settings_)
+        print(f"generated the teacher's targets in {time.perf_counter() - generating:.0f} s", flush=True)
+    cells, jobs = {}, {}
+    for (row, (losses, kind)), seed in itertools.product(SEQUENCE_ROWS.items(), range(seeds)):
+        losses = json.loads(json.dumps(losses).replace('"fraction": 0.5', f'"fraction": {fraction}'))
+        name, tree = student_run(files, teacher, out, size, init, "kd", losses, steps, seed)
+        if kind != "references":
+            tree["data"]["data_files"] = {**files, "train": str(targets / "train.jsonl")}
+            tree["data"]["targets"] = kind
+            name = f"{name}_{kind}"
+            tree["train"]["output_dir"] += f"_{kind}"
+        jobs[name] = tree
+        cells.setdefault(row, []).append(name)
+    results = run_jobs(jobs, out / "queue", workers)
+    speeds = {name: _tokens_per_s(Path(tree["train"]["output_dir"])) for name, tree in jobs.items()}
+    teacher_result = json.loads((out / "teacher" / "result.json").read_text())
+    params = results[cells["word-level KD (references)"][0]]["parameters"]
+    words = [results[name] for name in cells["word-level KD (references)"]]
+    word_speed = statistics.mean(speeds[name] for name in cells["word-level KD (references)"])
+    lines = [
+        settings(steps, seeds, teacher_result),
+        f"Student: {size} ({params / 1e6:.2f}M, {init} init), CE + KD (forward KL, T = 1) in every row. Sequence-level: "
+        f"the teacher's beam-{num_beams} outputs for the 8,000 training sources (`generate_targets`) replace the "
+        f"references. On-policy: {fraction:.0%} of the micro-batches are the student's samples (temperature 1, "
+        "up to 48 tokens), KD only on them. Tokens/s: training tokens per second over the run, two runs at a "
+        "time on the 2 cores.",
+        "",
+        "| row | BLEU | BLEU - word-level's (paired by seed) | validation loss | train tokens/s (vs word-level) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for row, names in cells.items():
+        runs = [results[name] for name in names]
+        speed = statistics.mean(speeds[name] for name in names)
+        lines.append(
+            f"| {row} | {mean_sd([r['bleu'] for r in runs], 1)} | {paired_gain(runs, words)} | "
+            f"{mean_sd([r['loss'] for r in runs], 3)} | {speed:.0f} ({speed / word_speed:.2f}x) |"
+        )
+    lines += ["", cost(results, started)]
+    write_table(out / f"seqkd_{size}_{init}", f"Word-level vs sequence-level vs on-policy KD at {size}", lines)
+
+
+def _tokens_per_s(run_dir: Path) -> float:
+    """Training tokens per second over the run's logging windows (source and target tokens)."""
+    rows = [json.loads(line) for line in open(run_dir / "log.jsonl") if '"tokens_per_s"' in line]
+    return statistics.mean(row["tokens_per_s"] for row in rows)
+
+
 if __name__ == "__main__":
     fire.Fire(
         {
@@ -652,6 +727,7 @@ if __name__ == "__main__":
             "cka_depth": cka_depth,
             "cut_width": cut_width,
             "smollm2_cka": smollm2_cka,
+            "seqkd": seqkd,
             "worker": worker,
         }
     )

@@ -7,8 +7,9 @@ For `fraction` of the micro-batches, drawn from (seed, micro-batch number), so t
 resumed run, the student samples continuations (at `temperature`) of the batch's sources (encoder-decoder) or of
 each block's first `prompt_tokens` (decoder-only, packed text); the batch then holds those samples as its
 targets, the teacher scores them like any batch, and the KD term (any divergence, at losses.kd.temperature) is
-taken on the sampled tokens only. The other micro-batches are teacher-forced on the data as before. Every term
-is a mean over all target tokens of the step; sampled tokens count towards the KD term only.
+taken on the sampled tokens only. The other micro-batches are teacher-forced on the data as before. CE and every
+other term stay means over the step's data tokens; KD becomes a mean over all its tokens, the data's and the
+sampled ones ("sampled" in the step's token counts).
 
 Under ZeRO-3 the student generates with its weights gathered module by module and all ranks in step
 (`synced_gpus`), as evaluation does.
