@@ -53,7 +53,7 @@ VERBS = {
 def usage() -> str:
     lines = ["usage: ds-distill VERB [ARGS]   (ds-distill VERB --help for details)", "", "verbs:"]
     for name, function in VERBS.items():
-        lines.append(f"  {name:<14} {inspect.getdoc(function).splitlines()[0]}")
+        lines.append(f"  {name:<16} {inspect.getdoc(function).splitlines()[0]}")
     return "\n".join(lines)
 
 
