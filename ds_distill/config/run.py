@@ -110,12 +110,16 @@ class DataConfig:
     source_field: str | None = None
     target_field: str | None = None
     text_field: str = "text"
+    prompt_field: str | None = None
+    """causal_lm: a field holding each example's prompt. Then an example is prompt + `text_field` (its completion)
+    + the end-of-sequence token, one per row, not packed, cut at block_size, and only the completion's tokens
+    are targets; `generate_targets` and on-policy KD continue the prompts."""
     max_source_length: int = 128
     max_target_length: int = 128
     targets: str = "references"
-    """translation and seq2seq training examples: references (the data's targets) | teacher (the `teacher_target`
-    field that `ds-distill generate_targets` adds: sequence-level KD) | both (each example twice, once with each).
-    Evaluation always scores against the references."""
+    """Training examples of translation, seq2seq or prompted causal_lm data: references (the data's targets) |
+    teacher (the `teacher_target` field that `ds-distill generate_targets` adds: sequence-level KD) | both (each
+    example twice, once with each). Evaluation always scores against the references."""
     block_size: int = 128
     mlm_probability: float = 0.15
     line_by_line: bool = False
@@ -129,6 +133,10 @@ class DataConfig:
     tokenized_path: str | None = None
     """A directory for the tokenized splits: `ds-distill prepare_data` fills it ahead of a launch, and runs
     with the same data settings and tokenizer load it at once (every node must be able to read it)."""
+
+    def generates_from_sources(self) -> bool:
+        """Whether examples have sources or prompts a model can continue (generate_targets, on-policy KD)."""
+        return self.task in ("translation", "seq2seq") or (self.task == "causal_lm" and bool(self.prompt_field))
 
 
 @dataclass
@@ -266,8 +274,13 @@ def validate(run: RunConfig) -> None:
         raise ConfigError("data.task 'seq2seq' needs data.source_field and data.target_field (e.g. document, summary)")
     if data.targets not in TARGETS:
         raise ConfigError(f"data.targets '{data.targets}' is unknown; choose one of {', '.join(TARGETS)}")
-    if data.targets != "references" and data.task not in ("translation", "seq2seq"):
-        raise ConfigError(f"data.targets '{data.targets}' needs translation or seq2seq data (sources to generate from)")
+    if data.targets != "references" and not data.generates_from_sources():
+        raise ConfigError(
+            f"data.targets '{data.targets}' needs sources to generate from: translation or seq2seq data, or "
+            "causal_lm with data.prompt_field"
+        )
+    if data.prompt_field and data.task != "causal_lm":
+        raise ConfigError("data.prompt_field is for causal_lm data (translation and seq2seq have sources)")
     if bool(student.model_name_or_path) == bool(student.init.from_teacher):
         raise ConfigError("give exactly one of student.model_name_or_path and student.init.from_teacher")
     if student.init.from_teacher and not run.teacher.model_name_or_path:

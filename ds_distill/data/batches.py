@@ -33,6 +33,8 @@ def make_collator(data: DataConfig, tokenizer, model: torch.nn.Module | None = N
     """Dynamic padding; for seq2seq, `model` turns labels into decoder inputs its own way (T5 vs BART)."""
     if data.task in ("translation", "seq2seq"):
         return DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
+    if data.task == "causal_lm" and data.prompt_field:  # rows of their own lengths, padded per batch
+        return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
     if data.task == "causal_lm":
         return default_data_collator
     if data.mlm_probability > 0:
@@ -200,3 +202,25 @@ def eval_batches(
         references = [row.pop("reference") for row in rows] if "reference" in rows[0] else None
         batch = fixed(rows, indices) if fixed else collate(rows)
         yield batch, references, max(0, min(len(rows), real - start))
+
+
+def left_padded(sequences: list[list[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Prompts for a decoder-only model to continue, padded on the left (so every row continues at the end):
+    {"input_ids", "attention_mask"} [rows, longest]."""
+    longest = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), longest), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        if ids:
+            input_ids[row, -len(ids) :] = torch.tensor(ids)
+            attention_mask[row, -len(ids) :] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def prompts(batch: dict[str, torch.Tensor]) -> list[list[int]]:
+    """Each row's prompt in a batch of prompted causal_lm examples: its tokens before the first target."""
+    out = []
+    for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist()):
+        first = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
+        out.append(ids[:first])
+    return out

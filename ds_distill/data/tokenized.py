@@ -21,6 +21,7 @@ from ds_distill import dist
 from ds_distill.config.run import TEACHER_TARGET, DataConfig
 from ds_distill.data.tokenizers import check_unknown_tokens
 from ds_distill.errors import ConfigError
+from ds_distill.objectives.base import IGNORE_INDEX
 
 FILE_BUILDERS = ("json", "csv", "parquet", "text")
 
@@ -104,12 +105,7 @@ def _tokenize_seq2seq(data: DataConfig, tokenizer, dataset: datasets.Dataset, sp
         _check_fields(dataset, [TEACHER_TARGET], split)
 
     def tokenize(batch):
-        sources, targets = pairs(batch)
-        if training and data.targets == "teacher":
-            targets = batch[TEACHER_TARGET]
-        elif training and data.targets == "both":  # each source twice: with its reference, with the teacher's
-            sources = [s for s in sources for _ in range(2)]
-            targets = [t for pair in zip(targets, batch[TEACHER_TARGET]) for t in pair]
+        sources, targets = _targets(data, batch, *pairs(batch), training)
         features = tokenizer([data.prefix + s for s in sources], max_length=data.max_source_length, truncation=True)
         features["labels"] = tokenizer(text_target=targets, max_length=data.max_target_length, truncation=True)[
             "input_ids"
@@ -189,7 +185,47 @@ def _masked_lm_rows(data: DataConfig, tokenizer):
     return rows
 
 
+def _targets(data: DataConfig, batch: dict, sources: list[str], targets: list[str], training: bool):
+    """(sources, targets) of a batch of rows as the run trains on them (`data.targets`): the data's, the
+    teacher's (`teacher_target`), or each source twice, with both."""
+    if training and data.targets == "teacher":
+        return sources, batch[TEACHER_TARGET]
+    if training and data.targets == "both":
+        return [s for s in sources for _ in range(2)], [t for pair in zip(targets, batch[TEACHER_TARGET]) for t in pair]
+    return sources, targets
+
+
+def _tokenize_prompted(data: DataConfig, tokenizer, dataset: datasets.Dataset, split: str) -> datasets.Dataset:
+    """causal_lm with prompts: one example per row, prompt + completion + EOS cut at block_size, targets only on
+    the completion and EOS."""
+    training = split == data.train_split
+    _check_fields(dataset, [data.prompt_field, data.text_field] + ([TEACHER_TARGET] if training and
+                  data.targets != "references" else []), split)  # fmt: skip
+
+    def tokenize(batch):
+        prompts, completions = _targets(data, batch, batch[data.prompt_field], batch[data.text_field], training)
+        prompt_ids = tokenizer(prompts)["input_ids"]
+        completion_ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
+        rows = {"input_ids": [], "attention_mask": [], "labels": []}
+        for prompt, completion in zip(prompt_ids, completion_ids):
+            ids = (prompt + completion + [tokenizer.eos_token_id])[: data.block_size]
+            rows["input_ids"].append(ids)
+            rows["attention_mask"].append([1] * len(ids))
+            rows["labels"].append(([IGNORE_INDEX] * len(prompt) + completion + [tokenizer.eos_token_id])[: len(ids)])
+        return rows
+
+    return dataset.map(
+        tokenize,
+        batched=True,
+        remove_columns=dataset.column_names,
+        num_proc=_workers(data, len(dataset)),
+        desc=f"tokenizing {split}",
+    )
+
+
 def _tokenize_text(data: DataConfig, tokenizer, dataset: datasets.Dataset, split: str) -> datasets.Dataset:
+    if data.prompt_field:
+        return _tokenize_prompted(data, tokenizer, dataset, split)
     _check_fields(dataset, [data.text_field], split)
     dataset = dataset.filter(lambda row: bool(row[data.text_field].strip()), desc=f"dropping empty lines of {split}")
     if data.task == "masked_lm":
@@ -266,7 +302,9 @@ def describe(data: DataConfig, tokenizer) -> dict[str, Any]:
     # they existed stay valid: line_by_line (masked_lm rows only), targets (other than the references)
     masked_lm = {"line_by_line": data.line_by_line} if data.task == "masked_lm" else {}
     targets = {"targets": data.targets} if data.targets != "references" else {}
+    prompts = {"prompt_field": data.prompt_field} if data.prompt_field else {}
     return {
+        **prompts,
         **{key: getattr(data, key) for key in TOKENIZATION_KEYS},
         **masked_lm,
         **targets,

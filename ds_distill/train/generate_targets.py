@@ -7,7 +7,8 @@ sequence-level KD (Kim & Rush 2016: the student learns the teacher's beam-search
         --data.data_files.validation=DIR/validation.jsonl --data.targets=teacher        # or both
 
 DIR/train.jsonl holds the run's training examples as its data gives them (JSON lines, in the data's order, after
-data.max_train_samples), each with the field `teacher_target`: the teacher's output for its source;
+data.max_train_samples), each with the field `teacher_target`: the teacher's output for its source (translation,
+seq2seq) or its continuation of the prompt (causal_lm with data.prompt_field);
 DIR/validation.jsonl the validation split unchanged (evaluation scores against the references). Every rank
 generates shards of its own (DIR/shards/part_*.jsonl; a ZeRO-3 teacher generates with the ranks in step), a
 killed run started again generates only the missing ones, and DIR/targets.json records the teacher, the data
@@ -57,8 +58,11 @@ def part_path(directory: Path, shard: int) -> Path:
 def generate_targets(run: RunConfig, directory: Path, settings: GenerationSettings, overwrite: bool = False) -> Path:
     """Writes (or finishes) DIR/train.jsonl with the teacher's outputs; returns its path."""
     dist.init(run.train.ddp_timeout)
-    if run.data.task not in ("translation", "seq2seq"):
-        raise ConfigError(f"generate_targets needs translation or seq2seq data (sources), not {run.data.task}")
+    if not run.data.generates_from_sources():
+        raise ConfigError(
+            "generate_targets needs sources to continue: translation or seq2seq data, or causal_lm with "
+            "data.prompt_field"
+        )
     if not run.teacher.model_name_or_path:
         raise ConfigError("generate_targets needs teacher.model_name_or_path")
     settings.check()
@@ -106,6 +110,7 @@ def _generate_shards(teacher, p, split, directory: Path, settings: GenerationSet
     """Each rank's shards, round by round (`shards.rounds`); every rank runs as many `generate` calls as the
     busiest one, since a ZeRO-3 teacher needs all of them in each forward."""
     pad = batches.make_collator(p.run.data, p.tokenizer)
+    decoder_only = p.run.data.task == "causal_lm"  # prompted: continued after their left padding
     lengths = batches.example_lengths(split)
     synced = ds_config.zero_stage(p.teacher_ds) == 3 and dist.world_size() > 1
     stand_in = [0]
@@ -119,15 +124,21 @@ def _generate_shards(teacher, p, split, directory: Path, settings: GenerationSet
         texts: dict[int, str] = {}
         for g in range(calls):
             group = groups[g] if g < len(groups) else stand_in
-            sources = pad([{key: split[i][key] for key in ("input_ids", "attention_mask")} for i in group])
+            if decoder_only:
+                sources = batches.left_padded(batches.prompts(pad([split[i] for i in group])), p.tokenizer.pad_token_id)
+            else:
+                sources = pad([{key: split[i][key] for key in ("input_ids", "attention_mask")} for i in group])
             with torch.no_grad():
                 outputs = teacher.module.generate(
                     input_ids=sources["input_ids"].to(teacher.device),
                     attention_mask=sources["attention_mask"].to(teacher.device),
                     num_beams=settings.num_beams,
                     max_new_tokens=settings.max_new_tokens,
+                    pad_token_id=p.tokenizer.pad_token_id,
                     synced_gpus=synced,
                 )
+            if decoder_only:  # the continuation only
+                outputs = outputs[:, sources["input_ids"].shape[1] :]
             if g < len(groups):
                 texts.update(zip(group, p.tokenizer.batch_decode(outputs, skip_special_tokens=True)))
         if mine is not None:

@@ -71,7 +71,8 @@ class Trainer:
             options = getattr(loss.options, "on_policy", None) if hasattr(loss, "options") else None
             if options is not None:
                 synced = on_policy.synced_generation(p.student_ds)
-                self.on_policy = on_policy.OnPolicy(options, seed, self.student_adapter, p.tokenizer, synced)
+                prompted = bool(self.run.data.prompt_field)
+                self.on_policy = on_policy.OnPolicy(options, seed, self.student_adapter, p.tokenizer, synced, prompted)
                 self.on_policy_terms = (name,)
         self.pruner = prune.Pruner(self.engine.module.student, self.run.prune) if self.run.prune else None
         if self.pruner is not None:

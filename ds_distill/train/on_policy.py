@@ -4,8 +4,9 @@
       kd: {divergence: jsd, beta: 0.5, on_policy: {fraction: 0.5, temperature: 1.0, max_new_tokens: 64}}
 
 For `fraction` of the micro-batches, drawn from (seed, micro-batch number), so the same on every rank and in a
-resumed run, the student samples continuations (at `temperature`) of the batch's sources (encoder-decoder) or of
-each block's first `prompt_tokens` (decoder-only, packed text); the batch then holds those samples as its
+resumed run, the student samples continuations (at `temperature`) of the batch's sources (encoder-decoder), of
+its prompts (decoder-only, data.prompt_field) or of each block's first `prompt_tokens` (decoder-only, packed
+text); the batch then holds those samples as its
 targets, the teacher scores them like any batch, and the KD term (any divergence, at losses.kd.temperature) is
 taken on the sampled tokens only. The other micro-batches are teacher-forced on the data as before. CE and every
 other term stay means over the step's data tokens; KD becomes a mean over all its tokens, the data's and the
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from ds_distill import dist, models
+from ds_distill.data import batches
 from ds_distill.objectives.base import IGNORE_INDEX
 
 STREAM = 0x0B  # keeps the draw apart from other streams seeded by train.seed
@@ -29,8 +31,10 @@ STREAM = 0x0B  # keeps the draw apart from other streams seeded by train.seed
 class OnPolicy:
     """Which micro-batches are on-policy, and those batches with the student's samples as their targets."""
 
-    def __init__(self, options, seed: int, adapter: models.ModelAdapter, tokenizer, synced: bool):
-        self.options, self.seed, self.adapter, self.tokenizer, self.synced = options, seed, adapter, tokenizer, synced
+    def __init__(self, options, seed: int, adapter: models.ModelAdapter, tokenizer, synced: bool, prompted: bool):
+        """`synced`: generate with the ranks in step (ZeRO-3); `prompted`: decoder-only examples have prompts."""
+        self.options, self.seed, self.adapter, self.tokenizer = options, seed, adapter, tokenizer
+        self.synced, self.prompted = synced, prompted
 
     def prompt_length(self, batch: dict[str, torch.Tensor]) -> int:
         return min(self.options.prompt_tokens, batch["input_ids"].shape[1] - 1)
@@ -47,15 +51,18 @@ class OnPolicy:
         options = self.options
         training = student.training
         student.eval()  # no dropout while sampling: the samples are the policy's own
+        prompt_rows = batches.prompts(batch) if self.adapter.kind != "seq2seq" and self.prompted else None
+        if self.adapter.kind == "seq2seq":
+            sources = {key: batch[key] for key in ("input_ids", "attention_mask")}
+        elif prompt_rows is not None:  # prompts of their own lengths, left-padded to end together
+            sources = batches.left_padded(prompt_rows, self.tokenizer.pad_token_id)
+        else:  # packed blocks: no padding, so every prompt has the same length
+            ids = batch["input_ids"][:, : self.prompt_length(batch)]
+            sources = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         try:
-            if self.adapter.kind == "seq2seq":
-                sources = {key: batch[key].to(device) for key in ("input_ids", "attention_mask")}
-            else:  # packed blocks: no padding, so every prompt has the same length
-                prompt = self.prompt_length(batch)
-                ids = batch["input_ids"][:, :prompt]
-                sources = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
             outputs = student.generate(
-                **sources,
+                **{key: value.to(device) for key, value in sources.items()},
+                pad_token_id=self.tokenizer.pad_token_id,
                 do_sample=True,
                 temperature=options.temperature,
                 top_k=0,
@@ -65,11 +72,12 @@ class OnPolicy:
             ).cpu()
         finally:
             student.train(training)
-        return self._as_targets(batch, outputs)
+        return self._as_targets(batch, outputs, prompt_rows)
 
-    def _as_targets(self, batch: dict[str, torch.Tensor], outputs: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _as_targets(self, batch: dict[str, torch.Tensor], outputs: torch.Tensor, prompt_rows=None):
         """The batch with `outputs` (generate's sequences) as its labels: every sampled token up to and with the
-        first end-of-sequence one; what generate padded after it does not count."""
+        first end-of-sequence one; what generate padded after it does not count. `prompt_rows`: the prompts of
+        a prompted decoder-only batch, which `outputs` continue after their left padding."""
         eos = self.tokenizer.eos_token_id
         if self.adapter.kind == "seq2seq":
             sampled = outputs[:, 1:]  # after the decoder's start token
@@ -80,12 +88,36 @@ class OnPolicy:
                 "labels": labels,
                 "decoder_input_ids": outputs[:, :-1],  # what the student read while sampling
             }
+        if prompt_rows is not None:
+            return self._prompted_targets(outputs, prompt_rows)
         prompt = self.prompt_length(batch)
         labels = torch.full_like(outputs, IGNORE_INDEX)
         labels[:, prompt:] = _until_end(outputs[:, prompt:], eos)
         attention_mask = torch.ones_like(outputs)
         attention_mask[:, prompt:] = labels[:, prompt:] != IGNORE_INDEX
         return {"input_ids": outputs, "attention_mask": attention_mask, "labels": labels}
+
+    def _prompted_targets(self, outputs: torch.Tensor, prompt_rows: list[list[int]]) -> dict[str, torch.Tensor]:
+        """Each row as prompt + its sampled tokens up to and with the first end-of-sequence one, right-padded
+        as training batches are."""
+        start = max(len(prompt) for prompt in prompt_rows)  # where the left-padded prompts end
+        sampled = _until_end(outputs[:, start:], self.tokenizer.eos_token_id)
+        rows = [
+            (prompt, [token for token in row if token != IGNORE_INDEX])
+            for prompt, row in zip(prompt_rows, sampled.tolist())
+        ]
+        longest = max(len(prompt) + len(new) for prompt, new in rows)
+        out = {
+            "input_ids": torch.full((len(rows), longest), self.tokenizer.pad_token_id, dtype=torch.long),
+            "attention_mask": torch.zeros((len(rows), longest), dtype=torch.long),
+            "labels": torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long),
+        }
+        for index, (prompt, new) in enumerate(rows):
+            length = len(prompt) + len(new)
+            out["input_ids"][index, :length] = torch.tensor(prompt + new, dtype=torch.long)
+            out["attention_mask"][index, :length] = 1
+            out["labels"][index, len(prompt) : length] = torch.tensor(new, dtype=torch.long)
+        return out
 
 
 def _until_end(tokens: torch.Tensor, eos_token_id: int | None) -> torch.Tensor:

@@ -78,3 +78,39 @@ def test_generate_targets_on_two_ranks_writes_what_one_writes_and_a_run_trains_o
     result = run_cli("distill", f"--config={trained}")
     assert result.returncode == 0, result.stderr[-4000:]
     assert sorted(losses(tmp_path / "run")) == [1, 2]
+
+
+def test_a_decoder_continues_prompts_for_generate_targets_and_on_policy_kd(tiny, tmp_path):
+    """causal_lm with data.prompt_field, one rank, the student under ZeRO-3: the teacher's continuations as
+    targets, then a run on them with half its micro-batches on the student's own continuations."""
+    files = {}
+    lines = open(config_files(tiny)["train"]).readlines()
+    for split, rows in (("train", lines[:24]), ("validation", lines[24:32])):
+        files[split] = str(tmp_path / f"{split}.jsonl")
+        with open(files[split], "w") as out:
+            for line in rows:
+                pair = json.loads(line)["translation"]
+                out.write(json.dumps({"prompt": pair["en"][:80], "text": pair["de"][:80]}) + "\n")
+    data = {"dataset": "json", "data_files": files, "prompt_field": "prompt", "block_size": 96}
+    config = causal_lm_config(tiny, tmp_path / "run", data=data, train={"max_steps": 3})
+    path = write_yaml(tmp_path / "prompted.yaml", config)
+    generated = run_cli("generate_targets", f"--config={path}", f"--output_dir={tmp_path / 'targets'}",
+                        "--num_beams=2", "--max_new_tokens=8")  # fmt: skip
+    assert generated.returncode == 0, generated.stderr[-4000:]
+    rows = [json.loads(line) for line in open(tmp_path / "targets" / "train.jsonl")]
+    assert [row["prompt"] for row in rows] == [json.loads(line)["prompt"] for line in open(files["train"])]
+    assert all(isinstance(row["teacher_target"], str) for row in rows)
+
+    kd = {"weight": 1.0, "divergence": "skew_kl", "on_policy": {"fraction": 0.5, "max_new_tokens": 8}}
+    trained = {**config, "losses": {"ce": {"weight": 1.0}, "kd": kd}}
+    trained["data"] = {**data, "data_files": {**files, "train": str(tmp_path / "targets" / "train.jsonl")},
+                       "targets": "teacher"}  # fmt: skip
+    result = run_cli("distill", f"--config={write_yaml(tmp_path / 'trained.yaml', trained)}")
+    assert result.returncode == 0, result.stderr[-4000:]
+    log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    assert sorted(row["step"] for row in log if "loss" in row) == [1, 2, 3]
+    assert any("loss/on_policy_kd" in row for row in log)
+
+
+def config_files(tiny) -> dict:
+    return translation_config(tiny, "-")["data"]["data_files"]

@@ -24,10 +24,10 @@ from tests.unit.test_losses import TEACHER_PRESENT, reference
 EOS, PAD = 1, 0
 
 
-def policy(kind: str = "seq2seq", **options) -> OnPolicy:
+def policy(kind: str = "seq2seq", prompted: bool = False, **options) -> OnPolicy:
     tokenizer = type("Tokenizer", (), {"eos_token_id": EOS, "pad_token_id": PAD})()
     adapter = type("Adapter", (), {"kind": kind})()
-    return OnPolicy(OnPolicyOptions(**options), seed=3, adapter=adapter, tokenizer=tokenizer, synced=False)
+    return OnPolicy(OnPolicyOptions(**options), 3, adapter, tokenizer, synced=False, prompted=prompted)
 
 
 def test_the_share_of_on_policy_micro_batches_is_seeded_and_the_same_for_a_resumed_run():
@@ -126,3 +126,48 @@ def test_teacher_targets_need_the_field_generate_targets_adds(tiny):
     tokenizer = tokenizers.load_tokenizer(str(tiny["tokenizer"]))
     with pytest.raises(ConfigError, match="has no field 'teacher_target'"):
         data.tokenize(config, tokenizer, data.load_raw(config))
+
+
+def test_prompted_decoder_samples_become_right_padded_rows_with_targets_after_the_prompt():
+    """Prompts of 2 and 3 tokens, left-padded for generate, each continued up to and with EOS."""
+    prompts = [[10, 11], [20, 21, 22]]
+    outputs = torch.tensor([[PAD, 10, 11, 40, EOS, PAD], [20, 21, 22, 50, 51, 52]])
+    sampled = policy("causal", prompted=True)._as_targets({}, outputs, prompts)
+    assert sampled["input_ids"].tolist() == [[10, 11, 40, EOS, PAD, PAD], [20, 21, 22, 50, 51, 52]]
+    assert sampled["attention_mask"].tolist() == [[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]]
+    assert sampled["labels"].tolist() == [[-100, -100, 40, EOS, -100, -100], [-100, -100, -100, 50, 51, 52]]
+
+
+@pytest.fixture(scope="module")
+def prompted(tiny, tmp_path_factory):
+    """English prompts, German completions and made-up teacher continuations, as causal_lm data."""
+    path = tmp_path_factory.mktemp("prompted") / "train.jsonl"
+    with open(tiny_models.SHARED_DATA / "train.jsonl") as source, open(path, "w") as out:
+        for index, line in zip(range(6), source):
+            pair = json.loads(line)["translation"]
+            out.write(
+                json.dumps({"prompt": pair["en"], "text": pair["de"], "teacher_target": f"Ausgabe {index}"}) + "\n"
+            )
+    config = DataConfig(task="causal_lm", dataset="json", prompt_field="prompt", block_size=512,
+                        data_files={"train": str(path)}, validation_split=None)  # fmt: skip
+    return config, tokenizers.load_tokenizer(str(tiny["tokenizer"]))
+
+
+@pytest.mark.parametrize("targets", ["references", "teacher", "both"])
+def test_prompted_causal_examples_are_prompt_then_completion_with_targets_on_the_completion(prompted, targets):
+    config, tokenizer = prompted
+    config = dataclasses.replace(config, targets=targets)
+    train = data.tokenize(config, tokenizer, data.load_raw(config))["train"]
+    raw = [json.loads(line) for line in open(config.data_files["train"])]
+    expected = {"references": [r["text"] for r in raw], "teacher": [r["teacher_target"] for r in raw],
+                "both": [t for r in raw for t in (r["text"], r["teacher_target"])]}[targets]  # fmt: skip
+    assert len(train) == len(expected)
+    for row, completion in zip(train, expected):
+        labels = row["labels"]
+        start = next(i for i, label in enumerate(labels) if label != -100)
+        assert tokenizer.decode(labels[start:], skip_special_tokens=True) == completion
+        assert labels[-1] == tokenizer.eos_token_id and row["input_ids"][start:] == labels[start:]
+    prompts = [r["prompt"] for r in raw for _ in range(2 if targets == "both" else 1)]
+    for row, prompt in zip(train, prompts):
+        start = next(i for i, label in enumerate(row["labels"]) if label != -100)
+        assert tokenizer.decode(row["input_ids"][:start], skip_special_tokens=True) == prompt
