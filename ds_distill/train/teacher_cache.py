@@ -15,7 +15,7 @@ probability left to all other ids (`objectives/topk.py`). DIR holds:
 
 388 bytes per target token at k = 64 in bf16. Shard s holds examples s x shard_examples onwards; ranks write
 different shards at once, each shard is written whole or not at all, and a rerun of the same command writes only
-the missing ones. A shard's contents depend only on its examples, not on the number of ranks.
+the missing ones (shards.py). A shard's contents depend only on its examples, not on the number of ranks.
 """
 
 from __future__ import annotations
@@ -149,6 +149,7 @@ def check_run(run: RunConfig, teacher_config, student_config, tokenizer, split, 
     differ = sorted(key for key in wanted if manifest["fingerprint"].get(key) != wanted[key])
     if differ:
         details = {
+            "teacher": "teacher config or weights",
             "temperature": f"temperature {manifest['fingerprint']['temperature']} vs the run's {temperature}",
             "data": "data settings or tokenizer",
             "train_examples": "training examples",
