@@ -184,7 +184,7 @@ class TrainConfig:
     group_by_length: bool | None = None
     """Batch examples of similar length (within windows of 50 batches, then the batches shuffled), so the
     teacher and the student compute few padding tokens; deterministic and resumable. None: on for
-    translation and seq2seq, off for packed causal_lm and masked_lm. The log reports `padding_fraction`."""
+    translation, seq2seq and prompted causal_lm, off for packed causal_lm and masked_lm. The log reports `padding_fraction`."""
     dataloader_pin_memory: bool = True
     """Pinned host memory for batches on their way to a GPU (the copy then overlaps compute)."""
 

@@ -99,7 +99,7 @@ class Trainer:
             self.train_config.seed,
             num_workers=(2 if on_gpu else 0) if workers is None else workers,
             pin_memory=on_gpu and self.train_config.dataloader_pin_memory,
-            group_by_length=self.run.data.task in ("translation", "seq2seq") if grouped is None else grouped,
+            group_by_length=self.run.data.generates_from_sources() if grouped is None else grouped,
             teacher_rows=self.teacher_side.rows if isinstance(self.teacher_side, CachedTeacher) else None,
         )
 
