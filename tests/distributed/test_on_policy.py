@@ -103,7 +103,7 @@ def test_a_decoder_continues_prompts_for_generate_targets_and_on_policy_kd(tiny,
 
     kd = {"weight": 1.0, "divergence": "skew_kl", "on_policy": {"fraction": 0.5, "max_new_tokens": 8}}
     trained = {**config, "losses": {"ce": {"weight": 1.0}, "kd": kd}}
-    trained["data"] = {**data, "data_files": {**files, "train": str(tmp_path / "targets" / "train.jsonl")},
+    trained["data"] = {**config["data"], "data_files": {**files, "train": str(tmp_path / "targets" / "train.jsonl")},
                        "targets": "teacher"}  # fmt: skip
     result = run_cli("distill", f"--config={write_yaml(tmp_path / 'trained.yaml', trained)}")
     assert result.returncode == 0, result.stderr[-4000:]
