@@ -299,7 +299,7 @@ def describe(data: DataConfig, tokenizer) -> dict[str, Any]:
     """The data settings and tokenizer that tokenized data was made with (a vocabulary digest, not its path)."""
     vocabulary = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
     # keys that most data leave at their defaults are described only where set, so that copies prepared before
-    # they existed stay valid: line_by_line (masked_lm rows only), targets (other than the references)
+    # they existed stay valid: line_by_line (masked_lm rows only), targets (other than the references), prompt_field
     masked_lm = {"line_by_line": data.line_by_line} if data.task == "masked_lm" else {}
     targets = {"targets": data.targets} if data.targets != "references" else {}
     prompts = {"prompt_field": data.prompt_field} if data.prompt_field else {}
