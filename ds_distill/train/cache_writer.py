@@ -119,10 +119,8 @@ def _write_shards(teacher, p, split, directory: Path, settings: CacheSettings, t
         groups = []
         if mine is not None:
             groups = shards.batches(mine, settings.shard_examples, len(split), lengths, settings.batch_size)
-        forwards = max(dist.all_gather_objects(len(groups)))
         rows: dict[int, dict] = {}
-        for g in range(forwards):
-            group = groups[g] if g < len(groups) else None
+        for group in shards.in_step(groups):
             batch = collate([split[i] for i in group]) if group else stand_in
             batch = {key: value.to(device) for key, value in batch.items()}
             results = batch_top_k(teacher, adapter, batch, len(p.tokenizer), temperature, settings)

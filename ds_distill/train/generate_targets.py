@@ -107,8 +107,8 @@ def generate_targets(run: RunConfig, directory: Path, settings: GenerationSettin
 
 
 def _generate_shards(teacher, p, split, directory: Path, settings: GenerationSettings, pending, total) -> None:
-    """Each rank's shards, round by round (`shards.rounds`); every rank runs as many `generate` calls as the
-    busiest one, since a ZeRO-3 teacher needs all of them in each forward."""
+    """Each rank's shards, round by round (`shards.rounds`), its `generate` calls in step with the other ranks'
+    (`shards.in_step`)."""
     pad = batches.make_collator(p.run.data, p.tokenizer)
     decoder_only = p.run.data.task == "causal_lm"  # prompted: continued after their left padding
     lengths = batches.example_lengths(split)
@@ -120,14 +120,13 @@ def _generate_shards(teacher, p, split, directory: Path, settings: GenerationSet
         groups = []
         if mine is not None:
             groups = shards.batches(mine, settings.shard_examples, len(split), lengths, settings.batch_size)
-        calls = max(dist.all_gather_objects(len(groups)))
         texts: dict[int, str] = {}
-        for g in range(calls):
-            group = groups[g] if g < len(groups) else stand_in
+        for group in shards.in_step(groups):
+            rows = [split[i] for i in group or stand_in]
             if decoder_only:
-                sources = batches.left_padded(batches.prompts(pad([split[i] for i in group])), p.tokenizer.pad_token_id)
+                sources = batches.left_padded(batches.prompts(pad(rows)), p.tokenizer.pad_token_id)
             else:
-                sources = pad([{key: split[i][key] for key in ("input_ids", "attention_mask")} for i in group])
+                sources = pad([{key: row[key] for key in ("input_ids", "attention_mask")} for row in rows])
             with torch.no_grad():
                 outputs = teacher.module.generate(
                     input_ids=sources["input_ids"].to(teacher.device),
@@ -139,7 +138,7 @@ def _generate_shards(teacher, p, split, directory: Path, settings: GenerationSet
                 )
             if decoder_only:  # the continuation only
                 outputs = outputs[:, sources["input_ids"].shape[1] :]
-            if g < len(groups):
+            if group:
                 texts.update(zip(group, p.tokenizer.batch_decode(outputs, skip_special_tokens=True)))
         if mine is not None:
             lines = "".join(json.dumps({"index": i, TEACHER_TARGET: texts[i]}, ensure_ascii=False) + "\n"

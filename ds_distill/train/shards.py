@@ -75,6 +75,14 @@ def rounds(pending: list[int]) -> Iterator[tuple[int | None, int]]:
         yield (pending[start + rank] if start + rank < len(pending) else None), min(world, len(pending) - start)
 
 
+def in_step(groups: list) -> Iterator:
+    """This rank's `groups` of a round, then None until it has made as many calls as the busiest rank: a ZeRO-3
+    teacher needs every rank in each forward, so an idle rank runs the others' on a stand-in."""
+    calls = max(dist.all_gather_objects(len(groups)))
+    yield from groups
+    yield from [None] * (calls - len(groups))
+
+
 def batches(shard: int, shard_examples: int, examples: int, lengths, batch_size: int) -> list[list[int]]:
     """Shard `shard`'s examples in batches of similar length, longest first."""
     first = shard * shard_examples
