@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from ds_distill import peers
+
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -31,6 +33,7 @@ def init(timeout_s: int = 1800) -> None:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     deepspeed.init_distributed(dist_backend=None, verbose=False, timeout=datetime.timedelta(seconds=timeout_s))
     _release_shared_memory_names()
+    peers.start(rank(), world_size())  # a lost rank stops the job in seconds, named, not after timeout_s
 
 
 def _release_shared_memory_names() -> None:
@@ -50,6 +53,7 @@ def _release_shared_memory_names() -> None:
 def shutdown() -> None:
     """Leaves the process group in step with the other ranks (the end of a successful command)."""
     if initialized():
+        peers.stop()
         barrier()
         torch.distributed.destroy_process_group()
 

@@ -1,6 +1,10 @@
-# Sourced by the launch scripts' bash side: the teacher's DeepSpeed JSON for TEACHER, a MASTER_PORT (a free one
-# unless given, so two jobs on one machine do not collide) and the DeepSpeed launcher with NUM_GPUS / HOSTFILE.
+# Sourced by the launch scripts' bash side. Gives
+#   TEACHER_DS  the teacher's DeepSpeed JSON for TEACHER=replicated|zero3|cpu|nvme (default replicated);
+#   MASTER_PORT a free port unless given, so two jobs on one machine do not collide;
+#   LAUNCHER    the DeepSpeed launcher, with NUM_GPUS and HOSTFILE when set;
+#   run_args    for the multi-node scripts: the run as CONFIG=RUN.yaml or RECIPE=NAME (see below).
 # The python side names the same JSONs through ds_distill.config.deepspeed.TEACHER_PLACEMENTS (a test keeps them equal).
+TEACHER_GIVEN=${TEACHER:-}
 TEACHER=${TEACHER:-replicated}
 case "$TEACHER" in
   replicated) TEACHER_DS=ds_configs/teacher_replicated_bf16.json ;;
@@ -12,3 +16,26 @@ MASTER_PORT=${MASTER_PORT:-$(python3 -c 'import socket; s = socket.socket(); s.b
 LAUNCHER=(deepspeed --master_port "$MASTER_PORT")
 if [ -n "${NUM_GPUS:-}" ]; then LAUNCHER+=(--num_gpus "$NUM_GPUS"); fi
 if [ -n "${HOSTFILE:-}" ]; then LAUNCHER+=(--hostfile "$HOSTFILE"); fi
+
+# run_args DEFAULT_RECIPE: sets RUN_ARGS (the distill verb's flags) and OUTPUT for a run given either as
+#   CONFIG=RUN.yaml   the file as written; ZERO_STAGE and TEACHER override it only when set; OUTPUT defaults to
+#                     its train.output_dir;
+#   RECIPE=NAME       default DEFAULT_RECIPE; the student under ZeRO-${ZERO_STAGE:-2}, the teacher placed by TEACHER,
+#                     OUTPUT default runs/NAME.
+run_args() {
+  if [ -n "${CONFIG:-}" ]; then
+    if [ -n "${RECIPE:-}" ]; then echo "set CONFIG or RECIPE, not both" >&2; exit 2; fi
+    if [ ! -f "$CONFIG" ]; then echo "CONFIG=$CONFIG: no such file" >&2; exit 2; fi
+    RUN_ARGS=(--config="$CONFIG")
+    OUTPUT=${OUTPUT:-$(python3 -c 'import sys, yaml
+print((yaml.safe_load(open(sys.argv[1])).get("train") or {}).get("output_dir") or "runs/distill")' "$CONFIG")}
+    if [ -n "${ZERO_STAGE:-}" ]; then RUN_ARGS+=(--student.deepspeed_config="ds_configs/student_zero${ZERO_STAGE}.json"); fi
+    if [ -n "$TEACHER_GIVEN" ]; then RUN_ARGS+=(--teacher.deepspeed_config="$TEACHER_DS"); fi
+  else
+    RECIPE=${RECIPE:-$1}
+    OUTPUT=${OUTPUT:-runs/${RECIPE}}
+    RUN_ARGS=(--recipe="$RECIPE" --student.deepspeed_config="ds_configs/student_zero${ZERO_STAGE:-2}.json"
+              --teacher.deepspeed_config="$TEACHER_DS")
+  fi
+  RUN_ARGS+=(--train.output_dir="$OUTPUT")
+}

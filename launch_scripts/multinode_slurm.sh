@@ -4,19 +4,26 @@
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=8
 #SBATCH --output=%x-%j.out
-# Multi-node distillation under SLURM without ssh: one DeepSpeed launcher per node (--no_ssh), each told its
-# node rank, all pointed at the first node.   sbatch launch_scripts/multinode_slurm.sh [--train.max_steps=...]
-# Settings: RECIPE (default flan_t5_3b_145m), ZERO_STAGE (student, 2|3), OUTPUT, MASTER_PORT.
+# Multi-node distillation under SLURM without ssh: one DeepSpeed launcher per node (--no_ssh), each told its node
+# rank, all pointed at the first node. OUTPUT must be on a filesystem all nodes share.
+#
+#   sbatch launch_scripts/multinode_slurm.sh [--train.max_steps=...]
+#   CONFIG=run.yaml sbatch launch_scripts/multinode_slurm.sh
+#   CPU nodes: DS_ACCELERATOR=cpu GPUS_PER_NODE=1 SBATCH_GPUS_PER_NODE=0 sbatch launch_scripts/multinode_slurm.sh
+#
+# Settings (environment, passed on to every node by srun): CONFIG=RUN.yaml or RECIPE=NAME (default
+# flan_t5_3b_145m), ZERO_STAGE (student, 2|3), TEACHER (replicated|zero3|cpu|nvme), OUTPUT, MASTER_PORT,
+# GPUS_PER_NODE (ranks per node; default the GPUs SLURM gave). SBATCH_NODES etc. override the #SBATCH lines.
+# The job's log is %x-%j.out in the directory sbatch ran in; every launcher's output is also appended to $OUTPUT.log.
+# Resubmitting the same job resumes from the newest complete checkpoint in OUTPUT.
 set -euo pipefail
-RECIPE=${RECIPE:-flan_t5_3b_145m}
-ZERO_STAGE=${ZERO_STAGE:-2}
-OUTPUT=${OUTPUT:-runs/${RECIPE}}
+cd "${SLURM_SUBMIT_DIR:-.}"
+source launch_scripts/_common.sh   # TEACHER_DS, MASTER_PORT, run_args (sbatch runs a copy of this file elsewhere)
+run_args flan_t5_3b_145m
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-MASTER_PORT=${MASTER_PORT:-29500}
-GPUS_PER_NODE=${SLURM_GPUS_ON_NODE:-8}
-EXTRA_ARGS=$(printf '%q ' "$@")  # quoted again for the inner shell, so values with spaces survive
+GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
+ARGS=$(printf '%q ' "${RUN_ARGS[@]}" "$@")  # quoted again for the inner shell, so values with spaces survive
 mkdir -p "$(dirname "$OUTPUT")"
 srun --kill-on-bad-exit=1 bash -c "deepspeed --no_ssh --num_nodes $SLURM_NNODES --num_gpus $GPUS_PER_NODE \
   --node_rank \$SLURM_NODEID --master_addr $MASTER_ADDR --master_port $MASTER_PORT \
-  --module ds_distill distill --recipe=$RECIPE --train.output_dir=$OUTPUT \
-  --student.deepspeed_config=ds_configs/student_zero${ZERO_STAGE}.json $EXTRA_ARGS" 2>&1 | tee -a "$OUTPUT.log"
+  --module ds_distill distill $ARGS" 2>&1 | tee -a "$OUTPUT.log"

@@ -101,6 +101,11 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {error}", file=sys.stderr)
         _refused_exit()
+    except Exception as error:
+        from ds_distill import peers
+
+        peers.explain(error)  # a lost rank: ends the process naming it; otherwise the error is raised as it is
+        raise
     from ds_distill import dist
 
     dist.shutdown()
