@@ -17,25 +17,34 @@ LAUNCHER=(deepspeed --master_port "$MASTER_PORT")
 if [ -n "${NUM_GPUS:-}" ]; then LAUNCHER+=(--num_gpus "$NUM_GPUS"); fi
 if [ -n "${HOSTFILE:-}" ]; then LAUNCHER+=(--hostfile "$HOSTFILE"); fi
 
-# run_args DEFAULT_RECIPE: sets RUN_ARGS (the distill verb's flags) and OUTPUT for a run given either as
-#   CONFIG=RUN.yaml   the file as written; ZERO_STAGE and TEACHER override it only when set; OUTPUT defaults to
-#                     its train.output_dir;
-#   RECIPE=NAME       default DEFAULT_RECIPE; the student under ZeRO-${ZERO_STAGE:-2}, the teacher placed by TEACHER,
+# run_args VERB DEFAULT_RECIPE: sets RUN_ARGS (flags of `ds-distill VERB`, distill or chain) and OUTPUT for a run
+# given either as
+#   CONFIG=FILE.yaml  the file as written; ZERO_STAGE and TEACHER override it only when set; OUTPUT defaults to its
+#                     output directory;
+#   RECIPE=NAME       default DEFAULT_RECIPE; students under ZeRO-${ZERO_STAGE:-2}, the teacher placed by TEACHER,
 #                     OUTPUT default runs/NAME.
+# A run (distill) resumes with --resume=auto: the same command run again, or a requeued job, goes on from the
+# newest complete checkpoint in OUTPUT (a chain always does).
 run_args() {
+  local verb=$1 keys="" output_key=train.output_dir
+  if [ "$verb" = chain ]; then keys=defaults. output_key=output_dir; fi
   if [ -n "${CONFIG:-}" ]; then
     if [ -n "${RECIPE:-}" ]; then echo "set CONFIG or RECIPE, not both" >&2; exit 2; fi
     if [ ! -f "$CONFIG" ]; then echo "CONFIG=$CONFIG: no such file" >&2; exit 2; fi
     RUN_ARGS=(--config="$CONFIG")
     OUTPUT=${OUTPUT:-$(python3 -c 'import sys, yaml
-print((yaml.safe_load(open(sys.argv[1])).get("train") or {}).get("output_dir") or "runs/distill")' "$CONFIG")}
-    if [ -n "${ZERO_STAGE:-}" ]; then RUN_ARGS+=(--student.deepspeed_config="ds_configs/student_zero${ZERO_STAGE}.json"); fi
-    if [ -n "$TEACHER_GIVEN" ]; then RUN_ARGS+=(--teacher.deepspeed_config="$TEACHER_DS"); fi
+tree = yaml.safe_load(open(sys.argv[1])) or {}
+for key in sys.argv[2].split("."):
+    tree = tree.get(key) or {}
+print(tree or "runs/" + sys.argv[3])' "$CONFIG" "$output_key" "$verb")}
+    if [ -n "${ZERO_STAGE:-}" ]; then RUN_ARGS+=(--${keys}student.deepspeed_config="ds_configs/student_zero${ZERO_STAGE}.json"); fi
+    if [ -n "$TEACHER_GIVEN" ]; then RUN_ARGS+=(--${keys}teacher.deepspeed_config="$TEACHER_DS"); fi
   else
-    RECIPE=${RECIPE:-$1}
+    RECIPE=${RECIPE:-$2}
     OUTPUT=${OUTPUT:-runs/${RECIPE}}
-    RUN_ARGS=(--recipe="$RECIPE" --student.deepspeed_config="ds_configs/student_zero${ZERO_STAGE:-2}.json"
-              --teacher.deepspeed_config="$TEACHER_DS")
+    RUN_ARGS=(--recipe="$RECIPE" --${keys}student.deepspeed_config="ds_configs/student_zero${ZERO_STAGE:-2}.json"
+              --${keys}teacher.deepspeed_config="$TEACHER_DS")
   fi
-  RUN_ARGS+=(--train.output_dir="$OUTPUT")
+  RUN_ARGS+=(--${output_key}="$OUTPUT")
+  if [ "$verb" = distill ]; then RUN_ARGS+=(--resume=auto); fi
 }

@@ -15,6 +15,6 @@
 set -euo pipefail
 HOSTFILE=${HOSTFILE:?set HOSTFILE to a DeepSpeed hostfile}
 source "$(dirname "$0")/_common.sh"   # TEACHER_DS, MASTER_PORT, LAUNCHER, run_args
-run_args flan_t5_3b_145m
+run_args distill flan_t5_3b_145m
 mkdir -p "$(dirname "$OUTPUT")"
 "${LAUNCHER[@]}" --module ds_distill distill "${RUN_ARGS[@]}" "$@" 2>&1 | tee -a "$OUTPUT.log"

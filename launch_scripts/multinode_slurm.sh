@@ -19,11 +19,14 @@
 set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-.}"
 source launch_scripts/_common.sh   # TEACHER_DS, MASTER_PORT, run_args (sbatch runs a copy of this file elsewhere)
-run_args flan_t5_3b_145m
+run_args distill flan_t5_3b_145m
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
 ARGS=$(printf '%q ' "${RUN_ARGS[@]}" "$@")  # quoted again for the inner shell, so values with spaces survive
 mkdir -p "$(dirname "$OUTPUT")"
-srun --kill-on-bad-exit=1 bash -c "deepspeed --no_ssh --num_nodes $SLURM_NNODES --num_gpus $GPUS_PER_NODE \
+# Each node's launcher reads the job's nodes from a hostfile of its own (without one it takes the job for one node).
+srun --kill-on-bad-exit=1 bash -c "hosts=\$(mktemp) && trap 'rm -f \$hosts' EXIT && \
+  scontrol show hostnames \"\$SLURM_JOB_NODELIST\" | sed 's/\$/ slots=$GPUS_PER_NODE/' > \$hosts && \
+  deepspeed --hostfile \$hosts --no_ssh --num_nodes $SLURM_NNODES --num_gpus $GPUS_PER_NODE \
   --node_rank \$SLURM_NODEID --master_addr $MASTER_ADDR --master_port $MASTER_PORT \
   --module ds_distill distill $ARGS" 2>&1 | tee -a "$OUTPUT.log"

@@ -18,6 +18,13 @@ def flag(value, name: str) -> bool:
     raise ConfigError(f"--{name} takes no value (got {value!r})")
 
 
+def resume_flag(value) -> bool | str:
+    """--resume (continue this run, refused without a checkpoint) or --resume=auto (continue it when it has one)."""
+    if isinstance(value, bool) or value == "auto":
+        return value
+    raise ConfigError(f"--resume takes no value, or =auto (got {value!r})")
+
+
 def strip_launcher_flags(argv: list[str]) -> list[str]:
     """Removes `--local_rank=N` / `--local_rank N` (the DeepSpeed launcher adds it) and exports LOCAL_RANK."""
     out, skip_next = [], False

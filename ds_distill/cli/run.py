@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ds_distill.cli.args import flag
+from ds_distill.cli.args import flag, resume_flag
 from ds_distill.errors import ConfigError
 
 
@@ -27,7 +27,11 @@ def demo(output_dir: str = "runs/demo"):
 
 
 def distill(
-    config: str | None = None, recipe: str | None = None, resume: bool = False, overwrite: bool = False, **overrides
+    config: str | None = None,
+    recipe: str | None = None,
+    resume: bool | str = False,
+    overwrite: bool = False,
+    **overrides,
 ):
     """Runs one distillation from a YAML config or a shipped recipe, with dotted overrides.
 
@@ -44,7 +48,9 @@ def distill(
     Args:
         config: path of a run YAML (method, teacher, student, data, layer_map, losses, train; students).
         recipe: name of a shipped recipe instead (`ds-distill list` shows them).
-        resume: continue from the newest complete checkpoint in train.output_dir.
+        resume: continue from the newest complete checkpoint in train.output_dir. --resume=auto: continue the
+            same run (same config) when it has a checkpoint, start it otherwise; the launch scripts pass it, so
+            the same command run again, or a requeued job, goes on where it stopped.
         overwrite: delete an earlier run in train.output_dir first.
         **overrides: any config key as a dotted flag, e.g. --train.learning_rate=3e-4.
     """
@@ -53,7 +59,7 @@ def distill(
     from ds_distill.train.loop import distill as run_distill
 
     tree = load_tree(config, recipe, overrides)
-    resume, overwrite = flag(resume, "resume"), flag(overwrite, "overwrite")
+    resume, overwrite = resume_flag(resume), flag(overwrite, "overwrite")
     if "students" in tree:
         distill_students(parse_students(tree), resume=resume, overwrite=overwrite)
     else:

@@ -41,7 +41,7 @@ class Prepared:
     teacher_config: Any = None
 
 
-def prepare(run: RunConfig, resume: bool = False, overwrite: bool = False, claim: bool = True) -> Prepared:
+def prepare(run: RunConfig, resume: bool | str = False, overwrite: bool = False, claim: bool = True) -> Prepared:
     """Validates config, DeepSpeed JSON, the models' configs, tokenizer and data, then claims output_dir
     (`claim_output_dir`; `claim=False` leaves that to the caller, which prepares several runs first).
 
@@ -94,7 +94,7 @@ def prepare(run: RunConfig, resume: bool = False, overwrite: bool = False, claim
     return claim_output_dir(prepared, resume, overwrite) if claim else prepared
 
 
-def claim_output_dir(p: Prepared, resume: bool, overwrite: bool) -> Prepared:
+def claim_output_dir(p: Prepared, resume: bool | str, overwrite: bool) -> Prepared:
     """`p` with its output directory claimed (`run_dir.claim`) and `resume` set to whether it resumes."""
     # rank 0's view decides for all (on node-local disks the others may see none; resuming then says so)
     has_checkpoint = dist.all_gather_objects(checkpoint.latest_tag(p.output_dir / "checkpoints") is not None)[0]

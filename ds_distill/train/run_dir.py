@@ -70,11 +70,13 @@ def check_export_target(path: Path, overwrite: bool, source: Path) -> None:
     check_target(path, EXPORT_MARKER, "an earlier export", overwrite)
 
 
-def claim(output_dir: Path, config_yaml: str, resume: bool, overwrite: bool, has_checkpoint: bool) -> bool:
+def claim(output_dir: Path, config_yaml: str, resume: bool | str, overwrite: bool, has_checkpoint: bool) -> bool:
     """Checks `output_dir` against this run, marks it ours; returns whether a checkpoint exists to resume from.
 
     A directory holding another run is refused unless --resume (continue it, even with changed settings such
     as a larger max_steps) or --overwrite (replace it: only a directory marked as a ds_distill run).
+    `resume="auto"` continues the same run (same config) from its checkpoint when it has one and starts it
+    otherwise, so that the same command run again, or a requeued job, goes on where it stopped.
     """
     if overwrite and resume:
         raise ConfigError("give --resume or --overwrite, not both")
@@ -88,6 +90,13 @@ def claim(output_dir: Path, config_yaml: str, resume: bool, overwrite: bool, has
         if dist.is_main() and output_dir.exists():
             shutil.rmtree(output_dir)
         resume = False
+    elif resume == "auto":
+        if (saved.is_file() or has_checkpoint) and not (saved.is_file() and saved.read_text() == config_yaml):
+            raise ConfigError(
+                f"{output_dir} holds a run with a different config, which --resume=auto does not continue; pass "
+                "--resume to continue it anyway or --overwrite to replace it"
+            )
+        resume = has_checkpoint
     elif resume:
         if not has_checkpoint:
             raise ConfigError(

@@ -32,6 +32,25 @@ def test_overwrite_replaces_only_a_marked_run(tmp_path):
     assert sorted(p.name for p in run.iterdir()) == [run_dir.RUN_MARKER]
 
 
+def test_resume_auto_continues_the_same_run_when_it_has_a_checkpoint_and_starts_it_otherwise(tmp_path):
+    from ds_distill.cli.args import resume_flag
+
+    run = tmp_path / "run"
+    assert claim(run, resume="auto") is False  # nothing there yet
+    (run / "config.yaml").write_text("config")
+    assert claim(run, resume="auto") is False  # killed before its first checkpoint: starts again
+    assert claim(run, resume="auto", has_checkpoint=True) is True
+    with pytest.raises(ConfigError, match="already holds this run's checkpoints; pass --resume"):
+        claim(run, has_checkpoint=True)  # without it, a rerun is refused as before
+    (run / "config.yaml").write_text("another config")
+    with pytest.raises(ConfigError, match="a different config, which --resume=auto does not continue"):
+        claim(run, resume="auto", has_checkpoint=True)
+    assert claim(run, resume=True, has_checkpoint=True) is True
+    assert resume_flag("auto") == "auto" and resume_flag(True) is True
+    with pytest.raises(ConfigError, match="--resume takes no value, or =auto"):
+        resume_flag("yes")
+
+
 def test_a_new_run_refuses_a_directory_of_other_files(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match="holds files that are not a ds_distill run"):

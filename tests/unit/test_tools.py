@@ -89,3 +89,39 @@ def test_launch_scripts_pick_a_free_master_port_or_take_master_port(tmp_path):
         assert run_script("launch_scripts/flan_t5_3b.sh", tmp_path, bin_dir, TEACHER=placement).returncode == 0
         assert f"--teacher.deepspeed_config={json_file} " in (bin_dir / "calls").read_text().splitlines()[-1]
     assert run_script("launch_scripts/flan_t5_3b.sh", tmp_path, bin_dir, TEACHER="gpu").returncode == 2
+
+
+def test_launch_scripts_take_a_config_or_a_recipe_and_both_sides_build_the_same_run(tmp_path):
+    from ds_distill.cli.scripts import run_args
+
+    bin_dir = fake_deepspeed(tmp_path)
+    run = tmp_path / "run.yaml"
+    run.write_text("train:\n  output_dir: runs/mine\n")
+    chain = tmp_path / "chain.yaml"
+    chain.write_text("output_dir: runs/my_chain\nstages: []\n")
+    scripts = {  # script: (verb, its default recipe, a config of that verb)
+        "launch_scripts/flan_t5_3b.sh": ("distill", "flan_t5_3b_145m", run),
+        "launch_scripts/flan_t5_3b_chain.sh": ("chain", "flan_t5_3b_chain", chain),
+        "launch_scripts/multinode_hostfile.sh": ("distill", "flan_t5_3b_145m", run),
+    }
+    for script, (verb, recipe, config) in scripts.items():
+        for env in ({}, {"ZERO_STAGE": "3", "TEACHER": "cpu"}, {"CONFIG": str(config)},
+                    {"CONFIG": str(config), "ZERO_STAGE": "3"}, {"RECIPE": "flan_t5_3b_425m", "OUTPUT": "x"}):  # fmt: skip
+            env = {"HOSTFILE": "hosts", **env}
+            result = run_script(script, tmp_path, bin_dir, **{"OUTPUT": "", **env})
+            assert result.returncode == 0, result.stderr
+            call = (bin_dir / "calls").read_text().splitlines()[-1]
+            bash_side = call.split(f"--module ds_distill {verb} ")[1].removesuffix(" --x.y=1").split()
+            assert bash_side == run_args(verb, recipe, env), (script, env)
+        assert "--hostfile hosts" in call
+    distill = run_args("distill", "r", {"CONFIG": str(run)})
+    assert distill == [f"--config={run}", "--train.output_dir=runs/mine", "--resume=auto"]  # the file as written
+    assert run_args("chain", "r", {"CONFIG": str(chain)})[-1] == "--output_dir=runs/my_chain"
+    assert run_args("distill", "r", {})[1:] == ["--student.deepspeed_config=ds_configs/student_zero2.json",
+                                                "--teacher.deepspeed_config=ds_configs/teacher_replicated_bf16.json",
+                                                "--train.output_dir=runs/r", "--resume=auto"]  # fmt: skip
+    both = run_script("launch_scripts/multinode_hostfile.sh", tmp_path, bin_dir, HOSTFILE="h", CONFIG=str(run),
+                      RECIPE="flan_t5_3b_145m")  # fmt: skip
+    assert both.returncode == 2 and "set CONFIG or RECIPE, not both" in both.stderr
+    missing = run_script("launch_scripts/multinode_hostfile.sh", tmp_path, bin_dir, HOSTFILE="h", CONFIG="nope.yaml")
+    assert missing.returncode == 2 and "CONFIG=nope.yaml: no such file" in missing.stderr
