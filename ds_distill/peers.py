@@ -25,7 +25,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -33,7 +33,7 @@ INTERVAL_S = 2.0
 LOST_AFTER_S = float(os.environ.get("DS_DISTILL_PEER_TIMEOUT", 30))
 EXIT_STATUS = 1
 
-_watch: "Watch | None" = None
+_watch: Watch | None = None
 
 
 def node_of_this_rank() -> str:

@@ -48,6 +48,7 @@ start() {
   "$@"
   for _ in $(seq 100); do alive "$pidfile" && break; sleep 0.1; done
   alive "$pidfile" || { say "$name did not start; its log is in $DIR"; exit 1; }
+  if [ -f "$DIR/started" ]; then sed -i "\|^$name /|d" "$DIR/started"; fi  # an earlier record, of a pid now gone
   echo "$name $pidfile" >> "$DIR/started"
 }
 
@@ -166,12 +167,15 @@ down() {
       if alive "$pidfile"; then
         pid=$(cat "$pidfile"); kill "$pid"
         for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
+        if kill -0 "$pid" 2>/dev/null; then kill -9 "$pid"; fi
       fi
     done
     rm -f "$DIR/started"
   fi
-  [ -w /etc/hosts ] && sed -i "/$HOSTS_MARK/d" /etc/hosts
+  # rewritten in place: /etc/hosts is often a bind mount (containers), which sed -i cannot replace
+  local hosts
+  hosts=$(grep -v "$HOSTS_MARK" /etc/hosts || true)
+  printf '%s\n' "$hosts" > /etc/hosts
   rm -f "$SSH_CLIENT_CONF"
   rm -rf "$DIR"
 }

@@ -10,8 +10,11 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
+from safetensors.torch import load_file
 
-from tests.conftest import REPO, subprocess_env
+from tests.conftest import REPO, subprocess_env, translation_config
+from tests.distributed.launch import distill, free_port, losses
 
 SCRIPT = ["bash", "tools/local_cluster.sh"]
 
@@ -32,6 +35,13 @@ def cluster() -> dict[str, str]:
         assert down.returncode == 0, down.stdout + down.stderr
 
 
+@pytest.fixture(scope="session")
+def one_node(tiny, tmp_path_factory) -> Path:
+    """The reference: one node with two ranks."""
+    tmp_path = tmp_path_factory.mktemp("one_node")
+    return distill(tmp_path, "one_node", translation_config(tiny, tmp_path / "run"))
+
+
 def cluster_env(cluster: dict, tmp_path: Path, **extra: str) -> dict[str, str]:
     """The environment a user launches with: the hostfile, a .deepspeed_env for the remote ranks (CPU, one thread,
     offline, and a marker a test looks for in the ranks' environment), and a known MASTER_PORT."""
@@ -40,8 +50,6 @@ def cluster_env(cluster: dict, tmp_path: Path, **extra: str) -> dict[str, str]:
         "DS_ACCELERATOR=cpu\nOMP_NUM_THREADS=1\nHF_HUB_OFFLINE=1\nTOKENIZERS_PARALLELISM=false\n"
         "DS_DISTILL_TEST_MARK=from_deepspeed_env\n"
     )
-    from tests.distributed.launch import free_port
-
     return {**subprocess_env(), **cluster, "DS_ENV_FILE": str(env_file), "MASTER_PORT": str(free_port()), **extra}
 
 
@@ -59,3 +67,10 @@ def node_processes(node_rank: int, master_port: str, timeout: float = 120) -> li
                     return [process, *ranks]
         time.sleep(0.1)
     raise AssertionError(f"no launcher with --node_rank={node_rank} on port {master_port}")
+
+
+def assert_same_run(run: Path, reference: Path) -> None:
+    assert losses(run) == pytest.approx(losses(reference), rel=1e-5)
+    exported = [load_file(path / "model" / "model.safetensors") for path in (reference, run)]
+    for name, tensor in exported[0].items():
+        torch.testing.assert_close(exported[1][name], tensor, rtol=1e-5, atol=1e-6)

@@ -10,34 +10,17 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from ds_distill.chain import tree_hash
 from tests.conftest import REPO, translation_config, write_yaml
-from tests.distributed.launch import distill, losses
 from tests.distributed.test_chain import chain_config
-from tests.multinode.conftest import cluster_env, node_processes
+from tests.multinode.conftest import assert_same_run, cluster_env, node_processes
 
 pytestmark = pytest.mark.multinode
 
 
-@pytest.fixture(scope="module")
-def one_node(tiny, tmp_path_factory) -> Path:
-    """The reference: one node with two ranks."""
-    tmp_path = tmp_path_factory.mktemp("one_node")
-    return distill(tmp_path, "one_node", translation_config(tiny, tmp_path / "run"))
-
-
 def launch(script: str, env: dict, log: Path) -> subprocess.Popen:
     return subprocess.Popen(["bash", script], cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
-
-
-def assert_same_run(run: Path, reference: Path) -> None:
-    assert losses(run) == pytest.approx(losses(reference), rel=1e-5)
-    exported = [load_file(path / "model" / "model.safetensors") for path in (reference, run)]
-    for name, tensor in exported[0].items():
-        torch.testing.assert_close(exported[1][name], tensor, rtol=1e-5, atol=1e-6)
 
 
 def kill(processes) -> float:
