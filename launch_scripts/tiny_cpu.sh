@@ -9,11 +9,12 @@
 #   deepspeed --num_gpus 2 launch_scripts/tiny_cpu.sh    # the launcher runs this file with python
 #
 # Settings (environment): OUTPUT_DIR (default runs/tiny_cpu; a rerun resumes where the chain stopped),
-# NUM_GPUS (ranks, default 2), MASTER_PORT (default: a free port). Extra arguments are dotted overrides of
+# NUM_GPUS (ranks, default 2), HOSTFILE (multi-node over ssh, e.g. tools/local_cluster.sh's; its remote ranks
+# need DS_ACCELERATOR=cpu in .deepspeed_env), MASTER_PORT (default: a free port). Extra arguments are dotted overrides of
 # the chain, e.g. --defaults.train.max_steps=50.
 set -euo pipefail
 OUTPUT_DIR=${OUTPUT_DIR:-runs/tiny_cpu}
-NUM_GPUS=${NUM_GPUS:-2}
+if [ -z "${HOSTFILE:-}" ]; then NUM_GPUS=${NUM_GPUS:-2}; fi  # with a hostfile, its slots say how many per node
 source "$(dirname "$0")/_common.sh"   # MASTER_PORT, LAUNCHER
 python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' || export DS_ACCELERATOR=cpu
 mkdir -p "$OUTPUT_DIR"
