@@ -68,7 +68,8 @@ class Watch(threading.Thread):
                 if self.rank == 0:
                     verdict = self._look_at_the_others(last_counts, last_moved)
                 else:
-                    rank_0 = rank_0 or self.store.get("where/0").decode()
+                    if rank_0 is None and self.store.check(["where/0"]):
+                        rank_0 = self.store.get("where/0").decode()
                     self.store.add(f"beat/{self.rank}", 1)
                     verdict = self.store.get("lost").decode() if self.store.check(["lost"]) else None
             except Exception as error:  # noqa: BLE001 - any failure to reach the store means its holder is gone
@@ -89,7 +90,8 @@ class Watch(threading.Thread):
             if last_counts.get(other) != count:
                 last_counts[other], last_moved[other] = count, now
             elif now - last_moved[other] > self.lost_after_s and not self.store.check([f"done/{other}"]):
-                where = self.store.get(f"where/{other}").decode()
+                known = self.store.check([f"where/{other}"])
+                where = self.store.get(f"where/{other}").decode() if known else "where unknown"
                 verdict = (f"rank {other} ({where}) was lost: its process or its node ended, no sign of life for "
                            f"{now - last_moved[other]:.0f} s")  # fmt: skip
                 self.store.set("lost", verdict)
@@ -108,8 +110,8 @@ class Watch(threading.Thread):
 
 
 def _report_and_exit(message: str) -> None:
-    print(f"error: {message}. Run the same command again to resume from the newest complete checkpoint.",
-          file=sys.stderr, flush=True)  # fmt: skip
+    print(f"error: {message}. Its newest complete checkpoint is kept: run again with --resume (the launch scripts "
+          "pass --resume=auto: the same command) to go on from it.", file=sys.stderr, flush=True)  # fmt: skip
     sys.stdout.flush()
     os._exit(EXIT_STATUS)
 
@@ -117,7 +119,7 @@ def _report_and_exit(message: str) -> None:
 def start(rank: int, world_size: int) -> None:
     """Starts this rank's watch on the store at MASTER_ADDR:MASTER_PORT (called by `dist.init`)."""
     global _watch
-    if world_size < 2 or LOST_AFTER_S <= 0 or _watch is not None:
+    if world_size < 2 or LOST_AFTER_S <= 0 or _watch is not None or "MASTER_ADDR" not in os.environ:
         return
     client = torch.distributed.TCPStore(
         os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
