@@ -30,8 +30,9 @@ def kill(processes) -> float:
 
 
 def test_two_nodes_over_ssh_train_as_one_node_with_two_ranks(cluster, tiny, one_node, tmp_path):
+    """The recipe script with HOSTFILE= and CONFIG= (multinode_hostfile.sh runs in the next test)."""
     config = write_yaml(tmp_path / "run.yaml", translation_config(tiny, tmp_path / "run"))
-    process = launch("launch_scripts/multinode_hostfile.sh", cluster_env(cluster, tmp_path, CONFIG=str(config)),
+    process = launch("launch_scripts/flan_t5_3b.sh", cluster_env(cluster, tmp_path, CONFIG=str(config)),
                      tmp_path / "stdout.log")  # fmt: skip
     assert process.wait(timeout=600) == 0, (tmp_path / "stdout.log").read_text()[-4000:]
     log = (tmp_path / "stdout.log").read_text()
