@@ -68,7 +68,9 @@ def run_script(script, tmp_path, bin_dir, **env):
         "OUTPUT": str(tmp_path / "out"),
         **env,
     }
-    return subprocess.run(["bash", script, "--x.y=1"], cwd=REPO, env=environment, capture_output=True, text=True)
+    # from tmp_path: what the script writes beside its run (OUTPUT.log, runs/) stays out of the repository
+    return subprocess.run(["bash", REPO / script, "--x.y=1"], cwd=tmp_path, env=environment, capture_output=True,
+                          text=True)  # fmt: skip
 
 
 def test_launch_scripts_pick_a_free_master_port_or_take_master_port(tmp_path):
