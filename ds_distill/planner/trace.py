@@ -194,6 +194,20 @@ def _batch(model, adapter: models.ModelAdapter, shape: StepShape, batch: int) ->
     return out
 
 
+def _zeroed_model(adapter, config) -> torch.nn.Module:
+    """The model with zeros for weights: a step creates the same tensors whatever the weights hold, and drawing
+    their random initial values took half of a plan's time."""
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():
+        model = adapter.from_config(config)
+    model.tie_weights()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.zero_()
+    return model
+
+
 def trace_step(
     student_config, adapter, shape: StepShape, logit_losses: dict, weights: dict, teacher_logits: tuple | None,
     batch: int,
@@ -205,8 +219,7 @@ def trace_step(
     from ds_distill.objectives.registry import weighted_terms
     from ds_distill.train.student import forward_features, token_counts
 
-    torch.manual_seed(0)
-    model = adapter.from_config(student_config).to(shape.dtype).train()
+    model = _zeroed_model(adapter, student_config).to(shape.dtype).train()
     if shape.checkpointing:  # as the trainer turns it on
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     inputs = _batch(model, adapter, shape, batch)
