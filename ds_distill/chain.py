@@ -273,6 +273,8 @@ def _clear_if_changed(
         done = manifest["stages"].get(unit)
         if done is None and not _started_with_other_config(Path(run.train.output_dir), run):
             continue
+        if done is not None and done["fingerprint"] == keys[unit] and _export_intact(done):
+            continue  # this student of the stage is as it finished; another one is not
         if stage.name not in overwrite:
             if done is not None and done["fingerprint"] == keys[unit]:
                 why = f"stage {unit}'s export {done['export']} changed since it finished"

@@ -1,6 +1,7 @@
-"""`ds-distill chain` on 2 CPU ranks: three tiny T5 stages (teacher -> 2+2 -> 1+1 -> 1+1, each cut from its
-teacher's weights), killed in stage 2 and rerun: stage 2 resumes, stage 1 is left byte for byte, and the end
-is the uninterrupted chain's."""
+"""`ds-distill chain` on 2 CPU ranks: three tiny T5 stages, each cut from its teacher's weights (teacher -> two
+students of 2+2 and 1+1 blocks on one teacher pass -> 1+1 from the wider one -> a narrower 1+1), killed in stage 2
+and rerun: stage 2 resumes, stage 1 is left byte for byte, and the end is the uninterrupted chain's. Reruns
+that skip every stage or refuse one run in one process."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from ds_distill.chain import tree_hash
-from tests.conftest import REPO, subprocess_env, translation_config, write_yaml
+from tests.conftest import REPO, run_cli, subprocess_env, translation_config, write_yaml
 from tests.distributed.launch import deepspeed_command, shared_memory_left
 
 pytestmark = pytest.mark.distributed
@@ -28,6 +29,7 @@ def sliced(layers, d_model, d_ff, heads):
 
 
 def chain_config(tiny, output_dir) -> dict:
+    """Stage l2 trains two students on one teacher pass; l1 learns from l2/wide; l1_narrow from l1."""
     defaults = translation_config(tiny, output_dir / "unused", train={"max_steps": 8, "save_steps": 4,
                                                                       "generation_max_length": 12})  # fmt: skip
     del defaults["train"]["output_dir"], defaults["student"]["init"]
@@ -35,15 +37,22 @@ def chain_config(tiny, output_dir) -> dict:
         "output_dir": str(output_dir),
         "defaults": defaults,
         "stages": [
-            {"name": "l2", "student": sliced(2, 48, 96, 3)},
-            {"name": "l1", "student": sliced(1, 32, 64, 2)},
+            {"name": "l2", "students": {"wide": {"student": sliced(2, 48, 96, 3)},
+                                        "narrow": {"student": sliced(1, 32, 64, 2)}}},
+            {"name": "l1", "teacher_from": "l2/wide", "student": sliced(1, 32, 64, 2)},
             {"name": "l1_narrow", "student": sliced(1, 16, 32, 1), "train": {"learning_rate": 2e-3}},
         ],
-    }
+    }  # fmt: skip
 
 
-def run_chain(tmp_path, name, config, *flags) -> subprocess.CompletedProcess:
+def run_chain(tmp_path, name, config, *flags, ranks: int = 2) -> subprocess.CompletedProcess:
+    """The chain on 2 ranks (`deepspeed`), or in one process where the ranks are not the subject (a rerun that
+    skips or refuses)."""
     path = write_yaml(tmp_path / f"{name}.yaml", config)
+    if ranks == 1:
+        result = run_cli("chain", f"--config={path}", *flags, timeout=900)
+        (tmp_path / f"{name}.log").write_text(result.stdout + result.stderr)
+        return result
     command = deepspeed_command(path, *flags, verb="chain")
     result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=900)
     (tmp_path / f"{name}.log").write_text(result.stdout + result.stderr)
@@ -51,18 +60,32 @@ def run_chain(tmp_path, name, config, *flags) -> subprocess.CompletedProcess:
     return result
 
 
+UNITS = ["l2/wide", "l2/narrow", "l1", "l1_narrow"]
+
+
 def test_a_chain_killed_in_stage_2_resumes_there_and_ends_as_an_uninterrupted_one(tiny, tmp_path):
     whole = chain_config(tiny, tmp_path / "whole")
     result = run_chain(tmp_path, "whole", whole)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     manifest = json.loads((tmp_path / "whole" / "chain.json").read_text())
-    assert list(manifest["stages"]) == ["l2", "l1", "l1_narrow"]
-    assert manifest["stages"]["l1"]["teacher"] == str(tmp_path / "whole" / "l2" / "model")
-    for stage in manifest["stages"].values():
+    assert sorted(manifest["stages"]) == sorted(UNITS) and list(manifest["stages"])[-1] == "l1_narrow"
+    assert manifest["stages"]["l1"]["teacher"] == str(tmp_path / "whole" / "l2" / "wide" / "model")
+    widths = {}
+    for unit, stage in manifest["stages"].items():
         export = Path(stage["export"])
+        assert stage["export"] == str(tmp_path / "whole" / unit / "model")
         assert stage["export_sha256"] == tree_hash(export)
         assert set(stage["evaluation"]) >= {"loss", "bleu", "chrf"}
         assert json.loads((export.parent / "eval" / "report.json").read_text())["metrics"] == stage["evaluation"]
+        widths[unit] = json.loads((export / "config.json").read_text())["d_model"]
+    assert widths == {"l2/wide": 48, "l2/narrow": 32, "l1": 32, "l1_narrow": 16}
+
+    # run again unchanged: every stage (the one of two students too) is skipped, every file left as it was
+    hashes = {unit: tree_hash(tmp_path / "whole" / unit) for unit in UNITS}
+    again = run_chain(tmp_path, "again", whole, ranks=1)
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
+    assert all(f"stage {stage} finished earlier" in again.stdout for stage in ("l2", "l1", "l1_narrow"))
+    assert {unit: tree_hash(tmp_path / "whole" / unit) for unit in UNITS} == hashes
 
     # the same chain, killed (all ranks, kill -9) once stage 2 has written its first checkpoint
     killed = chain_config(tiny, tmp_path / "killed")
@@ -92,7 +115,7 @@ def test_a_chain_killed_in_stage_2_resumes_there_and_ends_as_an_uninterrupted_on
 
     # a finished stage whose config changed is refused by name, and redone when --overwrite names it
     whole["stages"][1]["train"] = {"learning_rate": 5e-4}
-    refused = run_chain(tmp_path, "changed", whole)
+    refused = run_chain(tmp_path, "changed", whole, ranks=1)
     assert refused.returncode == 2
     assert "stage l1 finished with another config" in refused.stderr and "--overwrite=l1" in refused.stderr
     redone = run_chain(tmp_path, "changed_overwrite", whole, "--overwrite=l1,l1_narrow")
@@ -102,38 +125,11 @@ def test_a_chain_killed_in_stage_2_resumes_there_and_ends_as_an_uninterrupted_on
     assert manifest["stages"]["l1"]["config"]["train"]["learning_rate"] == 5e-4
 
     # an export that later stages were built from and that changed since is refused, naming it
-    with open(tmp_path / "whole" / "l2" / "model" / "config.json", "a") as edited:
+    with open(tmp_path / "whole" / "l2" / "wide" / "model" / "config.json", "a") as edited:
         edited.write("\n")
-    refused = run_chain(tmp_path, "export_changed", whole)
+    refused = run_chain(tmp_path, "export_changed", whole, ranks=1)
     assert (
         refused.returncode == 2
-        and "stage l2's export" in refused.stderr
+        and "stage l2/wide's export" in refused.stderr
         and "changed since it finished" in refused.stderr
     )
-
-
-def test_a_stage_of_two_students_trains_both_and_a_later_stage_learns_from_one(tiny, tmp_path):
-    """Stage `pair` trains two students on one teacher pass; stage `next` takes `pair/wide` as its teacher. A
-    rerun skips both stages and leaves every file as it was."""
-    config = chain_config(tiny, tmp_path / "chain")
-    config["stages"] = [
-        {"name": "pair", "students": {"wide": {"student": sliced(2, 48, 96, 3)},
-                                      "narrow": {"student": sliced(1, 32, 64, 2)}}},
-        {"name": "next", "teacher_from": "pair/wide", "student": sliced(1, 16, 32, 1)},
-    ]  # fmt: skip
-    result = run_chain(tmp_path, "first", config)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    manifest = json.loads((tmp_path / "chain" / "chain.json").read_text())
-    assert sorted(manifest["stages"]) == ["next", "pair/narrow", "pair/wide"] and list(manifest["stages"])[-1] == "next"
-    assert manifest["stages"]["next"]["teacher"] == str(tmp_path / "chain" / "pair" / "wide" / "model")
-    widths = {}
-    for unit, entry in manifest["stages"].items():
-        assert entry["export"] == str(tmp_path / "chain" / unit / "model") and entry["evaluation"]["bleu"] >= 0
-        widths[unit] = json.loads((Path(entry["export"]) / "config.json").read_text())["d_model"]
-    assert widths == {"pair/wide": 48, "pair/narrow": 32, "next": 16}
-    hashes = {unit: tree_hash(tmp_path / "chain" / unit) for unit in manifest["stages"]}
-
-    again = run_chain(tmp_path, "again", config)
-    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
-    assert "stage pair finished earlier" in again.stdout and "stage next finished earlier" in again.stdout
-    assert {unit: tree_hash(tmp_path / "chain" / unit) for unit in manifest["stages"]} == hashes
