@@ -1,35 +1,30 @@
-"""Distillation throughput on one GPU: a Flan-T5-XL-shaped teacher (bf16) and the 145M recipe student.
+"""The measurements of bench/gpu_suite.py, each run in a child process of it (an out-of-memory error ends only
+that process): a Flan-T5-XL-shaped teacher (random bf16 weights, 2.85B) and the 145M recipe student.
 
-    python bench/gpu_throughput.py [--work_dir=/tmp/gpu_throughput] [--batch_sizes=320,256,192] [--steps=10]
-    python bench/gpu_throughput.py --torch_compile --compile_plain   # also the compiled toolkit and plain loops
-    python bench/gpu_throughput.py --smoke        # the same pipeline at toy sizes on the CPU, to check the script
+    python bench/gpu_throughput.py toolkit --placement=replicated --methods=kd,cka --batch=320 ...   (the suite's)
+    python bench/gpu_throughput.py plain --batch=320 --compile ...
 
-Random weights at Flan-T5-XL's shapes (2.85B parameters) and the `flan_t5_3b_145m` recipe's student (12+12
-blocks, d_model 512), 128 source and 128 target tokens per example, no padding. For each teacher placement
-(`teacher_replicated_bf16.json`: a bf16 copy on the GPU; `teacher_zero3_inference.json`: ZeRO-3 on the GPU;
-`teacher_zero3_inference_cpu.json`: ZeRO-3 with parameters in pinned CPU memory) and each objective (`kd`:
-CE + KD; `cka`: CE + KD + CKA on every mapped hidden state), the toolkit's own loop (`Trainer.train_steps`)
-trains the student under ZeRO-2 in bf16. A plain PyTorch loop (teacher bf16 resident, the stock Hugging Face
-modules, student fp32 weights under bf16 autocast, fused AdamW, one pre-tokenised batch) runs CE + KD at the
-toolkit's batch as the reference. Each configuration runs in a process of its own, at the largest of
-`--batch_sizes` that fits; `profile` (a subcommand) times one configuration's phases and writes
-torch.profiler's kernel table.
+Random weights at Flan-T5-XL's shapes and the `flan_t5_3b_145m` recipe's student (12+12 blocks, d_model 512),
+128 source and 128 target tokens per example, no padding. Teacher placements: `teacher_replicated_bf16.json`
+(a bf16 copy on the GPU), `teacher_zero3_inference.json` (ZeRO-3 on the GPU), `teacher_zero3_inference_cpu.json`
+(ZeRO-3 with parameters in pinned CPU memory). The toolkit's own loop (`Trainer.train_steps`) trains the student
+under ZeRO-2 in bf16 (MEASUREMENTS lists what it times); the plain PyTorch loop (teacher bf16 resident, the stock
+Hugging Face modules, student fp32 weights under bf16 autocast, fused AdamW, one pre-tokenised batch) runs
+CE + KD at the toolkit's batch as the reference.
 
-Figures: tokens/s (source + target tokens), model FLOPs utilisation (teacher forward + student forward and
-backward, counted by torch's FlopCounterMode on the real models; CKA's products count as overhead) against
-the datasheet's dense bf16 rate and against a measured 8192^3 bf16 matmul, peak GPU memory, and how fast the
-data pipeline delivers micro-batches. Also the cost of one CKA layer pair at the run's shapes in float32,
-TF32 and float64. Results go to `work_dir/results.json` and, as a table, to stdout.
+Figures: tokens/s (source + target tokens), step time and peak GPU memory per measurement; the suite adds model
+FLOPs utilisation (teacher forward + student forward and backward, counted by torch's FlopCounterMode on the
+real models; CKA's products count as overhead) against the datasheet's dense bf16 rate and a measured 8192^3
+bf16 matmul, and the cost of one CKA layer pair at the run's shapes in float32, TF32 and float64.
 """
 
 from __future__ import annotations
 
 import gc
 import json
-import os
-import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import fire
@@ -200,16 +195,24 @@ def cka_pair_cost(tokens: int, student_width: int = 512, teacher_width: int = 20
     return results
 
 
-# -- one toolkit configuration (child process) -------------------------------------------------------------
+# -- the toolkit's measurements (one child process per teacher placement) ----------------------------------
+MEASUREMENTS = ("kd", "cka", "kd_compiled", "cache", "students")
+"""What a placement's child can measure, in this order, on one teacher engine: the toolkit loop with CE + KD,
+with CE + KD + CKA, CE + KD under train.torch_compile (then a profile of that step), a run from the teacher
+cache (written first, timed), and two students (CE + KD and CE + KD + CKA) on one teacher pass."""
+
+
 def _is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
-def toolkit_run_config(
-    assets: Path, work_dir: Path, placement: str, method: str, batch: int, steps: int, smoke: bool, compile: bool
-):
+def toolkit_tree(assets: Path, output_dir: Path, placement: str, method: str, batch: int, smoke: bool,
+                 compile: bool = False, examples: int | None = None) -> dict:  # fmt: skip
+    """The 145M recipe as a config tree, on the benchmark's teacher, text and batch."""
+    from ds_distill.config.load import load_tree
+
     overrides = {"student.init.from_teacher": vars(SMOKE_STUDENT)} if smoke else {}
-    return load_config(
+    return load_tree(
         recipe=RECIPE,
         overrides={
             **overrides,
@@ -223,11 +226,13 @@ def toolkit_run_config(
             "data.source_lang": "en",
             "data.target_lang": "de",
             "data.prefix": "",
-            "train.output_dir": str(work_dir / f"{placement}_{method}_{batch}{'_compiled' if compile else ''}"),
+            "data.max_train_samples": examples,
+            "data.tokenized_path": None,  # tokenized where each run is, not in the recipe's shared directory
+            "train.output_dir": str(output_dir),
             "train.per_device_train_batch_size": batch,
             "train.max_steps": 100000,
             "train.warmup_steps": 0,
-            "train.logging_steps": steps,
+            "train.logging_steps": 1000,
             "train.eval_steps": 0,
             "train.save_steps": 0,
             "train.bf16": True,
@@ -241,83 +246,182 @@ def _names(value) -> list[str]:
     return list(value) if isinstance(value, (tuple, list)) else str(value).split(",")
 
 
-def build_trainer(
-    assets: Path,
-    work_dir: Path,
-    placement: str,
-    method: str,
-    batch: int,
-    steps: int,
-    smoke: bool,
-    compile: bool,
-    teacher,
-):
-    from ds_distill.train.loop import Trainer
-    from ds_distill.train.prepare import prepare
+def timed_steps(loop, steps: int, warmup: int) -> float:
+    """Seconds per optimizer step of `loop` (a Trainer or a Cohort: `begin`, `train_steps`) after `warmup`."""
+    loop.begin()
+    loop.train_steps(until=warmup)
+    synchronize()
+    started = time.perf_counter()
+    loop.train_steps(until=warmup + steps)
+    synchronize()
+    return (time.perf_counter() - started) / steps
 
-    run = toolkit_run_config(assets, work_dir, placement, method, batch, steps, smoke, compile)
-    return Trainer(prepare(run, overwrite=True), teacher=teacher)
+
+def throughput(record: dict, step_s: float, batch: int, students: int = 1) -> dict:
+    return {**record, "step_s": step_s, "tokens_per_s": students * batch * 2 * SEQUENCE_TOKENS / step_s,
+            "peak_memory_gb": peak_memory_gb()}  # fmt: skip
 
 
 def release(trainer) -> None:
-    """Frees the student engine; the teacher engine stays for the next method, without this run's hooks."""
+    """Frees a student engine; a reused teacher engine stays, without this run's hooks."""
     trainer.progress.close()
-    if trainer.teacher_side is not None:
+    if trainer.teacher_side is not None and hasattr(trainer.teacher_side, "capture"):
         trainer.teacher_side.capture.remove()
     trainer.engine.destroy()
 
 
-def toolkit(
-    assets,
-    work_dir,
-    placement,
-    methods,
-    batch: int,
-    steps: int,
-    warmup: int,
-    result,
-    smoke: bool = False,
-    compile: bool = False,
-):
-    """Times the toolkit's loop for each method on one teacher engine; appends JSON lines to `result`."""
+def toolkit(assets, work_dir, placement, methods, batch: int, steps: int, warmup: int, result, smoke: bool = False,
+            deadline: float = float("inf"), estimates: str = "", part: str = ""):  # fmt: skip
+    """Runs `methods` (of MEASUREMENTS) on one teacher engine of `placement`; appends a JSON line per method to
+    `result`, tagged with the suite's `part`. A method whose estimate (`name=seconds,...`) would pass `deadline`
+    is recorded as skipped."""
     from ds_distill import dist
 
     dist.init()
-    assets, work_dir = Path(assets), Path(work_dir)
+    assets, work_dir, deadline = Path(assets), Path(work_dir), float(deadline)
+    cost = {k: float(v) for k, v in (item.split("=") for item in _names(estimates) if item)}
     teacher = None
     for method in _names(methods):
-        kind = "toolkit, torch.compile" if compile else "toolkit"
-        record = {"kind": kind, "placement": placement, "method": method, "batch": batch}
+        record = {"part": part, "kind": "toolkit", "placement": placement, "method": method, "batch": batch}
+        if time.time() + cost.get(method, 0) > deadline:
+            _write({**record, "skipped": "the suite's time budget"}, result)
+            continue
         try:
             record["memory_before_gb"] = reset_peak_memory()
-            started = time.perf_counter()
-            trainer = build_trainer(assets, work_dir, placement, method, batch, steps, smoke, compile, teacher)
-            teacher = trainer.teacher
-            record["setup_s"] = time.perf_counter() - started
-            trainer.begin()
-            trainer.train_steps(until=warmup)
-            synchronize()
-            started = time.perf_counter()
-            trainer.train_steps(until=warmup + steps)
-            synchronize()
-            seconds = time.perf_counter() - started
-            started = time.perf_counter()
-            for _ in range(steps):
-                next(trainer.stream)
-            record["data_ms_per_batch"] = 1000 * (time.perf_counter() - started) / steps
-            log = [json.loads(line) for line in open(trainer.p.output_dir / "log.jsonl")]
-            record.update(
-                step_s=seconds / steps,
-                tokens_per_s=batch * 2 * SEQUENCE_TOKENS * steps / seconds,
-                peak_memory_gb=peak_memory_gb(),
-                loss=log[-1]["loss"],
-                terms={k: v for k, v in log[-1].items() if k.startswith("loss/")},
-            )
-            release(trainer)
-            del trainer
-        except Exception as error:  # an OOM ends this process; the parent retries with a smaller batch
-            _fail(record, error, result)
-        _write(record, result)
+            run = MEASURE[method]
+            row, teacher = run(assets, work_dir, placement, batch, steps, warmup, smoke, teacher, record)
+        except Exception as error:  # an OOM ends this process (the parent goes on at a smaller batch); others are noted
+            if _is_oom(error):
+                _fail(record, error, result)
+            traceback.print_exc()
+            row = {**record, "error": f"{type(error).__name__}: {error}"}
+        _write(row, result)
+
+
+def _trainer(assets, work_dir, placement, method, batch, smoke, teacher, compile=False, examples=None, overrides=None):
+    from ds_distill.config.load import merge, parse_run
+    from ds_distill.train.loop import Trainer
+    from ds_distill.train.prepare import prepare
+
+    name = f"{placement}_{method}_{batch}{'_compiled' if compile else ''}"
+    tree = toolkit_tree(assets, work_dir / name, placement, method, batch, smoke, compile, examples)
+    tree = merge(tree, overrides or {})
+    return Trainer(prepare(parse_run(tree), overwrite=True), teacher=teacher)
+
+
+def measure_loop(assets, work_dir, placement, batch, steps, warmup, smoke, teacher, record):
+    """CE + KD (`kd`) or CE + KD + CKA (`cka`) in the toolkit's loop."""
+    started = time.perf_counter()
+    trainer = _trainer(assets, work_dir, placement, record["method"], batch, smoke, teacher)
+    record["setup_s"] = time.perf_counter() - started
+    row = throughput(record, timed_steps(trainer, steps, warmup), batch)
+    started = time.perf_counter()
+    for _ in range(steps):
+        next(trainer.stream)
+    row["data_ms_per_batch"] = 1000 * (time.perf_counter() - started) / steps
+    release(trainer)
+    return row, trainer.teacher
+
+
+def measure_compiled(assets, work_dir, placement, batch, steps, warmup, smoke, teacher, record):
+    """CE + KD under train.torch_compile, then where that step's time goes: each phase timed apart
+    (synchronised), and torch.profiler's kernel table over two steps, written beside the results."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    started = time.perf_counter()
+    trainer = _trainer(assets, work_dir, placement, "kd", batch, smoke, teacher, compile=True)
+    record["setup_s"] = time.perf_counter() - started
+    row = throughput(record, timed_steps(trainer, steps, warmup), batch)
+    row["phase_ms"] = phase_ms(trainer, steps)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+    with torch_profile(activities=activities) as profiler:
+        trainer.train_steps(until=trainer.step + 2)
+        synchronize()
+    sort = "self_cuda_time_total" if DEVICE == "cuda" else "self_cpu_time_total"
+    table = profiler.key_averages().table(sort_by=sort, row_limit=45, max_name_column_width=70)
+    path = Path(work_dir) / f"profile_compiled_{placement}_kd_{batch}.txt"
+    path.write_text(table)
+    row["profile_table"] = path.name
+    release(trainer)
+    return row, trainer.teacher
+
+
+def phase_ms(trainer, steps: int) -> dict[str, float]:
+    """Median milliseconds of each phase of a micro-step (the device synchronised between phases)."""
+    from collections import defaultdict
+
+    phases = defaultdict(list)
+    names = ("data", "teacher_forward", "student_forward_and_losses", "backward", "optimizer_step")
+    for _ in range(steps):
+        synchronize()
+        marks = [time.perf_counter()]
+        on_host = next(trainer.stream)
+        marks.append(time.perf_counter())
+        step_tokens = trainer.step_tokens([on_host])
+        on_device = trainer.to_device(on_host)
+        teacher_features = trainer.teacher_features(on_device)
+        synchronize()
+        marks.append(time.perf_counter())
+        total, _ = trainer.engine(on_device, teacher_features, step_tokens)
+        synchronize()
+        marks.append(time.perf_counter())
+        trainer.engine.backward(total, scale_wrt_gas=False)
+        synchronize()
+        marks.append(time.perf_counter())
+        trainer.engine.step()
+        synchronize()
+        marks.append(time.perf_counter())
+        del teacher_features, total
+        for name, begin, end in zip(names, marks, marks[1:]):
+            phases[name].append(1000 * (end - begin))
+    return {name: sorted(times)[len(times) // 2] for name, times in phases.items()}
+
+
+def measure_cache(assets, work_dir, placement, batch, steps, warmup, smoke, teacher, record):
+    """`cache_teacher` (k = 64, bf16) for the examples a run's first steps train on, timed; then that run from
+    the cache (no teacher loaded), timed as `kd` is."""
+    from ds_distill.config.load import parse_run
+    from ds_distill.train.cache_writer import CacheSettings, write_cache
+
+    examples = (warmup + steps + 1) * batch
+    cache = Path(work_dir) / f"cache_{placement}_{batch}"
+    tree = toolkit_tree(assets, Path(work_dir) / "cache_writer", placement, "kd", batch, smoke, examples=examples)
+    settings = CacheSettings(top_k=64, dtype="bfloat16", batch_size=batch, shard_examples=examples)
+    started = time.perf_counter()
+    write_cache(parse_run(tree), cache, settings, overwrite=True)
+    synchronize()
+    record["cache_write_s"] = time.perf_counter() - started
+    manifest = json.loads((cache / "cache.json").read_text())
+    record["cache_bytes_per_token"] = manifest["bytes"] / max(manifest["target_tokens"], 1)
+    reset_peak_memory()
+    trainer = _trainer(assets, work_dir, placement, "kd", batch, smoke, None, examples=examples,
+                       overrides={"teacher": {"cache": str(cache)}})  # fmt: skip
+    row = throughput(record, timed_steps(trainer, steps, warmup), batch)
+    release(trainer)
+    return row, teacher
+
+
+def measure_students(assets, work_dir, placement, batch, steps, warmup, smoke, teacher, record):
+    """Two students (CE + KD, CE + KD + CKA) on one teacher pass; tokens/s counts both students' tokens."""
+    from ds_distill.config.load import parse_students
+    from ds_distill.train.cohort import Cohort
+    from ds_distill.train.prepare import prepare
+
+    tree = toolkit_tree(assets, Path(work_dir) / f"students_{placement}_{batch}", placement, "kd", batch, smoke)
+    tree["students"] = {"kd": {}, "cka": {"method": "cka"}}
+    prepared = {name: prepare(run, overwrite=True) for name, run in parse_students(tree).items()}
+    started = time.perf_counter()
+    cohort = Cohort(prepared, teacher=teacher)
+    record["setup_s"] = time.perf_counter() - started
+    row = throughput(record, timed_steps(cohort, steps, warmup), batch, students=len(prepared))
+    for trainer in cohort.trainers.values():
+        release(trainer)
+    return row, cohort.teacher
+
+
+MEASURE = {"kd": measure_loop, "cka": measure_loop, "kd_compiled": measure_compiled, "cache": measure_cache,
+           "students": measure_students}  # fmt: skip
 
 
 def _write(record: dict, result) -> None:
@@ -332,61 +436,6 @@ def _fail(record: dict, error: BaseException, result) -> None:
     raise SystemExit(OOM_EXIT if _is_oom(error) else 1) from error
 
 
-def profile(assets, work_dir, placement, method, batch: int, steps: int, warmup: int, result, smoke: bool = False):
-    """Where a toolkit step's time goes: each phase timed apart (synchronised), then torch.profiler's kernel
-    table over two steps, written beside the results."""
-    from collections import defaultdict
-
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
-    from ds_distill import dist
-
-    dist.init()
-    record = {"kind": "profile", "placement": placement, "method": method, "batch": batch}
-    try:
-        trainer = build_trainer(Path(assets), Path(work_dir), placement, method, batch, steps, smoke, False, None)
-        trainer.begin()
-        trainer.train_steps(until=warmup)
-        phases = defaultdict(list)
-        for _ in range(steps):
-            synchronize()
-            marks = [time.perf_counter()]
-            batch_on_host = next(trainer.stream)
-            marks.append(time.perf_counter())
-            step_tokens = trainer.step_tokens([batch_on_host])
-            batch_on_device = trainer.to_device(batch_on_host)
-            teacher_features = trainer.teacher_features(batch_on_device)
-            synchronize()
-            marks.append(time.perf_counter())
-            total, _ = trainer.engine(batch_on_device, teacher_features, step_tokens)
-            synchronize()
-            marks.append(time.perf_counter())
-            trainer.engine.backward(total, scale_wrt_gas=False)
-            synchronize()
-            marks.append(time.perf_counter())
-            trainer.engine.step()
-            synchronize()
-            marks.append(time.perf_counter())
-            del teacher_features, total
-            names = ("data", "teacher_forward", "student_forward_and_losses", "backward", "optimizer_step")
-            for name, begin, end in zip(names, marks, marks[1:]):
-                phases[name].append(1000 * (end - begin))
-        record["phase_ms"] = {name: sorted(times)[len(times) // 2] for name, times in phases.items()}
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
-        with torch_profile(activities=activities) as profiler:
-            trainer.train_steps(until=trainer.step + 2)
-            synchronize()
-        sort = "self_cuda_time_total" if DEVICE == "cuda" else "self_cpu_time_total"
-        table = profiler.key_averages().table(sort_by=sort, row_limit=45, max_name_column_width=70)
-        path = Path(work_dir) / f"profile_{placement}_{method}_{batch}.txt"
-        path.write_text(table)
-        record["profile_table"] = str(path)
-    except Exception as error:
-        _fail(record, error, result)
-    _write(record, result)
-
-
 # -- the plain PyTorch reference (child process) -----------------------------------------------------------
 def stock_modules(model: torch.nn.Module) -> torch.nn.Module:
     """The Hugging Face modules' own forwards, as a hand-written loop has them (undoes `use_fused_kernels`)."""
@@ -395,14 +444,15 @@ def stock_modules(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def plain(assets, batch: int, steps: int, warmup: int, result, smoke: bool = False, compile: bool = False):
+def plain(assets, batch: int, steps: int, warmup: int, result, smoke: bool = False, compile: bool = False,
+          part: str = "", **_):  # fmt: skip
     """CE + forward KL in a hand-written loop: teacher bf16 resident, student fp32 under bf16 autocast, the
     stock Hugging Face modules; with `compile`, both models through torch.compile."""
     from transformers import AutoTokenizer
 
     assets = Path(assets)
     kind = "plain, torch.compile" if compile else "plain"
-    record = {"kind": kind, "placement": "resident", "method": "kd", "batch": batch}
+    record = {"part": part, "kind": kind, "placement": "resident", "method": "kd", "batch": batch}
     try:
         config = teacher_config(smoke)
         adapter = models.adapter_for(config)
@@ -456,137 +506,9 @@ def plain(assets, batch: int, steps: int, warmup: int, result, smoke: bool = Fal
     _write(record, result)
 
 
-# -- the parent --------------------------------------------------------------------------------------------
-def _child(args: list[str], log: Path, timeout: int) -> int:
-    env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", "TOKENIZERS_PARALLELISM": "false"}
-    if DEVICE == "cpu":
-        env["DS_ACCELERATOR"] = "cpu"
-    with open(log, "a") as out:
-        try:
-            return subprocess.run(
-                [sys.executable, __file__, *args], env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout
-            ).returncode
-        except subprocess.TimeoutExpired:
-            out.write(f"\ntimed out after {timeout} s\n")
-            return 124
+if __name__ == "__main__":  # one child process of bench/gpu_suite.py
+    if DEVICE == "cpu":  # the suite's dry run: compiled parts trace with dynamo and run eagerly, no kernel builds
+        import functools
 
-
-def _records(path: Path) -> list[dict]:
-    return [json.loads(line) for line in open(path)] if path.is_file() else []
-
-
-def main(
-    work_dir: str = "/tmp/gpu_throughput",
-    data: str = str(REPO.parent / "shared" / "data" / "wmt_ende_10k"),
-    assets: str | None = None,
-    batch_sizes: str = "256,192,128,64",
-    steps: int = 10,
-    warmup: int = 3,
-    placements: str = ",".join(PLACEMENTS),
-    child_timeout: int = 300,
-    plain_loop: bool = True,
-    compile_plain: bool = False,
-    torch_compile: bool = False,
-    smoke: bool = False,
-):
-    """Builds the assets and the teacher, then times every configuration in its own process (see the module doc).
-
-    Args:
-        work_dir: teacher weights (5.7 GB), run directories, logs and results.json.
-        data: the shared WMT sample, read to make the tokenizer and the full-length text.
-        assets: a directory of tokenizer + train.jsonl made earlier (default: work_dir/assets, made here).
-        batch_sizes: micro-batch sizes to try, largest first; a configuration runs at the largest that fits.
-        steps: timed optimizer steps per configuration, after `warmup` untimed ones.
-        placements: which teacher placements to time (replicated, zero3_gpu, zero3_cpu_offload).
-        child_timeout: seconds before a configuration's process is stopped.
-        plain_loop: time the plain loop at the largest batch the replicated teacher fitted.
-        compile_plain: also time the plain loop with both models through torch.compile (minutes of compiling).
-        torch_compile: time the toolkit with `train.torch_compile` (ZeRO-3 placements then run their teacher eagerly).
-        smoke: toy shapes, batch 2, 2 steps: checks the whole script on a CPU in a minute or two.
-    """
-    if smoke:
-        batch_sizes, steps, warmup = "2", 2, 1
-    work = Path(work_dir)
-    work.mkdir(parents=True, exist_ok=True)
-    assets_dir = Path(assets) if assets else work / "assets"
-    make_assets(assets_dir, Path(data))
-    results = work / "results.jsonl"
-    results.unlink(missing_ok=True)
-    name = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU (smoke check)"
-    summary = {"gpu": name, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
-    summary["matmul_bf16_tflops"] = matmul_tflops(8192 if DEVICE == "cuda" else 1024)
-    summary["datasheet_bf16_tflops"] = next((v for k, v in DATASHEET_BF16_TFLOPS.items() if k in name), None)
-    summary["flops_per_example"] = make_teacher(assets_dir, smoke)
-    print(json.dumps(summary), flush=True)
-
-    sizes = [int(b) for b in _names(batch_sizes)]
-    common = [f"--assets={assets_dir}", f"--steps={steps}", f"--warmup={warmup}", f"--result={results}"]
-    common += ["--smoke"] if smoke else []
-    log = work / "children.log"
-    for placement in _names(placements):
-        pending = ["kd", "cka"]
-        for batch in sizes:
-            args = ["toolkit", f"--work_dir={work}", f"--placement={placement}", f"--methods={','.join(pending)}"]
-            args += ["--compile"] if torch_compile else []
-            code = _child(args + [f"--batch={batch}", *common], log, child_timeout)
-            done = {
-                r["method"]
-                for r in _records(results)
-                if r["placement"] == placement and r["kind"].startswith("toolkit") and "error" not in r
-            }
-            pending = [m for m in pending if m not in done]
-            if not pending or code not in (OOM_EXIT, 0):
-                break
-        if not pending:  # later placements start from the size that fitted
-            sizes = sizes[sizes.index(batch) :]
-    fitted = [r["batch"] for r in _records(results) if r["placement"] == "replicated" and "error" not in r]
-    for batch in [b for b in sizes if plain_loop and (not fitted or b <= max(fitted))]:
-        if _child(["plain", f"--batch={batch}", *common], log, child_timeout) != OOM_EXIT:
-            if compile_plain:
-                _child(["plain", f"--batch={batch}", "--compile", *common], log, child_timeout)
-            break
-
-    summary["cka_pair"] = cka_pair_cost(tokens=max(fitted or [sizes[-1]]) * SEQUENCE_TOKENS)
-    rows = _records(results)
-    flops = summary["flops_per_example"]
-    per_example = flops["teacher_forward"] + flops["student_forward_backward"]
-    for row in rows:
-        if "error" not in row:
-            achieved = per_example * row["batch"] / row["step_s"] / 1e12
-            row["model_tflops"] = achieved
-            row["mfu_measured_matmul"] = achieved / summary["matmul_bf16_tflops"]
-            if summary["datasheet_bf16_tflops"]:
-                row["mfu_datasheet"] = achieved / summary["datasheet_bf16_tflops"]
-    summary["runs"] = rows
-    (work / "results.json").write_text(json.dumps(summary, indent=2))
-    print(table(summary))
-
-
-def table(summary: dict) -> str:
-    lines = [
-        f"{summary['gpu']}, torch {summary['torch']}; matmul ceiling {summary['matmul_bf16_tflops']:.0f} TFLOP/s; "
-        f"model FLOPs per example: teacher fwd {summary['flops_per_example']['teacher_forward'] / 1e12:.3f} T, "
-        f"student fwd+bwd {summary['flops_per_example']['student_forward_backward'] / 1e12:.3f} T",
-        "| loop | teacher | objective | batch | tokens/s | step ms | MFU (datasheet) | MFU (matmul) | peak GB | data ms |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for row in summary["runs"]:
-        if "error" in row:
-            lines.append(f"| {row['kind']} | {row['placement']} | {row['method']} | {row['batch']} | {row['error']} |")
-            continue
-        lines.append(
-            f"| {row['kind']} | {row['placement']} | {row['method']} | {row['batch']} | {row['tokens_per_s']:,.0f} | "
-            f"{1000 * row['step_s']:.0f} | {row.get('mfu_datasheet', float('nan')):.1%} | "
-            f"{row['mfu_measured_matmul']:.1%} | {row['peak_memory_gb']:.1f} | {row.get('data_ms_per_batch', 0):.1f} |"
-        )
-    lines.append("CKA, one layer pair, forward + backward: " + ", ".join(
-        f"{k} {v['ms']:.2f} ms (loss {v['value']:.6f}, off float64 by {v['error']:.1e})" for k, v in summary["cka_pair"].items()
-    ))  # fmt: skip
-    return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] in ("toolkit", "plain", "profile"):  # one configuration, one process
-        fire.Fire({"toolkit": toolkit, "plain": plain, "profile": profile})
-    else:
-        fire.Fire(main)
+        torch.compile = functools.partial(torch.compile, backend="eager")
+    fire.Fire({"toolkit": toolkit, "plain": plain})

@@ -47,10 +47,14 @@ def common_resume_tag(prepared: dict[str, Prepared]) -> str | None:
 class Cohort:
     """The students' trainers around one teacher; `train()` runs them step by step and exports each."""
 
-    def __init__(self, prepared: dict[str, Prepared]):
+    def __init__(self, prepared: dict[str, Prepared], teacher=None):
+        """`teacher`: an already loaded teacher engine to reuse (a benchmark), closed by its owner; by default the
+        run's teacher is loaded here."""
         tag = common_resume_tag(prepared)  # before any weights load
         first = next(iter(prepared.values()))
-        teacher = load_teacher(first.run.teacher.weights(), first.teacher_ds) if first.teacher_ds else None
+        self.owns_teacher = teacher is None
+        if teacher is None and first.teacher_ds:
+            teacher = load_teacher(first.run.teacher.weights(), first.teacher_ds)
         self.trainers: dict[str, Trainer] = {}
         self.rng: dict[str, dict] = {}
         for name, p in prepared.items():
@@ -58,7 +62,7 @@ class Cohort:
             self.rng[name] = checkpoint.rng_state()  # as it seeded (or resumed) it
         self.teacher, self.teacher_side = teacher, None
         if first.run.teacher.cache:  # every student's trainer reads the one cache; the lead's batches carry it
-            self.teacher_side = next(iter(self.trainers.values())).teacher_side
+            self.teacher_side = self.lead.teacher_side
         elif teacher is not None:
             keys = set().union(*(trainer.teacher_keys for trainer in self.trainers.values()))
             self.teacher_side = TeacherFeatures(teacher, first.teacher_ds, keys, first.run.train.torch_compile)
@@ -74,24 +78,34 @@ class Cohort:
         finally:
             self.rng[name] = checkpoint.rng_state()
 
+    @property
+    def lead(self) -> Trainer:
+        """The student whose batch stream serves all (every student's would be the same)."""
+        return next(iter(self.trainers.values()))
+
     def train(self) -> dict[str, Path]:
-        trainers = self.trainers
-        lead = next(iter(trainers.values()))  # one batch stream: every student's would be the same
-        for name in trainers:
-            with self.own_rng(name) as trainer:
-                trainer.begin(desc=name, stream=trainer is lead)
-        accumulation = lead.train_config.gradient_accumulation_steps
-        while lead.step < lead.p.total_steps:
-            batches = [next(lead.stream) for _ in range(accumulation)]
-            self.optimizer_step(batches)
-            for name in trainers:
-                with self.own_rng(name) as trainer:
-                    trainer.finish_step()
+        """Runs every student from the current step to the last, then exports each; returns the exports' paths."""
+        self.begin()
+        self.train_steps(until=self.lead.p.total_steps)
         exports = {}
-        for name in trainers:
+        for name in self.trainers:
             with self.own_rng(name) as trainer:
                 exports[name] = trainer.export_student()
         return exports
+
+    def begin(self) -> None:
+        for name in self.trainers:
+            with self.own_rng(name) as trainer:
+                trainer.begin(desc=name, stream=trainer is self.lead)
+
+    def train_steps(self, until: int) -> None:
+        """Optimizer steps of every student up to step `until`, each logging and saving on its schedule."""
+        lead = self.lead
+        while lead.step < until:
+            self.optimizer_step([next(lead.stream) for _ in range(lead.train_config.gradient_accumulation_steps)])
+            for name in self.trainers:
+                with self.own_rng(name) as trainer:
+                    trainer.finish_step()
 
     def optimizer_step(self, batches: list[dict]) -> None:
         """One teacher forward per micro-batch, then each student's micro-step on it."""
@@ -99,9 +113,8 @@ class Cohort:
         for name, trainer in self.trainers.items():
             trainer.engine.module.set_step(trainer.step)
             tokens[name] = trainer.step_tokens(batches)
-        lead = next(iter(self.trainers.values()))
         for index, batch in enumerate(batches):
-            batch = lead.to_device(batch)
+            batch = self.lead.to_device(batch)
             features = self.teacher_side.features(batch) if self.teacher_side is not None else None
             for name in self.trainers:
                 with self.own_rng(name) as trainer:
@@ -110,7 +123,7 @@ class Cohort:
     def close(self) -> None:
         for trainer in self.trainers.values():
             trainer.close()
-        if self.teacher is not None:
+        if self.teacher is not None and self.owns_teacher:
             self.teacher.destroy()
 
 
