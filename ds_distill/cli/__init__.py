@@ -95,29 +95,30 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as error:
         print(f"error: {error}\n{verb_usage(argv[0])}", file=sys.stderr)
         sys.exit(2)
+    from ds_distill import dist
+
+    caller_group = dist.initialized()  # a caller's process group (main called from Python) is the caller's to end
     try:
         fire.Fire(VERBS[argv[0]], command=argv[1:], name=f"ds-distill {argv[0]}")
     except ConfigError as error:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {error}", file=sys.stderr)
-        _refused_exit()
+        _refused_exit(group_started_here=dist.initialized() and not caller_group)
     except Exception as error:
         from ds_distill import peers
 
         peers.explain(error)  # a lost rank: ends the process naming it; otherwise the error is raised as it is
         raise
-    from ds_distill import dist
+    if not caller_group:
+        dist.shutdown()
 
-    dist.shutdown()
 
-
-def _refused_exit() -> None:
-    """Exits with status 2 after a refusal. Once the process group is up, a normal interpreter exit may abort in
-    the process group's C++ threads ("terminate called without an active exception", status 250 instead of 2);
-    the group cannot be left in step either, since one rank alone may have refused. So leave at once."""
-    from ds_distill import dist
-
-    if not dist.initialized():
+def _refused_exit(group_started_here: bool) -> None:
+    """Exits with status 2 after a refusal. Once the command has started the process group, a normal interpreter
+    exit may abort in the process group's C++ threads ("terminate called without an active exception", status
+    250 instead of 2); the group cannot be left in step either, since one rank alone may have refused. So leave
+    at once; without a group of its own, an ordinary SystemExit (a caller in Python can catch it)."""
+    if not group_started_here:
         sys.exit(2)
     sys.stdout.flush()
     sys.stderr.flush()

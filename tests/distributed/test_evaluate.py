@@ -8,8 +8,8 @@ import json
 import pytest
 import sacrebleu
 
-from tests.conftest import translation_config, write_yaml
-from tests.distributed.launch import distill, free_port, launch
+from tests.conftest import write_yaml
+from tests.distributed.launch import free_port, launch
 
 pytestmark = pytest.mark.distributed
 
@@ -22,9 +22,9 @@ def evaluate(tmp_path, name: str, model, config_path, *flags: str) -> dict:
     return json.loads((output / "report.json").read_text())
 
 
-def test_evaluate_writes_what_it_scores_and_checkpoints_score_as_their_export(tiny, tmp_path):
-    config = translation_config(tiny, tmp_path / "run", train={"save_steps": 12})
-    run_dir = distill(tmp_path, "run", config)
+def test_evaluate_writes_what_it_scores_and_checkpoints_score_as_their_export(t5_zero2, tmp_path):
+    """On the shared `t5_zero2` run: its export, and its checkpoints directory (exported first)."""
+    run_dir, config = t5_zero2.dir, t5_zero2.config
     config_path = write_yaml(tmp_path / "eval.yaml", config)
 
     report = evaluate(tmp_path, "exported", run_dir / "model", config_path, "--max_new_tokens=12", "--num_beams=2")

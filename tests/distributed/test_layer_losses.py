@@ -1,7 +1,9 @@
-"""Layer-wise losses in real 2-rank `deepspeed` runs: the teacher under ZeRO-3 inference, the student under ZeRO-3.
+"""Layer-wise losses in real 2-rank `deepspeed` runs: the teacher under ZeRO-3 inference, students under ZeRO-3
+and ZeRO-2.
 
 Tiny T5 pair of different widths and depths (teacher d_model 64, 2+2 blocks; student 32, 1+1), plus GPT-2 and a
-bare BERT encoder. Every configured term must reach TensorBoard, and projections must resume exactly.
+bare BERT encoder. Every configured term must reach TensorBoard. The T5 methods are students of the session's
+shared cohort run (tests/references.py; test_cohort.py resumes it, projections included), GPT-2 its reference.
 """
 
 from __future__ import annotations
@@ -10,14 +12,15 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from tests.conftest import causal_lm_config, translation_config
-from tests.distributed.launch import distill, distill_until_first_checkpoint, losses, training_log
+from tests.conftest import translation_config
+from tests.distributed.launch import distill, losses, training_log
 
 pytestmark = pytest.mark.distributed
 
-TERMS = {"cka": {"ce", "kd", "cka"}, "miniend_d": {"ce", "kd", "miniend"}, "makd": {"ce", "kd", "makd"}}
+TERMS = {"b": {"ce", "kd", "cka"}, "miniend_d": {"ce", "kd", "miniend"}, "makd": {"ce", "kd", "makd"},
+         "linear": {"ce", "kd", "linear"}}  # fmt: skip
+"""Cohort student -> the terms its method brings (b is the CKA preset)."""
 
 
 def tensorboard_tags(run_dir) -> set[str]:
@@ -28,79 +31,33 @@ def tensorboard_tags(run_dir) -> set[str]:
     return set(events.Tags()["scalars"])
 
 
-def method_config(tiny, output_dir, method: str, stage: int = 3, **train) -> dict:
-    config = translation_config(
-        tiny,
-        output_dir,
-        student={"deepspeed_config": f"ds_configs/student_zero{stage}.json"},
-        train={"max_steps": 6, "save_steps": 0, **train},
-    )
-    config["method"] = method
-    del config["losses"]
-    return config
-
-
-@pytest.fixture(scope="module")
-def method_runs(tiny, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("methods")
-    return {method: distill(tmp, method, method_config(tiny, tmp / method, method)) for method in TERMS}
-
-
-@pytest.mark.parametrize("method", sorted(TERMS))
-def test_zero3_student_trains_with_every_term_in_tensorboard(method_runs, method):
-    run_dir = method_runs[method]
+@pytest.mark.parametrize("student", sorted(TERMS))
+def test_every_term_trains_and_reaches_tensorboard(cohort, student):
+    run_dir = cohort.dir / student
     rows = [row for row in training_log(run_dir) if "loss" in row]
-    assert [row["step"] for row in rows] == [1, 2, 3, 4, 5, 6]
-    for term in TERMS[method]:
+    assert [row["step"] for row in rows] == list(range(1, 13))
+    for term in TERMS[student]:
         assert all(row[f"loss/{term}"] > 0 for row in rows), term
-    assert {f"loss/{term}" for term in TERMS[method]} <= tensorboard_tags(run_dir)
+    assert {f"loss/{term}" for term in TERMS[student]} <= tensorboard_tags(run_dir)
     assert (run_dir / "model" / "model.safetensors").is_file()
     assert "expanded from method" in (run_dir / "config.yaml").read_text()
 
 
-def test_layer_loss_terms_fall_as_the_student_learns(method_runs):
-    rows = [row for row in training_log(method_runs["makd"]) if "loss" in row]
+def test_layer_loss_terms_fall_as_the_student_learns(cohort):
+    rows = [row for row in training_log(cohort.dir / "makd") if "loss" in row]
     assert rows[-1]["loss/makd"] < rows[0]["loss/makd"]
 
 
-def test_makd_aligners_train_alike_under_zero2_and_zero3(method_runs, tiny, tmp_path):
-    zero2 = distill(tmp_path, "makd2", method_config(tiny, tmp_path / "makd2", "makd", stage=2))
-    zero3 = losses(method_runs["makd"])
-    for step, value in losses(zero2).items():
+def test_makd_aligners_train_alike_under_zero2_and_zero3(cohort):
+    zero2, zero3 = losses(cohort.dir / "makd_zero2"), losses(cohort.dir / "makd")
+    assert sorted(zero2) == list(range(1, 13))
+    for step, value in zero2.items():
         assert zero3[step] == pytest.approx(value, rel=1e-5), step
 
 
-def checkpoint_state(run_dir) -> dict[str, torch.Tensor]:
-    """The fp32 weights of the whole student module (student and loss projections) in the newest checkpoint."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    return get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"))
-
-
-def test_resume_restores_projection_weights_and_optimizer_state(tiny, tmp_path):
-    """Kill -9 a `linear` run after a checkpoint and resume it: losses and projections equal the uninterrupted run."""
-    config = method_config(tiny, tmp_path / "whole", "linear", stage=2, max_steps=8, save_steps=3)
-    whole = distill(tmp_path, "whole", config)
-    config["train"]["output_dir"] = str(tmp_path / "interrupted")
-    distill_until_first_checkpoint(tmp_path, "interrupted", config)
-    assert 3 <= max(losses(tmp_path / "interrupted")) < 8
-    distill(tmp_path, "resumed", config, "--resume")
-
-    assert losses(tmp_path / "interrupted") == pytest.approx(losses(whole), rel=1e-6)
-    resumed, reference = checkpoint_state(tmp_path / "interrupted"), checkpoint_state(whole)
-    projection = [name for name in reference if name.startswith("losses.linear.")]
-    assert projection, sorted(reference)[:5]
-    for name in projection:
-        torch.testing.assert_close(resumed[name], reference[name], rtol=1e-6, atol=1e-7)
-    exported = load_file(whole / "model" / "model.safetensors")
-    assert not any("linear" in name or name.startswith("losses.") for name in exported)  # not part of the student
-
-
-def test_cka_on_a_decoder_only_pair(tiny, tmp_path):
-    config = causal_lm_config(tiny, tmp_path / "gpt2", losses={"kd": {"weight": 1.0}, "cka": {"weight": 1.0}})
-    run_dir = distill(tmp_path, "gpt2", config)
-    assert {"loss/kd", "loss/cka"} <= tensorboard_tags(run_dir)
-    assert "decoder 0->0, decoder 1->2" in (tmp_path / "gpt2.log").read_text()
+def test_cka_on_a_decoder_only_pair(gpt2_zero3):
+    assert {"loss/kd", "loss/cka"} <= tensorboard_tags(gpt2_zero3.dir)
+    assert "decoder 0->0, decoder 1->2" in gpt2_zero3.log.read_text()
 
 
 def test_hidden_states_alone_on_a_bare_bert_encoder(tiny, tmp_path):

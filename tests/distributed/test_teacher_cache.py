@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from tests.conftest import REPO, run_cli, subprocess_env, translation_config, write_yaml
+from tests.conftest import REPO, run_cli, subprocess_env, write_yaml
 from tests.distributed.launch import deepspeed_command, distill, launch, losses
 
 pytestmark = pytest.mark.distributed
@@ -35,14 +35,13 @@ def assert_same_cache(directory, expected) -> None:
 
 
 def test_two_ranks_write_the_cache_of_one_a_killed_run_resumes_and_a_cached_run_trains_as_the_online_one(
-    tiny, tmp_path
+    tiny, t5_zero2, tmp_path
 ):
+    """The cache of the shared `t5_zero2` run's training split (512 examples), and that run from it."""
     vocabulary = len(AutoTokenizer.from_pretrained(tiny["tokenizer"]))
-    config = translation_config(
-        tiny, tmp_path / "online", data={"max_train_samples": 128}, train={"max_steps": 4, "save_steps": 0}
-    )
+    config = t5_zero2.config
     path = write_yaml(tmp_path / "run.yaml", config)
-    flags = [f"--top_k={vocabulary}", "--dtype=float32", "--shard_examples=4", "--batch_size=2"]
+    flags = [f"--top_k={vocabulary}", "--dtype=float32", "--shard_examples=16", "--batch_size=4"]
 
     one = run_cli("cache_teacher", f"--config={path}", f"--output_dir={tmp_path / 'one'}", *flags)
     assert one.returncode == 0, one.stderr[-4000:]
@@ -70,13 +69,13 @@ def test_two_ranks_write_the_cache_of_one_a_killed_run_resumes_and_a_cached_run_
     assert json.loads((tmp_path / "killed" / "cache.json").read_text())["complete"]
 
     # a 2-rank run from the cache: no teacher loaded, the online run's losses and weights
-    online = distill(tmp_path, "online", config)
+    online = t5_zero2.dir
     cached_config = {**config, "teacher": {**config["teacher"], "cache": str(tmp_path / "one")},
                      "train": {**config["train"], "output_dir": str(tmp_path / "cached")}}  # fmt: skip
     cached = distill(tmp_path, "cached", cached_config)
     assert (online / "ds_config_teacher.json").is_file() and not (cached / "ds_config_teacher.json").exists()
     expected_losses, cached_losses = losses(online), losses(cached)
-    assert cached_losses.keys() == expected_losses.keys() == {1, 2, 3, 4}
+    assert cached_losses.keys() == expected_losses.keys() == set(range(1, 13))
     for step, loss in expected_losses.items():
         assert abs(cached_losses[step] - loss) <= 1e-5 * abs(loss), step
     weights = [load_file(run / "model" / "model.safetensors") for run in (online, cached)]

@@ -1,7 +1,8 @@
 """Real `deepspeed` launches with 2 CPU ranks on tiny models: parity, resume, export, three model families.
 
 Each run trains a student under its own ZeRO-2 or ZeRO-3 engine beside a teacher under ZeRO-3 inference with
-CPU offload, on the shared WMT sample with a sentencepiece tokenizer trained by the fixtures.
+CPU offload, on the shared WMT sample with a sentencepiece tokenizer trained by the fixtures. The ZeRO-2 and
+ZeRO-3 T5 runs and the GPT-2 run are the session's shared references (tests/references.py).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import causal_lm_config, run_cli, translation_config, write_yaml
+from tests.conftest import run_cli, run_verb, translation_config, write_yaml
 from tests.distributed.launch import (
     distill,
     distill_until_first_checkpoint,
@@ -26,20 +27,10 @@ from tests.distributed.launch import (
 pytestmark = pytest.mark.distributed
 
 
-@pytest.fixture(scope="module")
-def runs(tiny, tmp_path_factory):
-    """The same distillation with the student under ZeRO-2 and under ZeRO-3."""
-    tmp = tmp_path_factory.mktemp("runs")
-    out = {}
-    for stage in (2, 3):
-        config = translation_config(
-            tiny,
-            tmp / f"zero{stage}",
-            student={"deepspeed_config": f"ds_configs/student_zero{stage}.json"},
-            train={"eval_metric": "bleu", "generation_max_length": 16},
-        )
-        out[stage] = (distill(tmp, f"zero{stage}", config), config)
-    return out
+@pytest.fixture
+def runs(t5_zero2, t5_zero3):
+    """The same distillation with the student under ZeRO-2 and under ZeRO-3: {stage: (output_dir, config)}."""
+    return {2: (t5_zero2.dir, t5_zero2.config), 3: (t5_zero3.dir, t5_zero3.config)}
 
 
 def test_zero2_and_zero3_students_give_the_same_losses(runs):
@@ -112,7 +103,7 @@ def test_zero2_and_zero3_exports_hold_the_same_weights(runs):
 @pytest.mark.parametrize("stage", [2, 3])
 def test_export_verb_turns_the_checkpoint_into_the_same_model(runs, stage, tmp_path):
     run_dir = runs[stage][0]
-    result = run_cli("export", f"--checkpoint_dir={run_dir / 'checkpoints'}", f"--output_dir={tmp_path / 'exported'}")
+    result = run_verb("export", f"--checkpoint_dir={run_dir / 'checkpoints'}", f"--output_dir={tmp_path / 'exported'}")
     assert result.returncode == 0, result.stderr[-3000:]
     final = load_file(run_dir / "model" / "model.safetensors")
     exported = load_file(tmp_path / "exported" / "model.safetensors")
@@ -144,20 +135,16 @@ def test_same_output_dir_without_resume_or_overwrite_is_refused(runs, tmp_path):
     assert "already holds this run's checkpoints; pass --resume" in result.stderr
 
 
-def test_torchrun_and_the_deepspeed_launcher_train_the_same_decoder_only_student(tiny, tmp_path):
-    config = causal_lm_config(
-        tiny, tmp_path / "torchrun", losses={"ce": {"weight": 1.0}, "kd": {"weight": 1.0, "divergence": "reverse_kl"}}
-    )
+def test_torchrun_and_the_deepspeed_launcher_train_the_same_decoder_only_student(gpt2_zero3, tmp_path):
+    config = {**gpt2_zero3.config, "train": {**gpt2_zero3.config["train"], "output_dir": str(tmp_path / "torchrun")}}
     path = write_yaml(tmp_path / "torchrun.yaml", config)
     torchrun = ["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "ds_distill"]
     launch([*torchrun, "distill", f"--config={path}"], tmp_path / "torchrun.log")
-    config["train"]["output_dir"] = str(tmp_path / "deepspeed")
-    distill(tmp_path, "deepspeed", config)
 
     assert sorted(losses(tmp_path / "torchrun")) == [1, 2, 3, 4]
-    assert losses(tmp_path / "torchrun") == pytest.approx(losses(tmp_path / "deepspeed"), rel=1e-6)
+    assert losses(tmp_path / "torchrun") == pytest.approx(losses(gpt2_zero3.dir), rel=1e-6)
     by_torchrun = load_file(tmp_path / "torchrun" / "model" / "model.safetensors")
-    by_deepspeed = load_file(tmp_path / "deepspeed" / "model" / "model.safetensors")
+    by_deepspeed = load_file(gpt2_zero3.dir / "model" / "model.safetensors")
     for name in by_deepspeed:
         torch.testing.assert_close(by_torchrun[name], by_deepspeed[name], rtol=1e-6, atol=1e-7)
     from transformers import AutoModelForCausalLM

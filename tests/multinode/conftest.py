@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, subprocess_env, translation_config
-from tests.distributed.launch import distill, free_port, losses
+from tests.conftest import REPO, subprocess_env
+from tests.distributed.launch import free_port, losses
 
 SCRIPT = ["bash", "tools/local_cluster.sh"]
 
@@ -35,22 +35,27 @@ def cluster() -> dict[str, str]:
         assert down.returncode == 0, down.stdout + down.stderr
 
 
-@pytest.fixture(scope="session")
-def one_node(tiny, tmp_path_factory) -> Path:
-    """The reference: one node with two ranks."""
-    tmp_path = tmp_path_factory.mktemp("one_node")
-    return distill(tmp_path, "one_node", translation_config(tiny, tmp_path / "run"))
+@pytest.fixture
+def one_node(t5_zero2) -> Path:
+    """The reference: one node with two ranks (the shared `t5_zero2` run; these runs skip its BLEU)."""
+    return t5_zero2.dir
+
+
+PEER_TIMEOUT_S = "10"
+"""A lost rank is named after 10 s of silence here, not the default 30 (ds_distill/peers.py)."""
 
 
 def cluster_env(cluster: dict, tmp_path: Path, **extra: str) -> dict[str, str]:
     """The environment a user launches with: the hostfile, a .deepspeed_env for the remote ranks (CPU, one thread,
-    offline, and a marker a test looks for in the ranks' environment), and a known MASTER_PORT."""
+    offline, a short peer timeout, and a marker a test looks for in the ranks' environment), and a known
+    MASTER_PORT."""
     env_file = tmp_path / ".deepspeed_env"
     env_file.write_text(
         "DS_ACCELERATOR=cpu\nOMP_NUM_THREADS=1\nHF_HUB_OFFLINE=1\nTOKENIZERS_PARALLELISM=false\n"
-        "DS_DISTILL_TEST_MARK=from_deepspeed_env\n"
+        f"DS_DISTILL_PEER_TIMEOUT={PEER_TIMEOUT_S}\nDS_DISTILL_TEST_MARK=from_deepspeed_env\n"
     )
-    return {**subprocess_env(), **cluster, "DS_ENV_FILE": str(env_file), "MASTER_PORT": str(free_port()), **extra}
+    return {**subprocess_env(), **cluster, "DS_ENV_FILE": str(env_file), "MASTER_PORT": str(free_port()),
+            "DS_DISTILL_PEER_TIMEOUT": PEER_TIMEOUT_S, **extra}  # fmt: skip
 
 
 def node_processes(node_rank: int, master_port: str, timeout: float = 120) -> list[psutil.Process]:

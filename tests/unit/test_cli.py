@@ -4,7 +4,7 @@ import pytest
 
 from ds_distill import cli
 from ds_distill.errors import ConfigError
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_verb
 
 
 def test_launcher_local_rank_flag_is_removed(monkeypatch):
@@ -90,7 +90,7 @@ def test_chain_refuses_a_run_config_and_evaluate_a_directory_that_is_no_model(tm
     run.write_text(
         "data: {task: causal_lm, dataset: json, data_files: {train: t.jsonl}}\nstudent: {model_name_or_path: s}\n"
     )
-    result = run_cli("chain", f"--config={run}")
+    result = run_verb("chain", f"--config={run}")
     assert result.returncode == 2 and "is a run config, not a chain (no stages:)" in result.stderr
     result = run_cli("evaluate", f"--model={tmp_path}", f"--config={run}")
     assert result.returncode == 2
@@ -98,7 +98,7 @@ def test_chain_refuses_a_run_config_and_evaluate_a_directory_that_is_no_model(tm
 
 
 def test_count_params_prints_every_stage_of_the_chain_recipe():
-    result = run_cli("count_params", "flan_t5_3b_chain")
+    result = run_verb("count_params", "flan_t5_3b_chain")
     assert result.returncode == 0, result.stderr
     assert "stage l12:" in result.stdout and "stage l6:" in result.stdout
     assert "teacher stage l12: 424.5M parameters" in result.stdout
@@ -108,7 +108,7 @@ def test_count_params_prints_every_stage_of_the_chain_recipe():
 def test_config_error_is_one_line_without_traceback(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("trian: {max_steps: 3}\n")
-    result = run_cli("distill", f"--config={bad}")
+    result = run_verb("distill", f"--config={bad}")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: unknown key 'trian'. Did you mean 'train'? Valid keys: method, teacher, student, data, layer_map, losses, train, prune"

@@ -13,7 +13,7 @@ from ds_distill.config.load import load_config
 from ds_distill.errors import ConfigError
 from ds_distill.models import adapters
 from ds_distill.planner import trace as step_trace
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, run_verb
 
 H100 = planner.Hardware(gpus_per_node=1, nodes=1, gpu_memory_gb=80, cpu_memory_gb=1000)
 
@@ -186,12 +186,12 @@ def test_bad_hardware_is_refused():
 
 
 def test_plan_command(tmp_path):
-    result = run_cli("plan", "--recipe=flan_t5_3b_145m", "--gpus_per_node=8", "--gpu_memory_gb=80",
+    result = run_verb("plan", "--recipe=flan_t5_3b_145m", "--gpus_per_node=8", "--gpu_memory_gb=80",
                      "--cpu_memory_gb=1000")  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "fastest that fits: teacher replicated" in result.stdout
     assert "--student.deepspeed_config=ds_configs/student_zero2.json" in result.stdout
-    result = run_cli("plan", "--recipe=flan_t5_3b_145m", "--gpus_per_node=0")
+    result = run_verb("plan", "--recipe=flan_t5_3b_145m", "--gpus_per_node=0")
     assert result.returncode == 2 and "--gpus_per_node must be a whole number" in result.stderr
 
 

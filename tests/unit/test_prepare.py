@@ -162,11 +162,11 @@ def test_a_loading_script_dataset_is_one_clear_line(tiny, tmp_path, monkeypatch)
 
 def test_prepared_data_is_loaded_as_prepared_and_other_settings_are_refused(tiny, tmp_path, monkeypatch):
     from ds_distill.data import tokenized as data
-    from tests.conftest import run_cli, write_yaml
+    from tests.conftest import run_verb, write_yaml
 
     tokenized_path = tmp_path / "tokenized"
     config = translation_config(tiny, tmp_path / "out", data={"tokenized_path": str(tokenized_path)})
-    result = run_cli("prepare_data", f"--config={write_yaml(tmp_path / 'run.yaml', config)}")
+    result = run_verb("prepare_data", f"--config={write_yaml(tmp_path / 'run.yaml', config)}")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "train: 512 rows" in result.stdout and (tokenized_path / data.PREPARED_MARKER).is_file()
 

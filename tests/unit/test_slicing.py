@@ -203,21 +203,21 @@ def test_target_params_proposes_dimensions_near_the_size():
 
 
 def test_make_student_verb_cuts_ranks_reports_and_protects_the_output(tiny, tmp_path):
-    from tests.conftest import run_cli, translation_config, write_yaml
+    from tests.conftest import run_verb, translation_config, write_yaml
 
     run = write_yaml(tmp_path / "run.yaml", translation_config(tiny, tmp_path / "run"))
     out = tmp_path / "student"
     args = [f"--teacher={tiny['t5']}", f"--output_dir={out}", "--encoder_layers=1", "--decoder_layers=1"]
     args += ["--d_model=32", "--d_ff=64", "--num_heads=2", "--width=importance", f"--data={run}"]
-    result = run_cli("make_student", *args)
+    result = run_verb("make_student", *args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "encoder blocks from teacher blocks [0]" in result.stdout and "M parameters" in result.stdout
-    counted = run_cli("count_params", str(out))
+    counted = run_verb("count_params", str(out))
     assert counted.returncode == 0 and "M parameters" in counted.stdout
-    assert run_cli("make_student", *args).returncode == 0  # an earlier make_student output is replaced
+    assert run_verb("make_student", *args).returncode == 0  # an earlier make_student output is replaced
 
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
-    refused = run_cli("make_student", f"--teacher={tiny['t5']}", f"--output_dir={foreign}")
+    refused = run_verb("make_student", f"--teacher={tiny['t5']}", f"--output_dir={foreign}")
     assert refused.returncode == 2 and "is not empty and is not an earlier make_student output" in refused.stderr
