@@ -2,9 +2,10 @@
 
     python bench/gpu_suite.py prepare                  # here, where PyPI and ../shared are: assets and wheels
     python bench/gpu_suite.py run --out=DIR            # on the GPU machine: figures to DIR/results.{json,md}
-    python bench/gpu_suite.py run --dry_run            # every part at tiny shapes on the CPU (CI runs this)
+    python bench/gpu_suite.py run --dry_run            # every part at tiny shapes on the CPU (a test runs it)
 
-On a lent GPU (the device tool's `run`), after `prepare`: carry `.bench_assets/gpu_suite` and `.whl`, and run
+On a GPU machine without a package index, after `prepare` here: copy `.bench_assets/gpu_suite` and `.whl` there
+beside the checkout, and run from its root
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \\
         PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 python3 bench/gpu_suite.py run --out=$OUT
@@ -45,7 +46,8 @@ from bench import gpu_throughput as measure  # noqa: E402
 
 ASSETS = REPO / ".bench_assets" / "gpu_suite"
 WHEELS = REPO / ".whl"
-CARRIED = {  # what the GPU image lacks (its list: the device tool's KINDS.md), at the versions tested here
+CARRIED = {  # what the GPU machines' image lacked when last read (it has torch, transformers and the rest), at the
+    # versions tested here
     "deepspeed": "0.19.8", "datasets": "5.2.0", "fire": "0.7.1", "termcolor": "3.3.0", "hjson": "3.1.0",
     "pydantic": "2.13.4", "pydantic_core": "2.46.4", "annotated-types": "0.7.0", "typing-inspection": "0.4.2",
     "dill": "0.4.1", "multiprocess": "0.70.19",

@@ -21,6 +21,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # the workers share the cores: one thread each, as each launched rank has (two threads per worker spin-wait
+    # in their parallel regions while the other worker's processes hold the cores)
+    torch.set_num_threads(1)
 
 from tests import real_models, tiny_models  # noqa: E402
 

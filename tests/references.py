@@ -61,10 +61,10 @@ def t5_config(tiny, output_dir: Path, **sections) -> dict:
     return translation_config(tiny, output_dir, train=train, **sections)
 
 
-def gpt2_config(tiny, output_dir: Path, **sections) -> dict:
+def gpt2_config(tiny, output_dir: Path) -> dict:
     """`gpt2_zero3`'s config."""
     losses = {"ce": {"weight": 1.0}, "kd": {"weight": 1.0, "divergence": "reverse_kl"}, "cka": {"weight": 1.0}}
-    return causal_lm_config(tiny, output_dir, losses={**losses, **sections.pop("losses", {})}, **sections)
+    return causal_lm_config(tiny, output_dir, losses=losses)
 
 
 def cohort_alone_config(tiny, output_dir: Path, name: str) -> dict:

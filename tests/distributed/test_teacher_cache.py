@@ -41,16 +41,14 @@ def test_two_ranks_write_the_cache_of_one_a_killed_run_resumes_and_a_cached_run_
     vocabulary = len(AutoTokenizer.from_pretrained(tiny["tokenizer"]))
     config = t5_zero2.config
     path = write_yaml(tmp_path / "run.yaml", config)
-    flags = [f"--top_k={vocabulary}", "--dtype=float32", "--shard_examples=16", "--batch_size=4"]
+    flags = [f"--top_k={vocabulary}", "--dtype=float32", "--shard_examples=16", "--batch_size=1"]  # a shard: 16 forwards
 
     one = run_cli("cache_teacher", f"--config={path}", f"--output_dir={tmp_path / 'one'}", *flags)
     assert one.returncode == 0, one.stderr[-4000:]
     expected = cache_files(tmp_path / "one")
-    two = deepspeed_command(path, f"--output_dir={tmp_path / 'two'}", *flags, verb="cache_teacher")
-    launch(two, tmp_path / "two.log")
-    assert_same_cache(tmp_path / "two", expected)
 
-    # kill -9 every rank once the first shards are written; the same command then writes only the rest
+    # two ranks, killed (kill -9 every rank) once the first shards are written; the same command then writes
+    # only the rest, and the two ranks' cache is the one rank's
     killed = deepspeed_command(path, f"--output_dir={tmp_path / 'killed'}", *flags, verb="cache_teacher")
     with open(tmp_path / "killed_first.log", "w") as out:
         process = subprocess.Popen(killed, cwd=REPO, env=subprocess_env(), stdout=out, stderr=subprocess.STDOUT,
