@@ -41,7 +41,12 @@ def test_two_ranks_write_the_cache_of_one_a_killed_run_resumes_and_a_cached_run_
     vocabulary = len(AutoTokenizer.from_pretrained(tiny["tokenizer"]))
     config = t5_zero2.config
     path = write_yaml(tmp_path / "run.yaml", config)
-    flags = [f"--top_k={vocabulary}", "--dtype=float32", "--shard_examples=16", "--batch_size=1"]  # a shard: 16 forwards
+    flags = [
+        f"--top_k={vocabulary}",
+        "--dtype=float32",
+        "--shard_examples=16",
+        "--batch_size=1",
+    ]  # a shard: 16 forwards
 
     one = run_cli("cache_teacher", f"--config={path}", f"--output_dir={tmp_path / 'one'}", *flags)
     assert one.returncode == 0, one.stderr[-4000:]
