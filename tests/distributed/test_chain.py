@@ -1,7 +1,7 @@
 """`ds-distill chain` on 2 CPU ranks: three tiny T5 stages, each cut from its teacher's weights (teacher -> two
 students of 2+2 and 1+1 blocks on one teacher pass -> 1+1 from the wider one -> a narrower 1+1), killed in stage 2
 and rerun: stage 2 resumes, stage 1 is left byte for byte, and the end is the uninterrupted chain's. Reruns
-that skip every stage or refuse one run in one process."""
+that skip, refuse or redo stages run in one process."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def chain_config(tiny, output_dir) -> dict:
 
 def run_chain(tmp_path, name, config, *flags, ranks: int = 2) -> subprocess.CompletedProcess:
     """The chain on 2 ranks (`deepspeed`), or in one process where the ranks are not the subject (a rerun that
-    skips or refuses)."""
+    skips, refuses or redoes stages)."""
     path = write_yaml(tmp_path / f"{name}.yaml", config)
     if ranks == 1:
         result = run_cli("chain", f"--config={path}", *flags, timeout=900)
@@ -118,7 +118,7 @@ def test_a_chain_killed_in_stage_2_resumes_there_and_ends_as_an_uninterrupted_on
     refused = run_chain(tmp_path, "changed", whole, ranks=1)
     assert refused.returncode == 2
     assert "stage l1 finished with another config" in refused.stderr and "--overwrite=l1" in refused.stderr
-    redone = run_chain(tmp_path, "changed_overwrite", whole, "--overwrite=l1,l1_narrow")
+    redone = run_chain(tmp_path, "changed_overwrite", whole, "--overwrite=l1,l1_narrow", ranks=1)
     assert redone.returncode == 0, redone.stdout[-4000:] + redone.stderr[-4000:]
     assert "stage l2 finished earlier" in redone.stdout
     manifest = json.loads((tmp_path / "whole" / "chain.json").read_text())

@@ -14,7 +14,7 @@ import pytest
 
 from ds_distill.chain import tree_hash
 from tests.conftest import REPO, translation_config, write_yaml
-from tests.distributed.test_chain import chain_config
+from tests.distributed.test_chain import chain_config, sliced
 from tests.multinode.conftest import PEER_TIMEOUT_S, assert_same_run, cluster_env, node_processes
 
 pytestmark = pytest.mark.multinode
@@ -71,7 +71,10 @@ def test_a_lost_node_stops_the_other_within_3_peer_timeouts_naming_it_and_the_re
 def test_a_chain_across_two_nodes_killed_in_stage_2_resumes_stage_2(cluster, tiny, tmp_path):
     """The chain script with CONFIG=, its first node (rank 0, which holds the rendezvous store) killed."""
     config = chain_config(tiny, tmp_path / "chain")
-    config["stages"] = config["stages"][:2]
+    config["stages"] = [
+        {"name": "l2", "student": sliced(2, 48, 96, 3)},
+        {"name": "l1", "student": sliced(1, 32, 64, 2)},
+    ]
     env = cluster_env(cluster, tmp_path, CONFIG=str(write_yaml(tmp_path / "chain.yaml", config)))
     process = launch("launch_scripts/flan_t5_3b_chain.sh", env, tmp_path / "killed_stdout.log")
     latest = tmp_path / "chain" / "l1" / "checkpoints" / "latest"
