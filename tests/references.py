@@ -1,8 +1,8 @@
 """Reference runs that several tests assert on: each launched once per session, read-only afterwards.
 
-A 2-rank launch costs about 20 s of fixed work (interpreters, imports, process group, engines), its tiny steps
-milliseconds, so tests compare against these runs instead of launching their own copy (as DeepSpeed's suite
-shares one distributed environment between tests). A test that must change a run works on a copy: `cut_back`
+A 2-rank launch costs about 12 s and 20 CPU-seconds of fixed work (launcher, interpreters, imports, engines:
+bench/RESULTS.md), its tiny steps milliseconds, so tests compare against these runs instead of launching their
+own copy (as DeepSpeed's suite shares one distributed environment between tests). A test that must change a run works on a copy: `cut_back`
 makes one as a killed run would have left it. At the end of the session each reference is checked unchanged.
 
 - `t5_zero2`: the tiny T5 teacher under ZeRO-3 inference, a 1+1-block student under ZeRO-2, CE + KD, 12 steps,
