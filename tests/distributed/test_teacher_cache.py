@@ -59,12 +59,13 @@ def test_two_ranks_write_the_cache_of_one_a_killed_run_resumes_and_a_cached_run_
         process = subprocess.Popen(killed, cwd=REPO, env=subprocess_env(), stdout=out, stderr=subprocess.STDOUT,
                                    start_new_session=True)  # fmt: skip
         deadline = time.time() + 300
-        while not (tmp_path / "killed" / "shard_00001.safetensors").exists() and time.time() < deadline:
+        # each rank writes its own shards, so shard 1 can come first: wait for any two
+        while len(list((tmp_path / "killed").glob("shard_*.safetensors"))) < 2 and time.time() < deadline:
             time.sleep(0.01)
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
     written = {p: p.stat().st_mtime_ns for p in (tmp_path / "killed").glob("shard_*.safetensors")}
-    assert 2 <= len(written) < 32, "the cache run finished before it could be killed"
+    assert 2 <= len(written) < 32, f"{len(written)} of 32 shards written when the run was killed"
     assert not json.loads((tmp_path / "killed" / "cache.json").read_text())["complete"]
     launch(killed, tmp_path / "killed_rerun.log")
     assert_same_cache(tmp_path / "killed", expected)
