@@ -8,7 +8,9 @@ a daemon thread beside its work:
 - every rank but 0 adds 1 to its own counter in the rendezvous store every `interval_s`;
 - rank 0 (whose process holds the store) reads all counters in one round trip; a counter that has not moved for
   `lost_after_s` is a lost rank, and rank 0 writes that verdict to the store;
-- the other ranks read the verdict, or find the store itself gone, which means rank 0 (or its node) was lost;
+- the other ranks read the verdict and say so in the store, or find the store itself gone, which means rank 0
+  (or its node) was lost; so rank 0, whose store ends with it, waits for every other rank still beating to have
+  read the verdict (at most three watch periods) before it leaves;
 - every rank that reaches a verdict prints it, naming the lost rank, its node and host, and leaves at once
   (`os._exit`: its main thread may be blocked in a collective). The launcher on each node then stops its other
   ranks, and the same command run again resumes from the newest complete checkpoint.
@@ -72,6 +74,8 @@ class Watch(threading.Thread):
                         rank_0 = self.store.get("where/0").decode()
                     self.store.add(f"beat/{self.rank}", 1)
                     verdict = self.store.get("lost").decode() if self.store.check(["lost"]) else None
+                    if verdict:
+                        self.store.set(f"read/{self.rank}", "1")
             except Exception as error:  # noqa: BLE001 - any failure to reach the store means its holder is gone
                 if self._ending.is_set():
                     return
@@ -95,8 +99,19 @@ class Watch(threading.Thread):
                 verdict = (f"rank {other} ({where}) was lost: its process or its node ended, no sign of life for "
                            f"{now - last_moved[other]:.0f} s")  # fmt: skip
                 self.store.set("lost", verdict)
+                self._wait_until_read([r for r in others if r != other])
                 return verdict
         return None
+
+    def _wait_until_read(self, ranks: list[int]) -> None:
+        """Until each of `ranks` has read the verdict or ended cleanly (at most three watch periods: a rank lost
+        too never will)."""
+        deadline = time.monotonic() + 3 * self.interval_s
+        while time.monotonic() < deadline:
+            ranks = [r for r in ranks if not self.store.check([f"read/{r}"]) and not self.store.check([f"done/{r}"])]
+            if not ranks:
+                return
+            time.sleep(min(0.1, self.interval_s / 4))
 
     def stop(self) -> None:
         """Ends the watch of this rank (a clean end: the others will not take its silence for a loss)."""

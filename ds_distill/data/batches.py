@@ -30,7 +30,13 @@ from ds_distill.objectives.base import IGNORE_INDEX
 
 
 def make_collator(data: DataConfig, tokenizer, model: torch.nn.Module | None = None):
-    """Dynamic padding; for seq2seq, `model` turns labels into decoder inputs its own way (T5 vs BART)."""
+    """Dynamic padding, on the right whatever side the tokenizer pads (chat tokenizers often ship left padding,
+    for generation): a row's outputs then do not depend on the padding of the batch it is in, in a model with
+    absolute positions too, so the teacher cache's rows are the online ones. For seq2seq, `model` turns labels
+    into decoder inputs its own way (T5 vs BART)."""
+    if tokenizer.padding_side != "right":
+        tokenizer = copy.copy(tokenizer)
+        tokenizer.padding_side = "right"
     if data.task in ("translation", "seq2seq"):
         return DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
     if data.task == "causal_lm" and data.prompt_field:  # rows of their own lengths, padded per batch

@@ -10,7 +10,9 @@ own ones too), per rank:
                      module, the prefetched ones and the small weights it keeps whole (zero3); or only that
                      working set, the partition held in pinned host memory (cpu) or on NVMe (nvme)
     student states   parameters, gradients and Adam states, from DeepSpeed's own estimators
-                     (`estimate_zero2_model_states_mem_needs`, `estimate_zero3_model_states_mem_needs`)
+                     (`estimate_zero2_model_states_mem_needs`, `estimate_zero3_model_states_mem_needs`; under
+                     ZeRO-3 with one gathered largest module and its gradient: the LM head, which the logit
+                     terms' chunk pass gathers once in the forward and once in the backward, `head.py`)
     step             the peak of live tensors over one training step: the teacher's logits, the student's
                      activations, the logit losses and the backward pass, traced on the CPU at the run's widths,
                      lengths, dtype and gradient checkpointing (`trace.py`)

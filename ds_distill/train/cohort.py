@@ -22,7 +22,7 @@ from ds_distill.config.run import RunConfig
 from ds_distill.errors import ConfigError
 from ds_distill.train import checkpoint
 from ds_distill.train.loop import Trainer
-from ds_distill.train.prepare import Prepared, claim_output_dir, on_policy, prepare
+from ds_distill.train.prepare import Prepared, claim_output_dir, on_policy_options, prepare
 from ds_distill.train.teacher import TeacherFeatures, load_teacher
 
 
@@ -135,7 +135,7 @@ def distill_students(
     dist.init(next(iter(runs.values())).train.ddp_timeout)
     prepared = {}
     for name, run in runs.items():
-        if on_policy(run):
+        if on_policy_options(run):
             raise ConfigError(
                 f"students.{name}: losses.kd.on_policy: the teacher scores each student's own samples, so students "
                 "cannot share its pass; train this one as a run of its own"

@@ -26,7 +26,7 @@ from ds_distill.data import batches
 from ds_distill.evaluation import evaluate
 from ds_distill.surgery import prune
 from ds_distill.train import checkpoint, engines, export, on_policy
-from ds_distill.train.prepare import Prepared, prepare, write_run_files
+from ds_distill.train.prepare import Prepared, on_policy_options, prepare, write_run_files
 from ds_distill.train.progress import LogWindow, RunLog, memory_in_use_gb, peak_memory_gb
 from ds_distill.train.student import build_student, target_index, token_counts
 from ds_distill.train.teacher import TeacherFeatures, load_teacher
@@ -66,14 +66,12 @@ class Trainer:
         self.student_adapter = models.adapter_for(p.student_config)
         if self.run.teacher.cache:
             self.teacher_side = CachedTeacher(self.run.teacher.cache, self.student_adapter)
-        self.on_policy, self.on_policy_terms = None, ()
-        for name, loss in losses.items():
-            options = getattr(loss.options, "on_policy", None) if hasattr(loss, "options") else None
-            if options is not None:
-                synced = on_policy.synced_generation(p.student_ds)
-                prompted = bool(self.run.data.prompt_field)
-                self.on_policy = on_policy.OnPolicy(options, seed, self.student_adapter, p.tokenizer, synced, prompted)
-                self.on_policy_terms = (name,)
+        self.on_policy = None
+        if options := on_policy_options(self.run):
+            self.on_policy = on_policy.OnPolicy(
+                options, seed, self.student_adapter, p.tokenizer, p.generation_config,
+                synced=on_policy.synced_generation(p.student_ds), prompted=bool(self.run.data.prompt_field),
+            )  # fmt: skip
         self.pruner = prune.Pruner(self.engine.module.student, self.run.prune) if self.run.prune else None
         if self.pruner is not None:
             self.engine.module.kept_heads = self.pruner.kept_heads
@@ -158,7 +156,7 @@ class Trainer:
         step_tokens = self.step_tokens(batches, sampled)
         for index, batch in enumerate(batches):
             batch = self.to_device(batch)
-            only = self.on_policy_terms if sampled[index] else None
+            only = on_policy.TERMS if sampled[index] else None
             last = index == len(batches) - 1
             self.micro_step(batch, self.teacher_features(batch), step_tokens, last=last, only=only)
 

@@ -12,6 +12,13 @@ taken on the sampled tokens only. The other micro-batches are teacher-forced on 
 other term stay means over the step's data tokens; KD becomes a mean over all its tokens, the data's and the
 sampled ones ("sampled" in the step's token counts).
 
+The samples are pure ancestral samples of the student at `temperature`: of the model's generation config only
+its ids are kept (where a sequence starts, every id that ends one, what pads), none of its search settings or
+logits processors (beams, n-gram blocking, repetition penalties, minimum lengths, forced tokens: BART-base ships
+the first three, Qwen2.5-Instruct a repetition penalty), which would make the samples another policy's.
+Evaluation and the export keep that config as it is. A sample ends at its first end id, whichever of the
+model's it is (Qwen-Instruct ends at `<|im_end|>` or `<|endoftext|>`): nothing after it is a target.
+
 Under ZeRO-3 the student generates with its weights gathered module by module and all ranks in step
 (`synced_gpus`), as evaluation does.
 """
@@ -20,21 +27,27 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from transformers import GenerationConfig
 
 from ds_distill import dist, models
 from ds_distill.data import batches
 from ds_distill.objectives.base import IGNORE_INDEX
 
 STREAM = 0x0B  # keeps the draw apart from other streams seeded by train.seed
+TERMS = ("kd",)  # the terms an on-policy micro-batch takes
 
 
 class OnPolicy:
     """Which micro-batches are on-policy, and those batches with the student's samples as their targets."""
 
-    def __init__(self, options, seed: int, adapter: models.ModelAdapter, tokenizer, synced: bool, prompted: bool):
-        """`synced`: generate with the ranks in step (ZeRO-3); `prompted`: decoder-only examples have prompts."""
+    def __init__(self, options, seed: int, adapter: models.ModelAdapter, tokenizer, generation_config, *,
+                 synced: bool, prompted: bool):  # fmt: skip
+        """`generation_config`: the student's, whose ids the samples keep; `synced`: generate with the ranks in
+        step (ZeRO-3); `prompted`: decoder-only examples have prompts."""
         self.options, self.seed, self.adapter, self.tokenizer = options, seed, adapter, tokenizer
         self.synced, self.prompted = synced, prompted
+        self.end_ids = end_ids(tokenizer, generation_config)
+        self.sampling = sampling_config(generation_config, options, tokenizer, self.end_ids)
 
     def prompt_length(self, batch: dict[str, torch.Tensor]) -> int:
         return min(self.options.prompt_tokens, batch["input_ids"].shape[1] - 1)
@@ -48,7 +61,6 @@ class OnPolicy:
     @torch.no_grad()
     def sampled(self, student, batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
         """`batch` (on the host) with the student's samples as its targets, on the host."""
-        options = self.options
         training = student.training
         student.eval()  # no dropout while sampling: the samples are the policy's own
         prompt_rows = batches.prompts(batch) if self.adapter.kind != "seq2seq" and self.prompted else None
@@ -59,29 +71,23 @@ class OnPolicy:
         else:  # packed blocks: no padding, so every prompt has the same length
             ids = batch["input_ids"][:, : self.prompt_length(batch)]
             sources = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        # the model's own config stands aside: `generate` fills what a passed config leaves unset from it
+        own, student.generation_config = student.generation_config, self.sampling
         try:
-            outputs = student.generate(
-                **{key: value.to(device) for key, value in sources.items()},
-                pad_token_id=self.tokenizer.pad_token_id,
-                do_sample=True,
-                temperature=options.temperature,
-                top_k=0,
-                top_p=1.0,
-                max_new_tokens=options.max_new_tokens,
-                synced_gpus=self.synced,
-            ).cpu()
+            sources = {key: value.to(device) for key, value in sources.items()}
+            outputs = student.generate(**sources, synced_gpus=self.synced).cpu()
         finally:
+            student.generation_config = own
             student.train(training)
         return self._as_targets(batch, outputs, prompt_rows)
 
     def _as_targets(self, batch: dict[str, torch.Tensor], outputs: torch.Tensor, prompt_rows=None):
         """The batch with `outputs` (generate's sequences) as its labels: every sampled token up to and with the
-        first end-of-sequence one; what generate padded after it does not count. `prompt_rows`: the prompts of
-        a prompted decoder-only batch, which `outputs` continue after their left padding."""
-        eos = self.tokenizer.eos_token_id
+        first end id; what generate padded after it does not count. `prompt_rows`: the prompts of a prompted
+        decoder-only batch, which `outputs` continue after their left padding."""
         if self.adapter.kind == "seq2seq":
             sampled = outputs[:, 1:]  # after the decoder's start token
-            labels = _until_end(sampled, eos)
+            labels = _until_end(sampled, self.end_ids)
             return {
                 "input_ids": batch["input_ids"],
                 "attention_mask": batch["attention_mask"],
@@ -92,16 +98,16 @@ class OnPolicy:
             return self._prompted_targets(outputs, prompt_rows)
         prompt = self.prompt_length(batch)
         labels = torch.full_like(outputs, IGNORE_INDEX)
-        labels[:, prompt:] = _until_end(outputs[:, prompt:], eos)
+        labels[:, prompt:] = _until_end(outputs[:, prompt:], self.end_ids)
         attention_mask = torch.ones_like(outputs)
         attention_mask[:, prompt:] = labels[:, prompt:] != IGNORE_INDEX
         return {"input_ids": outputs, "attention_mask": attention_mask, "labels": labels}
 
     def _prompted_targets(self, outputs: torch.Tensor, prompt_rows: list[list[int]]) -> dict[str, torch.Tensor]:
-        """Each row as prompt + its sampled tokens up to and with the first end-of-sequence one, right-padded
-        as training batches are."""
+        """Each row as prompt + its sampled tokens up to and with the first end id, right-padded as training
+        batches are."""
         start = max(len(prompt) for prompt in prompt_rows)  # where the left-padded prompts end
-        sampled = _until_end(outputs[:, start:], self.tokenizer.eos_token_id)
+        sampled = _until_end(outputs[:, start:], self.end_ids)
         rows = [
             (prompt, [token for token in row if token != IGNORE_INDEX])
             for prompt, row in zip(prompt_rows, sampled.tolist())
@@ -120,11 +126,34 @@ class OnPolicy:
         return out
 
 
-def _until_end(tokens: torch.Tensor, eos_token_id: int | None) -> torch.Tensor:
-    """`tokens` with everything after each row's first `eos_token_id` set to IGNORE_INDEX."""
-    if eos_token_id is None:
+def end_ids(tokenizer, generation_config) -> list[int]:
+    """Every id that ends a sample: the tokenizer's end-of-sequence token and the generation config's (one id
+    or a list), at any of which `generate` stops a row."""
+    ids = generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    return sorted({*ids, tokenizer.eos_token_id} - {None})
+
+
+def sampling_config(model_config, options, tokenizer, end: list[int]) -> GenerationConfig:
+    """Ancestral sampling at `options.temperature` from the student's distribution over the tokenizer's
+    vocabulary, ending at any of `end`: of `model_config` (the student's generation config) only the ids where
+    a sequence starts, and the ids it suppresses past the tokenizer (rows of a padded embedding, which the KD
+    term never compares: `export.generation_config`)."""
+    padded = [i for i in model_config.suppress_tokens or [] if i >= len(tokenizer)]
+    return GenerationConfig(
+        do_sample=True, num_beams=1, temperature=options.temperature, top_k=0, top_p=1.0,
+        max_new_tokens=options.max_new_tokens, eos_token_id=end, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=model_config.bos_token_id, decoder_start_token_id=model_config.decoder_start_token_id,
+        suppress_tokens=padded or None,
+    )  # fmt: skip
+
+
+def _until_end(tokens: torch.Tensor, end: list[int]) -> torch.Tensor:
+    """`tokens` with everything after each row's first id of `end` set to IGNORE_INDEX."""
+    if not end:
         return tokens.clone()
-    ended = (tokens == eos_token_id).int().cumsum(1) - (tokens == eos_token_id).int() > 0
+    is_end = torch.isin(tokens, torch.tensor(end)).int()
+    ended = is_end.cumsum(1) - is_end > 0
     return tokens.masked_fill(ended, IGNORE_INDEX)
 
 

@@ -12,11 +12,13 @@ from typing import Any
 
 from ds_distill import dist, models
 from ds_distill.config import deepspeed as ds_config
+from ds_distill.config.load import coerce, from_dict
 from ds_distill.config.run import RunConfig, to_yaml
 from ds_distill.data import batches, tokenizers
 from ds_distill.data import tokenized as data
 from ds_distill.errors import ConfigError
 from ds_distill.objectives.layerwise import ModelPair
+from ds_distill.objectives.logits import KDOptions, OnPolicyOptions
 from ds_distill.objectives.registry import build_losses
 from ds_distill.surgery import prune
 from ds_distill.train import checkpoint, export, run_dir, teacher_cache
@@ -115,7 +117,7 @@ def check_models(run: RunConfig):
     if run.train.eval_metric in ("bleu", "rouge") and adapter.kind != "seq2seq":
         raise ConfigError(f"train.eval_metric '{run.train.eval_metric}' needs a seq2seq model; use loss or accuracy")
     losses, _ = build_losses(run.losses, model_pair(run, student_config, teacher_config))
-    if on_policy(run):
+    if on_policy_options(run):
         if adapter.kind == "encoder":
             raise ConfigError(
                 "losses.kd.on_policy: the student samples its own outputs, and an encoder-only one cannot"
@@ -134,10 +136,17 @@ def check_models(run: RunConfig):
     return teacher_config, student_config
 
 
-def on_policy(run: RunConfig) -> bool:
-    """Whether the run's KD term is also taken on the student's own samples (train/on_policy.py)."""
-    options = (run.losses.get("kd") or {}).get("on_policy")
-    return bool(options) and float(options.get("fraction", 0.5)) > 0
+def on_policy_options(run: RunConfig) -> OnPolicyOptions | None:
+    """The KD term's on-policy options where the run samples (the term weighted, its fraction above 0), else
+    None: the one rule for whether the KD term is also taken on the student's own samples (train/on_policy.py)."""
+    spec = run.losses.get("kd")
+    if not isinstance(spec, dict) or "on_policy" not in spec:  # a malformed term is build_losses' to refuse
+        return None
+    spec = dict(spec)
+    if coerce(spec.pop("weight", 1.0), float, "losses.kd.weight") == 0:
+        return None
+    options = from_dict(KDOptions, spec, "losses.kd").on_policy
+    return options if options is not None and options.fraction > 0 else None
 
 
 def model_pair(run: RunConfig, student_config, teacher_config) -> ModelPair | None:

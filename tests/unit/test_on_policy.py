@@ -10,24 +10,40 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import GenerationConfig
 
-from ds_distill.config.run import DataConfig
+from ds_distill.config.load import from_dict
+from ds_distill.config.run import DataConfig, RunConfig
 from ds_distill.data import tokenized as data
 from ds_distill.data import tokenizers
 from ds_distill.errors import ConfigError
 from ds_distill.objectives.logits import OnPolicyOptions
 from ds_distill.objectives.registry import build_losses
 from ds_distill.train.on_policy import OnPolicy
+from ds_distill.train.prepare import on_policy_options
 from tests import tiny_models
+from tests.conftest import translation_config
 from tests.unit.test_losses import TEACHER_PRESENT, reference
 
-EOS, PAD = 1, 0
+EOS, PAD, VOCAB = 1, 0, 40
 
 
-def policy(kind: str = "seq2seq", prompted: bool = False, **options) -> OnPolicy:
-    tokenizer = type("Tokenizer", (), {"eos_token_id": EOS, "pad_token_id": PAD})()
+class Tokenizer:
+    """What OnPolicy reads of a tokenizer."""
+
+    def __init__(self, eos=EOS, pad=PAD, size=VOCAB):
+        self.eos_token_id, self.pad_token_id, self.size = eos, pad, size
+
+    def __len__(self):
+        return self.size
+
+
+def policy(kind: str = "seq2seq", prompted: bool = False, tokenizer=None, generation_config=None, **options):
     adapter = type("Adapter", (), {"kind": kind})()
-    return OnPolicy(OnPolicyOptions(**options), 3, adapter, tokenizer, synced=False, prompted=prompted)
+    tokenizer = tokenizer or Tokenizer()
+    generation_config = generation_config or GenerationConfig(eos_token_id=tokenizer.eos_token_id)
+    return OnPolicy(OnPolicyOptions(**options), 3, adapter, tokenizer, generation_config, synced=False,
+                    prompted=prompted)  # fmt: skip
 
 
 def test_the_share_of_on_policy_micro_batches_is_seeded_and_the_same_for_a_resumed_run():
@@ -56,6 +72,84 @@ def test_sampled_tokens_count_up_to_and_with_the_first_end_of_sequence():
     sampled = policy("causal", prompt_tokens=3)._as_targets(block, outputs)
     assert sampled["labels"].tolist() == [[-100, -100, -100, 40, 41, EOS, -100, -100]]
     assert sampled["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 1, 0, 0]]
+
+
+def test_a_run_samples_where_its_weighted_kd_term_has_a_fraction_above_0(tiny):
+    """One rule (`on_policy_options`) for the checks before weights load, the cohort and the trainer."""
+
+    def options(kd: dict):
+        return on_policy_options(from_dict(RunConfig, translation_config(tiny, "-", losses={"kd": kd})))
+
+    assert options({"on_policy": {"fraction": 0.25, "max_new_tokens": 8}}) == OnPolicyOptions(0.25, max_new_tokens=8)
+    assert options({"on_policy": {}}) == OnPolicyOptions()  # fraction 0.5
+    assert options({"on_policy": {"fraction": 0.0}}) is None
+    assert options({"weight": 0.0, "on_policy": {"fraction": 0.5}}) is None
+    assert options({"temperature": 2.0}) is None
+
+
+def test_a_sample_ends_at_any_of_the_models_end_ids_and_nothing_after_it_is_a_target():
+    """A Llama-3- or Qwen-Instruct-like model: generation ends at 4 or 5, the tokenizer's EOS is 4, and generate
+    pads with 5 after a row's end; every end id ends a sample."""
+    tokenizer = Tokenizer(eos=4, pad=5)
+    sampling = policy("causal", tokenizer=tokenizer, generation_config=GenerationConfig(eos_token_id=[5, 4]),
+                      prompt_tokens=2)  # fmt: skip
+    assert sampling.end_ids == [4, 5] and sampling.sampling.eos_token_id == [4, 5]
+    block = {"input_ids": torch.arange(10, 18).view(2, 4), "attention_mask": torch.ones(2, 4, dtype=torch.long)}
+    outputs = torch.tensor([[10, 11, 30, 5, 5, 5], [14, 15, 31, 32, 4, 5]])
+    sampled = sampling._as_targets(block, outputs)
+    assert sampled["labels"].tolist() == [[-100, -100, 30, 5, -100, -100], [-100, -100, 31, 32, 4, -100]]
+    assert sampled["attention_mask"].tolist() == [[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0]]
+
+    outputs = torch.tensor([[PAD, 30, 5, 5, 5], [PAD, 31, 32, 4, 5]])  # encoder-decoder: after the start token
+    labels = policy(tokenizer=tokenizer, generation_config=GenerationConfig(eos_token_id=[4, 5]))._as_targets(
+        {"input_ids": block["input_ids"], "attention_mask": block["attention_mask"]}, outputs
+    )["labels"]  # fmt: skip
+    assert labels.tolist() == [[30, 5, -100, -100], [31, 32, 4, -100]]
+
+
+def bart_with_search_settings() -> torch.nn.Module:
+    """A tiny BART whose generation config ships what changes the distribution samples come from (BART-base
+    ships num_beams 4 and no_repeat_ngram_size 3), rows past the tokenizer's 36 ids suppressed (a padded
+    embedding), and ends at 2."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    config = BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64,
+                        pad_token_id=PAD, bos_token_id=3, eos_token_id=2, decoder_start_token_id=2,
+                        forced_eos_token_id=None)  # fmt: skip
+    torch.manual_seed(0)
+    model = BartForConditionalGeneration(config).eval()
+    model.generation_config = GenerationConfig(
+        num_beams=4, no_repeat_ngram_size=1, repetition_penalty=2.0, min_new_tokens=12, forced_eos_token_id=2,
+        forced_bos_token_id=3, top_k=5, eos_token_id=2, pad_token_id=PAD, bos_token_id=3, decoder_start_token_id=2,
+        suppress_tokens=[6, *range(36, VOCAB)], max_length=7,
+    )  # fmt: skip
+    return model
+
+
+def test_on_policy_samples_are_the_students_ancestral_samples_whatever_its_generation_config_says():
+    """The student's generation config asks for beams, n-gram blocking, a repetition penalty, a minimum length,
+    forced tokens, top-k and a suppressed id: the samples are those of plain sampling at the temperature over
+    the tokenizer's vocabulary (the same seed, the same tokens), and the model keeps its config."""
+    model = bart_with_search_settings()
+    own = model.generation_config.to_dict()
+    sampling = policy(tokenizer=Tokenizer(eos=2, size=36), generation_config=model.generation_config,
+                      temperature=1.3, max_new_tokens=30)  # fmt: skip
+    batch = {"input_ids": torch.randint(7, 36, (8, 6), generator=torch.Generator().manual_seed(1)),
+             "attention_mask": torch.ones(8, 6, dtype=torch.long)}  # fmt: skip
+    torch.manual_seed(5)
+    sampled = sampling.sampled(model, batch, torch.device("cpu"))
+    assert model.generation_config.to_dict() == own and not model.training
+
+    plain = GenerationConfig(do_sample=True, temperature=1.3, top_k=0, top_p=1.0, num_beams=1, max_new_tokens=30,
+                             eos_token_id=2, pad_token_id=PAD, decoder_start_token_id=2,
+                             suppress_tokens=list(range(36, VOCAB)))  # fmt: skip
+    model.generation_config = plain
+    torch.manual_seed(5)
+    expected = model.generate(**batch)
+    assert torch.equal(sampled["decoder_input_ids"], expected[:, :-1])
+    rows = [row[row != -100].tolist() for row in sampled["labels"]]
+    assert any(len(set(row)) < len(row) for row in rows)  # tokens repeat: nothing blocks n-grams
 
 
 @pytest.mark.parametrize(("divergence", "options"), [("jsd", {"beta": 0.3}), ("skew_kl", {"alpha": 0.2})])

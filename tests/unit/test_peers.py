@@ -21,12 +21,20 @@ def store_client(port: int):
     return torch.distributed.PrefixStore("ds_distill/peers/", client)
 
 
-def watches(port: int, world_size: int, verdicts: dict) -> list[peers.Watch]:
+def watches(port: int, world_size: int, verdicts: dict, rank_0_exits=None) -> list[peers.Watch]:
+    """One watch per rank; `rank_0_exits`: called once rank 0 has its verdict (the real one leaves at once,
+    and the store it holds ends with it)."""
     out = []
+
+    def on_lost(rank, message):
+        verdicts.setdefault(rank, (message, time.monotonic()))
+        if rank == 0 and rank_0_exits:
+            rank_0_exits()
+
     for rank in range(world_size):
         watch = peers.Watch(
             store_client(port), rank, world_size, where=f"node {rank}, host h{rank}", interval_s=INTERVAL,
-            lost_after_s=LOST_AFTER, on_lost=lambda message, rank=rank: verdicts.setdefault(rank, (message, time.monotonic())),
+            lost_after_s=LOST_AFTER, on_lost=lambda message, rank=rank: on_lost(rank, message),
         )  # fmt: skip
         out.append(watch)
     for watch in out:
@@ -35,9 +43,11 @@ def watches(port: int, world_size: int, verdicts: dict) -> list[peers.Watch]:
 
 
 def test_a_silent_rank_is_named_by_every_other_and_a_cleanly_ended_one_by_none():
-    master = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    """Rank 0 leaves as soon as its watch lets it, taking the store with it: every survivor has read the verdict
+    by then, so none takes the store's end for rank 0's loss."""
+    store = [torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)]
     verdicts = {}
-    ranks = watches(master.port, 4, verdicts)
+    ranks = watches(store[0].port, 4, verdicts, rank_0_exits=store.clear)
     time.sleep(5 * LOST_AFTER)
     assert verdicts == {}  # beating ranks are never taken for lost
     ranks[1].stop()  # ends cleanly
@@ -47,7 +57,7 @@ def test_a_silent_rank_is_named_by_every_other_and_a_cleanly_ended_one_by_none()
     ranks[3].join()
     silent_at = time.monotonic()
     time.sleep(LOST_AFTER + 10 * INTERVAL)
-    assert sorted(verdicts) == [0, 2]  # every live rank reaches the verdict
+    assert sorted(verdicts) == [0, 2] and not store  # every live rank reaches the verdict; the store has ended
     for rank, (message, when) in verdicts.items():
         assert message.startswith(f"rank {rank} stops: rank 3 (node 3, host h3) was lost")
         assert when - silent_at < LOST_AFTER + 4 * INTERVAL

@@ -11,12 +11,14 @@ import json
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from ds_distill import dist, models
 from ds_distill.config.load import from_dict
 from ds_distill.config.run import RunConfig
 from ds_distill.data import batches
 from ds_distill.errors import ConfigError
+from ds_distill.objectives.base import IGNORE_INDEX
 from ds_distill.objectives.registry import build_losses
 from ds_distill.train import cache_writer, loop
 from ds_distill.train.cache_writer import CacheSettings, write_cache
@@ -24,7 +26,7 @@ from ds_distill.train.prepare import model_pair, prepare
 from ds_distill.train.student import DistillationModule, build_student
 from ds_distill.train.teacher import TeacherFeatures
 from ds_distill.train.teacher_cache import CachedTeacher
-from tests.conftest import translation_config
+from tests.conftest import causal_lm_config, translation_config
 
 EXAMPLES = 40
 
@@ -32,9 +34,9 @@ EXAMPLES = 40
 class PlainEngine:
     """A teacher model standing in for its DeepSpeed engine: `module`, `device`, called like the model."""
 
-    def __init__(self, path):
+    def __init__(self, path, dtype=torch.float32):
         config = models.load_config(str(path), "teacher")
-        self.module = models.adapter_for(config).from_pretrained(str(path), "teacher", dtype=torch.float32).eval()
+        self.module = models.adapter_for(config).from_pretrained(str(path), "teacher", dtype=dtype).eval()
         self.device = torch.device("cpu")
 
     def __call__(self, **inputs):
@@ -81,7 +83,7 @@ def compare_with_online(tiny, tree, directory, batches_seen: int = 3) -> tuple[l
     """Relative differences of cached against online KD on the first training batches, as a run serves them:
     of the loss, and of each gradient (its largest entry's difference over its largest entry)."""
     p = prepare(cached(tree, directory), claim=False)
-    teacher = PlainEngine(tiny["t5"])
+    teacher = PlainEngine(tree["teacher"]["model_name_or_path"])
     online = TeacherFeatures(teacher, {}, set(), compile=False)
     reader = CachedTeacher(directory, models.adapter_for(p.student_config))
     collate = batches.make_collator(p.run.data, p.tokenizer, teacher.module)
@@ -113,6 +115,64 @@ def test_a_cache_of_the_whole_vocabulary_gives_the_online_kd_loss_and_gradients(
     ]  # fmt: skip
     loss_differences, gradient_differences = compare_with_online(tiny, tree, tmp_path / "cache")
     assert max(loss_differences) < 1e-6 and max(gradient_differences) < 3e-6
+
+
+def test_a_bf16_teachers_cache_holds_the_log_probabilities_the_online_term_takes(tiny, tmp_path):
+    """A bf16 teacher at T = 1.5 (not a power of two: a bf16 quotient rounds): the cached log-probabilities are
+    the online KD term's, log_softmax(float32(logits) / T), to float32 rounding (divided in bf16 they were off by
+    up to 0.05)."""
+    temperature = 1.5
+    p = prepare(from_dict(RunConfig, config(tiny, tmp_path, temperature=temperature)), claim=False)
+    vocabulary = len(p.tokenizer)
+    teacher = PlainEngine(tiny["t5"], dtype=torch.bfloat16)
+    batch = batches.make_collator(p.run.data, p.tokenizer, teacher.module)([p.datasets["train"][i] for i in range(8)])
+    settings = CacheSettings(top_k=vocabulary, dtype="float32")
+    rows = cache_writer.batch_top_k(teacher, models.adapter_for(teacher.module.config), batch, vocabulary,
+                                    temperature, settings)  # fmt: skip
+    ids, logprobs = (torch.cat([row[key] for row in rows]) for key in ("topk_ids", "topk_logprobs"))
+    cached = torch.empty_like(logprobs).scatter_(1, ids.long(), logprobs)
+    online = TeacherFeatures(teacher, {}, set(), compile=False).features(batch)
+    assert online["logits"].dtype == torch.bfloat16
+    targets = online["logits"][online["labels"] != IGNORE_INDEX][:, :vocabulary]
+    expected = torch.log_softmax(targets.float() / temperature, dim=-1)
+    assert cached.shape == expected.shape
+    assert (cached - expected).abs().max().item() <= 1e-6
+
+
+def prompted_files(tiny, directory) -> dict:
+    """Prompted causal_lm rows (`prompt`, `text`) from the shared translation sample."""
+    files = {}
+    lines = open(config(tiny, directory)["data"]["data_files"]["train"]).readlines()
+    for split, rows in (("train", lines[:EXAMPLES]), ("validation", lines[EXAMPLES : EXAMPLES + 8])):
+        files[split] = str(directory / f"{split}.jsonl")
+        with open(files[split], "w") as out:
+            for line in rows:
+                pair = json.loads(line)["translation"]
+                out.write(json.dumps({"prompt": pair["en"][:80], "text": pair["de"][:80]}) + "\n")
+    return files
+
+
+def test_prompted_rows_of_an_absolute_position_decoder_are_cached_as_online_when_the_tokenizer_pads_left(
+    tiny, tmp_path, in_process
+):
+    """GPT-2 (absolute positions, no position ids given) on prompted rows of their own lengths, with a
+    tokenizer that pads on the left (as many chat tokenizers ship): batches pad on the right whatever the
+    tokenizer says, so a row's teacher outputs do not depend on the batch it is in, and the cache, made of other
+    batches, gives the online KD loss and gradients: within 1e-5 (measured: up to 1.4e-6, float32 rounding that
+    moves with a batch's length); padded on the left, the loss was 0.5-0.8% off and a gradient up to 95%."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny["tokenizer"])
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    settings = json.loads((tmp_path / "tokenizer" / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer" / "tokenizer_config.json").write_text(json.dumps({**settings, "padding_side": "left"}))
+    assert AutoTokenizer.from_pretrained(tmp_path / "tokenizer").padding_side == "left"
+    data = {"dataset": "json", "data_files": prompted_files(tiny, tmp_path), "prompt_field": "prompt",
+            "block_size": 96, "tokenizer": str(tmp_path / "tokenizer")}  # fmt: skip
+    kd = {"weight": 1.0, "divergence": "forward_kl", "temperature": 2.0}
+    tree = causal_lm_config(tiny, tmp_path / "run", data=data, losses={"ce": {"weight": 0.0}, "kd": kd})
+    settings = CacheSettings(top_k=len(tokenizer), dtype="float32", batch_size=3, shard_examples=16)
+    write_cache(from_dict(RunConfig, tree), tmp_path / "cache", settings)
+    loss_differences, gradient_differences = compare_with_online(tiny, tree, tmp_path / "cache")
+    assert max(loss_differences) < 1e-5 and max(gradient_differences) < 1e-5
 
 
 def test_a_top_64_cache_in_bf16_is_close_to_the_online_kd_at_388_bytes_per_token(tiny, tmp_path, in_process):
