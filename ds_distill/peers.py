@@ -8,9 +8,10 @@ a daemon thread beside its work:
 - every rank but 0 adds 1 to its own counter in the rendezvous store every `interval_s`;
 - rank 0 (whose process holds the store) reads all counters in one round trip; a counter that has not moved for
   `lost_after_s` is a lost rank, and rank 0 writes that verdict to the store;
-- the other ranks read the verdict and say so in the store, or find the store itself gone, which means rank 0
-  (or its node) was lost; so rank 0, whose store ends with it, waits for every other rank still beating to have
-  read the verdict (at most three watch periods) before it leaves;
+- the other ranks read the verdict, or find the store itself gone, which means rank 0 (or its node) was lost.
+  The store ends with rank 0, and rank 0 ends when it leaves or when a rank of its node leaves (the launcher
+  then stops its node's ranks), so a rank that has the verdict says so in the store and waits (at most
+  `READ_WAIT_PERIODS` watch periods) until every other rank still beating has read it too;
 - every rank that reaches a verdict prints it, naming the lost rank, its node and host, and leaves at once
   (`os._exit`: its main thread may be blocked in a collective). The launcher on each node then stops its other
   ranks, and the same command run again resumes from the newest complete checkpoint.
@@ -32,6 +33,7 @@ from collections.abc import Callable
 import torch
 
 INTERVAL_S = 2.0
+READ_WAIT_PERIODS = 3
 LOST_AFTER_S = float(os.environ.get("DS_DISTILL_PEER_TIMEOUT", 30))
 EXIT_STATUS = 1
 
@@ -66,27 +68,33 @@ class Watch(threading.Thread):
         last_moved: dict[int, float] = {}
         rank_0 = None
         while not self._ending.wait(self.interval_s):
+            verdict, beating = None, []
             try:
                 if self.rank == 0:
-                    verdict = self._look_at_the_others(last_counts, last_moved)
+                    verdict, beating = self._look_at_the_others(last_counts, last_moved)
                 else:
                     if rank_0 is None and self.store.check(["where/0"]):
                         rank_0 = self.store.get("where/0").decode()
                     self.store.add(f"beat/{self.rank}", 1)
                     verdict = self.store.get("lost").decode() if self.store.check(["lost"]) else None
                     if verdict:
-                        self.store.set(f"read/{self.rank}", "1")
+                        lost = int(self.store.get("lost_rank"))
+                        beating = [r for r in range(self.world_size) if r not in (self.rank, lost)]
             except Exception as error:  # noqa: BLE001 - any failure to reach the store means its holder is gone
                 if self._ending.is_set():
                     return
-                verdict = (f"rank 0 ({rank_0 or 'where unknown'}) was lost: the rendezvous store it holds stopped "
-                           f"answering ({type(error).__name__}: {str(error).splitlines()[0][:200]})")  # fmt: skip
+                if verdict is None:  # (one already read stands)
+                    verdict = (f"rank 0 ({rank_0 or 'where unknown'}) was lost: the rendezvous store it holds "
+                               f"stopped answering ({type(error).__name__}: {str(error).splitlines()[0][:200]})")  # fmt: skip
             if verdict:
                 self.verdict = verdict
+                if beating:  # (none when the store is gone)
+                    self._wait_until_read(beating)
                 self.on_lost(f"rank {self.rank} stops: {verdict}")
                 return
 
-    def _look_at_the_others(self, last_counts: dict[int, int], last_moved: dict[int, float]) -> str | None:
+    def _look_at_the_others(self, last_counts: dict[int, int], last_moved: dict[int, float]):
+        """(verdict, the other ranks still beating) once a rank is lost, else (None, [])."""
         others = list(range(1, self.world_size))
         counts = [int(v) for v in self.store.multi_get([f"beat/{r}" for r in others])]
         now = time.monotonic()
@@ -98,20 +106,25 @@ class Watch(threading.Thread):
                 where = self.store.get(f"where/{other}").decode() if known else "where unknown"
                 verdict = (f"rank {other} ({where}) was lost: its process or its node ended, no sign of life for "
                            f"{now - last_moved[other]:.0f} s")  # fmt: skip
+                self.store.set("lost_rank", str(other))
                 self.store.set("lost", verdict)
-                self._wait_until_read([r for r in others if r != other])
-                return verdict
-        return None
+                # the others still beating: not the rest of a lost node
+                beating = [r for r in others if now - last_moved[r] < 3 * self.interval_s]
+                return verdict, beating
+        return None, []
 
     def _wait_until_read(self, ranks: list[int]) -> None:
-        """Until each of `ranks` has read the verdict or ended cleanly (at most three watch periods: a rank lost
-        too never will)."""
-        deadline = time.monotonic() + 3 * self.interval_s
-        while time.monotonic() < deadline:
-            ranks = [r for r in ranks if not self.store.check([f"read/{r}"]) and not self.store.check([f"done/{r}"])]
-            if not ranks:
-                return
-            time.sleep(min(0.1, self.interval_s / 4))
+        """Says in the store that this rank has the verdict, and waits until each of `ranks` has it too or has
+        ended cleanly: at most `READ_WAIT_PERIODS` watch periods (a rank lost at the same time never reads it),
+        less if the store ends meanwhile (its holder has left, the verdict read)."""
+        deadline = time.monotonic() + READ_WAIT_PERIODS * self.interval_s
+        try:
+            self.store.set(f"read/{self.rank}", "1")
+            while ranks and time.monotonic() < deadline:
+                time.sleep(min(0.1, self.interval_s / 4))
+                ranks = [r for r in ranks if not (self.store.check([f"read/{r}"]) or self.store.check([f"done/{r}"]))]
+        except Exception:  # noqa: BLE001 - the store ended: nobody is left to read it
+            return
 
     def stop(self) -> None:
         """Ends the watch of this rank (a clean end: the others will not take its silence for a loss)."""
@@ -162,6 +175,8 @@ def looks_like_a_lost_peer(error: BaseException) -> bool:
 
 def explain(error: BaseException) -> None:
     """After `error` in the main thread: when it looks like a lost rank, waits for the watch's verdict (which
-    ends the process, naming the rank), at most one watch period; returns when there is none."""
+    ends the process, naming the rank), at most as long as the watch takes to reach one and have it read;
+    returns when there is none."""
     if _watch is not None and looks_like_a_lost_peer(error):
-        _watch.join(_watch.lost_after_s + 3 * _watch.interval_s)  # the watch ends only with a verdict or stop()
+        # the watch ends only with a verdict (after waiting for the others to read it) or stop()
+        _watch.join(_watch.lost_after_s + (3 + READ_WAIT_PERIODS) * _watch.interval_s)

@@ -71,7 +71,9 @@ def fold_head(model: torch.nn.Module, adapter: models.ModelAdapter) -> torch.nn.
     head = model.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear):
         return None
-    name = next(name for name, module in model.named_modules() if module is head)
+    name = next((name for name, module in model.named_modules() if module is head), None)
+    if name is None:  # a head outside the module tree: nothing to stand in for it, so the logits stay whole
+        return None
     parent, _, attribute = name.rpartition(".")
     # kept out of the module tree: DeepSpeed's hooks and a checkpoint see the head once, in its own place
     head.__dict__["place"] = (model.get_submodule(parent), attribute, _StandIn())

@@ -13,7 +13,8 @@ other term stay means over the step's data tokens; KD becomes a mean over all it
 sampled ones ("sampled" in the step's token counts).
 
 The samples are pure ancestral samples of the student at `temperature`: of the model's generation config only
-its ids are kept (where a sequence starts, every id that ends one, what pads), none of its search settings or
+its ids are kept (where a sequence starts and with what language, every id that ends one, what pads), none of
+its search settings or
 logits processors (beams, n-gram blocking, repetition penalties, minimum lengths, forced tokens: BART-base ships
 the first three, Qwen2.5-Instruct a repetition penalty), which would make the samples another policy's.
 Evaluation and the export keep that config as it is. A sample ends at its first end id, whichever of the
@@ -137,14 +138,15 @@ def end_ids(tokenizer, generation_config) -> list[int]:
 def sampling_config(model_config, options, tokenizer, end: list[int]) -> GenerationConfig:
     """Ancestral sampling at `options.temperature` from the student's distribution over the tokenizer's
     vocabulary, ending at any of `end`: of `model_config` (the student's generation config) only the ids where
-    a sequence starts, and the ids it suppresses past the tokenizer (rows of a padded embedding, which the KD
-    term never compares: `export.generation_config`)."""
+    a sequence starts (mBART's forced first token, the target language, which every target of the data starts
+    with too), and the ids it suppresses past the tokenizer (rows of a padded embedding, which the KD term never
+    compares: `export.generation_config`)."""
     padded = [i for i in model_config.suppress_tokens or [] if i >= len(tokenizer)]
     return GenerationConfig(
         do_sample=True, num_beams=1, temperature=options.temperature, top_k=0, top_p=1.0,
-        max_new_tokens=options.max_new_tokens, eos_token_id=end, pad_token_id=tokenizer.pad_token_id,
+        max_new_tokens=options.max_new_tokens, eos_token_id=end or None, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=model_config.bos_token_id, decoder_start_token_id=model_config.decoder_start_token_id,
-        suppress_tokens=padded or None,
+        forced_bos_token_id=model_config.forced_bos_token_id, suppress_tokens=padded or None,
     )  # fmt: skip
 
 

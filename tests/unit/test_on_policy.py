@@ -129,8 +129,9 @@ def bart_with_search_settings() -> torch.nn.Module:
 
 def test_on_policy_samples_are_the_students_ancestral_samples_whatever_its_generation_config_says():
     """The student's generation config asks for beams, n-gram blocking, a repetition penalty, a minimum length,
-    forced tokens, top-k and a suppressed id: the samples are those of plain sampling at the temperature over
-    the tokenizer's vocabulary (the same seed, the same tokens), and the model keeps its config."""
+    a forced end, top-k and a suppressed id: the samples are those of plain sampling at the temperature over the
+    tokenizer's vocabulary (the same seed, the same tokens), from the forced first token (mBART's target
+    language) on, and the model keeps its config."""
     model = bart_with_search_settings()
     own = model.generation_config.to_dict()
     sampling = policy(tokenizer=Tokenizer(eos=2, size=36), generation_config=model.generation_config,
@@ -142,14 +143,14 @@ def test_on_policy_samples_are_the_students_ancestral_samples_whatever_its_gener
     assert model.generation_config.to_dict() == own and not model.training
 
     plain = GenerationConfig(do_sample=True, temperature=1.3, top_k=0, top_p=1.0, num_beams=1, max_new_tokens=30,
-                             eos_token_id=2, pad_token_id=PAD, decoder_start_token_id=2,
+                             eos_token_id=2, pad_token_id=PAD, decoder_start_token_id=2, forced_bos_token_id=3,
                              suppress_tokens=list(range(36, VOCAB)))  # fmt: skip
     model.generation_config = plain
     torch.manual_seed(5)
     expected = model.generate(**batch)
     assert torch.equal(sampled["decoder_input_ids"], expected[:, :-1])
     rows = [row[row != -100].tolist() for row in sampled["labels"]]
-    assert any(len(set(row)) < len(row) for row in rows)  # tokens repeat: nothing blocks n-grams
+    assert all(row[0] == 3 for row in rows) and any(len(set(row)) < len(row) for row in rows)  # no n-gram blocking
 
 
 @pytest.mark.parametrize(("divergence", "options"), [("jsd", {"beta": 0.3}), ("skew_kl", {"alpha": 0.2})])

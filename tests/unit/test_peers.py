@@ -21,15 +21,16 @@ def store_client(port: int):
     return torch.distributed.PrefixStore("ds_distill/peers/", client)
 
 
-def watches(port: int, world_size: int, verdicts: dict, rank_0_exits=None) -> list[peers.Watch]:
-    """One watch per rank; `rank_0_exits`: called once rank 0 has its verdict (the real one leaves at once,
-    and the store it holds ends with it)."""
+def watches(port: int, world_size: int, verdicts: dict, store_ends_with=(), store=None) -> list[peers.Watch]:
+    """One watch per rank, each recording its verdict. The ranks in `store_ends_with` (rank 0 and the others of
+    its node) end the store when they leave, as the real ones do: rank 0 holds it, and the launcher of its node
+    stops every rank there when one leaves. `store`: a list holding the store."""
     out = []
 
     def on_lost(rank, message):
         verdicts.setdefault(rank, (message, time.monotonic()))
-        if rank == 0 and rank_0_exits:
-            rank_0_exits()
+        if rank in store_ends_with:
+            store.clear()
 
     for rank in range(world_size):
         watch = peers.Watch(
@@ -43,24 +44,24 @@ def watches(port: int, world_size: int, verdicts: dict, rank_0_exits=None) -> li
 
 
 def test_a_silent_rank_is_named_by_every_other_and_a_cleanly_ended_one_by_none():
-    """Rank 0 leaves as soon as its watch lets it, taking the store with it: every survivor has read the verdict
-    by then, so none takes the store's end for rank 0's loss."""
+    """Ranks 0 and 2 share a node, whose launcher ends both (and the store rank 0 holds) as soon as either
+    leaves: every survivor has read the verdict by then, so none takes the store's end for rank 0's loss."""
     store = [torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)]
     verdicts = {}
-    ranks = watches(store[0].port, 4, verdicts, rank_0_exits=store.clear)
+    ranks = watches(store[0].port, 5, verdicts, store_ends_with=(0, 2), store=store)
     time.sleep(5 * LOST_AFTER)
     assert verdicts == {}  # beating ranks are never taken for lost
     ranks[1].stop()  # ends cleanly
     time.sleep(2 * LOST_AFTER)
     assert verdicts == {}
-    ranks[3]._ending.set()  # falls silent as a killed process does, without saying it ended
-    ranks[3].join()
+    ranks[4]._ending.set()  # falls silent as a killed process does, without saying it ended
+    ranks[4].join()
     silent_at = time.monotonic()
-    time.sleep(LOST_AFTER + 10 * INTERVAL)
-    assert sorted(verdicts) == [0, 2] and not store  # every live rank reaches the verdict; the store has ended
+    time.sleep(LOST_AFTER + 16 * INTERVAL)
+    assert sorted(verdicts) == [0, 2, 3] and not store  # every live rank reaches the verdict; the store has ended
     for rank, (message, when) in verdicts.items():
-        assert message.startswith(f"rank {rank} stops: rank 3 (node 3, host h3) was lost")
-        assert when - silent_at < LOST_AFTER + 4 * INTERVAL
+        assert message.startswith(f"rank {rank} stops: rank 4 (node 4, host h4) was lost")
+        assert when - silent_at < LOST_AFTER + (3 + peers.READ_WAIT_PERIODS) * INTERVAL
     for watch in ranks:
         watch.stop()
 
