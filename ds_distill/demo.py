@@ -307,17 +307,31 @@ def run_demo(output_dir: Path, teacher_steps: int = 300, student_steps: int = 15
 # -- the tiny chain of launch_scripts/tiny_cpu.sh ---------------------------------------------------------
 
 
-def tiny_chain(output_dir: Path, teacher_steps: int = 300, student_steps: int = 150) -> dict:
-    """A three-stage chain on the demo's corpus: the T5 teacher trained from scratch (stage `teacher`), then
-    `half` (all blocks, half the width) and `quarter` (2+2 blocks, a quarter of the width), each cut from the
-    stage before by activation and distilled by it. Inputs are written once into output_dir/inputs (rank 0)."""
+def write_tiny_chain(output_dir: Path, teacher_steps: int = 300, student_steps: int = 150) -> Path:
+    """Writes output_dir/chain.yaml and returns its path: a three-stage chain on the demo's corpus, the T5
+    teacher trained from scratch (stage `teacher`), then `half` (all blocks, half the width) and `quarter` (2+2
+    blocks, a quarter of the width), each cut from the stage before by activation and distilled by it. Its
+    inputs are written once into output_dir/inputs. Needs no process group: every rank of a launch may call it
+    (the first one there writes the inputs, the others wait for them)."""
+    import yaml
+    from filelock import FileLock
+
     inputs = output_dir / "inputs"
     files = {split: str(inputs / "data" / f"{split}.jsonl") for split in ("train", "validation")}
-    if dist.is_main() and not (inputs / "teacher_init" / "config.json").is_file():
-        write_corpus(inputs / "data", train_size=8000, valid_size=200)
-        tokenizer = train_sentencepiece_tokenizer(files["train"], ("en", "zz"), inputs / "tokenizer", vocab_size=256)
-        save_initial_models(tokenizer, inputs, seed=0)
-    dist.barrier()
+    inputs.mkdir(parents=True, exist_ok=True)
+    with FileLock(inputs / ".lock"):
+        if not (inputs / "teacher_init" / "config.json").is_file():
+            write_corpus(inputs / "data", train_size=8000, valid_size=200)
+            tokenizer = train_sentencepiece_tokenizer(
+                files["train"], ("en", "zz"), inputs / "tokenizer", vocab_size=256
+            )
+            save_initial_models(tokenizer, inputs, seed=0)
+        path = output_dir / "chain.yaml"
+        path.write_text(yaml.safe_dump(_tiny_chain(output_dir, inputs, files, teacher_steps, student_steps)))
+    return path
+
+
+def _tiny_chain(output_dir: Path, inputs: Path, files: dict, teacher_steps: int, student_steps: int) -> dict:
     ce = {"ce": {"weight": 1.0}}
     defaults = to_dict(run_config(output_dir / "unused", files, inputs / "teacher_init", None, ce, student_steps, 1e-3))
     del defaults["train"]["output_dir"]

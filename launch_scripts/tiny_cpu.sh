@@ -22,7 +22,7 @@ OUTPUT_DIR="$OUTPUT_DIR" "${LAUNCHER[@]}" "$0" "$@" \
   2>&1 | tee -a "$OUTPUT_DIR.log"
 exit 0  # (set -e and pipefail already left with the launcher's status on failure)
 '''
-# Python side: each rank the DeepSpeed launcher starts lands here.
+# Python side: each rank the DeepSpeed launcher starts lands here, and hands over to `ds-distill chain`.
 import os
 import sys
 from pathlib import Path
@@ -32,26 +32,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-from ds_distill import chain, dist  # noqa: E402
-from ds_distill.cli import strip_launcher_flags  # noqa: E402
-import yaml  # noqa: E402
+from ds_distill.cli import main  # noqa: E402
+from ds_distill.demo import write_tiny_chain  # noqa: E402
 
-from ds_distill.config.run import apply_override  # noqa: E402
-from ds_distill.demo import tiny_chain  # noqa: E402
-from ds_distill.errors import ConfigError  # noqa: E402
-
-dist.init()
-tree = tiny_chain(Path(os.environ.get("OUTPUT_DIR", "runs/tiny_cpu")))
-for flag in strip_launcher_flags(sys.argv[1:]):
-    key, _, value = flag.removeprefix("--").partition("=")
-    apply_override(tree, key, yaml.safe_load(value))  # --a.b=50 sets the number 50
-try:
-    manifest = chain.run_chain(tree)
-except ConfigError as error:  # a problem the user can fix: one line, no traceback
-    if dist.is_main():
-        print(f"error: {error}", file=sys.stderr)
-    sys.exit(2)
-if dist.is_main():
-    for name, stage in manifest["stages"].items():
-        print(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in stage["evaluation"].items()))
-dist.shutdown()
+chain_yaml = write_tiny_chain(Path(os.environ.get("OUTPUT_DIR", "runs/tiny_cpu")))
+main(["chain", f"--config={chain_yaml}", *sys.argv[1:]])

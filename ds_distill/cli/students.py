@@ -87,14 +87,26 @@ def make_student(
     student_config, plan = students.make_student(teacher, target, dims, calibration)
     teacher_count, student_count = models.count_parameters(teacher_config), models.count_parameters(student_config)
     print(f"kept, of teacher {teacher}:\n{plan.summary()}")
-    print(f"wrote {target}: {student_count / 1e6:,.1f}M parameters ({teacher_count / student_count:.1f}x smaller)")
+    print(f"wrote {target}: {student_count / 1e6:,.1f}M parameters ({_compared(teacher_count, student_count)})")
+
+
+def _compared(teacher: int, student: int) -> str:
+    """'20.0x smaller' than the teacher, or 'the teacher's size' / '1.3x larger' where it is not smaller."""
+    if student < teacher:
+        return f"{teacher / student:.1f}x smaller"
+    return "the teacher's size" if student == teacher else f"{student / teacher:.1f}x larger than the teacher"
 
 
 def _near_target(teacher_config, target_params: str, given: dict) -> dict:
     """Prints the dimensions proposed near `target_params` and fills the ones not given from the closest."""
+    from ds_distill import models
     from ds_distill.surgery import students
 
-    proposals = students.propose_dims(teacher_config, students.parse_count(target_params))
+    target, teacher = students.parse_count(target_params), models.count_parameters(teacher_config)
+    if target >= teacher:
+        raise ConfigError(f"--target_params {target_params} is not below the teacher's {teacher / 1e6:,.1f}M "
+                          "parameters: a student is cut smaller")  # fmt: skip
+    proposals = students.propose_dims(teacher_config, target)
     print(f"dimensions near {target_params} (parameters counted on the meta device):")
     for dims, count in proposals:
         shown = {k: v for k, v in vars(dims).items() if k in given and v is not None}
@@ -182,7 +194,7 @@ def _count_run(run, teacher_config, student_config=None, show_teacher=True, name
         label = f"{name} after pruning (the export)"
     else:
         label = name
-    ratio = f" ({teacher / student:.1f}x smaller)" if teacher is not None else ""
+    ratio = f" ({_compared(teacher, student)})" if teacher is not None else ""
     print(f"{label}: {student / 1e6:,.1f}M parameters{ratio}")
     return student_config
 
@@ -198,4 +210,4 @@ def _count_chain(tree):
         first = first or models.count_parameters(teacher_config)
         last = export_config
     print(f"chain: {first / 1e6:,.1f}M -> {models.count_parameters(last) / 1e6:,.1f}M parameters "
-          f"({first / models.count_parameters(last):.1f}x smaller)")  # fmt: skip
+          f"({_compared(first, models.count_parameters(last))})")  # fmt: skip

@@ -143,10 +143,24 @@ def read_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     key, so that sizes of one recipe share everything else (bases may have bases)."""
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    tree = yaml.safe_load(path.read_text()) or {}
+    tree = read_yaml(path)
+    if tree is None:
+        raise ConfigError(f"{path} is empty; a run config holds the sections {_field_names(RunConfig)}")
     if not isinstance(tree, dict):
         raise ConfigError(f"{path} must hold a mapping with the sections {_field_names(RunConfig)}")
     return with_base(tree, path, seen)
+
+
+def read_yaml(path: Path) -> Any:
+    """The YAML document in `path`; a syntax error names the file, line and column."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        context = getattr(error, "context", None)
+        raise ConfigError(f"{where}: not valid YAML ({context + ': ' if context else ''}{problem})") from None
 
 
 def with_base(tree: dict[str, Any], path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -155,7 +169,13 @@ def with_base(tree: dict[str, Any], path: Path, seen: tuple[Path, ...] = ()) -> 
     base = tree.pop("base", None)
     if base is None:
         return tree
-    base_path = path.parent / base if (path.parent / base).is_file() else recipe_path(str(base))
+    if (path.parent / str(base)).is_file():
+        base_path = path.parent / str(base)
+    elif str(base).endswith((".yaml", ".yml")) and not (RECIPES_DIR / str(base)).is_file():
+        raise ConfigError(f"{path}: base {base}: no file {path.parent / str(base)} (a base is read beside the "
+                          "config that names it) and no shipped recipe of that name")  # fmt: skip
+    else:
+        base_path = recipe_path(str(base))
     if base_path.resolve() in seen:
         raise ConfigError(f"{path}: base {base} leads back to itself")
     return merge(read_tree(base_path, (*seen, path.resolve())), tree)

@@ -8,6 +8,7 @@ A run is one YAML file (see `ds_distill/recipes/`) with the sections `teacher`, 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -261,8 +262,34 @@ LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 EVAL_METRICS = ("loss", "accuracy", "bleu", "rouge")
 
 
+PATH_FIELDS = (
+    ("teacher", "model_name_or_path"), ("teacher", "deepspeed_config"), ("teacher", "cache"),
+    ("student", "model_name_or_path"), ("student", "deepspeed_config"), ("data", "tokenizer"),
+    ("data", "tokenized_path"), ("train", "output_dir"),
+)  # fmt: skip
+"""Fields that name files or directories: a leading `~` is the home directory, as in a shell."""
+
+
+def expand_home(run: RunConfig) -> None:
+    """`~` and `~/x` in the run's paths (PATH_FIELDS, data.data_files, from_teacher.source) as the shell would
+    expand them, so that `--train.output_dir=~/runs/x` does not make a directory named `~` here."""
+    for section, name in PATH_FIELDS:
+        value = getattr(getattr(run, section), name)
+        if isinstance(value, str):
+            setattr(getattr(run, section), name, os.path.expanduser(value))
+    if run.data.data_files:
+        run.data.data_files = {
+            split: os.path.expanduser(paths) if isinstance(paths, str) else [os.path.expanduser(p) for p in paths]
+            for split, paths in run.data.data_files.items()
+        }
+    dims = run.student.init.from_teacher
+    if dims is not None and dims.source:
+        dims.source = os.path.expanduser(dims.source)
+
+
 def validate(run: RunConfig) -> None:
-    """Checks that need no weights and no files beyond the config itself."""
+    """Checks that need no weights and no files beyond the config itself (the run's paths expanded first)."""
+    expand_home(run)
     data, train, student = run.data, run.train, run.student
     if data.task not in TASKS:
         raise ConfigError(f"data.task '{data.task}' is unknown; choose one of {', '.join(TASKS)}")

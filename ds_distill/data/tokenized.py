@@ -39,10 +39,14 @@ def load_raw(data: DataConfig, need_train: bool = True) -> datasets.DatasetDict:
             for path in [paths] if isinstance(paths, str) else paths:
                 if not Path(path).is_file():
                     raise ConfigError(f"data.data_files.{split}: file {path} does not exist")
+                if Path(path).stat().st_size == 0:
+                    raise ConfigError(f"data.data_files.{split}: file {path} is empty")
     try:
         raw = datasets.load_dataset(
             data.dataset, data.dataset_config_name, data_files=data.data_files, revision=data.revision
         )
+    except datasets.exceptions.DatasetGenerationError as error:  # a file that does not parse, or layouts differ
+        raise ConfigError(_unreadable_files(data) or f"cannot read data.data_files: {_cause(error)}") from None
     except (FileNotFoundError, ConnectionError, ValueError, RuntimeError) as error:
         reason = str(error).splitlines()[0]
         if "corresponds to no data" in reason:  # what `datasets` says when a split's files hold no rows
@@ -71,6 +75,39 @@ def load_raw(data: DataConfig, need_train: bool = True) -> datasets.DatasetDict:
     return datasets.DatasetDict(splits)
 
 
+def _cause(error: BaseException) -> str:
+    """The first line of the innermost cause of `error` (what `datasets` wraps in DatasetGenerationError)."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
+def _unreadable_files(data: DataConfig) -> str | None:
+    """Why the local JSON files of `data` cannot be read as one dataset: the first line of a file that is not a
+    JSON object, or two files whose rows have different fields; None where neither is the reason."""
+    if data.dataset != "json":
+        return None
+    fields = {}
+    for split, paths in data.data_files.items():
+        for path in [paths] if isinstance(paths, str) else paths:
+            with open(path) as lines:
+                for number, line in enumerate(lines, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as error:
+                        return f"data.data_files.{split}: {path}, line {number}: not a JSON object ({error.msg})"
+                    if not isinstance(row, dict):
+                        return f"data.data_files.{split}: {path}, line {number}: not a JSON object"
+                    fields.setdefault(split, (path, sorted(row)))
+    layouts = {tuple(names) for _, names in fields.values()}
+    if len(layouts) > 1:
+        described = "; ".join(f"{split} ({path}): {', '.join(names)}" for split, (path, names) in fields.items())
+        return f"data.data_files hold rows of different fields, so they cannot be one dataset: {described}"
+    return None
+
+
 def _check_fields(dataset: datasets.Dataset, fields: list[str], split: str) -> None:
     columns = dataset.column_names
     for name in fields:
@@ -86,7 +123,13 @@ def _translation_pairs(data: DataConfig, dataset: datasets.Dataset, split: str):
             raise ConfigError(f"translation pairs have languages {', '.join(first)}, not '{lang}'; fix data.*_lang")
 
     def pairs(batch):
-        return [t[data.source_lang] for t in batch["translation"]], [t[data.target_lang] for t in batch["translation"]]
+        rows = batch["translation"]
+        for lang in (data.source_lang, data.target_lang):
+            row = next((row for row in rows if not isinstance(row, dict) or row.get(lang) is None), None)
+            if row is not None:
+                raise ConfigError(f"split '{split}' has a row without '{lang}' text ({json.dumps(row)[:120]}); fix "
+                                  "or drop such rows")  # fmt: skip
+        return [t[data.source_lang] for t in rows], [t[data.target_lang] for t in rows]
 
     return pairs
 

@@ -131,6 +131,12 @@ class ModelAdapter:
                 raise ConfigError(
                     f"student.init.from_teacher.{dim} does not apply to {self.name} ({self.kind}) models; use {valid}"
                 )
+            if value < 1:
+                raise ConfigError(f"student.init.from_teacher.{dim} must be at least 1, got {value}")
+            teachers = getattr(config, self.config_fields[dim][0])
+            if dims.strategy == "sliced" and value > teachers:
+                raise ConfigError(f"student.init.from_teacher.{dim} {value} is more than the teacher's {teachers}: "
+                                  "a student cut from the teacher keeps a part of it")  # fmt: skip
             for attr in self.config_fields[dim]:
                 setattr(student, attr, value)
         self._check_heads(student)

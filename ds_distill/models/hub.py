@@ -1,5 +1,6 @@
 """What can be read of a model before its weights load: its config (the recipes' hub teachers have theirs shipped
-in known_configs/, so counting and validating a recipe needs no network) and the tensor names of its checkpoint."""
+in known_configs/, so counting and validating a recipe needs no network), the tensor names of its checkpoint,
+and whether a local directory holds whole weights."""
 
 from __future__ import annotations
 
@@ -45,3 +46,42 @@ def load_config(name_or_path: str, role: str) -> PretrainedConfig:
             f"{role}.model_name_or_path '{name_or_path}' is neither a local model directory nor a reachable hub id "
             f"({str(error).splitlines()[0]}); check the path or download the model first"
         ) from None
+
+
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def check_local_weights(name_or_path: str, role: str) -> None:
+    """A local model directory must hold weights whose safetensors files are whole (safetensors checks that a
+    file covers the tensors its header lists; every shard an index names present): checked before anything loads
+    or is written. Hub ids are left to loading."""
+    from safetensors import SafetensorError, safe_open
+
+    directory = Path(name_or_path)
+    if not directory.is_dir():
+        return
+    present = [name for name in WEIGHT_FILES if (directory / name).is_file()]
+    if not present:
+        raise ConfigError(f"{role}.model_name_or_path {directory} holds no weights (none of {', '.join(WEIGHT_FILES)})")
+    files = []
+    if present[0] == "model.safetensors.index.json":
+        shards = sorted(set(json.loads((directory / present[0]).read_text()).get("weight_map", {}).values()))
+        missing = [shard for shard in shards if not (directory / shard).is_file()]
+        if missing:
+            raise ConfigError(f"{role}.model_name_or_path {directory}: shard {missing[0]} named by {present[0]} "
+                              f"is missing ({len(missing)} of {len(shards)})")  # fmt: skip
+        files = [directory / shard for shard in shards]
+    elif present[0] == "model.safetensors":
+        files = [directory / present[0]]
+    for path in files:
+        try:
+            with safe_open(path, "pt"):
+                pass
+        except (SafetensorError, OSError) as error:
+            raise ConfigError(f"{role} weights {path} cannot be read, truncated or not safetensors "
+                              f"({str(error).splitlines()[0]})") from None  # fmt: skip

@@ -20,7 +20,7 @@ from transformers import AutoConfig, GenerationConfig, PretrainedConfig
 from ds_distill import dist, models
 from ds_distill.errors import ConfigError
 from ds_distill.train import run_dir
-from ds_distill.train.checkpoint import extra_state, latest_tag
+from ds_distill.train.checkpoint import complete_tags, extra_state, latest_tag
 
 STUDENT_PREFIX = "student."
 TEMPLATE_DIR = "student_template"
@@ -120,6 +120,9 @@ def export_checkpoint(checkpoint_dir: str, output_dir: str, tag: str | None = No
     template = root / TEMPLATE_DIR
     if not template.is_dir():
         raise ConfigError(f"{checkpoint_dir} is not a ds_distill checkpoint directory (no {TEMPLATE_DIR}/ inside)")
+    if tag and tag not in complete_tags(root):
+        listed = ", ".join(sorted(complete_tags(root), key=lambda t: int(t.split("_")[-1]))) or "none"
+        raise ConfigError(f"--tag {tag}: no complete checkpoint of that name in {checkpoint_dir} (complete: {listed})")
     tag = tag or latest_tag(root)
     if tag is None:
         raise ConfigError(f"no complete checkpoint in {checkpoint_dir}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -104,6 +105,13 @@ class Trainer:
     def _resume(self, tag: str) -> None:
         state = checkpoint.load(self.engine, self.checkpoints, tag)
         self.step, self.micro_batches_done = state["step"], state["micro_batches_done"]
+        # The optimizer comes back with the learning rate the saved schedule set for this step; a resume that
+        # runs longer (train.max_steps) has a schedule of its own, whose rate here the next step takes.
+        schedule = self.engine.lr_scheduler
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # ("lr_scheduler.step() before optimizer.step()": on purpose)
+            schedule.last_epoch -= 1
+            schedule.step()
         if self.pruner is not None:
             self.pruner.load_state_dict(checkpoint.extra_state(self.checkpoints, tag))
         dist.print_main(f"resumed from {self.checkpoints / tag} at step {self.step}")

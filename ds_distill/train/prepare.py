@@ -50,6 +50,7 @@ def prepare(run: RunConfig, resume: bool | str = False, overwrite: bool = False,
     Nothing in output_dir is touched (not even by --overwrite) until every check has passed.
     """
     train = run.train
+    run_dir.refuse_protected(Path(train.output_dir), "train.output_dir")  # before anything is read or written
     teacher_json = ds_config.load_json(run.teacher.deepspeed_config) if run.teacher.model_name_or_path else None
     student_json = ds_config.load_json(run.student.deepspeed_config)
     if teacher_json is not None and "optimizer" in teacher_json:
@@ -108,8 +109,17 @@ def check_models(run: RunConfig):
     teacher_config = None
     if run.teacher.model_name_or_path:
         teacher_config = models.load_config(run.teacher.weights(), "teacher")
+        if not run.teacher.cache:  # a run from a cache loads no teacher weights
+            models.check_local_weights(run.teacher.weights(), "teacher")
+    if run.student.model_name_or_path:
+        models.check_local_weights(run.student.model_name_or_path, "student")
     student_config = student_hf_config(run.student, teacher_config)
     adapter = models.adapter_for(student_config)
+    if run.student.init.from_teacher is not None and teacher_config is not None:
+        student, teacher = models.count_parameters(student_config), models.count_parameters(teacher_config)
+        if student > teacher:
+            raise ConfigError(f"student.init.from_teacher makes a student of {student / 1e6:,.1f}M parameters, "
+                              f"larger than its teacher ({teacher / 1e6:,.1f}M); give it smaller dimensions")  # fmt: skip
     if run.data.task not in adapter.tasks:
         raise ConfigError(
             f"data.task '{run.data.task}' does not fit a {adapter.kind} student; use {' or '.join(adapter.tasks)}"

@@ -12,9 +12,19 @@ import json
 import shutil
 from pathlib import Path
 
+import yaml
+
 from ds_distill import dist
 from ds_distill.errors import ConfigError
 
+RESUMABLE = (
+    "train.output_dir", "train.max_steps", "train.num_train_epochs", "train.eval_steps", "train.save_steps", "train.logging_steps",
+    "train.save_total_limit", "train.ddp_timeout", "train.dataloader_num_workers", "train.dataloader_pin_memory",
+    "train.per_device_eval_batch_size", "train.generation_max_length", "train.num_beams",
+)  # fmt: skip
+"""What `--resume` may change: where the run lies (a run directory moved), how long it goes on (its learning-rate
+schedule then spans the new length from the step it resumes at), and when it evaluates, saves and logs. Anything
+else would make the resumed run another."""
 RUN_MARKER = "ds_distill_run.json"
 EXPORT_MARKER = "ds_distill_export.json"
 STUDENT_MARKER = "ds_distill_student.json"  # a student cut from a teacher (`ds-distill make_student`)
@@ -35,14 +45,15 @@ def is_empty(path: Path) -> bool:
 
 def check_replaceable(path: Path, marker: str, what: str, flag: str) -> None:
     """Refuses to replace `path` unless it is empty or carries `marker`; `what` and `flag` word the error."""
-    _refuse_protected(path, flag)
+    refuse_protected(path, flag)
     if not is_empty(path) and not (path / marker).is_file():
         raise ConfigError(
             f"{path} is not empty and is not {what} (no {marker} inside); choose another {flag} or empty it yourself"
         )
 
 
-def _refuse_protected(path: Path, flag: str) -> None:
+def refuse_protected(path: Path, flag: str) -> None:
+    """Refuses the working or home directory, a parent of either, or the root as a place we write to."""
     reason = _protected(path)
     if reason:
         raise ConfigError(f"{path} cannot be replaced: {reason}; choose another {flag}")
@@ -54,7 +65,7 @@ def check_target(path: Path, marker: str, what: str, overwrite: bool) -> None:
     if not overwrite:
         check_replaceable(path, marker, what, "--output_dir (or pass --overwrite)")
         return
-    _refuse_protected(path, "--output_dir")
+    refuse_protected(path, "--output_dir")
     if (path / RUN_MARKER).is_file():
         raise ConfigError(
             f"{path} holds a ds_distill run, which --overwrite never replaces; choose another --output_dir"
@@ -73,8 +84,8 @@ def check_export_target(path: Path, overwrite: bool, source: Path) -> None:
 def claim(output_dir: Path, config_yaml: str, resume: bool | str, overwrite: bool, has_checkpoint: bool) -> bool:
     """Checks `output_dir` against this run, marks it ours; returns whether a checkpoint exists to resume from.
 
-    A directory holding another run is refused unless --resume (continue it, even with changed settings such
-    as a larger max_steps) or --overwrite (replace it: only a directory marked as a ds_distill run).
+    A directory holding another run is refused unless --resume (continue it; of its settings only those in
+    RESUMABLE may change) or --overwrite (replace it: only a directory marked as a ds_distill run).
     `resume="auto"` continues the same run (same config) from its checkpoint when it has one and starts it
     otherwise, so that the same command run again, or a requeued job, goes on where it stopped.
     """
@@ -92,15 +103,23 @@ def claim(output_dir: Path, config_yaml: str, resume: bool | str, overwrite: boo
         resume = False
     elif resume == "auto":
         if (saved.is_file() or has_checkpoint) and not (saved.is_file() and saved.read_text() == config_yaml):
+            differ = f" ({_described(changed_keys(saved, config_yaml))})" if saved.is_file() else ""
             raise ConfigError(
-                f"{output_dir} holds a run with a different config, which --resume=auto does not continue; pass "
-                "--resume to continue it anyway or --overwrite to replace it"
+                f"{output_dir} holds a run with a different config{differ}, which --resume=auto does not continue; "
+                "pass --resume to continue it or --overwrite to replace it"
             )
         resume = has_checkpoint
     elif resume:
         if not has_checkpoint:
             raise ConfigError(
                 f"--resume: no complete checkpoint in {output_dir / 'checkpoints'}; start without --resume"
+            )
+        refused = [(key, *values) for key, *values in changed_keys(saved, config_yaml) if key not in RESUMABLE]
+        if saved.is_file() and refused:
+            raise ConfigError(
+                f"--resume continues the run in {output_dir} as it started, and these settings differ from its "
+                f"config.yaml: {_described(refused)}; only how long it runs and when it evaluates, saves and logs "
+                "may change (run_dir.RESUMABLE). Pass --overwrite to start it again with them"
             )
     elif saved.is_file() or has_checkpoint:
         same = saved.is_file() and saved.read_text() == config_yaml
@@ -116,6 +135,32 @@ def claim(output_dir: Path, config_yaml: str, resume: bool | str, overwrite: boo
         (output_dir / RUN_MARKER).write_text(json.dumps({"config": "config.yaml"}) + "\n")
     dist.barrier()
     return resume
+
+
+def changed_keys(saved: Path, config_yaml: str) -> list[tuple[str, object, object]]:
+    """(dotted key, the saved run's value, this one's) for each setting that differs from `saved` (config.yaml)."""
+    if not saved.is_file():
+        return []
+    before, after = (yaml.safe_load(text) or {} for text in (saved.read_text(), config_yaml))
+    if not (isinstance(before, dict) and isinstance(after, dict)):
+        return [("config.yaml", before, after)] if before != after else []
+    before, after = _flat(before), _flat(after)
+    return [(key, before.get(key), after.get(key)) for key in sorted(before.keys() | after.keys())
+            if before.get(key) != after.get(key)]  # fmt: skip
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _described(changes) -> str:
+    return ", ".join(f"{key} {before!r} -> {after!r}" for key, before, after in changes)
 
 
 def replace_directory(staging: Path, target: Path) -> None:

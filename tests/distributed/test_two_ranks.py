@@ -23,6 +23,7 @@ from tests.distributed.launch import (
     losses,
     training_log,
 )
+from tests.references import cut_back
 
 pytestmark = pytest.mark.distributed
 
@@ -133,6 +134,29 @@ def test_same_output_dir_without_resume_or_overwrite_is_refused(runs, tmp_path):
     result = run_cli("distill", f"--config={path}")
     assert result.returncode == 2
     assert "already holds this run's checkpoints; pass --resume" in result.stderr
+
+
+def test_a_resume_takes_only_a_longer_run_and_its_first_step_trains_at_the_new_schedules_rate(t5_zero2, tmp_path):
+    """The finished 12-step run, resumed from its last checkpoint for one more step: the optimizer came back with
+    the rate the 12-step schedule ended at (0), and the 13th step trains at the 13-step schedule's instead (the
+    weights move). Settings that would make it another run are refused by name, with --resume and --resume=auto."""
+    config = cut_back(t5_zero2, tmp_path / "run", 12)
+    peak = config["train"]["learning_rate"]
+    for flags, named in ((["--resume"], "train.learning_rate 0.001 -> 0.0005"),
+                         (["--resume=auto"], "train.learning_rate 0.001 -> 0.0005, train.max_steps 12 -> 13")):  # fmt: skip
+        changed = {**config, "train": {**config["train"], "learning_rate": peak / 2, "max_steps": 13}}
+        refused = run_cli("distill", f"--config={write_yaml(tmp_path / 'changed.yaml', changed)}", *flags)
+        assert refused.returncode == 2 and named in refused.stderr, refused.stderr[-3000:]
+        assert "Traceback" not in refused.stderr
+
+    longer = {**config, "train": {**config["train"], "max_steps": 13}}
+    distill(tmp_path, "longer", longer, "--resume")
+    assert sorted(losses(tmp_path / "run")) == list(range(1, 14))
+    assert [row["lr"] for row in training_log(tmp_path / "run") if "lr" in row][-1] == 0.0  # the schedule's end
+    before = load_file(t5_zero2.dir / "model" / "model.safetensors")
+    after = load_file(tmp_path / "run" / "model" / "model.safetensors")
+    moved = max((after[name] - before[name]).abs().max().item() for name in before)
+    assert moved > 0.1 * peak / 11  # step 13, at peak / 11, moved the weights (at rate 0 none would)
 
 
 def test_torchrun_and_the_deepspeed_launcher_train_the_same_decoder_only_student(gpt2_zero3, tmp_path):

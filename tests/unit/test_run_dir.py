@@ -12,9 +12,11 @@ from ds_distill.errors import ConfigError
 from ds_distill.train import run_dir
 from ds_distill.train.checkpoint import rng_state, set_rng_state
 
+CONFIG = "train:\n  learning_rate: 0.001\n  max_steps: 10\n"
 
-def claim(path, resume=False, overwrite=False, has_checkpoint=False):
-    return run_dir.claim(path, "config", resume, overwrite, has_checkpoint)
+
+def claim(path, resume=False, overwrite=False, has_checkpoint=False, config=CONFIG):
+    return run_dir.claim(path, config, resume, overwrite, has_checkpoint)
 
 
 def test_overwrite_replaces_only_a_marked_run(tmp_path):
@@ -37,15 +39,18 @@ def test_resume_auto_continues_the_same_run_when_it_has_a_checkpoint_and_starts_
 
     run = tmp_path / "run"
     assert claim(run, resume="auto") is False  # nothing there yet
-    (run / "config.yaml").write_text("config")
+    (run / "config.yaml").write_text(CONFIG)
     assert claim(run, resume="auto") is False  # killed before its first checkpoint: starts again
     assert claim(run, resume="auto", has_checkpoint=True) is True
     with pytest.raises(ConfigError, match="already holds this run's checkpoints; pass --resume"):
         claim(run, has_checkpoint=True)  # without it, a rerun is refused as before
-    (run / "config.yaml").write_text("another config")
-    with pytest.raises(ConfigError, match="a different config, which --resume=auto does not continue"):
-        claim(run, resume="auto", has_checkpoint=True)
-    assert claim(run, resume=True, has_checkpoint=True) is True
+    longer = CONFIG.replace("10", "20")
+    with pytest.raises(ConfigError, match=r"a different config \(train.max_steps 10 -> 20\), which --resume=auto"):
+        claim(run, resume="auto", has_checkpoint=True, config=longer)
+    assert claim(run, resume=True, has_checkpoint=True, config=longer) is True  # --resume may run longer
+    faster = CONFIG.replace("0.001", "0.002")
+    with pytest.raises(ConfigError, match=r"differ from its config.yaml: train.learning_rate 0.001 -> 0.002; only"):
+        claim(run, resume=True, has_checkpoint=True, config=faster)  # but not change how it trains
     assert resume_flag("auto") == "auto" and resume_flag(True) is True
     with pytest.raises(ConfigError, match="--resume takes no value, or =auto"):
         resume_flag("yes")

@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from ds_distill.config.deepspeed import TEACHER_PLACEMENTS
 from tests.conftest import REPO, subprocess_env
 
@@ -91,6 +93,32 @@ def test_launch_scripts_pick_a_free_master_port_or_take_master_port(tmp_path):
         assert run_script("launch_scripts/flan_t5_3b.sh", tmp_path, bin_dir, TEACHER=placement).returncode == 0
         assert f"--teacher.deepspeed_config={json_file} " in (bin_dir / "calls").read_text().splitlines()[-1]
     assert run_script("launch_scripts/flan_t5_3b.sh", tmp_path, bin_dir, TEACHER="gpu").returncode == 2
+
+
+def test_the_tiny_chain_script_starts_the_launcher_on_itself_with_two_cpu_ranks(tmp_path):
+    bin_dir = fake_deepspeed(tmp_path)
+    assert run_script("launch_scripts/tiny_cpu.sh", tmp_path, bin_dir, OUTPUT_DIR=str(tmp_path / "c")).returncode == 0
+    call = (bin_dir / "calls").read_text().splitlines()[-1]
+    assert call.startswith("--master_port ") and "--num_gpus 2 " in call
+    assert call.endswith(f"{REPO / 'launch_scripts/tiny_cpu.sh'} --x.y=1")
+
+
+@pytest.mark.parametrize(
+    ("script", "mistyped"),
+    [("launch_scripts/flan_t5_3b.sh", "--train.max_stepz=1"),
+     ("launch_scripts/flan_t5_3b_chain.sh", "--defaults.train.max_stepz=1"),
+     ("launch_scripts/tiny_cpu.sh", "--defaults.train.max_stepz=1")],
+)  # fmt: skip
+def test_each_scripts_python_side_hands_over_to_ds_distill(tmp_path, script, mistyped):
+    """What `deepspeed SCRIPT` runs on each rank (the file, read by python) reaches ds-distill, which refuses a
+    mistyped key in one line before any weights load."""
+    env = {**subprocess_env(), "OUTPUT": str(tmp_path / "out"), "OUTPUT_DIR": str(tmp_path / "out")}
+    result = subprocess.run([sys.executable, REPO / script, mistyped], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "unknown key" in errors[0] and "Did you mean 'max_steps'?" in errors[0]
+    assert "Traceback" not in result.stderr
 
 
 def test_launch_scripts_take_a_config_or_a_recipe_and_both_sides_build_the_same_run(tmp_path):
