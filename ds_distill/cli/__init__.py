@@ -12,7 +12,7 @@
     ds-distill count_params PATH_OR_RECIPE             (or --recipe=NAME, --config=RUN.yaml)
     ds-distill plan --config=RUN.yaml --gpus_per_node=8 --gpu_memory_gb=80   memory per GPU, what fits, fastest
     ds-distill list
-    ds-distill VERB --help
+    ds-distill VERB --help                            ds-distill --version
 
 Under the DeepSpeed launcher every rank runs `python -u -m ds_distill ... --local_rank=N`; that flag is
 taken out here (its value is in LOCAL_RANK) so fire never sees it.
@@ -20,6 +20,7 @@ taken out here (its value is in LOCAL_RANK) so fire never sees it.
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import os
 import sys
@@ -51,10 +52,17 @@ VERBS = {
 
 
 def usage() -> str:
-    lines = ["usage: ds-distill VERB [ARGS]   (ds-distill VERB --help for details)", "", "verbs:"]
+    lines = ["usage: ds-distill VERB [ARGS]   (ds-distill VERB --help for details; ds-distill --version)", "", "verbs:"]
     for name, function in VERBS.items():
-        lines.append(f"  {name:<16} {inspect.getdoc(function).splitlines()[0]}")
+        lines.append(f"  {name:<16} {first_sentence(inspect.getdoc(function))}")
     return "\n".join(lines)
+
+
+def first_sentence(doc: str) -> str:
+    """The first sentence of a docstring's first paragraph, whole however many lines it spans."""
+    paragraph = " ".join(doc.split("\n\n")[0].split())
+    end = paragraph.find(". ")
+    return paragraph if end < 0 else paragraph[: end + 1]
 
 
 def verb_help(name: str) -> str:
@@ -65,27 +73,47 @@ def verb_usage(name: str) -> str:
     return f"usage: ds-distill {name} {_flags(inspect.signature(VERBS[name]))}"
 
 
+METAVARS = {"config": "PATH", "recipe": "NAME", "output_dir": "DIR", "checkpoint_dir": "DIR", "model": "DIR",
+            "teacher": "DIR_OR_HUB_ID", "data": "PATH", "path_or_recipe": "PATH_OR_RECIPE"}  # fmt: skip
+
+
 def _flags(signature: inspect.Signature) -> str:
+    """`--name=PATH` where a value is needed, `[--name=DEFAULT]` where one is set, `[--switch]` for switches."""
     parts = []
     for param in signature.parameters.values():
+        value = METAVARS.get(param.name, param.name.upper())
         if param.kind is param.VAR_KEYWORD:
             parts.append("[--SECTION.KEY=VALUE ...]")
         elif param.kind is param.VAR_POSITIONAL:
             continue
         elif param.default is inspect.Parameter.empty:
-            parts.append(f"--{param.name}=VALUE")
-        else:
+            parts.append(f"--{param.name}={value}")
+        elif isinstance(param.default, bool):
             parts.append(f"[--{param.name}]")
+        elif param.default is None or param.default == ():
+            parts.append(f"[--{param.name}={value}]")
+        else:
+            parts.append(f"[--{param.name}={param.default}]")
     return " ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = strip_launcher_flags(list(sys.argv[1:] if argv is None else argv))
-    if not argv or argv[0] in ("-h", "--help", "help"):
+    if not argv:
+        print(usage(), file=sys.stderr)
+        sys.exit(2)
+    if argv[0] in ("-h", "--help", "help"):
         print(usage())
         return
+    if argv[0] in ("-V", "--version"):
+        from ds_distill import __version__
+
+        print(f"ds-distill {__version__}")
+        return
     if argv[0] not in VERBS:
-        print(f"error: unknown verb '{argv[0]}'\n\n{usage()}", file=sys.stderr)
+        close = difflib.get_close_matches(argv[0], list(VERBS), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        print(f"error: unknown verb '{argv[0]}'{hint}\n\n{usage()}", file=sys.stderr)
         sys.exit(2)
     if any(arg in ("-h", "--help") for arg in argv[1:]):
         print(verb_help(argv[0]))

@@ -4,6 +4,7 @@ fire's trace."""
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import os
 from collections.abc import Callable
@@ -68,8 +69,10 @@ def check_command(verb: str, function: Callable, args: list[str]) -> None:
     positional, names = given_flags(args)
     for name in sorted(names):
         known = name in named or (name.startswith("no") and name[2:] in named)  # fire's --noflag is flag=False
-        if not known and not takes_dotted:
-            raise ConfigError(f"ds-distill {verb} has no flag --{name}; its flags: {', '.join(sorted(named))}")
+        close = difflib.get_close_matches(name, sorted(named), n=1, cutoff=0.8)
+        if not known and (not takes_dotted or (close and "." not in name)):  # --overwite is no config key
+            hint = f". Did you mean --{close[0]}?" if close else ""
+            raise ConfigError(f"ds-distill {verb} has no flag --{name}{hint} Its flags: {', '.join(sorted(named))}")
     open_slots = [p.name for p in parameters if p.kind is p.POSITIONAL_OR_KEYWORD and p.name not in names]
     if len(positional) > len(open_slots):
         extra = positional[len(open_slots) :]

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+DIVERGENCE_NOTES = {
+    "forward_kl": "KL(teacher || student), the default (Hinton et al. 2015)",
+    "reverse_kl": "KL(student || teacher): mode-seeking (MiniLLM)",
+    "jsd": "generalised JSD with beta, the teacher's weight in the mixture (GKD, Agarwal et al. 2024)",
+    "skew_kl": "KL(teacher || alpha teacher + (1 - alpha) student) (DistiLLM)",
+    "tvd": "total variation distance, half the L1 distance of the two distributions",
+}
+
 
 def list_components():
     """Lists shipped recipes, methods, loss terms, layer-map strategies, model families and DeepSpeed configs."""
+    from ds_distill.cli import first_sentence
     from ds_distill.config.deepspeed import PROJECT_ROOT
     from ds_distill.config.load import RECIPES_DIR
     from ds_distill.models import ADAPTERS
@@ -12,7 +21,7 @@ def list_components():
     from ds_distill.objectives.methods import METHODS
     from ds_distill.objectives.registry import describe_losses
 
-    print("recipes (ds-distill distill --recipe=NAME):")
+    print(f"recipes (ds-distill distill --recipe=NAME; the files are in {RECIPES_DIR}):")
     for path in sorted(RECIPES_DIR.glob("[!_]*.yaml")):  # _*.yaml: bases that recipes share
         first = path.read_text().splitlines()[0].lstrip("# ").strip()
         print(f"  {path.stem:<24} {first}")
@@ -20,8 +29,11 @@ def list_components():
     for name, method in METHODS.items():
         print(f"  {name:<24} {method.summary}")
     print("losses (the YAML's losses: section):")
-    for name, line in describe_losses().items():
-        print(f"  {name:<24} {line.split(': ', 1)[-1]}")
+    for name, doc in describe_losses().items():
+        print(f"  {name:<24} {first_sentence(doc).split(': ', 1)[-1]}")
+    print("KD divergences (losses.kd.divergence; losses.kd.temperature T, the term scaled by T^2, TVD's by T):")
+    for name, line in DIVERGENCE_NOTES.items():
+        print(f"  {name:<24} {line}")
     print("layer-map strategies (layer_map.encoder / layer_map.decoder, or a loss's own layer_map):")
     for name, line in describe_strategies().items():
         print(f"  {name:<24} {line}")

@@ -36,7 +36,8 @@ def evaluate(
 
     Args:
         model: a Hugging Face model directory or hub id, or a run's checkpoints directory.
-        config: a run YAML whose data section (and train.generation_max_length, num_beams) to use.
+        config: a run YAML whose data section (and train.generation_max_length, num_beams) to use; default:
+            the run's own config.yaml, where --model is a run's model/ or checkpoints/ directory.
         recipe: a shipped recipe instead.
         output_dir: where the report goes; default: `eval` beside the model directory.
         split: the data split to score (default: data.validation_split).
@@ -54,6 +55,13 @@ def evaluate(
     from ds_distill.config.run import EVAL_METRICS
     from ds_distill.evaluation import DEFAULT_METRIC, evaluate_model
 
+    if not (config or recipe):
+        saved = Path(model.rstrip("/")).parent / "config.yaml"
+        if not saved.is_file():
+            raise ConfigError(f"--model {model} is not a run's model/ or checkpoints/ directory (no {saved}); give "
+                              "--config=RUN.yaml or --recipe=NAME for its data")  # fmt: skip
+        config = str(saved)
+        print(f"data and settings from {saved}")
     run = load_config(config, recipe, overrides)
     metric = metric or DEFAULT_METRIC.get(run.data.task, "loss")
     if metric not in EVAL_METRICS:

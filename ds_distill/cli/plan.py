@@ -33,10 +33,11 @@ def plan(
     Args:
         config: path of a run YAML (or --recipe=NAME).
         recipe: name of a shipped recipe (`ds-distill list`).
-        gpus_per_node: GPUs (ranks) per node.
-        nodes: number of nodes.
-        gpu_memory_gb: memory of one GPU, e.g. 80 for an H100, 141 for an H200, 40 or 80 for an A100.
-        cpu_memory_gb: host memory per node; default this machine's.
+        gpus_per_node: GPUs (ranks) per node (default 1).
+        nodes: number of nodes (default 1).
+        gpu_memory_gb: memory of one GPU (default 80, an H100's), e.g. 141 for an H200, 40 or 80 for an A100.
+        cpu_memory_gb: host memory per node; default this machine's (said at the top of the report), which may
+            not be the training nodes'.
         **overrides: dotted run settings, e.g. --train.per_device_train_batch_size=64.
     """
     from ds_distill import planner
@@ -45,6 +46,9 @@ def plan(
     hardware = planner.Hardware(
         gpus_per_node, nodes, gpu_memory_gb, planner.host_memory_gb() if cpu_memory_gb is None else cpu_memory_gb
     )
+    if cpu_memory_gb is None:
+        print(f"host memory per node: {hardware.cpu_memory_gb:,.0f} GB, this machine's (give --cpu_memory_gb for the "
+              "training nodes')", file=sys.stderr)  # fmt: skip
     print("tracing one training step on the CPU at the run's shapes ...", file=sys.stderr)
     if not _is_chain(config, recipe):
         tree = load_tree(config, recipe, overrides)

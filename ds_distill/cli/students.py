@@ -133,12 +133,14 @@ def export(checkpoint_dir: str, output_dir: str, tag: str | None = None, overwri
     print(f"exported {checkpoint_dir} to {path}")
 
 
-def count_params(path_or_recipe: str | None = None, recipe: str | None = None, config: str | None = None):
+def count_params(path_or_recipe: str | None = None, recipe: str | None = None, config: str | None = None,
+                 **overrides):  # fmt: skip
     """Counts parameters on the meta device (no weights needed) for a model path, hub id, run YAML or recipe.
 
         ds-distill count_params google/flan-t5-xl
         ds-distill count_params --recipe=flan_t5_3b_145m          (or: count_params flan_t5_3b_145m)
         ds-distill count_params --config=run.yaml
+        ds-distill count_params --recipe=flan_t5_3b_145m --student.init.from_teacher.d_model=640
 
     For a run config or recipe it prints the teacher, the student and the compression ratio (every student of
     a config with `students:`); for a chain, each stage (its teacher being the student of the stage it comes
@@ -148,6 +150,7 @@ def count_params(path_or_recipe: str | None = None, recipe: str | None = None, c
         path_or_recipe: a model directory or hub id, a run YAML or a recipe name.
         recipe: a shipped recipe (`ds-distill list`), instead of path_or_recipe.
         config: a run or chain YAML, instead of path_or_recipe.
+        **overrides: dotted keys of the run or chain config, as `distill` and `plan` take them.
     """
     from ds_distill import chain, models
     from ds_distill.config import load as config_module
@@ -159,14 +162,16 @@ def count_params(path_or_recipe: str | None = None, recipe: str | None = None, c
     is_yaml = bool(config) or name.endswith((".yaml", ".yml"))
     is_recipe = bool(recipe) or (not is_yaml and (config_module.RECIPES_DIR / f"{name}.yaml").is_file())
     if not (is_yaml or is_recipe):
+        if overrides:
+            raise ConfigError(f"--{next(iter(overrides))}: a model is counted as it is; overrides apply to a config")
         hf_config = models.load_config(name, "model")
         print(f"{name}: {models.count_parameters(hf_config) / 1e6:,.1f}M parameters")
         return
     yaml_path, recipe_name = (name, None) if is_yaml else (None, name)
     if chain.is_chain(config_module.read_tree(Path(name) if is_yaml else config_module.recipe_path(name))):
-        _count_chain(chain.load(yaml_path, recipe_name, {}))
+        _count_chain(chain.load(yaml_path, recipe_name, overrides))
         return
-    tree = config_module.load_tree(yaml_path, recipe_name)
+    tree = config_module.load_tree(yaml_path, recipe_name, overrides)
     runs = config_module.parse_students(tree) if "students" in tree else {None: config_module.parse_run(tree)}
     first = next(iter(runs.values()))
     teacher_config = None

@@ -78,8 +78,8 @@ def build_losses(
 
 
 def describe_losses() -> dict[str, str]:
-    """One line per registered loss, for `ds-distill list`."""
-    return {name: (cls.__doc__ or "").strip().splitlines()[0] for name, cls in LOSSES.items()}
+    """Each registered loss's docstring, for `ds-distill list`."""
+    return {name: (cls.__doc__ or "").strip() for name, cls in LOSSES.items()}
 
 
 def weighted_terms(

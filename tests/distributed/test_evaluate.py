@@ -1,5 +1,6 @@
 """`ds-distill evaluate` on 2 ranks: BLEU and chrF are sacrebleu's on the files it writes, in the data's order;
-a run's checkpoints score what its exported model scores."""
+a run's checkpoints score what its exported model scores (their data and settings read from the run's
+config.yaml)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ pytestmark = pytest.mark.distributed
 
 def evaluate(tmp_path, name: str, model, config_path, *flags: str) -> dict:
     output = tmp_path / name
+    config = [f"--config={config_path}"] if config_path else []  # without: the run's own config.yaml
     command = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "--module", "ds_distill",
-               "evaluate", f"--model={model}", f"--config={config_path}", f"--output_dir={output}", *flags]  # fmt: skip
+               "evaluate", f"--model={model}", *config, f"--output_dir={output}", *flags]  # fmt: skip
     launch(command, tmp_path / f"{name}.log")
     return json.loads((output / "report.json").read_text())
 
@@ -39,8 +41,8 @@ def test_evaluate_writes_what_it_scores_and_checkpoints_score_as_their_export(t5
     assert metrics["chrf"] == sacrebleu.corpus_chrf(hypotheses, [raw]).score > 0
     assert metrics["loss"] > 0 and metrics["perplexity"] > 1
 
-    from_checkpoint = evaluate(
-        tmp_path, "checkpoint", run_dir / "checkpoints", config_path, "--max_new_tokens=12", "--num_beams=2"
+    from_checkpoint = evaluate(  # its data and settings from the run's config.yaml
+        tmp_path, "checkpoint", run_dir / "checkpoints", None, "--max_new_tokens=12", "--num_beams=2"
     )
     assert (tmp_path / "checkpoint" / "model" / "config.json").is_file()  # exported there first
     for name, value in metrics.items():

@@ -17,9 +17,16 @@ def test_launcher_local_rank_flag_is_removed(monkeypatch):
     "argv, message",
     [
         (["make_student", "--teacher=t"], "ds-distill make_student needs --output_dir=..."),
-        (["export", "--checkpoint_dir=c", "--output_dir=o", "--tagg=x"], "ds-distill export has no flag --tagg;"),
+        (
+            ["export", "--checkpoint_dir=c", "--output_dir=o", "--tagg=x"],
+            "ds-distill export has no flag --tagg. Did you mean --tag?",
+        ),
+        (
+            ["distill", "--config=c.yaml", "--overwite"],
+            "ds-distill distill has no flag --overwite. Did you mean --overwrite?",
+        ),
         (["export", "c", "o", "t", "false", "extra"], "ds-distill export does not take 'extra'"),
-        (["count_params", "--recipes=flan_t5_3b_145m"], "ds-distill count_params has no flag --recipes;"),
+        (["count_params", "--recipes=flan_t5_3b_145m"], "ds-distill count_params has no flag --recipes. Did you mean"),
     ],
 )
 def test_command_line_mistakes_are_one_line_errors_with_the_verbs_usage(argv, message, capsys):
@@ -53,6 +60,35 @@ def test_top_level_help_lists_verbs(capsys):
     cli.main(["--help"])
     out = capsys.readouterr().out
     assert all(verb in out for verb in cli.VERBS)
+    summaries = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
+    assert summaries["chain"].endswith("(or the source its student is cut from).")  # whole sentences
+    assert summaries["plan"].endswith("and the overrides that select it.")
+
+
+def test_no_verb_a_mistyped_verb_the_version_and_usage_lines(capsys):
+    from ds_distill import __version__
+
+    for argv, hint in (([], "usage: ds-distill VERB"), (["distil"], "error: unknown verb 'distil'; did you mean 'distill'?")):  # fmt: skip
+        with pytest.raises(SystemExit) as exited:
+            cli.main(argv)
+        assert exited.value.code == 2 and capsys.readouterr().err.startswith(hint)
+    cli.main(["--version"])
+    assert capsys.readouterr().out == f"ds-distill {__version__}\n"
+    assert cli.verb_usage("distill") == (
+        "usage: ds-distill distill [--config=PATH] [--recipe=NAME] [--resume] [--overwrite] [--SECTION.KEY=VALUE ...]"
+    )
+    assert "[--gpu_memory_gb=80.0]" in cli.verb_usage("plan") and "--model=DIR" in cli.verb_usage("evaluate")
+
+
+def test_count_params_takes_dotted_overrides_and_says_larger_where_the_student_is(capsys):
+    cli.main(["count_params", "--recipe=flan_t5_3b_145m", "--student.init.from_teacher.d_model=640"])
+    narrower = capsys.readouterr().out
+    cli.main(["count_params", "--recipe=flan_t5_3b_145m"])
+    assert narrower != capsys.readouterr().out and "x smaller" in narrower
+    wider = [f"--student.init.from_teacher.{key}" for key in ("d_model=4096", "d_ff=10240", "num_heads=64",
+                                                              "encoder_layers=24", "decoder_layers=24")]  # fmt: skip
+    cli.main(["count_params", "--recipe=flan_t5_3b_145m", *wider])
+    assert "x larger than the teacher)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -95,6 +131,10 @@ def test_chain_refuses_a_run_config_and_evaluate_a_directory_that_is_no_model(tm
     result = run_cli("evaluate", f"--model={tmp_path}", f"--config={run}")
     assert result.returncode == 2
     assert "is neither a model directory (config.json) nor a run's checkpoints directory" in result.stderr
+    result = run_verb("evaluate", f"--model={tmp_path / 'model'}")  # no --config, and no run's config.yaml there
+    assert (
+        result.returncode == 2 and f"is not a run's model/ or checkpoints/ directory (no {run.parent}" in result.stderr
+    )
 
 
 def test_count_params_prints_every_stage_of_the_chain_recipe():
@@ -159,10 +199,12 @@ def test_homobert_recipes_export_the_papers_sizes(recipe, millions, capsys):
 
 
 def test_list_shows_recipes_methods_losses_strategies_and_families(capsys):
+    from ds_distill.objectives.logits import DIVERGENCES
     from ds_distill.objectives.methods import METHODS
     from ds_distill.objectives.registry import LOSSES
 
     cli.main(["list"])
     lines = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
-    expected = {"flan_t5_3b_145m", *METHODS, *LOSSES, "uniform", "last", "explicit", "t5", "student_zero3.json"}
+    expected = {"flan_t5_3b_145m", *METHODS, *LOSSES, "uniform", "last", "explicit", "t5", "student_zero3.json",
+                *DIVERGENCES}  # fmt: skip
     assert expected <= set(lines)
