@@ -222,7 +222,7 @@ def write_manifest(output_dir: Path, manifest: dict) -> None:
 
 def run_chain(tree: dict[str, Any], overwrite: tuple[str, ...] = ()) -> dict:
     """Runs the chain's stages in order (see the module docstring); returns the manifest."""
-    from ds_distill.evaluation import evaluate_model
+    from ds_distill.evaluation import described, evaluate_model
 
     output_dir, stages = parse(tree)
     unknown = sorted(set(overwrite) - {s.name for s in stages})
@@ -260,7 +260,7 @@ def run_chain(tree: dict[str, Any], overwrite: tuple[str, ...] = ()) -> dict:
                 }
                 write_manifest(output_dir, manifest)
             manifest = dist.all_gather_objects(manifest)[0]
-            dist.print_main(f"chain: stage {unit} done: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            dist.print_main(f"chain: stage {unit} done: {described(metrics)}")
     return manifest
 
 

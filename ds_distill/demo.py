@@ -138,7 +138,8 @@ def save_initial_models(tokenizer, directory: Path, seed: int) -> tuple[Path, Pa
     for name, config in (("teacher_init", teacher_config), ("student_init", student_config)):
         torch.manual_seed(seed)
         path = directory / name
-        T5ForConditionalGeneration(config).save_pretrained(path)
+        with models.quiet_saving():
+            T5ForConditionalGeneration(config).save_pretrained(path)
         tokenizer.save_pretrained(path)
         paths.append(path)
     return paths[0], paths[1]

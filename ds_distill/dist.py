@@ -8,13 +8,20 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import io
 import os
 import socket
+import sys
+import warnings
 from pathlib import Path
 
 import torch
 
 from ds_distill import peers
+
+# DeepSpeed's ZeRO-3 gathers call it on every step of every rank; the warning says nothing a user can act on
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                        category=FutureWarning)  # fmt: skip
 
 
 def _free_port() -> int:
@@ -31,7 +38,17 @@ def init(timeout_s: int = 1800) -> None:
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    deepspeed.init_distributed(dist_backend=None, verbose=False, timeout=datetime.timedelta(seconds=timeout_s))
+    said = io.StringIO()  # DeepSpeed prints "... shm_comm_op built successfully" on every CPU rank
+    try:
+        with contextlib.redirect_stdout(said):
+            deepspeed.init_distributed(dist_backend=None, verbose=False, timeout=datetime.timedelta(seconds=timeout_s))
+    except BaseException:
+        sys.stdout.write(said.getvalue())  # an op that failed to build: what it printed is the diagnosis
+        raise
+    if not is_main():  # one progress bar per job: rank 0's
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()
     _release_shared_memory_names()
     peers.start(rank(), world_size())  # a lost rank stops the job in seconds, named, not after timeout_s
 
@@ -79,9 +96,20 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
-def print_main(*args, **kwargs) -> None:
-    if is_main():
-        print(*args, **kwargs, flush=True)
+def print_main(*args, file=None) -> None:
+    """Prints on rank 0, on a line of its own while a progress bar is open: on a terminal above the bar (tqdm's
+    write); in a log file, where a bar's last state ends without a newline, after a line break."""
+    if not is_main():
+        return
+    from tqdm.auto import tqdm
+
+    out, text = file or sys.stdout, " ".join(str(arg) for arg in args)
+    if sys.stderr.isatty():
+        tqdm.write(text, file=out)
+    else:
+        bar_open = any(not bar.disable for bar in list(getattr(tqdm, "_instances", ())))
+        print(("\n" if bar_open else "") + text, file=out)
+    out.flush()
 
 
 def local_rank() -> int:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from ds_distill import dist, models
 from ds_distill.config.run import RunConfig
@@ -42,6 +43,12 @@ def corpus_score(metric: str, hypotheses: list[str], references: list[str]) -> f
     return 100.0 * sum(scores) / max(1, len(scores))
 
 
+def described(results: dict[str, float], prefix: str = "") -> str:
+    """'loss 0.3632, perplexity 1.438, bleu 33.33': four significant digits, however large (a random model's
+    perplexity has nine before the point)."""
+    return ", ".join(f"{prefix}{name} {value:.4g}" for name, value in results.items())
+
+
 @torch.no_grad()
 def evaluate(
     model,
@@ -52,22 +59,25 @@ def evaluate(
     synced_gpus: bool = False,
     objective: Callable | None = None,
     texts: dict[str, list[str]] | None = None,
+    progress: bool = True,
 ) -> dict[str, float]:
     """Returns {"loss": mean token cross-entropy, "perplexity", "accuracy" (teacher-forced token accuracy), and
     "bleu" + "chrf" or "rouge" when configured}.
 
     A model without an LM head has no token loss: `objective(batch) -> (total, {term: value})` is evaluated
     instead, giving {"loss", "loss/<term>"}, means over real rows. `texts`, a dict, receives the hypotheses
-    and references of all ranks in the dataset's order (on every rank).
+    and references of all ranks in the dataset's order (on every rank). `progress`: a bar over the batches.
     """
     model.eval()
     adapter = models.adapter_for(model.config)
     device = next(model.parameters()).device
     generate = objective is None and run.train.eval_metric in ("bleu", "rouge") and adapter.kind == "seq2seq"
     sums, hypotheses, references = defaultdict(float), [], []
-    for batch, batch_references, real_rows in batches.eval_batches(
-        dataset, collate, run.train.per_device_eval_batch_size
-    ):
+    size = run.train.per_device_eval_batch_size
+    bar = tqdm(batches.eval_batches(dataset, collate, size), total=-(-len(dataset) // dist.world_size() // size),
+                    desc="eval (loss, generation)" if generate else "eval", unit="batch", leave=False,
+                    disable=not (dist.is_main() and progress), dynamic_ncols=True)  # fmt: skip
+    for batch, batch_references, real_rows in bar:
         batch = {k: v.to(device) for k, v in batch.items()}
         if objective is not None:
             total, terms = objective(batch)

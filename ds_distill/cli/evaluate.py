@@ -53,7 +53,7 @@ def evaluate(
 
     from ds_distill.config.load import load_config
     from ds_distill.config.run import EVAL_METRICS
-    from ds_distill.evaluation import DEFAULT_METRIC, evaluate_model
+    from ds_distill.evaluation import DEFAULT_METRIC, described, evaluate_model
 
     if not (config or recipe):
         saved = Path(model.rstrip("/")).parent / "config.yaml"
@@ -75,4 +75,4 @@ def evaluate(
     results = evaluate_model(model, run, target, split, deepspeed_config)
     from ds_distill import dist
 
-    dist.print_main(", ".join(f"{name} {value:.4f}" for name, value in results.items()) + f"; report in {target}")
+    dist.print_main(f"{described(results)}; report in {target}")

@@ -94,11 +94,11 @@ def chain(config: str | None = None, recipe: str | None = None, overwrite=(), **
     names = overwrite.split(",") if isinstance(overwrite, str) else [str(name) for name in overwrite]
     manifest = chain_module.run_chain(tree, tuple(name for name in names if name))
     from ds_distill import dist
+    from ds_distill.evaluation import described
 
     if dist.is_main():
         for name, stage in manifest["stages"].items():
-            scores = ", ".join(f"{k} {v:.4f}" for k, v in stage["evaluation"].items())
-            print(f"{name}: {stage['export']} ({scores})")
+            print(f"{name}: {stage['export']} ({described(stage['evaluation'])})")
 
 
 def prepare_data(config: str | None = None, recipe: str | None = None, **overrides):

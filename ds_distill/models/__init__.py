@@ -3,7 +3,7 @@ layouts.py), reading configs and checkpoint names without weights (hub.py), fuse
 separate head (t5.py) and GGUF teachers (gguf.py). The names below are what the rest of the package uses."""
 
 from ds_distill.models.adapters import ADAPTERS, DIMENSIONS, ModelAdapter, adapter_for, count_parameters
-from ds_distill.models.hub import check_local_weights, checkpoint_keys, load_config
+from ds_distill.models.hub import check_local_weights, checkpoint_keys, load_config, quiet_saving
 
 __all__ = [
     "ADAPTERS",
@@ -14,4 +14,5 @@ __all__ = [
     "checkpoint_keys",
     "count_parameters",
     "load_config",
+    "quiet_saving",
 ]

@@ -4,6 +4,7 @@ and whether a local directory holds whole weights."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -85,3 +86,17 @@ def check_local_weights(name_or_path: str, role: str) -> None:
         except (SafetensorError, OSError) as error:
             raise ConfigError(f"{role} weights {path} cannot be read, truncated or not safetensors "
                               f"({str(error).splitlines()[0]})") from None  # fmt: skip
+
+
+@contextlib.contextmanager
+def quiet_saving():
+    """Without transformers' "Writing model shards" bar: a save of a few shards, over in seconds."""
+    from transformers.utils import logging
+
+    enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            logging.enable_progress_bar()

@@ -104,7 +104,8 @@ def save_student(state: dict, student: PretrainedConfig, output_dir: Path, token
         raise ConfigError(f"the student's {', '.join(still_meta[:5])} were not filled from the teacher")
     staging = output_dir.with_name(output_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
+    with models.quiet_saving():
+        model.save_pretrained(staging)
     AutoTokenizer.from_pretrained(tokenizer_source).save_pretrained(staging)
     try:
         GenerationConfig.from_pretrained(tokenizer_source).save_pretrained(staging)

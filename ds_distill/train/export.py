@@ -98,7 +98,8 @@ def save_hf_model(
         )
     staging = output_dir.with_name(output_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, safe_serialization=True)
+    with models.quiet_saving():
+        model.save_pretrained(staging, safe_serialization=True)
     for item in template_dir.iterdir():
         if (
             item.is_file()

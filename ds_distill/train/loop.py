@@ -24,11 +24,11 @@ from ds_distill import dist, models
 from ds_distill.config import deepspeed as ds_config
 from ds_distill.config.run import RunConfig
 from ds_distill.data import batches
-from ds_distill.evaluation import evaluate
+from ds_distill.evaluation import described, evaluate
 from ds_distill.surgery import prune
 from ds_distill.train import checkpoint, engines, export, on_policy
 from ds_distill.train.prepare import Prepared, on_policy_options, prepare, write_run_files
-from ds_distill.train.progress import LogWindow, RunLog, memory_in_use_gb, peak_memory_gb
+from ds_distill.train.progress import LogWindow, RunLog, memory_in_use_gb, peak_memory_gb, run_summary
 from ds_distill.train.student import build_student, target_index, token_counts
 from ds_distill.train.teacher import TeacherFeatures, load_teacher
 from ds_distill.train.teacher_cache import CachedTeacher
@@ -196,8 +196,11 @@ class Trainer:
     # -- the loop -----------------------------------------------------------------------------------------
     def train(self) -> Path:
         """Runs from the current step to the last, then exports the student; returns the export's path."""
+        if dist.is_main():
+            dist.print_main(run_summary(self.p, resumed_at=self.step))
         self.begin()
         self.train_steps(until=self.p.total_steps)
+        self.progress.close()  # the finished bar, before what the export prints
         return self.export_student()
 
     def close(self) -> None:
@@ -288,10 +291,11 @@ class Trainer:
             self.run,
             synced_gpus=ds_config.zero_stage(self.p.student_ds) == 3,
             objective=objective,
+            progress=sys.stderr.isatty(),  # under the training bar: on a terminal only, not into a log file
         )
         self.engine.train()
         self._write_scalars({f"eval/{k}": v for k, v in results.items()})
-        dist.print_main(f"step {self.step}: " + ", ".join(f"eval {k} {v:.4f}" for k, v in results.items()))
+        dist.print_main(f"step {self.step}: {described(results, prefix='eval ')}")
 
     def _save_checkpoint(self) -> None:
         state = {"step": self.step, "micro_batches_done": self.micro_batches_done}

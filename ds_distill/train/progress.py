@@ -15,6 +15,52 @@ from typing import Any
 from ds_distill import dist
 
 
+def run_summary(p, resumed_at: int) -> str:
+    """What a run is about to do, in one block: both models (family, size, where each lives), the data, the
+    steps and batch, where its files go, and how to go on after a stop. `p`: the run's `Prepared`."""
+    from ds_distill import models
+    from ds_distill.config import deepspeed as ds_config
+    from ds_distill.data import batches
+
+    def model(config) -> str:
+        adapter = models.adapter_for(config)
+        return f"{adapter.name} ({adapter.kind}), {models.count_parameters(config) / 1e6:,.1f}M parameters"
+
+    def placement(settings) -> str:
+        zero = settings.get("zero_optimization", {})
+        offload = (zero.get("offload_param") or {}).get("device", "none")
+        where = {"cpu": ", parameters in CPU memory", "nvme": ", parameters on NVMe"}.get(offload, "")
+        stage = ds_config.zero_stage(settings)
+        return (
+            "replicated on every rank" if stage < 3 else f"ZeRO-3 partitioned over {ranks}"
+        ) + where
+
+    run, train = p.run, p.run.train
+    ranks = f"{dist.world_size()} rank{'s' if dist.world_size() > 1 else ''}"
+    lines = []
+    if p.teacher_config is not None:
+        lives = f"from the cache {run.teacher.cache}" if run.teacher.cache else placement(p.teacher_ds)
+        lines.append(f"teacher  {run.teacher.model_name_or_path}: {model(p.teacher_config)}; {lives}")
+    dims = run.student.init.from_teacher
+    source = run.student.model_name_or_path or ("cut from the teacher" if dims.strategy == "sliced" else "random")
+    stage = ds_config.zero_stage(p.student_ds)
+    lines.append(f"student  {source}: {model(p.student_config)}; ZeRO-{stage} over {ranks}")
+    splits = [f"{name} {len(rows):,} rows" for name, rows in p.datasets.items()]
+    train_tokens = int(batches.example_lengths(p.datasets[run.data.train_split]).sum())
+    lines.append(
+        f"data     {run.data.dataset} ({run.data.task}): {', '.join(splits)}; {train_tokens:,} training tokens"
+    )
+    per_step = train.per_device_train_batch_size * train.gradient_accumulation_steps * dist.world_size()
+    lines.append(f"steps    {p.total_steps:,}" + (f", from step {resumed_at}" if resumed_at else "") +
+                 f"; {per_step} examples a step ({train.per_device_train_batch_size} per rank x "
+                 f"{train.gradient_accumulation_steps} accumulated x {ranks})")  # fmt: skip
+    saves = f"checkpoints/ every {train.save_steps} steps" if train.save_steps > 0 else "no checkpoints"
+    lines.append(f"output   {p.output_dir}: log.jsonl, {saves}, model/ at the end")
+    lines.append(f"watch    tensorboard --logdir {p.output_dir / 'tensorboard'}")
+    lines.append("resume   the same command with --resume after a stop (--resume=auto: only this same run)")
+    return "\n".join(lines)
+
+
 def peak_memory_gb(reset: bool = False) -> float:
     """Peak accelerator memory (`reset`: from now on); on the CPU accelerator, the process's peak resident host
     memory, which cannot be reset."""

@@ -40,6 +40,7 @@ def test_evaluate_writes_what_it_scores_and_checkpoints_score_as_their_export(t5
     assert metrics["bleu"] == sacrebleu.corpus_bleu(hypotheses, [raw]).score
     assert metrics["chrf"] == sacrebleu.corpus_chrf(hypotheses, [raw]).score > 0
     assert metrics["loss"] > 0 and metrics["perplexity"] > 1
+    assert "eval (loss, generation): 100%" in (tmp_path / "exported.log").read_text()  # its progress bar
 
     from_checkpoint = evaluate(  # its data and settings from the run's config.yaml
         tmp_path, "checkpoint", run_dir / "checkpoints", None, "--max_new_tokens=12", "--num_beams=2"

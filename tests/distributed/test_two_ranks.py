@@ -55,6 +55,23 @@ def test_learning_rate_follows_the_hugging_face_linear_schedule(runs):
     assert logged == pytest.approx(expected, rel=1e-6)
 
 
+def test_a_run_says_what_it_does_at_its_start_and_little_else(t5_zero2):
+    """One block before the first step (both models, the data, steps and batch, its files, how to resume); no
+    DeepSpeed op-build lines, torch deprecation warnings or shard-writing bars; evaluation on lines of its own."""
+    log = t5_zero2.log.read_text()
+    config = t5_zero2.config
+    for line in ("teacher  ", "; ZeRO-3 partitioned over 2 ranks, parameters in CPU memory\n",
+                 "student  random: t5 (seq2seq), ", "; ZeRO-2 over 2 ranks\n",
+                 f"data     json (translation): train {config['data']['max_train_samples']} rows, validation ",
+                 "steps    12; 16 examples a step (4 per rank x 2 accumulated x 2 ranks)\n",
+                 f"watch    tensorboard --logdir {t5_zero2.dir / 'tensorboard'}\n", "resume   the same command"):  # fmt: skip
+        assert line in log, line
+    for noise in ("built successfully", "FutureWarning", "Writing model shards"):
+        assert noise not in log, noise
+    evaluations = [line for line in log.splitlines() if "eval loss" in line]
+    assert evaluations and all(line.startswith("step ") for line in evaluations)
+
+
 def test_every_term_reaches_tensorboard(runs):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
