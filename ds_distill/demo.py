@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import time
@@ -328,7 +329,11 @@ def write_tiny_chain(output_dir: Path, teacher_steps: int = 300, student_steps: 
             )
             save_initial_models(tokenizer, inputs, seed=0)
         path = output_dir / "chain.yaml"
-        path.write_text(yaml.safe_dump(_tiny_chain(output_dir, inputs, files, teacher_steps, student_steps)))
+        text = yaml.safe_dump(_tiny_chain(output_dir, inputs, files, teacher_steps, student_steps))
+        if not path.is_file() or path.read_text() != text:  # a rank past the lock may be reading it
+            staging = path.with_name(f"{path.name}.{os.getpid()}")
+            staging.write_text(text)
+            os.replace(staging, path)
     return path
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ds_distill.errors import ConfigError
@@ -61,7 +62,8 @@ def evaluate(
             raise ConfigError(f"--model {model} is not a run's model/ or checkpoints/ directory (no {saved}); give "
                               "--config=RUN.yaml or --recipe=NAME for its data")  # fmt: skip
         config = str(saved)
-        print(f"data and settings from {saved}")
+        if os.environ.get("RANK", "0") == "0":  # (before the process group: every rank would say it)
+            print(f"data and settings from {saved}")
     run = load_config(config, recipe, overrides)
     metric = metric or DEFAULT_METRIC.get(run.data.task, "loss")
     if metric not in EVAL_METRICS:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import os
 import re
 import types
 import typing
@@ -169,6 +170,7 @@ def with_base(tree: dict[str, Any], path: Path, seen: tuple[Path, ...] = ()) -> 
     base = tree.pop("base", None)
     if base is None:
         return tree
+    base = os.path.expanduser(str(base))
     if (path.parent / str(base)).is_file():
         base_path = path.parent / str(base)
     elif str(base).endswith((".yaml", ".yml")) and not (RECIPES_DIR / str(base)).is_file():

@@ -46,7 +46,11 @@ def load_raw(data: DataConfig, need_train: bool = True) -> datasets.DatasetDict:
             data.dataset, data.dataset_config_name, data_files=data.data_files, revision=data.revision
         )
     except datasets.exceptions.DatasetGenerationError as error:  # a file that does not parse, or layouts differ
-        raise ConfigError(_unreadable_files(data) or f"cannot read data.data_files: {_cause(error)}") from None
+        try:
+            reason = _unreadable_files(data)
+        except (OSError, UnicodeDecodeError):  # compressed files: datasets' own reason has to do
+            reason = None
+        raise ConfigError(reason or f"cannot read data.data_files: {_cause(error)}") from None
     except (FileNotFoundError, ConnectionError, ValueError, RuntimeError) as error:
         reason = str(error).splitlines()[0]
         if "corresponds to no data" in reason:  # what `datasets` says when a split's files hold no rows
@@ -83,13 +87,16 @@ def _cause(error: BaseException) -> str:
 
 
 def _unreadable_files(data: DataConfig) -> str | None:
-    """Why the local JSON files of `data` cannot be read as one dataset: the first line of a file that is not a
-    JSON object, or two files whose rows have different fields; None where neither is the reason."""
+    """Why the local JSON-lines files of `data` cannot be read as one dataset: the first line of a file that is
+    not a JSON object, or two files whose rows have different fields; None where neither is the reason (or the
+    files are not JSON lines: a JSON array, a compressed file)."""
     if data.dataset != "json":
         return None
     fields = {}
     for split, paths in data.data_files.items():
         for path in [paths] if isinstance(paths, str) else paths:
+            if not str(path).endswith(".jsonl"):
+                return None
             with open(path) as lines:
                 for number, line in enumerate(lines, 1):
                     if not line.strip():

@@ -134,7 +134,7 @@ class ModelAdapter:
             if value < 1:
                 raise ConfigError(f"student.init.from_teacher.{dim} must be at least 1, got {value}")
             teachers = getattr(config, self.config_fields[dim][0])
-            if dims.strategy == "sliced" and value > teachers:
+            if dims.strategy == "sliced" and teachers is not None and value > teachers:  # (GPT-2's n_inner: None)
                 raise ConfigError(f"student.init.from_teacher.{dim} {value} is more than the teacher's {teachers}: "
                                   "a student cut from the teacher keeps a part of it")  # fmt: skip
             for attr in self.config_fields[dim]:

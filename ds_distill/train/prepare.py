@@ -50,7 +50,8 @@ def prepare(run: RunConfig, resume: bool | str = False, overwrite: bool = False,
     Nothing in output_dir is touched (not even by --overwrite) until every check has passed.
     """
     train = run.train
-    run_dir.refuse_protected(Path(train.output_dir), "train.output_dir")  # before anything is read or written
+    if claim:  # the home directory (`~`) is never a run's directory: said before any data is read
+        run_dir.refuse_home(Path(train.output_dir), "train.output_dir")
     teacher_json = ds_config.load_json(run.teacher.deepspeed_config) if run.teacher.model_name_or_path else None
     student_json = ds_config.load_json(run.student.deepspeed_config)
     if teacher_json is not None and "optimizer" in teacher_json:

@@ -31,9 +31,7 @@ def run_summary(p, resumed_at: int) -> str:
         offload = (zero.get("offload_param") or {}).get("device", "none")
         where = {"cpu": ", parameters in CPU memory", "nvme": ", parameters on NVMe"}.get(offload, "")
         stage = ds_config.zero_stage(settings)
-        return (
-            "replicated on every rank" if stage < 3 else f"ZeRO-3 partitioned over {ranks}"
-        ) + where
+        return ("replicated on every rank" if stage < 3 else f"ZeRO-3 partitioned over {ranks}") + where
 
     run, train = p.run, p.run.train
     ranks = f"{dist.world_size()} rank{'s' if dist.world_size() > 1 else ''}"

@@ -18,13 +18,17 @@ from ds_distill import dist
 from ds_distill.errors import ConfigError
 
 RESUMABLE = (
-    "train.output_dir", "train.max_steps", "train.num_train_epochs", "train.eval_steps", "train.save_steps", "train.logging_steps",
-    "train.save_total_limit", "train.ddp_timeout", "train.dataloader_num_workers", "train.dataloader_pin_memory",
-    "train.per_device_eval_batch_size", "train.generation_max_length", "train.num_beams",
+    "train.output_dir", "train.max_steps", "train.num_train_epochs",
+    "train.eval_steps", "train.save_steps", "train.logging_steps", "train.save_total_limit", "train.eval_metric",
+    "train.per_device_eval_batch_size", "train.generation_max_length", "train.num_beams", "data.max_eval_samples",
+    "train.ddp_timeout", "train.dataloader_num_workers", "train.dataloader_pin_memory",
+    "data.preprocessing_num_workers", "data.tokenized_path",
+    "train.gradient_checkpointing", "train.torch_compile", "teacher.deepspeed_config",
 )  # fmt: skip
 """What `--resume` may change: where the run lies (a run directory moved), how long it goes on (its learning-rate
-schedule then spans the new length from the step it resumes at), and when it evaluates, saves and logs. Anything
-else would make the resumed run another."""
+schedule then spans the new length from the step it resumes at), when and how it evaluates, saves and logs, and
+how the same computation runs (data workers, recomputed activations, compilation, where the frozen teacher
+lives). Anything else would make the resumed run another."""
 RUN_MARKER = "ds_distill_run.json"
 EXPORT_MARKER = "ds_distill_export.json"
 STUDENT_MARKER = "ds_distill_student.json"  # a student cut from a teacher (`ds-distill make_student`)
@@ -50,6 +54,12 @@ def check_replaceable(path: Path, marker: str, what: str, flag: str) -> None:
         raise ConfigError(
             f"{path} is not empty and is not {what} (no {marker} inside); choose another {flag} or empty it yourself"
         )
+
+
+def refuse_home(path: Path, flag: str) -> None:
+    """Refuses the home directory or a parent of it (the filesystem root) as a directory to write a run into."""
+    if path.resolve() == Path.home() or path.resolve() in Path.home().parents:
+        raise ConfigError(f"{path} cannot be replaced: it is your home directory or holds it; choose another {flag}")
 
 
 def refuse_protected(path: Path, flag: str) -> None:

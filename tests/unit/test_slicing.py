@@ -221,3 +221,16 @@ def test_make_student_verb_cuts_ranks_reports_and_protects_the_output(tiny, tmp_
     (foreign / "notes.txt").write_text("keep me")
     refused = run_verb("make_student", f"--teacher={tiny['t5']}", f"--output_dir={foreign}")
     assert refused.returncode == 2 and "is not empty and is not an earlier make_student output" in refused.stderr
+
+
+def test_cut_dimensions_are_checked_against_the_teachers_own_widths():
+    """Below 1, or above what the teacher has, a cut dimension is refused; GPT-2's `n_inner: None` (4 x its
+    width, as the hub's gpt2 ships it) is no width to compare with."""
+    teacher = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_inner=None)
+    adapter = models.adapter_for(teacher)
+    student = adapter.shrink(teacher, FromTeacherConfig(d_model=32, num_heads=2, d_ff=64, strategy="sliced"))
+    assert (student.n_embd, student.n_inner) == (32, 64)
+    for dims, message in ((dict(d_model=0), "d_model must be at least 1, got 0"),
+                          (dict(decoder_layers=3), "decoder_layers 3 is more than the teacher's 2")):  # fmt: skip
+        with pytest.raises(ConfigError, match=message):
+            adapter.shrink(teacher, FromTeacherConfig(**dims, strategy="sliced"))
