@@ -318,6 +318,7 @@ def write_tiny_chain(output_dir: Path, teacher_steps: int = 300, student_steps: 
     import yaml
     from filelock import FileLock
 
+    output_dir = output_dir.absolute()  # chain.yaml lives in output_dir: its paths must not be relative to it
     inputs = output_dir / "inputs"
     files = {split: str(inputs / "data" / f"{split}.jsonl") for split in ("train", "validation")}
     inputs.mkdir(parents=True, exist_ok=True)

@@ -32,11 +32,13 @@ run_args() {
     if [ -n "${RECIPE:-}" ]; then echo "set CONFIG or RECIPE, not both" >&2; exit 2; fi
     if [ ! -f "$CONFIG" ]; then echo "CONFIG=$CONFIG: no such file" >&2; exit 2; fi
     RUN_ARGS=(--config="$CONFIG")
-    OUTPUT=${OUTPUT:-$(python3 -c 'import sys, yaml
+    OUTPUT=${OUTPUT:-$(python3 -c 'import os, sys, yaml
 tree = yaml.safe_load(open(sys.argv[1])) or {}
 for key in sys.argv[2].split("."):
     tree = tree.get(key) or {}
-print(tree or "runs/" + sys.argv[3])' "$CONFIG" "$output_key" "$verb")}
+# a path in the YAML is read from its folder (README, "Paths in a config")
+print(os.path.join(os.path.dirname(sys.argv[1]), os.path.expanduser(tree)) if tree else "runs/" + sys.argv[3])' \
+      "$CONFIG" "$output_key" "$verb")}
     if [ -n "${ZERO_STAGE:-}" ]; then RUN_ARGS+=(--${keys}student.deepspeed_config="ds_configs/student_zero${ZERO_STAGE}.json"); fi
     if [ -n "$TEACHER_GIVEN" ]; then RUN_ARGS+=(--${keys}teacher.deepspeed_config="$TEACHER_DS"); fi
   else

@@ -35,7 +35,8 @@ def run_args(verb: str, default_recipe: str, environ: Mapping[str, str] = os.env
 
 
 def _output_dir(config: str, dotted: str) -> str | None:
+    """The config's own output directory, read from its folder (config/paths.py)."""
     tree = yaml.safe_load(open(config)) or {}
     for key in dotted.split("."):
         tree = tree.get(key) or {}
-    return tree or None
+    return os.path.join(os.path.dirname(config), os.path.expanduser(tree)) if tree else None

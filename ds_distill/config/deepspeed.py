@@ -16,10 +16,9 @@ from typing import Any
 import torch
 
 from ds_distill.config.load import unknown_key_error
+from ds_distill.config.paths import PROJECT_ROOT
 from ds_distill.config.run import LR_SCHEDULERS, TrainConfig
 from ds_distill.errors import ConfigError
-
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 # Top-level keys DeepSpeed reads (runtime/config.py and the feature configs it hands sections to).
 KNOWN_TOP_LEVEL_KEYS = sorted(

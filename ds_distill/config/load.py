@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from ds_distill.config import paths
 from ds_distill.config.run import RunConfig, validate
 from ds_distill.errors import ConfigError
 from ds_distill.objectives.methods import METHODS
@@ -149,6 +150,8 @@ def read_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError(f"{path} is empty; a run config holds the sections {_field_names(RunConfig)}")
     if not isinstance(tree, dict):
         raise ConfigError(f"{path} must hold a mapping with the sections {_field_names(RunConfig)}")
+    if not path.resolve().is_relative_to(RECIPES_DIR.resolve()):  # a recipe's paths are the working directory's
+        tree = paths.in_yaml(tree, path.parent, str(path))
     return with_base(tree, path, seen)
 
 

@@ -8,12 +8,12 @@ A run is one YAML file (see `ds_distill/recipes/`) with the sections `teacher`, 
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
+from ds_distill.config import paths
 from ds_distill.errors import ConfigError
 
 
@@ -185,7 +185,8 @@ class TrainConfig:
     group_by_length: bool | None = None
     """Batch examples of similar length (within windows of 50 batches, then the batches shuffled), so the
     teacher and the student compute few padding tokens; deterministic and resumable. None: on for
-    translation, seq2seq and prompted causal_lm, off for packed causal_lm and masked_lm. The log reports `padding_fraction`."""
+    translation, seq2seq and prompted causal_lm, off for packed causal_lm and masked_lm. The log reports
+    `padding_fraction`."""
     dataloader_pin_memory: bool = True
     """Pinned host memory for batches on their way to a GPU (the copy then overlaps compute)."""
 
@@ -262,34 +263,28 @@ LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 EVAL_METRICS = ("loss", "accuracy", "bleu", "rouge")
 
 
-PATH_FIELDS = (
-    ("teacher", "model_name_or_path"), ("teacher", "deepspeed_config"), ("teacher", "cache"),
-    ("student", "model_name_or_path"), ("student", "deepspeed_config"), ("data", "tokenizer"),
-    ("data", "tokenized_path"), ("train", "output_dir"),
-)  # fmt: skip
-"""Fields that name files or directories: a leading `~` is the home directory, as in a shell."""
-
-
-def expand_home(run: RunConfig) -> None:
-    """`~` and `~/x` in the run's paths (PATH_FIELDS, data.data_files, from_teacher.source) as the shell would
-    expand them, so that `--train.output_dir=~/runs/x` does not make a directory named `~` here."""
-    for section, name in PATH_FIELDS:
-        value = getattr(getattr(run, section), name)
-        if isinstance(value, str):
-            setattr(getattr(run, section), name, os.path.expanduser(value))
+def absolute_paths(run: RunConfig) -> None:
+    """The run's local paths as the working directory reads them, absolute (`config/paths.py`: paths written in
+    a YAML file were read from its folder when it loaded; `~` is the home directory, as in a shell)."""
+    for key in paths.PATH_KEYS + paths.NAME_OR_PATH_KEYS:
+        *sections, name = key.split(".")
+        parent: Any = run
+        for section in sections:
+            parent = getattr(parent, section) if parent is not None else None
+        value = getattr(parent, name) if parent is not None else None
+        if isinstance(value, str) and value:
+            setattr(parent, name, paths.absolute(value, key))
     if run.data.data_files:
         run.data.data_files = {
-            split: os.path.expanduser(paths) if isinstance(paths, str) else [os.path.expanduser(p) for p in paths]
-            for split, paths in run.data.data_files.items()
-        }
-    dims = run.student.init.from_teacher
-    if dims is not None and dims.source:
-        dims.source = os.path.expanduser(dims.source)
+            split: [paths.absolute(p, "data.data_files") for p in files] if isinstance(files, list)
+            else paths.absolute(files, "data.data_files") if isinstance(files, str) else files
+            for split, files in run.data.data_files.items()
+        }  # fmt: skip
 
 
 def validate(run: RunConfig) -> None:
     """Checks that need no weights and no files beyond the config itself (the run's paths expanded first)."""
-    expand_home(run)
+    absolute_paths(run)
     data, train, student = run.data, run.train, run.student
     if data.task not in TASKS:
         raise ConfigError(f"data.task '{data.task}' is unknown; choose one of {', '.join(TASKS)}")

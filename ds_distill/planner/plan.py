@@ -104,17 +104,19 @@ def candidate_placements(run: RunConfig) -> tuple[list[Placement], list[Placemen
     bf16 = run.train.bf16
     teachers: list[Placement] = []
     if run.teacher.model_name_or_path and not run.teacher.cache:  # a cached run loads no teacher
-        paths = list(ds_config.TEACHER_PLACEMENTS.values())
-        if run.teacher.deepspeed_config not in paths:
-            paths.append(run.teacher.deepspeed_config)
+        paths = with_own(list(ds_config.TEACHER_PLACEMENTS.values()), run.teacher.deepspeed_config)
         teachers = [Placement.read(p, "teacher", bf16) for p in paths]
     paths = sorted(f"ds_configs/{p.name}" for p in (ds_config.PROJECT_ROOT / "ds_configs").glob("student_*.json"))
-    if run.student.deepspeed_config not in paths:
-        paths.append(run.student.deepspeed_config)
-    students = [Placement.read(p, "student", bf16) for p in paths]
+    students = [Placement.read(p, "student", bf16) for p in with_own(paths, run.student.deepspeed_config)]
     if run.prune is not None:  # HomoDistil scores ZeRO-2 optimizer partitions
         students = [s for s in students if not s.kind.startswith("zero3")]
     return teachers, students
+
+
+def with_own(project: list[str], own: str) -> list[str]:
+    """The project's DeepSpeed configs (by their short names), and the run's own where it is none of them."""
+    known = {ds_config.resolve_path(path).resolve() for path in project}
+    return project if ds_config.resolve_path(own).resolve() in known else [*project, own]
 
 
 def make_plan(run: RunConfig, hw: Hardware, vocab: int | None = None, gpu: bool = True, configs=None) -> Plan:

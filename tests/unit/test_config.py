@@ -1,10 +1,12 @@
 """Config loading: unknown keys, dotted overrides, fire's type guesses, recipes, validation."""
 
+import os
 import re
+from pathlib import Path
 
 import pytest
 
-from ds_distill.config.load import from_dict, load_config
+from ds_distill.config.load import from_dict, load_config, load_tree
 from ds_distill.config.run import RunConfig
 from ds_distill.errors import ConfigError
 from tests.conftest import run_cli, translation_config, write_yaml
@@ -103,7 +105,7 @@ def test_values_that_would_fail_late_are_refused_early(run_yaml, override, messa
 
 def test_lists_of_data_files_stay_lists(run_yaml):
     run = load_config(str(run_yaml), overrides={"data.data_files": {"train": ["a.jsonl", "b.jsonl"]}})
-    assert run.data.data_files == {"train": ["a.jsonl", "b.jsonl"]}
+    assert run.data.data_files == {"train": [os.path.abspath("a.jsonl"), os.path.abspath("b.jsonl")]}
 
 
 def students_tree(tmp_path, **students):
@@ -160,3 +162,68 @@ def test_a_student_that_fails_its_checks_stops_the_run_before_any_directory_or_w
     assert result.returncode == 2
     assert "students.b: losses.kd.divergence 'kl' is unknown" in result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_configs_relative_paths_are_read_from_its_folder_and_the_command_lines_from_the_working_directory(
+    tmp_path, monkeypatch
+):
+    from ds_distill.config.paths import PROJECT_ROOT
+    from ds_distill.config.run import to_yaml
+
+    configs, work = tmp_path / "configs", tmp_path / "work"
+    (configs / "sub").mkdir(parents=True)
+    (configs / "tok").mkdir()
+    work.mkdir()
+    (configs / "base.yaml").write_text(
+        "data: {task: causal_lm, dataset: json, tokenizer: tok,\n"
+        "       data_files: {train: data/a.jsonl, validation: [data/b.jsonl, /abs/c.jsonl]}}\n"
+        "train: {output_dir: runs/base, max_steps: 2}\n"
+    )
+    (configs / "sub" / "run.yaml").write_text(
+        "base: ../base.yaml\n"
+        "teacher: {model_name_or_path: google/flan-t5-small, cache: ../caches/c}\n"
+        "student: {model_name_or_path: ./student, deepspeed_config: ds_configs/student_zero3.json}\n"
+        "train: {output_dir: ~/runs/x}\n"
+    )
+    monkeypatch.chdir(work)
+    run = load_config(str(Path("..") / "configs" / "sub" / "run.yaml"), overrides={"data.tokenized_path": "tok_out"})
+    assert run.data.data_files == {  # the base's paths from the base's folder
+        "train": str(configs / "data" / "a.jsonl"), "validation": [str(configs / "data" / "b.jsonl"), "/abs/c.jsonl"],
+    }  # fmt: skip
+    assert run.data.tokenizer == str(configs / "tok")  # exists beside the base: a path
+    assert run.teacher.model_name_or_path == "google/flan-t5-small"  # no such path: a hub id
+    assert run.teacher.cache == str(configs / "caches" / "c")
+    assert run.student.model_name_or_path == str(configs / "sub" / "student")  # ./ makes it a path
+    assert run.student.deepspeed_config == str(PROJECT_ROOT / "ds_configs" / "student_zero3.json")  # the project's
+    assert run.train.output_dir == os.path.expanduser("~/runs/x")
+    assert run.data.tokenized_path == str(work / "tok_out")  # an override: the working directory's
+
+    # A run's saved config.yaml names its paths absolutely: read from its own folder it is the same run.
+    saved = tmp_path / "elsewhere" / "config.yaml"
+    saved.parent.mkdir()
+    saved.write_text(to_yaml(run))
+    assert load_config(str(saved)) == run
+
+    (work / "student2").mkdir()  # the working directory's, not the config's: said, not silently taken
+    (configs / "sub" / "run.yaml").write_text("base: ../base.yaml\nstudent: {model_name_or_path: student2}\n")
+    with pytest.raises(ConfigError, match=r"student.model_name_or_path student2: not found beside the config .*"
+                                          r"configs/sub/student2.*read from its folder"):  # fmt: skip
+        load_config(str(configs / "sub" / "run.yaml"))
+
+
+def test_a_chains_and_a_cohorts_paths_are_read_from_their_yamls_folder(tmp_path, monkeypatch):
+    from ds_distill.chain import load
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "chain.yaml").write_text(
+        "output_dir: out\ndefaults: {data: {data_files: {train: t.jsonl}}}\n"
+        "stages: [{name: a, student: {model_name_or_path: ./s}}]\n"
+    )
+    tree = load(str(tmp_path / "c" / "chain.yaml"), None, {})
+    assert tree["output_dir"] == str(tmp_path / "c" / "out")
+    assert tree["defaults"]["data"]["data_files"] == {"train": str(tmp_path / "c" / "t.jsonl")}
+    assert tree["stages"][0]["student"]["model_name_or_path"] == str(tmp_path / "c" / "s")
+    (tmp_path / "c" / "cohort.yaml").write_text("students: {a: {student: {model_name_or_path: ./a}}}\n")
+    tree = load_tree(str(tmp_path / "c" / "cohort.yaml"))
+    assert tree["students"]["a"]["student"]["model_name_or_path"] == str(tmp_path / "c" / "a")

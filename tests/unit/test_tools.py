@@ -145,8 +145,9 @@ def test_launch_scripts_take_a_config_or_a_recipe_and_both_sides_build_the_same_
             assert bash_side == run_args(verb, recipe, env), (script, env)
         assert "--hostfile hosts" in call
     distill = run_args("distill", "r", {"CONFIG": str(run)})
-    assert distill == [f"--config={run}", "--train.output_dir=runs/mine", "--resume=auto"]  # the file as written
-    assert run_args("chain", "r", {"CONFIG": str(chain)})[-1] == "--output_dir=runs/my_chain"
+    # the file as written; its output directory read from its folder
+    assert distill == [f"--config={run}", f"--train.output_dir={tmp_path}/runs/mine", "--resume=auto"]
+    assert run_args("chain", "r", {"CONFIG": str(chain)})[-1] == f"--output_dir={tmp_path}/runs/my_chain"
     assert run_args("distill", "r", {})[1:] == ["--student.deepspeed_config=ds_configs/student_zero2.json",
                                                 "--teacher.deepspeed_config=ds_configs/teacher_replicated_bf16.json",
                                                 "--train.output_dir=runs/r", "--resume=auto"]  # fmt: skip

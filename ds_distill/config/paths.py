@@ -1,0 +1,111 @@
+"""How a run config's paths are read. One rule: a relative path written in a YAML file is read from that
+file's folder (a base's paths from the base's folder); a path given on the command line (a dotted override)
+from the working directory, as any command-line path; `~` is the home directory. Once a run config is
+checked, its local paths are absolute, so the config.yaml a run saves reads the same from anywhere.
+
+Shipped recipes and the project's `ds_configs/` are the two places outside that rule: a recipe has no folder of
+the user's, so its paths (`runs/...`, `data/...`) are read from the working directory, and a DeepSpeed config
+`ds_configs/NAME.json` that is not where a path points is the project's own, so a YAML anywhere may name
+`ds_configs/student_zero2.json`.
+
+A model, tokenizer or dataset field holds a hub id or a path: it is a path when it starts with `/`, `~`, `./` or
+`../`, or names something that exists beside the YAML; anything else is a hub id.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+from ds_distill.errors import ConfigError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+"""The checkout or installed tree that holds `ds_configs/` and `ds_distill/`."""
+
+PATH_KEYS = ("teacher.deepspeed_config", "teacher.cache", "student.deepspeed_config", "data.tokenized_path",
+             "train.output_dir")  # fmt: skip
+"""Keys that always name a local file or directory."""
+NAME_OR_PATH_KEYS = ("teacher.model_name_or_path", "student.model_name_or_path", "data.tokenizer", "data.dataset",
+                     "student.init.from_teacher.source")  # fmt: skip
+"""Keys that name a hub id or a local path."""
+DEEPSPEED_KEYS = ("teacher.deepspeed_config", "student.deepspeed_config")
+
+
+def looks_local(value: str) -> bool:
+    return value.startswith(("/", "~", "./", "../")) or value in (".", "..")
+
+
+def project_deepspeed_config(value: str) -> str | None:
+    """The project's own DeepSpeed config that `value` (`ds_configs/NAME.json`) names, if it is one."""
+    if os.path.isabs(value):
+        return None
+    candidate = PROJECT_ROOT / value
+    return str(candidate) if candidate.is_file() else None
+
+
+def in_yaml(tree: dict[str, Any], folder: Path, where: str) -> dict[str, Any]:
+    """A copy of a YAML file's own tree with the relative paths of its sections (a run's, its `students:`', a
+    chain's `defaults:` and `stages:`') read from `folder`, the YAML's folder."""
+    folder = folder.absolute()
+    tree = copy.deepcopy(tree)
+    if isinstance(tree.get("output_dir"), str):  # a chain's
+        tree["output_dir"] = _joined(tree["output_dir"], folder)
+    units = [(tree, where)]
+    if isinstance(tree.get("students"), dict):
+        units += [(entry, f"{where}, student {name}") for name, entry in tree["students"].items()]
+    if isinstance(tree.get("defaults"), dict):
+        units.append((tree["defaults"], f"{where}, defaults"))
+    if isinstance(tree.get("stages"), list):
+        units += [(stage, f"{where}, stage {stage.get('name')}") for stage in tree["stages"] if isinstance(stage, dict)]
+    for sections, unit in units:
+        if isinstance(sections, dict):
+            _sections_in_yaml(sections, folder, unit)
+    return tree
+
+
+def _sections_in_yaml(sections: dict[str, Any], folder: Path, where: str) -> None:
+    for key in PATH_KEYS + NAME_OR_PATH_KEYS:
+        *path, name = key.split(".")
+        parent = sections
+        for part in path:
+            parent = parent.get(part) if isinstance(parent, dict) else None
+        value = parent.get(name) if isinstance(parent, dict) else None
+        if not isinstance(value, str) or not value or os.path.isabs(os.path.expanduser(value)):
+            continue
+        joined = _joined(value, folder)
+        if key in DEEPSPEED_KEYS and not os.path.exists(joined):
+            joined = project_deepspeed_config(value) or joined
+        elif key in NAME_OR_PATH_KEYS and not (looks_local(value) or os.path.exists(joined)):
+            if os.path.exists(value):
+                raise ConfigError(
+                    f"{where}: {key} {value}: not found beside the config ({joined}), but there is a {value} in the "
+                    "working directory; a config's relative paths are read from its folder: write an absolute "
+                    "path or one relative to the config"
+                )
+            continue  # a hub id
+        parent[name] = joined
+    data = sections.get("data")
+    files = data.get("data_files") if isinstance(data, dict) else None
+    if isinstance(files, dict):
+        for split, paths in files.items():
+            if isinstance(paths, str):
+                files[split] = _joined(paths, folder)
+            elif isinstance(paths, list):
+                files[split] = [_joined(p, folder) if isinstance(p, str) else p for p in paths]
+
+
+def _joined(value: str, folder: Path) -> str:
+    value = os.path.expanduser(value)
+    return value if os.path.isabs(value) else os.path.normpath(folder / value)
+
+
+def absolute(value: str, key: str) -> str:
+    """A checked run's `key` with a path as the working directory reads it, absolute (hub ids unchanged)."""
+    expanded = os.path.expanduser(value)
+    if key in DEEPSPEED_KEYS and not os.path.exists(expanded):
+        return project_deepspeed_config(expanded) or os.path.abspath(expanded)
+    if key in NAME_OR_PATH_KEYS and not (looks_local(value) or os.path.exists(expanded)):
+        return value
+    return os.path.abspath(expanded)
