@@ -14,6 +14,7 @@ computes all of a run's logit terms in one such pass (`logit_terms`), with the s
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import math
 from collections.abc import Callable
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ds_distill.errors import ConfigError
-from ds_distill.objectives import topk
+from ds_distill.objectives import cross_tokenizer, topk
 from ds_distill.objectives.base import IGNORE_INDEX, DistillationLoss, StepTokens
 
 CHUNK_ELEMENTS = 2**25
@@ -77,8 +78,8 @@ class TargetRows(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student, example, position, terms, weights, divisor, weight=None, bias=None):
-        needs = [ctx.needs_input_grad[i] if i < len(ctx.needs_input_grad) else False for i in (0, 6, 7)]
+    def forward(ctx, student, example, position, terms, weights, divisor, breaks=None, weight=None, bias=None):
+        needs = [ctx.needs_input_grad[i] if i < len(ctx.needs_input_grad) else False for i in (0, 7, 8)]
         wide = torch.promote_types(student.dtype, torch.float32)
         # The rows' gradient keeps their dtype, as the logits' did; the head's weight and bias sum chunks in float32.
         grads = [
@@ -88,8 +89,8 @@ class TargetRows(torch.autograd.Function):
         wanted = [i for i, need in enumerate(needs) if need]
         sums = torch.zeros(len(terms), dtype=wide, device=student.device)
         rows = max(1, CHUNK_ELEMENTS // (student.shape[-1] if weight is None else weight.shape[0]))
-        for start in range(0, example.numel(), rows):
-            b, t = example[start : start + rows], position[start : start + rows]
+        for start, end in chunks(example.numel(), rows, breaks):
+            b, t = example[start:end], position[start:end]
             with torch.enable_grad():
                 leaves = [
                     None if x is None else x.detach().requires_grad_(need)
@@ -118,7 +119,20 @@ class TargetRows(torch.autograd.Function):
             None if grad is None else grad.mul_(grad_output.to(grad.dtype)).to(dtype)  # our buffers: scaled in place
             for grad, dtype in zip(ctx.saved_tensors, ctx.dtypes)
         )
-        return student, None, None, None, None, None, weight, bias
+        return student, None, None, None, None, None, None, weight, bias
+
+
+def chunks(total: int, rows: int, breaks: list[int] | None = None):
+    """(start, end) of consecutive chunks of `total` rows, `rows` at most; given `breaks` (the row counts after
+    which a chunk may end, ascending), each chunk ends at one, the longest that fits or else the shortest."""
+    start = 0
+    while start < total:
+        end = min(start + rows, total)
+        if breaks is not None and end < total:
+            fitting = bisect.bisect_right(breaks, end) - 1
+            end = breaks[fitting] if fitting >= 0 and breaks[fitting] > start else breaks[fitting + 1]
+        yield start, end
+        start = end
 
 
 class LogitTerm(DistillationLoss):
@@ -154,7 +168,7 @@ def logit_terms(
     weights, divisor = [w for w, _ in scaled], counts[kinds[0]]
     if len(counts) > 1:  # each term divided by its own count
         weights, divisor = [w / counts[kind] for w, kind in zip(weights, kinds)], 1.0
-    args = (example, position, fns, weights, divisor)
+    args = (example, position, fns, weights, divisor, student.get("chunk_breaks"))
     head = student.get("head")  # folded in (`head.py`): called as a module, so ZeRO-3 gathers its weight
     total, sums = head(student["logits"], *args) if head is not None else TargetRows.apply(student["logits"], *args)
     return total, {
@@ -250,8 +264,17 @@ class KDOptions:
     """skew_kl: weight of the teacher in the skewed student distribution (0 < alpha < 1)."""
     on_policy: OnPolicyOptions | None = None
     """{fraction, temperature, max_new_tokens, prompt_tokens}: also on the student's own samples."""
+    cross_tokenizer: str | None = None
+    """uld | hybrid: compare the two models over groups of tokens that cover the same text, as needed where the
+    teacher's tokenizer is not the student's (objectives/cross_tokenizer.py); with one tokenizer, `hybrid` equals
+    the same-tokenizer term."""
 
     def __post_init__(self):
+        if self.cross_tokenizer is not None and self.cross_tokenizer not in cross_tokenizer.KINDS:
+            raise ConfigError(
+                f"losses.kd.cross_tokenizer '{self.cross_tokenizer}' is unknown; choose one of "
+                f"{', '.join(cross_tokenizer.KINDS)}"
+            )
         if self.divergence not in DIVERGENCES:
             raise ConfigError(
                 f"losses.kd.divergence '{self.divergence}' is unknown; choose one of {', '.join(DIVERGENCES)}"
@@ -277,8 +300,12 @@ class LogitDistillationLoss(LogitTerm):
 
     Options = KDOptions
     counted = ("targets", "sampled")
+    vocabulary_match: cross_tokenizer.VocabularyMatch | None = None
+    """Across tokenizers (`cross_tokenizer`): the tokens both vocabularies hold, set where the run starts."""
 
     def row_term(self, student, teacher):
+        if self.options.cross_tokenizer:
+            return cross_tokenizer.row_term(self.options, self.vocabulary_match, student, teacher)
         # Compared on the tokenizer's vocabulary: rows past it (T5 pads 32100 tokens to 32128) are never targets,
         # and a student built from the teacher has them too, so they would take mass in both softmaxes.
         options = self.options

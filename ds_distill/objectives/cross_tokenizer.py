@@ -1,0 +1,184 @@
+"""KD between a teacher and a student whose tokenizers differ (`losses.kd.cross_tokenizer: uld | hybrid`).
+
+The target text is tokenized by both tokenizers, and the two token sequences are cut into groups that cover the
+same text (`data/alignment.py`). For a group of tokens y_1..y_m on one side, the merged distribution is the
+probability of the group's text so far and each possible last token,
+
+    q(v) = p(y_1) p(y_2 | y_1) ... p(y_{m-1} | y_<m-1) * p(v | y_<m)        (all at the KD temperature)
+
+(GOLD's "bayesian" merge, Patiño et al. 2025, TRL `uld_token_merge_strategy="bayesian"`): every target token of
+the group is in it, and a one-token group is that token's distribution. Per group the two sides' merged rows are
+compared by
+
+- `uld`: Universal Logit Distillation (Boizard et al. 2024): the L1 distance between the two rows' probabilities
+  sorted in descending order (the shorter vocabulary padded with zeros), which needs no shared vocabulary;
+- `hybrid` (GOLD): tokens whose text is in both vocabularies (`VocabularyMatch`) by the run's divergence
+  (`losses.kd.divergence`) between the two rows at those tokens, the other tokens by the sorted L1 of what is left
+  of each row; weighted by the matched share of the teacher's vocabulary and the rest. With one tokenizer every
+  token matches and every group is one token, so `hybrid` is the same-tokenizer KD term.
+
+Where this differs from TRL's GOLD (trl/experimental/gold/gold_trainer.py, `ULDLoss`): a term is a mean over the
+step's target tokens, as every term here, not a mean over each sequence's groups and then over sequences (a
+long target weighs as much as its tokens); the KL family is scaled by T^2 and the L1 by T as in the same-tokenizer
+term (`logits.temperature_scale`; GOLD scales neither); the matched share is counted over the teacher's tokenizer
+vocabulary, not its logit width (which may hold padding rows, and then one tokenizer would not reduce to the
+same-tokenizer term); probabilities are compared in log space without GOLD's 1e-8 floor; vocabulary entries match by
+the text they stand for (`▁x`, `Ġx` and ` x` alike), not by their spelling.
+
+The term runs inside the one chunked pass over the student's target rows (`logits.TargetRows`), whose chunks end
+only between groups (`chunk_breaks`), so a group's rows and their gradients are made together; the teacher's rows
+are gathered per chunk. No [tokens, vocabulary] float32 tensor of either side is made.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+KINDS = ("uld", "hybrid")
+
+
+@dataclass
+class VocabularyMatch:
+    """The tokens both vocabularies hold with the same text: teacher ids and the student ids they match."""
+
+    teacher_ids: torch.Tensor
+    student_ids: torch.Tensor
+    teacher_vocab: int
+    """The teacher's tokenizer vocabulary (the matched share is counted over it)."""
+    student_vocab: int
+
+    @classmethod
+    def of(cls, student_tokenizer, teacher_tokenizer) -> VocabularyMatch:
+        student = {text: i for i, text in reversed(list(enumerate(token_bytes(student_tokenizer)))) if text}
+        pairs = [(t, student[text]) for t, text in enumerate(token_bytes(teacher_tokenizer)) if text in student]
+        taken: set[int] = set()
+        unique = [(t, s) for t, s in pairs if not (s in taken or taken.add(s))]  # one teacher token per student one
+        teacher_ids, student_ids = zip(*unique) if unique else ((), ())
+        return cls(torch.tensor(teacher_ids, dtype=torch.long), torch.tensor(student_ids, dtype=torch.long),
+                   len(teacher_tokenizer), len(student_tokenizer))  # fmt: skip
+
+    @property
+    def matched_share(self) -> float:
+        return len(self.teacher_ids) / self.teacher_vocab
+
+
+def token_bytes(tokenizer) -> list[bytes | None]:
+    """Each id's text as it stands in running text, as UTF-8 bytes (a leading space where the token starts a word;
+    a byte-level or byte-fallback token's byte, which may be part of a character); special tokens as spelt."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    backend = tokenizer.backend_tokenizer
+    byte_level = "ByteLevel" in repr(backend.decoder) or "ByteLevel" in repr(backend.pre_tokenizer)
+    byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
+    special = set(tokenizer.all_special_ids)
+    texts: list[bytes | None] = [None] * len(tokenizer)
+    for piece, index in tokenizer.get_vocab().items():
+        if index >= len(texts):
+            continue
+        if byte_level and index not in special and all(c in byte_of for c in piece):
+            texts[index] = bytes(byte_of[c] for c in piece)
+        elif piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6 and index not in special:
+            texts[index] = bytes([int(piece[3:5], 16)])  # SentencePiece's byte fallback
+        else:
+            texts[index] = piece.encode() if index in special else piece.replace("▁", " ").encode()
+    return texts
+
+
+def chunk_breaks(groups: torch.Tensor) -> list[int]:
+    """Where a chunk of target rows may end: after every row but the ones followed by a row of their group
+    (`groups`: each target row's group, in the rows' order; -1 for rows in none)."""
+    groups = groups.tolist()
+    return [r + 1 for r in range(len(groups)) if r + 1 == len(groups) or groups[r] < 0 or groups[r + 1] != groups[r]]
+
+
+def sorted_l1(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Per row, the L1 distance between the probabilities sorted in descending order, the narrower row padded with
+    zeros: `[G, V1], [G, V2] -> [G]`."""
+    width = max(p.shape[-1], q.shape[-1])
+    p, q = (F.pad(x.sort(dim=-1, descending=True).values, (0, width - x.shape[-1])) for x in (p, q))
+    return (p - q).abs().sum(-1)
+
+
+def merged_rows(log_probs: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor, last: torch.Tensor):
+    """The merged log-distribution of each group whose last row is here: `log_probs` [R, V] of consecutive
+    rows, their `labels` [R], `groups` [R] (-1: in none) and `last` [R] (a group's last row). The rows before a
+    group's last row add their label's log-probability. `[G, V]`, in the order of the last rows."""
+    last_groups = groups[last]
+    earlier = (groups >= 0) & ~last
+    prefix = torch.zeros(len(last_groups), dtype=log_probs.dtype, device=log_probs.device)
+    if earlier.any():
+        chosen = log_probs[earlier].gather(1, labels[earlier].unsqueeze(1)).squeeze(1)
+        prefix = prefix.index_add(0, torch.searchsorted(last_groups, groups[earlier]), chosen)
+    return log_probs[last] + prefix.unsqueeze(1)
+
+
+def group_divergence(
+    kind: str, log_teacher: torch.Tensor, log_student: torch.Tensor, match: VocabularyMatch, kd, scales: Sequence
+) -> torch.Tensor:
+    """Per group, `uld` or `hybrid` between the teacher's and the student's merged rows (`kd`: the KD options;
+    `scales`: the KL family's and the L1's temperature factors)."""
+    from ds_distill.objectives.logits import divergence
+
+    kl_scale, l1_scale = scales
+    if kind == "uld":
+        return l1_scale * sorted_l1(log_teacher.exp(), log_student.exp())
+    t_ids, s_ids = match.teacher_ids.to(log_teacher.device), match.student_ids.to(log_student.device)
+    matched = divergence(kd.divergence, log_teacher[:, t_ids], log_student[:, s_ids], kd.beta, kd.alpha)
+    if len(t_ids) == match.teacher_vocab and len(s_ids) == match.student_vocab:
+        return kl_scale * matched
+    rest = [torch.ones(x.shape[-1], dtype=torch.bool, device=x.device).index_fill(0, ids, False)
+            for x, ids in ((log_teacher, t_ids), (log_student, s_ids))]  # fmt: skip
+    unmatched = sorted_l1(log_teacher[:, rest[0]].exp(), log_student[:, rest[1]].exp())
+    share = match.matched_share
+    return share * kl_scale * matched + (1 - share) * l1_scale * unmatched
+
+
+def row_term(kd, match: VocabularyMatch, student: dict, teacher: dict):
+    """The KD term's (fn, other tensors, scale) for `logits.logit_terms` across tokenizers. Besides the logits and
+    labels, `student` holds `align_group` (each position's group, -1 for none) and `align_teacher_row` (at a
+    group's last position, the flat index of the teacher's last row of the group; -1 elsewhere); `teacher` holds
+    its `logits`, `labels` and `align_group` in its own positions."""
+    from ds_distill.objectives.logits import temperature_scale
+
+    kind, temperature = kd.cross_tokenizer, kd.temperature
+    scales = (temperature_scale(kd.divergence, temperature), temperature_scale("tvd", temperature))
+    teacher_logits = teacher["logits"].flatten(0, 1)
+    prefix = teacher_prefix(teacher, student["align_teacher_row"], temperature, match.teacher_vocab)
+
+    def fn(logits, labels, groups, teacher_rows, teacher_prefixes):
+        last = teacher_rows >= 0
+        if not last.any():
+            return logits.sum() * 0
+        log_student = merged_rows(F.log_softmax(logits[:, : match.student_vocab] / temperature, -1), labels,
+                                  groups, last)  # fmt: skip
+        rows = teacher_logits[teacher_rows[last], : match.teacher_vocab]
+        log_teacher = F.log_softmax(rows.to(logits.dtype) / temperature, -1) + teacher_prefixes[last].unsqueeze(1)
+        return group_divergence(kind, log_teacher, log_student, match, kd, scales).sum()
+
+    others = (student["labels"], student["align_group"], student["align_teacher_row"], prefix)
+    return fn, others, 1.0
+
+
+@torch.no_grad()
+def teacher_prefix(teacher: dict, student_rows: torch.Tensor, temperature: float, vocab: int) -> torch.Tensor:
+    """At each student position that ends a group (`student_rows` >= 0), the log-probability the teacher gives
+    its own tokens before its last one in that group; a row at a time, so no [tokens, vocabulary] float32 copy."""
+    groups, labels = teacher["align_group"].flatten(), teacher["labels"].flatten()
+    logits = teacher["logits"].flatten(0, 1)
+    wide = torch.promote_types(logits.dtype, torch.float32)
+    rows = (groups >= 0).nonzero().squeeze(1)
+    last = torch.ones_like(rows, dtype=torch.bool)
+    last[:-1] = groups[rows[1:]] != groups[rows[:-1]]
+    earlier = rows[~last]
+    per_group = torch.zeros(int(groups.max().item()) + 1 if len(rows) else 0, dtype=wide, device=logits.device)
+    for chunk in earlier.split(max(1, 2**22 // logits.shape[-1])):
+        chosen = F.log_softmax(logits[chunk, :vocab].to(wide) / temperature, -1).gather(1, labels[chunk].unsqueeze(1))
+        per_group.index_add_(0, groups[chunk], chosen.squeeze(1))
+    prefix = torch.zeros(student_rows.shape, dtype=wide, device=logits.device)
+    ends = student_rows >= 0
+    prefix[ends] = per_group[groups[student_rows[ends]]]
+    return prefix

@@ -1,0 +1,310 @@
+"""Cross-tokenizer KD: the alignment of two tokenizations (data/alignment.py) and the uld and hybrid terms
+(objectives/cross_tokenizer.py), against hand-written formulas, the same-tokenizer term and TRL's GOLD."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ds_distill.data.alignment import align, token_ends
+from ds_distill.objectives import cross_tokenizer, logits
+from ds_distill.objectives.base import IGNORE_INDEX
+from ds_distill.objectives.cross_tokenizer import VocabularyMatch
+from ds_distill.objectives.logits import KDOptions, LogitDistillationLoss, divergence
+
+
+def test_tokens_end_where_their_text_ends_special_tokens_and_split_characters_included():
+    # BOS (0, 0), "Hello" (0, 5), " wor" (5, 9) trimmed to (6, 9), "ld" (9, 11), two bytes of one character
+    # sharing its span (11, 12), a lone `▁` given the next character's span (13, 14) before "le" (13, 15), EOS (0, 0)
+    offsets = [(0, 0), (0, 5), (6, 9), (9, 11), (11, 12), (11, 12), (13, 14), (13, 15), (0, 0)]
+    assert token_ends(offsets) == [0, 5, 9, 11, 11, 12, 12, 15, 15]
+
+
+@pytest.mark.parametrize(
+    "student, teacher, groups",
+    [
+        ([5, 9, 11], [5, 11], [([0], [0]), ([1, 2], [1])]),  # " wor" "ld" | " world"
+        ([5, 11], [5, 9, 11], [([0], [0]), ([1], [1, 2])]),
+        ([0, 5, 11], [5, 11], [([0, 1], [0]), ([2], [1])]),  # a BOS on one side joins the group after it
+        ([5, 11, 11], [5, 11, 11], [([0], [0]), ([1], [1]), ([2], [2])]),  # EOS on both: a group of its own
+        ([5, 11, 11], [5, 11], [([0], [0]), ([1], [1])]),  # EOS on one side only: in no group
+        ([3, 7, 12, 14], [7, 9, 13], [([0, 1], [0])]),  # truncated differently: after 7 no common end
+        ([5, 11], [4, 6, 11], [([0, 1], [0, 1, 2])]),
+        ([0, 1, 2], [0, 1, 2], [([0, 1], [0, 1]), ([2], [2])]),  # "Ö" as `▁` `Ö` and as two bytes: one group
+        ([5, 5, 11], [5, 5, 11], [([0], [0]), ([1, 2], [1, 2])]),  # specials within the text join the next group
+    ],
+)
+def test_groups_close_where_both_sides_end_at_one_character(student, teacher, groups):
+    assert align(student, teacher) == groups
+
+
+def byte_level_tokenizer(lines: list[str], vocab_size: int = 400):
+    """A GPT-2-style byte-level BPE tokenizer trained here (another family than the tests' SentencePiece one)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<|eos|>"]
+    )
+    tokenizer.train_from_iterator(lines, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|eos|>", pad_token="<|eos|>")
+
+
+@pytest.fixture(scope="module")
+def two_families(tmp_path_factory):
+    from tests import tiny_models
+
+    rows = [json.loads(line)["translation"] for line in open(tiny_models.SHARED_DATA / "train.jsonl")][:2000]
+    lines = [row[lang] for row in rows for lang in ("en", "de")]
+    sentencepiece = tiny_models.train_tokenizer(tmp_path_factory.mktemp("sp"), vocab_size=500)
+    return sentencepiece, byte_level_tokenizer(lines), lines
+
+
+def test_groups_of_two_tokenizer_families_cover_the_same_text(two_families):
+    """A SentencePiece (T5-style, `▁`, EOS appended) and a byte-level BPE tokenizer (`Ġ`, bytes of a character
+    split) on real German and English text, an emoji and accents added: each group decodes to the same text on
+    both sides, and every token before the last group is in one."""
+    sentencepiece, byte_level, lines = two_families
+    texts = [*lines[-40:], "Grüße aus Köln 🙂 und  zwei  Leerzeichen.", "naïve café"]
+    multi_token_groups = 0
+    for text in texts:
+        sides = []
+        for tokenizer in (sentencepiece, byte_level):
+            encoded = tokenizer(text, return_offsets_mapping=True)
+            sides.append((encoded["input_ids"], token_ends(encoded["offset_mapping"])))
+        groups = align(sides[0][1], sides[1][1])
+        assert groups and len(groups) >= min(len(sides[0][0]), len(sides[1][0])) // 3, text
+        for s_group, t_group in groups:
+            if sentencepiece.unk_token_id in [sides[0][0][i] for i in s_group]:  # `<unk>` decodes to nothing
+                continue
+            s_text, t_text = (tok.decode([ids[i] for i in group], skip_special_tokens=True)
+                              for tok, (ids, _), group in zip((sentencepiece, byte_level), sides, (s_group, t_group)))  # fmt: skip
+            assert s_text.strip() == t_text.strip(), (text, s_text, t_text)
+            multi_token_groups += len(s_group) > 1 or len(t_group) > 1
+        flat = [i for s_group, _ in groups for i in s_group]
+        assert flat == list(range(len(flat)))
+    assert multi_token_groups > 20
+
+
+def test_a_vocabulary_matches_by_text_across_spellings(two_families):
+    sentencepiece, byte_level, _ = two_families
+    match = VocabularyMatch.of(sentencepiece, byte_level)
+    texts = cross_tokenizer.token_bytes(sentencepiece), cross_tokenizer.token_bytes(byte_level)
+    pairs = list(zip(match.student_ids.tolist(), match.teacher_ids.tolist()))
+    assert len(pairs) > 50 and all(texts[0][s] == texts[1][t] for s, t in pairs)
+    assert any(texts[0][s].startswith(b" ") for s, _ in pairs)  # `▁der` and `Ġder` are one text
+    assert len(set(match.student_ids.tolist())) == len(pairs) == len(set(match.teacher_ids.tolist()))
+    same = VocabularyMatch.of(byte_level, byte_level)
+    assert same.matched_share == 1.0 and torch.equal(same.teacher_ids, same.student_ids)
+
+
+# -- the terms -----------------------------------------------------------------------------------------------------
+def features(groups, student_vocab, teacher_vocab, seed=0, pad=(1, 2)):
+    """Student and teacher features for one example whose target tokens form `groups` ([(student count, teacher
+    count)]), after `pad` ignored positions on each side, random logits and labels."""
+    generator = torch.Generator().manual_seed(seed)
+    sides = []
+    for side, (vocab, before) in enumerate(((student_vocab, pad[0]), (teacher_vocab, pad[1]))):
+        counts = [group[side] for group in groups]
+        targets = sum(counts)
+        labels = torch.full((1, before + targets + 1), IGNORE_INDEX)
+        labels[0, before : before + targets] = torch.randint(vocab, (targets,), generator=generator)
+        group_of = torch.full_like(labels, -1)
+        group_of[0, before : before + targets] = torch.repeat_interleave(
+            torch.arange(len(groups)), torch.tensor(counts)
+        )
+        sides.append({"logits": 3 * torch.randn(1, labels.shape[1], vocab, generator=generator, dtype=torch.float64),
+                      "labels": labels, "align_group": group_of})  # fmt: skip
+    student, teacher = sides
+    teacher_last = [int((teacher["align_group"][0] == g).nonzero().max()) for g in range(len(groups))]
+    row = torch.full_like(student["labels"], -1)
+    for g in range(len(groups)):
+        row[0, int((student["align_group"][0] == g).nonzero().max())] = teacher_last[g]
+    student["align_teacher_row"] = row
+    student["logits"].requires_grad_(True)
+    return student, teacher
+
+
+def kd_term(options: dict, match: VocabularyMatch) -> LogitDistillationLoss:
+    loss = LogitDistillationLoss(KDOptions(**options))
+    loss.vocabulary_match = match
+    return loss
+
+
+def value_and_grad(loss, student, teacher, breaks=True):
+    student = dict(student)
+    if breaks:  # what the collator hands over: where a chunk may end
+        rows = (student["labels"].flatten() != IGNORE_INDEX).nonzero().squeeze(1)
+        student["chunk_breaks"] = cross_tokenizer.chunk_breaks(student["align_group"].flatten()[rows])
+    value = loss(student, teacher)
+    (grad,) = torch.autograd.grad(value, student["logits"])
+    return value.detach(), grad
+
+
+def merged(log_probs, labels, rows):
+    """A group's merged log-distribution written out: the last row's, plus each earlier row's label log-prob."""
+    return log_probs[rows[-1]] + sum(log_probs[r, labels[r]] for r in rows[:-1])
+
+
+def reference(kind, kd, match, student, teacher):
+    """The term as the module docstring states it, one group at a time, in plain autograd."""
+    total, temperature = 0.0, kd["temperature"]
+    log_s = F.log_softmax(student["logits"][0] / temperature, -1)
+    log_t = F.log_softmax(teacher["logits"][0] / temperature, -1)
+    groups = int(student["align_group"].max()) + 1
+    for g in range(groups):
+        s_rows = (student["align_group"][0] == g).nonzero().squeeze(1).tolist()
+        t_rows = (teacher["align_group"][0] == g).nonzero().squeeze(1).tolist()
+        q, p = merged(log_s, student["labels"][0], s_rows), merged(log_t, teacher["labels"][0], t_rows)
+        l1 = temperature * cross_tokenizer.sorted_l1(p.exp()[None], q.exp()[None])[0]
+        if kind == "uld":
+            total = total + l1
+            continue
+        t_ids, s_ids = match.teacher_ids, match.student_ids
+        kl = divergence(kd.get("divergence", "forward_kl"), p[t_ids], q[s_ids], 0.5, 0.1) * temperature**2
+        rest_t = [i for i in range(len(p)) if i not in set(t_ids.tolist())]
+        rest_s = [i for i in range(len(q)) if i not in set(s_ids.tolist())]
+        rest = temperature * cross_tokenizer.sorted_l1(p.exp()[None, rest_t], q.exp()[None, rest_s])[0]
+        total = total + match.matched_share * kl + (1 - match.matched_share) * rest
+    return total / int((student["labels"] != IGNORE_INDEX).sum())
+
+
+GROUPS = [(1, 1), (2, 1), (1, 3), (3, 2), (1, 1)]
+
+
+@pytest.mark.parametrize("kind, divergence_name", [("uld", "forward_kl"), ("hybrid", "forward_kl"), ("hybrid", "jsd")])
+def test_the_terms_equal_their_formulas_across_chunks(kind, divergence_name):
+    """Merged groups of several tokens on either side, vocabularies of 11 and 7 ids with 4 in common, T = 2; the
+    chunked pass (chunks of 2 rows, never splitting a group of 3) against the formula, value and gradient."""
+    match = VocabularyMatch(torch.tensor([0, 2, 3, 6]), torch.tensor([5, 1, 0, 10]), teacher_vocab=7, student_vocab=11)
+    kd = {"cross_tokenizer": kind, "divergence": divergence_name, "temperature": 2.0}
+    student, teacher = features(GROUPS, 11, 7)
+    expected = reference(kind, kd, match, student, teacher)
+    (expected_grad,) = torch.autograd.grad(expected, student["logits"])
+    with logits.chunk_elements(2 * 11):
+        value, grad = value_and_grad(kd_term(kd, match), student, teacher)
+    assert value.item() == pytest.approx(expected.item(), rel=1e-12)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "jsd", "tvd"])
+def test_hybrid_with_one_tokenizer_is_the_same_tokenizer_term(name):
+    """Every token its own group and every id matched: the cross-tokenizer path gives today's KD term (T = 2)."""
+    vocab = 13
+    student, teacher = features([(1, 1)] * 9, vocab, vocab, seed=1, pad=(2, 2))
+    teacher = {**teacher, "logits": teacher["logits"], "labels": student["labels"]}
+    teacher["align_group"] = student["align_group"]
+    student["align_teacher_row"] = torch.where(
+        student["align_group"] >= 0, torch.arange(student["labels"].shape[1]), -1
+    )
+    same = LogitDistillationLoss(KDOptions(divergence=name, temperature=2.0))
+    ids = torch.arange(vocab)
+    cross = kd_term({"cross_tokenizer": "hybrid", "divergence": name, "temperature": 2.0},
+                    VocabularyMatch(ids, ids, vocab, vocab))  # fmt: skip
+    expected, expected_grad = value_and_grad(same, student, teacher, breaks=False)
+    with logits.chunk_elements(3 * vocab):
+        value, grad = value_and_grad(cross, student, teacher)
+    assert value.item() == pytest.approx(expected.item(), rel=1e-6)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-6, atol=1e-12)
+
+
+def test_the_terms_equal_trls_gold_loss():
+    """TRL's ULDLoss (trl.experimental.gold, "bayesian" merge, byte-offset groups) on the same tokens and logits:
+    plain ULD, and hybrid with the generalised JSD (beta 0.5) and with beta 0 (forward KL). GOLD averages a
+    sequence's group losses; ours is a mean over target tokens and scales by T^2 (at T = 1 here): so GOLD x groups
+    = ours x target tokens. The vocabulary strings match as they are spelt, as GOLD matches them."""
+    import os
+    from types import SimpleNamespace
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    gold = pytest.importorskip("trl.experimental.gold.gold_trainer")
+
+    student_pieces = ["<s>", "the", " qu", "ick", " brown", " f", "ox", "x", " jump"]
+    teacher_pieces = ["<t>", "the", " quick", " bro", "wn", " fox", "y", " j", "ump", "x"]
+    completion_s, completion_t = ["the", " qu", "ick", " brown", " f", "ox"], ["the", " quick", " bro", "wn", " fox"]
+
+    class Vocab:  # what GOLD reads of a tokenizer
+        def __init__(self, pieces):
+            self.pieces = pieces
+
+        def get_vocab(self):
+            return {piece: i for i, piece in enumerate(self.pieces)}
+
+    def side(pieces, completion, seed):
+        ids = torch.tensor([[0] + [pieces.index(p) for p in completion]])
+        ends = [len("".join(completion[: i + 1])) for i in range(len(completion))]
+        offsets = torch.tensor([[(0, 0)] + [(end - len(p), end) for p, end in zip(completion, ends)]])
+        generator = torch.Generator().manual_seed(seed)
+        logits_ = 2 * torch.randn(1, ids.shape[1], len(pieces), generator=generator, dtype=torch.float64)
+        return ids, offsets, logits_
+
+    s_ids, s_offsets, s_logits = side(student_pieces, completion_s, 0)
+    t_ids, t_offsets, t_logits = side(teacher_pieces, completion_t, 1)
+    s_labels, t_labels = s_ids.clone(), t_ids.clone()
+    s_labels[0, 0] = t_labels[0, 0] = IGNORE_INDEX
+    groups = align(s_offsets[0, 1:, 1].tolist(), t_offsets[0, 1:, 1].tolist())
+    assert [len(g) for g, _ in groups] == [1, 2, 1, 2] and [len(g) for _, g in groups] == [1, 1, 2, 1]
+
+    # ours: logits row r predicts the label at r (the causal shift done), groups as the collator lays them out
+    def ours(logits_, ids):
+        group_of = torch.tensor([[g for g, (s, _) in enumerate(groups) for _ in s]])
+        return {"logits": logits_[:, :-1], "labels": ids[:, 1:], "align_group": group_of}
+
+    student = ours(s_logits.clone().requires_grad_(True), s_ids)
+    teacher = ours(t_logits, t_ids)
+    teacher["align_group"] = torch.tensor([[g for g, (_, t) in enumerate(groups) for _ in t]])
+    t_last = [max(i for i, g in enumerate(teacher["align_group"][0].tolist()) if g == k) for k in range(len(groups))]
+    s_last = [max(i for i, g in enumerate(student["align_group"][0].tolist()) if g == k) for k in range(len(groups))]
+    student["align_teacher_row"] = torch.full_like(student["labels"], -1)
+    student["align_teacher_row"][0, s_last] = torch.tensor(t_last)
+    match = VocabularyMatch.of(*(_FakeFast(p) for p in (student_pieces, teacher_pieces)))
+
+    for kind, divergence_name, beta in (
+        ("uld", "forward_kl", 0.5),
+        ("hybrid", "jsd", 0.5),
+        ("hybrid", "forward_kl", 0.0),
+    ):
+        config = SimpleNamespace(
+            uld_crossentropy_weight=0.0, uld_distillation_weight=1.0, uld_student_temperature=1.0,
+            uld_teacher_temperature=1.0, uld_skip_student_eos=False, uld_skip_teacher_eos=False,
+            use_extended_uld=True, uld_token_merge_strategy="bayesian", uld_use_hybrid_loss=kind == "hybrid",
+            uld_hybrid_matched_weight=None, uld_hybrid_unmatched_weight=None, beta=beta,
+        )  # fmt: skip
+        peer = gold.ULDLoss(config, Vocab(student_pieces), Vocab(teacher_pieces))
+        theirs = peer(s_logits, t_logits, s_labels, t_labels, s_ids, t_ids, s_offsets, t_offsets)
+        kd = {"cross_tokenizer": kind, "divergence": divergence_name, "temperature": 1.0}
+        value = kd_term(kd, match)(student, teacher)
+        targets = len(completion_s)
+        assert value.item() * targets == pytest.approx(theirs.item() * len(groups), rel=1e-6), kind
+
+
+class _FakeFast:
+    """A tokenizer of the given pieces spelt as plain text (no `▁` or `Ġ`), for `VocabularyMatch.of`."""
+
+    def __init__(self, pieces):
+        from tokenizers import Tokenizer, models
+
+        self.pieces = pieces
+        self.backend_tokenizer = Tokenizer(models.WordLevel({p: i for i, p in enumerate(pieces)}, unk_token=pieces[0]))
+        self.all_special_ids = [0]
+
+    def get_vocab(self):
+        return {piece: i for i, piece in enumerate(self.pieces)}
+
+    def __len__(self):
+        return len(self.pieces)
+
+
+def test_a_merged_group_holds_the_probability_of_its_text():
+    """A group of two tokens: its merged row sums to the probability of its first token (the last row's
+    distribution sums to one), so exp(merged)[y2] = p(y1) p(y2 | y1)."""
+    log_probs = F.log_softmax(torch.randn(2, 5, dtype=torch.float64), -1)
+    labels = torch.tensor([3, 1])
+    rows = cross_tokenizer.merged_rows(log_probs, labels, torch.tensor([0, 0]), torch.tensor([False, True]))
+    assert rows.exp().sum().item() == pytest.approx(math.exp(log_probs[0, 3].item()))
+    assert rows[0, 1].item() == pytest.approx(log_probs[0, 3].item() + log_probs[1, 1].item())
