@@ -96,6 +96,48 @@ def build(directory: Path, tokenizer) -> dict[str, Path]:
     return paths
 
 
+def byte_level_tokenizer(lines: list[str], vocab_size: int = 400, directory: Path | None = None):
+    """A byte-level BPE tokenizer (GPT-2's kind: `Ġ`, a character's bytes as tokens) trained on `lines`, with T5's
+    special ids (pad 0, EOS 1 appended to every sequence, unk 2): another family than `train_tokenizer`'s."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    special = ["<pad>", "</s>", "<unk>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=special
+    )
+    tokenizer.train_from_iterator(lines, trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    if directory is not None:
+        fast.save_pretrained(directory)
+    return fast
+
+
+def byte_level_t5(directory: Path, vocab_size: int = 400) -> Path:
+    """A tiny random T5 (the size of `build`'s) reading through `byte_level_tokenizer`, trained on both sides of
+    the shared sample: a student of another tokenizer family than the tiny teachers'."""
+    from transformers import T5Config
+
+    from ds_distill.models import adapter_for
+
+    rows = [json.loads(line)["translation"] for line in open(SHARED_DATA / "train.jsonl")][:2000]
+    tokenizer = byte_level_tokenizer([row[lang] for row in rows for lang in ("en", "de")], vocab_size, directory)
+    config = T5Config(vocab_size=padded_vocab(tokenizer), d_model=32, d_ff=64, d_kv=16, num_heads=2, num_layers=1,
+                      num_decoder_layers=1, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)  # fmt: skip
+    torch.manual_seed(0)
+    model = adapter_for(config).from_config(config)
+    # a head of a trained model's scale: a random T5's saturates its softmax, and there terms on sorted
+    # probabilities (ULD) have almost no gradient
+    model.lm_head.weight.data.mul_(0.02)
+    model.save_pretrained(directory)
+    return directory
+
+
 def write_text_files(directory: Path, max_lines: int = 2000) -> dict[str, str]:
     """The German side of the shared sample as `text` files for the causal and masked LM tasks."""
     directory.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ import datasets
 
 from ds_distill import dist
 from ds_distill.config.run import TEACHER_TARGET, DataConfig
+from ds_distill.data.alignment import TEACHER_VIEW, token_bytes, token_ends
 from ds_distill.data.tokenizers import check_unknown_tokens
 from ds_distill.errors import ConfigError
 from ds_distill.objectives.base import IGNORE_INDEX
@@ -141,7 +142,54 @@ def _translation_pairs(data: DataConfig, dataset: datasets.Dataset, split: str):
     return pairs
 
 
-def _tokenize_seq2seq(data: DataConfig, tokenizer, dataset: datasets.Dataset, split: str) -> datasets.Dataset:
+def _seq2seq_features(data: DataConfig, tokenizer, sources: list[str], targets: list[str], pieces=None) -> dict:
+    """Sources and targets as token ids; given `pieces` (each id's bytes, `alignment.token_bytes`), also where
+    each target token ends (`label_ends`)."""
+    features = tokenizer([data.prefix + s for s in sources], max_length=data.max_source_length, truncation=True)
+    labels = tokenizer(text_target=targets, max_length=data.max_target_length, truncation=True,
+                       return_offsets_mapping=pieces is not None)  # fmt: skip
+    features["labels"] = labels["input_ids"]
+    if pieces is not None:
+        features["label_ends"] = [token_ends(offsets, text, [pieces[i] for i in ids])
+                                  for offsets, text, ids in zip(labels["offset_mapping"], targets, labels["input_ids"])]  # fmt: skip
+    return dict(features)
+
+
+def _prompted_features(data: DataConfig, tokenizer, prompts: list[str], completions: list[str], pieces=None) -> dict:
+    """Prompt + completion + EOS per row, targets on the completion and EOS (and `label_ends`, given `pieces`)."""
+    prompt_ids = tokenizer(prompts)["input_ids"]
+    encoded = tokenizer(completions, add_special_tokens=False, return_offsets_mapping=pieces is not None)
+    rows = {"input_ids": [], "attention_mask": [], "labels": [], **({"label_ends": []} if pieces is not None else {})}
+    for index, (prompt, completion) in enumerate(zip(prompt_ids, encoded["input_ids"])):
+        ids = (prompt + completion + [tokenizer.eos_token_id])[: data.block_size]
+        rows["input_ids"].append(ids)
+        rows["attention_mask"].append([1] * len(ids))
+        rows["labels"].append(([IGNORE_INDEX] * len(prompt) + completion + [tokenizer.eos_token_id])[: len(ids)])
+        if pieces is not None:  # EOS has no text: it ends where the completion does
+            offsets = [*encoded["offset_mapping"][index], (0, 0)]
+            ends = token_ends(offsets, completions[index], [pieces[i] for i in completion] + [None])
+            rows["label_ends"].append(ends[: max(0, len(ids) - len(prompt))])
+    return rows
+
+
+def _views(make, data: DataConfig, tokenizer, teacher_tokenizer=None):
+    """fn(*texts) -> the rows as `make` tokenizes them for the student and, given the teacher's tokenizer, for
+    the teacher too (`TEACHER_VIEW` columns, and each side's `label_ends`)."""
+    if teacher_tokenizer is None:
+        return lambda *texts: make(data, tokenizer, *texts)
+    pieces = token_bytes(tokenizer), token_bytes(teacher_tokenizer)
+
+    def both(*texts):
+        teacher = make(data, teacher_tokenizer, *texts, pieces=pieces[1])
+        return {**make(data, tokenizer, *texts, pieces=pieces[0]),
+                **{TEACHER_VIEW + key: value for key, value in teacher.items()}}  # fmt: skip
+
+    return both
+
+
+def _tokenize_seq2seq(
+    data: DataConfig, tokenizer, dataset: datasets.Dataset, split: str, teacher_tokenizer=None
+) -> datasets.Dataset:
     if data.task == "translation":
         pairs = _translation_pairs(data, dataset, split)
     else:
@@ -154,12 +202,11 @@ def _tokenize_seq2seq(data: DataConfig, tokenizer, dataset: datasets.Dataset, sp
     if training and data.targets != "references":
         _check_fields(dataset, [TEACHER_TARGET], split)
 
+    views = _views(_seq2seq_features, data, tokenizer, teacher_tokenizer)
+
     def tokenize(batch):
         sources, targets = _targets(data, batch, *pairs(batch), training)
-        features = tokenizer([data.prefix + s for s in sources], max_length=data.max_source_length, truncation=True)
-        features["labels"] = tokenizer(text_target=targets, max_length=data.max_target_length, truncation=True)[
-            "input_ids"
-        ]
+        features = views(sources, targets)
         if not training:  # generations are scored against the text itself, not decoded labels
             features["reference"] = targets
         return features
@@ -245,24 +292,20 @@ def _targets(data: DataConfig, batch: dict, sources: list[str], targets: list[st
     return sources, targets
 
 
-def _tokenize_prompted(data: DataConfig, tokenizer, dataset: datasets.Dataset, split: str) -> datasets.Dataset:
+def _tokenize_prompted(
+    data: DataConfig, tokenizer, dataset: datasets.Dataset, split: str, teacher_tokenizer=None
+) -> datasets.Dataset:
     """causal_lm with prompts: one example per row, prompt + completion + EOS cut at block_size, targets only on
     the completion and EOS."""
     training = split == data.train_split
     _check_fields(dataset, [data.prompt_field, data.text_field] + ([TEACHER_TARGET] if training and
                   data.targets != "references" else []), split)  # fmt: skip
 
+    views = _views(_prompted_features, data, tokenizer, teacher_tokenizer)
+
     def tokenize(batch):
         prompts, completions = _targets(data, batch, batch[data.prompt_field], batch[data.text_field], training)
-        prompt_ids = tokenizer(prompts)["input_ids"]
-        completion_ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
-        rows = {"input_ids": [], "attention_mask": [], "labels": []}
-        for prompt, completion in zip(prompt_ids, completion_ids):
-            ids = (prompt + completion + [tokenizer.eos_token_id])[: data.block_size]
-            rows["input_ids"].append(ids)
-            rows["attention_mask"].append([1] * len(ids))
-            rows["labels"].append(([IGNORE_INDEX] * len(prompt) + completion + [tokenizer.eos_token_id])[: len(ids)])
-        return rows
+        return views(prompts, completions)
 
     return dataset.map(
         tokenize,
@@ -273,9 +316,13 @@ def _tokenize_prompted(data: DataConfig, tokenizer, dataset: datasets.Dataset, s
     )
 
 
-def _tokenize_text(data: DataConfig, tokenizer, dataset: datasets.Dataset, split: str) -> datasets.Dataset:
+def _tokenize_text(
+    data: DataConfig, tokenizer, dataset: datasets.Dataset, split: str, teacher_tokenizer=None
+) -> datasets.Dataset:
     if data.prompt_field:
-        return _tokenize_prompted(data, tokenizer, dataset, split)
+        return _tokenize_prompted(data, tokenizer, dataset, split, teacher_tokenizer)
+    if teacher_tokenizer is not None:  # the run's checks refuse it first
+        raise ConfigError("across tokenizers, causal_lm data needs data.prompt_field (packed text is not aligned)")
     _check_fields(dataset, [data.text_field], split)
     dataset = dataset.filter(lambda row: bool(row[data.text_field].strip()), desc=f"dropping empty lines of {split}")
     if data.task == "masked_lm":
@@ -321,13 +368,14 @@ def limited(data: DataConfig, split: str, dataset: datasets.Dataset) -> datasets
     return dataset.select(range(min(limit, len(dataset)))) if limit else dataset
 
 
-def tokenize(data: DataConfig, tokenizer, raw: datasets.DatasetDict) -> datasets.DatasetDict:
-    """Tokenizes every split (the caller holds `dist.local_main_first`, so each node tokenizes once)."""
+def tokenize(data: DataConfig, tokenizer, raw: datasets.DatasetDict, teacher_tokenizer=None) -> datasets.DatasetDict:
+    """Tokenizes every split (the caller holds `dist.local_main_first`, so each node tokenizes once); the
+    training split also for the teacher, given its tokenizer (`TEACHER_VIEW`)."""
     out = {}
     for split, dataset in raw.items():
         dataset = limited(data, split, dataset)
         fn = _tokenize_seq2seq if data.task in ("translation", "seq2seq") else _tokenize_text
-        out[split] = fn(data, tokenizer, dataset, split)
+        out[split] = fn(data, tokenizer, dataset, split, teacher_tokenizer if split == data.train_split else None)
         if len(out[split]) == 0:
             length = "max_source_length" if data.task == "masked_lm" else "block_size"
             raise ConfigError(f"split '{split}' is empty after tokenization (data.{length} too large?)")
@@ -345,9 +393,9 @@ TOKENIZATION_KEYS = (
 )  # fmt: skip
 
 
-def describe(data: DataConfig, tokenizer) -> dict[str, Any]:
-    """The data settings and tokenizer that tokenized data was made with (a vocabulary digest, not its path)."""
-    vocabulary = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
+def describe(data: DataConfig, tokenizer, teacher_tokenizer=None) -> dict[str, Any]:
+    """The data settings and tokenizer(s) that tokenized data was made with (vocabulary digests, not paths)."""
+    teacher = {"teacher_tokenizer": _tokenizer_digest(teacher_tokenizer)} if teacher_tokenizer is not None else {}
     # keys that most data leave at their defaults are described only where set, so that copies prepared before
     # they existed stay valid: line_by_line (masked_lm rows only), targets (other than the references), prompt_field
     masked_lm = {"line_by_line": data.line_by_line} if data.task == "masked_lm" else {}
@@ -358,18 +406,26 @@ def describe(data: DataConfig, tokenizer) -> dict[str, Any]:
         **{key: getattr(data, key) for key in TOKENIZATION_KEYS},
         **masked_lm,
         **targets,
-        "tokenizer": {"class": type(tokenizer).__name__, "vocabulary_sha256": sha256(vocabulary.encode()).hexdigest()},
+        **teacher,
+        "tokenizer": _tokenizer_digest(tokenizer),
     }
 
 
-def prepared(data: DataConfig, tokenizer) -> datasets.DatasetDict | None:
+def _tokenizer_digest(tokenizer) -> dict[str, str]:
+    vocabulary = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
+    return {"class": type(tokenizer).__name__, "vocabulary_sha256": sha256(vocabulary.encode()).hexdigest()}
+
+
+def prepared(data: DataConfig, tokenizer, teacher_tokenizer=None) -> datasets.DatasetDict | None:
     """The tokenized splits at `data.tokenized_path`, if they were made with these settings; else None.
     A copy made with other settings is refused, naming what differs."""
     path = Path(data.tokenized_path) if data.tokenized_path else None
     if path is None or not (path / PREPARED_MARKER).is_file():
         return None
     saved = json.loads((path / PREPARED_MARKER).read_text())
-    wanted = json.loads(json.dumps(describe(data, tokenizer)))  # as JSON would store it (tuples become lists)
+    wanted = json.loads(
+        json.dumps(describe(data, tokenizer, teacher_tokenizer))
+    )  # as JSON would store it (tuples become lists)
     differ = sorted(key for key in set(wanted) | set(saved) if saved.get(key) != wanted.get(key))
     if differ:
         raise ConfigError(
@@ -379,13 +435,13 @@ def prepared(data: DataConfig, tokenizer) -> datasets.DatasetDict | None:
     return datasets.load_from_disk(str(path))
 
 
-def save_prepared(data: DataConfig, tokenizer, tokenized: datasets.DatasetDict) -> Path:
+def save_prepared(data: DataConfig, tokenizer, tokenized: datasets.DatasetDict, teacher_tokenizer=None) -> Path:
     """Writes the tokenized splits to `data.tokenized_path` (whole or not at all), with their description."""
     path = Path(data.tokenized_path)
     staging = path.with_name(path.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     tokenized.save_to_disk(str(staging))
-    (staging / PREPARED_MARKER).write_text(json.dumps(describe(data, tokenizer), indent=2) + "\n")
+    (staging / PREPARED_MARKER).write_text(json.dumps(describe(data, tokenizer, teacher_tokenizer), indent=2) + "\n")
     if path.exists():
         if not (path / PREPARED_MARKER).is_file():
             raise ConfigError(f"data.tokenized_path {path} holds files that are not prepared data; choose another")
@@ -394,19 +450,19 @@ def save_prepared(data: DataConfig, tokenizer, tokenized: datasets.DatasetDict) 
     return path
 
 
-def load_tokenized(data: DataConfig, tokenizer) -> datasets.DatasetDict:
+def load_tokenized(data: DataConfig, tokenizer, teacher_tokenizer=None) -> datasets.DatasetDict:
     """The tokenized splits: from `data.tokenized_path` when prepared there with these settings, else loaded
     and tokenized once per node (local rank 0 first, the other ranks then read its `datasets` cache), and
     saved to `data.tokenized_path` if one is set. Either way checked for unknown tokens."""
-    ready = prepared(data, tokenizer)
+    ready = prepared(data, tokenizer, teacher_tokenizer)
     if ready is not None:
         check_unknown_tokens(data, tokenizer, ready[data.train_split])
         return ready
     with dist.local_main_first():
-        tokenized = tokenize(data, tokenizer, load_raw(data))
+        tokenized = tokenize(data, tokenizer, load_raw(data), teacher_tokenizer)
     check_unknown_tokens(data, tokenizer, tokenized[data.train_split])
     if data.tokenized_path:
         if dist.is_main():
-            save_prepared(data, tokenizer, tokenized)
+            save_prepared(data, tokenizer, tokenized, teacher_tokenizer)
         dist.barrier()
     return tokenized

@@ -38,6 +38,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ds_distill.data.alignment import token_bytes
+
 KINDS = ("uld", "hybrid")
 
 
@@ -64,28 +66,6 @@ class VocabularyMatch:
     @property
     def matched_share(self) -> float:
         return len(self.teacher_ids) / self.teacher_vocab
-
-
-def token_bytes(tokenizer) -> list[bytes | None]:
-    """Each id's text as it stands in running text, as UTF-8 bytes (a leading space where the token starts a word;
-    a byte-level or byte-fallback token's byte, which may be part of a character); special tokens as spelt."""
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    backend = tokenizer.backend_tokenizer
-    byte_level = "ByteLevel" in repr(backend.decoder) or "ByteLevel" in repr(backend.pre_tokenizer)
-    byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
-    special = set(tokenizer.all_special_ids)
-    texts: list[bytes | None] = [None] * len(tokenizer)
-    for piece, index in tokenizer.get_vocab().items():
-        if index >= len(texts):
-            continue
-        if byte_level and index not in special and all(c in byte_of for c in piece):
-            texts[index] = bytes(byte_of[c] for c in piece)
-        elif piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6 and index not in special:
-            texts[index] = bytes([int(piece[3:5], 16)])  # SentencePiece's byte fallback
-        else:
-            texts[index] = piece.encode() if index in special else piece.replace("▁", " ").encode()
-    return texts
 
 
 def chunk_breaks(groups: torch.Tensor) -> list[int]:

@@ -11,6 +11,7 @@ import torch
 from ds_distill import dist
 from ds_distill.config import deepspeed as ds_config
 from ds_distill.data import batches
+from ds_distill.objectives.cross_tokenizer import VocabularyMatch
 from ds_distill.objectives.layerwise import LayerwiseLoss
 from ds_distill.objectives.registry import build_losses
 from ds_distill.surgery import students
@@ -60,6 +61,8 @@ def loss_terms(p: Prepared) -> tuple[torch.nn.ModuleDict, dict[str, float]]:
     """The configured terms and weights for this student and teacher; prints each layer-wise term's pairs."""
     pair = model_pair(p.run, p.student_config, p.teacher_config)
     losses, weights = build_losses(p.run.losses, pair, vocab_size=len(p.tokenizer))
+    if p.teacher_tokenizer is not None:  # across tokenizers: the KD term compares the tokens both vocabularies hold
+        losses["kd"].vocabulary_match = VocabularyMatch.of(p.tokenizer, p.teacher_tokenizer)
     for name, loss in losses.items():
         if isinstance(loss, LayerwiseLoss):
             dist.print_main(f"losses.{name} layer pairs (student->teacher): {', '.join(map(str, loss.pairs))}")

@@ -23,8 +23,9 @@ from tqdm.auto import tqdm
 from ds_distill import dist, models
 from ds_distill.config import deepspeed as ds_config
 from ds_distill.config.run import RunConfig
-from ds_distill.data import batches
+from ds_distill.data import alignment, batches
 from ds_distill.evaluation import described, evaluate
+from ds_distill.objectives import cross_tokenizer
 from ds_distill.surgery import prune
 from ds_distill.train import checkpoint, engines, export, on_policy
 from ds_distill.train.prepare import Prepared, on_policy_options, prepare, write_run_files
@@ -79,6 +80,11 @@ class Trainer:
         set_seed(seed + dist.rank())  # dropout and masking; a resume restores the saved state
         self.device = self.engine.device
         self.collate = batches.make_collator(self.run.data, p.tokenizer, student)
+        self.train_collate = self.collate
+        if p.teacher_tokenizer is not None:  # the training rows hold the teacher's tokens too
+            shifts = tuple(int(models.adapter_for(c).kind == "causal") for c in (p.student_config, p.teacher_config))
+            teacher_collate = batches.make_collator(self.run.data, p.teacher_tokenizer, teacher.module)
+            self.train_collate = alignment.AlignedCollator(self.collate, teacher_collate, shifts)
         self.batches = self._train_batches()
         self.checkpoints = p.output_dir / "checkpoints"
         self.step = 0
@@ -93,7 +99,7 @@ class Trainer:
         grouped = self.train_config.group_by_length
         return batches.TrainBatches(
             self.p.datasets[self.run.data.train_split],
-            self.collate,
+            self.train_collate,
             self.train_config.per_device_train_batch_size,
             self.train_config.seed,
             num_workers=(2 if on_gpu else 0) if workers is None else workers,
@@ -122,7 +128,9 @@ class Trainer:
         if batch.get("labels") is not None:
             index = target_index(self.student_adapter, batch["labels"])
             batch = {**batch, "target_index": index.pin_memory() if self.device.type != "cpu" else index}
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            if "align_group" in batch:  # a logit chunk ends only between groups
+                batch["chunk_breaks"] = cross_tokenizer.chunk_breaks(batch["align_group"].flatten()[index])
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def teacher_features(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
         return self.teacher_side.features(batch) if self.teacher_side is not None else None

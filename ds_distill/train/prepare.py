@@ -41,6 +41,8 @@ class Prepared:
     total_steps: int
     validation_split: str | None
     teacher_config: Any = None
+    teacher_tokenizer: Any = None
+    """Across tokenizers (`losses.kd.cross_tokenizer`): the teacher's own; None where the models share one."""
 
 
 def prepare(run: RunConfig, resume: bool | str = False, overwrite: bool = False, claim: bool = True) -> Prepared:
@@ -57,9 +59,9 @@ def prepare(run: RunConfig, resume: bool | str = False, overwrite: bool = False,
     if teacher_json is not None and "optimizer" in teacher_json:
         raise ConfigError(f"{run.teacher.deepspeed_config}: the teacher is frozen; remove its optimizer section")
     teacher_config, student_config = check_models(run)
-    tokenizer = check_tokenizer(run, teacher_config, student_config)
+    tokenizer, teacher_tokenizer = check_tokenizer(run, teacher_config, student_config)
 
-    tokenized = data.load_tokenized(run.data, tokenizer)
+    tokenized = data.load_tokenized(run.data, tokenizer, teacher_tokenizer)
     if run.teacher.cache:  # the teacher's outputs come from disk: no teacher engine
         pair = model_pair(run, student_config, teacher_config)
         teacher_cache.check_run(run, teacher_config, student_config, tokenizer, tokenized[run.data.train_split], pair)
@@ -90,10 +92,12 @@ def prepare(run: RunConfig, resume: bool | str = False, overwrite: bool = False,
         sliced = dims is not None and dims.strategy == "sliced" and not dims.source
         prune.check(run.prune, student_ds, teacher_config, student_config, starts_from_teacher=sliced)
     source = run.teacher.weights() or run.student.model_name_or_path
+    if teacher_tokenizer is not None:  # the teacher's start and end ids are of another vocabulary
+        source = run.student.model_name_or_path
     generation_config = export.generation_config(source, student_config, len(tokenizer))
     prepared = Prepared(
         run, Path(train.output_dir), resume, tokenizer, tokenized, teacher_ds, student_ds, student_config,
-        generation_config, total_steps, validation_split, teacher_config,
+        generation_config, total_steps, validation_split, teacher_config, teacher_tokenizer,
     )  # fmt: skip
     return claim_output_dir(prepared, resume, overwrite) if claim else prepared
 
@@ -128,6 +132,8 @@ def check_models(run: RunConfig):
     if run.train.eval_metric in ("bleu", "rouge") and adapter.kind != "seq2seq":
         raise ConfigError(f"train.eval_metric '{run.train.eval_metric}' needs a seq2seq model; use loss or accuracy")
     losses, _ = build_losses(run.losses, model_pair(run, student_config, teacher_config))
+    if cross_tokenizer_kind(run):
+        check_cross_tokenizer(run, losses)
     if on_policy_options(run):
         if adapter.kind == "encoder":
             raise ConfigError(
@@ -160,22 +166,65 @@ def on_policy_options(run: RunConfig) -> OnPolicyOptions | None:
     return options if options is not None and options.fraction > 0 else None
 
 
+def cross_tokenizer_kind(run: RunConfig) -> str | None:
+    """`losses.kd.cross_tokenizer` (uld | hybrid) where the run distills across tokenizers, else None."""
+    spec = run.losses.get("kd")
+    return spec.get("cross_tokenizer") if isinstance(spec, dict) else None
+
+
+def check_cross_tokenizer(run: RunConfig, losses: dict) -> None:
+    """What a run across tokenizers can do today; the rest refused in one line before any weights load."""
+    where = "losses.kd.cross_tokenizer"
+    if not run.teacher.model_name_or_path:
+        raise ConfigError(f"{where} distills from a teacher; set teacher.model_name_or_path")
+    if run.data.task not in ("translation", "seq2seq") and not (run.data.task == "causal_lm" and run.data.prompt_field):
+        raise ConfigError(
+            f"{where}: translation, seq2seq and causal_lm with data.prompt_field align one target text tokenized "
+            f"twice; data.task '{run.data.task}'" + (" without prompts packs text into blocks that each tokenizer "
+            "cuts elsewhere" if run.data.task == "causal_lm" else " is not aligned")
+        )  # fmt: skip
+    layerwise = sorted(name for name, loss in losses.items() if loss.requires_teacher and name != "kd")
+    if layerwise:
+        raise ConfigError(
+            f"{where}: losses {', '.join(layerwise)} compare the two models position by position, and across "
+            "tokenizers positions differ; keep ce and kd"
+        )
+    refused = {
+        "teacher.cache": (run.teacher.cache, "a cache holds the teacher's top-k over its own vocabulary"),
+        "data.targets": (run.data.targets != "references", "the teacher's generated targets are not aligned yet"),
+        "losses.kd.on_policy": (on_policy_options(run), "the teacher would have to read the student's samples "
+                                                        "in its own tokens"),
+    }  # fmt: skip
+    for key, (setting, reason) in refused.items():
+        if setting:
+            raise ConfigError(f"{where} does not work with {key} yet: {reason}")
+
+
 def model_pair(run: RunConfig, student_config, teacher_config) -> ModelPair | None:
     return ModelPair(student_config, teacher_config, run.layer_map) if teacher_config is not None else None
 
 
 def check_tokenizer(run: RunConfig, teacher_config, student_config):
-    """The one tokenizer both models must share."""
+    """(the student's tokenizer, the teacher's where it may differ, else None): the one tokenizer both models
+    share, or, across tokenizers, each model's own (fast tokenizers, which say where each token's text ends)."""
     tokenizer = tokenizers.load_tokenizer(tokenizers.tokenizer_source(run))
-    if teacher_config is not None and run.student.model_name_or_path:
+    teacher_tokenizer = None
+    if cross_tokenizer_kind(run):
+        teacher_tokenizer = tokenizers.load_tokenizer(run.teacher.weights())
+        for role, side in (("student", tokenizer), ("teacher", teacher_tokenizer)):
+            if not side.is_fast:
+                raise ConfigError(f"losses.kd.cross_tokenizer needs fast tokenizers (character offsets); the "
+                                  f"{role}'s, {side.name_or_path}, is a slow {type(side).__name__}")  # fmt: skip
+    elif teacher_config is not None and run.student.model_name_or_path:
         tokenizers.check_same_tokenizer(run.teacher.weights(), run.student.model_name_or_path)
-    for role, config in (("teacher", teacher_config), ("student", student_config)):
-        if config is not None and config.vocab_size < len(tokenizer):
+    for role, config, side in (("teacher", teacher_config, teacher_tokenizer or tokenizer),
+                               ("student", student_config, tokenizer)):  # fmt: skip
+        if config is not None and config.vocab_size < len(side):
             raise ConfigError(
-                f"the {role}'s vocabulary ({config.vocab_size}) is smaller than the tokenizer's ({len(tokenizer)}); "
+                f"the {role}'s vocabulary ({config.vocab_size}) is smaller than the tokenizer's ({len(side)}); "
                 "they do not belong together: set data.tokenizer to the model's own tokenizer"
             )
-    return tokenizer
+    return tokenizer, teacher_tokenizer
 
 
 def write_run_files(p: Prepared) -> None:

@@ -50,13 +50,23 @@ def build_student(
     return adapter.from_config(hf_config)
 
 
-NOT_MODEL_INPUTS = frozenset({"labels", "target_index", "example_index", *topk.KEYS})
-"""What a batch carries for the losses and the teacher cache, besides the model's inputs."""
+ALIGNMENT_KEYS = ("align_group", "align_teacher_row", "chunk_breaks")
+"""Across tokenizers: the groups of a batch (`alignment.AlignedCollator`) and where a logit chunk may end."""
+NOT_MODEL_INPUTS = frozenset({"labels", "target_index", "example_index", *topk.KEYS, *ALIGNMENT_KEYS})
+"""What a batch carries for the losses and the teacher cache, besides the model's inputs (and the teacher's
+tokens, `teacher.*`, across tokenizers)."""
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """What the Hugging Face forward takes: labels stay out, our losses use them (no wasted internal CE)."""
-    return {k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS}
+    return {k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS and not k.startswith("teacher.")}
+
+
+def teacher_view(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch as the teacher reads it: its own tokens where they differ from the student's (`teacher.*`)."""
+    if "teacher.input_ids" not in batch:
+        return batch
+    return {key.removeprefix("teacher."): value for key, value in batch.items() if key.startswith("teacher.")}
 
 
 def stack_masks(adapter: models.ModelAdapter, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -107,8 +117,9 @@ def forward_features(
     features = {"labels": batch.get("labels"), **stack_masks(adapter, batch)}
     if head is not None:
         features["head"] = head
-    if "target_index" in batch:
-        features["target_index"] = batch["target_index"]
+    for key in ("target_index", *ALIGNMENT_KEYS):
+        if key in batch:
+            features[key] = batch[key]
     if capture:
         features.update(capture.pop())
     if hasattr(output, "logits"):

@@ -15,7 +15,7 @@ import torch
 from ds_distill import dist, models
 from ds_distill.config.deepspeed import model_dtype, zero3_loading, zero_stage
 from ds_distill.objectives.capture import FeatureCapture
-from ds_distill.train.student import forward_features
+from ds_distill.train.student import forward_features, teacher_view
 
 
 def load_teacher(model_name_or_path: str, ds_config: dict[str, Any]):
@@ -50,4 +50,4 @@ class TeacherFeatures:
 
     @torch.no_grad()
     def features(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return forward_features(self.forward, self.adapter, batch, self.capture)
+        return forward_features(self.forward, self.adapter, teacher_view(batch), self.capture)

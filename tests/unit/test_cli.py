@@ -1,6 +1,7 @@
 """The command line: launcher flags, help for every verb, clean errors, parameter counts of the recipes."""
 
 import os
+
 import pytest
 
 from ds_distill import cli

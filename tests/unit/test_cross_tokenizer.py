@@ -8,18 +8,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ds_distill.data.alignment import align, token_ends
+from ds_distill.data.alignment import align, token_bytes, token_ends
 from ds_distill.objectives import cross_tokenizer, logits
 from ds_distill.objectives.base import IGNORE_INDEX
 from ds_distill.objectives.cross_tokenizer import VocabularyMatch
 from ds_distill.objectives.logits import KDOptions, LogitDistillationLoss, divergence
 
 
-def test_tokens_end_where_their_text_ends_special_tokens_and_split_characters_included():
-    # BOS (0, 0), "Hello" (0, 5), " wor" (5, 9) trimmed to (6, 9), "ld" (9, 11), two bytes of one character
-    # sharing its span (11, 12), a lone `▁` given the next character's span (13, 14) before "le" (13, 15), EOS (0, 0)
+def test_tokens_end_at_the_byte_where_their_text_ends():
+    # "Hello worldé le": BOS (0, 0), "Hello" (0, 5), " wor" trimmed to (6, 9), "ld" (9, 11), the two bytes of "é"
+    # sharing its span (11, 12), a lone `▁` given the next character's span (13, 14) before "le" (13, 15), EOS
     offsets = [(0, 0), (0, 5), (6, 9), (9, 11), (11, 12), (11, 12), (13, 14), (13, 15), (0, 0)]
-    assert token_ends(offsets) == [0, 5, 9, 11, 11, 12, 12, 15, 15]
+    pieces = [b"<s>", b"Hello", b" wor", b"ld", b"\xc3", b"\xa9", b" ", b"le", b"</s>"]
+    # bytes: "é" is 2 of them, so the space after it ends at byte 14 and "le" at 16
+    assert token_ends(offsets, "Hello worldé le", pieces) == [0, 5, 9, 11, 12, 13, 14, 16, 16]
+    # one token for the whole character: it ends after both bytes; unknown pieces end only the run's last token
+    assert token_ends([(0, 1)], "é") == [2]
+    assert token_ends([(0, 1), (0, 1)], "é") == [0, 2]
 
 
 @pytest.mark.parametrize(
@@ -32,27 +37,12 @@ def test_tokens_end_where_their_text_ends_special_tokens_and_split_characters_in
         ([5, 11, 11], [5, 11], [([0], [0]), ([1], [1])]),  # EOS on one side only: in no group
         ([3, 7, 12, 14], [7, 9, 13], [([0, 1], [0])]),  # truncated differently: after 7 no common end
         ([5, 11], [4, 6, 11], [([0, 1], [0, 1, 2])]),
-        ([0, 1, 2], [0, 1, 2], [([0, 1], [0, 1]), ([2], [2])]),  # "Ö" as `▁` `Ö` and as two bytes: one group
-        ([5, 5, 11], [5, 5, 11], [([0], [0]), ([1, 2], [1, 2])]),  # specials within the text join the next group
+        ([0, 2], [1, 2], [([0, 1], [0, 1])]),  # "Ö" as `▁` `Ö` and as its two bytes
+        ([5, 5, 11], [5, 11], [([0], [0]), ([1, 2], [1])]),  # a special token within the text joins the next group
     ],
 )
 def test_groups_close_where_both_sides_end_at_one_character(student, teacher, groups):
     assert align(student, teacher) == groups
-
-
-def byte_level_tokenizer(lines: list[str], vocab_size: int = 400):
-    """A GPT-2-style byte-level BPE tokenizer trained here (another family than the tests' SentencePiece one)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<|eos|>"]
-    )
-    tokenizer.train_from_iterator(lines, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|eos|>", pad_token="<|eos|>")
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +52,7 @@ def two_families(tmp_path_factory):
     rows = [json.loads(line)["translation"] for line in open(tiny_models.SHARED_DATA / "train.jsonl")][:2000]
     lines = [row[lang] for row in rows for lang in ("en", "de")]
     sentencepiece = tiny_models.train_tokenizer(tmp_path_factory.mktemp("sp"), vocab_size=500)
-    return sentencepiece, byte_level_tokenizer(lines), lines
+    return sentencepiece, tiny_models.byte_level_tokenizer(lines), lines
 
 
 def test_groups_of_two_tokenizer_families_cover_the_same_text(two_families):
@@ -71,12 +61,19 @@ def test_groups_of_two_tokenizer_families_cover_the_same_text(two_families):
     both sides, and every token before the last group is in one."""
     sentencepiece, byte_level, lines = two_families
     texts = [*lines[-40:], "Grüße aus Köln 🙂 und  zwei  Leerzeichen.", "naïve café"]
+    pieces = {tokenizer: token_bytes(tokenizer) for tokenizer in (sentencepiece, byte_level)}
+
+    def tokens(tokenizer, text):
+        encoded = tokenizer(text, return_offsets_mapping=True)
+        ids = encoded["input_ids"]
+        return ids, token_ends(encoded["offset_mapping"], text, [pieces[tokenizer][i] for i in ids])
+
     multi_token_groups = 0
     for text in texts:
-        sides = []
-        for tokenizer in (sentencepiece, byte_level):
-            encoded = tokenizer(text, return_offsets_mapping=True)
-            sides.append((encoded["input_ids"], token_ends(encoded["offset_mapping"])))
+        sides = [tokens(tokenizer, text) for tokenizer in (sentencepiece, byte_level)]
+        for tokenizer in (sentencepiece, byte_level):  # one tokenizer on both sides: a group per token
+            ids, ends = tokens(tokenizer, text)
+            assert align(ends, ends) == [([i], [i]) for i in range(len(ids))], text
         groups = align(sides[0][1], sides[1][1])
         assert groups and len(groups) >= min(len(sides[0][0]), len(sides[1][0])) // 3, text
         for s_group, t_group in groups:
@@ -94,7 +91,7 @@ def test_groups_of_two_tokenizer_families_cover_the_same_text(two_families):
 def test_a_vocabulary_matches_by_text_across_spellings(two_families):
     sentencepiece, byte_level, _ = two_families
     match = VocabularyMatch.of(sentencepiece, byte_level)
-    texts = cross_tokenizer.token_bytes(sentencepiece), cross_tokenizer.token_bytes(byte_level)
+    texts = token_bytes(sentencepiece), token_bytes(byte_level)
     pairs = list(zip(match.student_ids.tolist(), match.teacher_ids.tolist()))
     assert len(pairs) > 50 and all(texts[0][s] == texts[1][t] for s, t in pairs)
     assert any(texts[0][s].startswith(b" ") for s, _ in pairs)  # `▁der` and `Ġder` are one text

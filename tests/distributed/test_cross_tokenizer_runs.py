@@ -1,0 +1,49 @@
+"""Runs across tokenizers (`losses.kd.cross_tokenizer`), one process each: with one tokenizer the cross-tokenizer
+path trains as the same-tokenizer KD term does; a student of another tokenizer family (byte-level BPE) learns
+from the SentencePiece teacher and exports with its own tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import AutoTokenizer
+
+from tests import tiny_models
+from tests.conftest import run_cli, translation_config, write_yaml
+from tests.distributed.launch import losses, training_log
+
+pytestmark = pytest.mark.distributed
+
+
+def run(tmp_path, name: str, config: dict) -> dict:
+    path = write_yaml(tmp_path / f"{name}.yaml", config)
+    result = run_cli("distill", f"--config={path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return config
+
+
+def test_hybrid_with_one_tokenizer_trains_as_the_same_tokenizer_term(tiny, tmp_path):
+    same = translation_config(tiny, tmp_path / "same", train={"max_steps": 4, "logging_steps": 1, "save_steps": 0})
+    cross = translation_config(tiny, tmp_path / "cross", train={"max_steps": 4, "logging_steps": 1, "save_steps": 0})
+    cross["losses"]["kd"]["cross_tokenizer"] = "hybrid"
+    run(tmp_path, "same", same)
+    run(tmp_path, "cross", cross)
+    expected, got = losses(tmp_path / "same"), losses(tmp_path / "cross")
+    assert list(got) == [1, 2, 3, 4]
+    for step, loss in expected.items():
+        assert got[step] == pytest.approx(loss, rel=1e-5), step
+
+
+def test_a_student_of_another_tokenizer_family_learns_from_the_teacher(tiny, tmp_path):
+    student = tiny_models.byte_level_t5(tmp_path / "byte_level_t5")
+    for kind in ("uld", "hybrid"):
+        # 32 examples, one epoch per logging window of 4 steps: the windows' KD terms are over the same examples
+        config = translation_config(tiny, tmp_path / kind, train={"max_steps": 24, "logging_steps": 4, "save_steps": 0,
+                                                                  "learning_rate": 1e-2})  # fmt: skip
+        config["data"]["max_train_samples"] = 32
+        config["student"] = {"model_name_or_path": str(student), "deepspeed_config": "ds_configs/student_zero2.json"}
+        config["losses"] = {"kd": {"weight": 1.0, "cross_tokenizer": kind}}
+        run(tmp_path, kind, config)
+        kd = [row["loss/kd"] for row in training_log(tmp_path / kind) if "loss/kd" in row]
+        assert len(kd) == 6 and kd[-1] < 0.8 * kd[0], (kind, kd)
+        exported = AutoTokenizer.from_pretrained(tmp_path / kind / "model")
+        assert exported.get_vocab() == AutoTokenizer.from_pretrained(student).get_vocab()
