@@ -106,6 +106,9 @@ def parse(tree: dict[str, Any]) -> tuple[Path, list[Stage]]:
                 )
             raise ConfigError(f"stage {name}: {key} '{value}' is not an earlier stage ({', '.join(earlier)})")
         stage_tree = merge(defaults, {k: v for k, v in raw.items() if k not in CHAIN_KEYS})
+        if ((stage_tree.get("losses") or {}).get("kd") or {}).get("cross_tokenizer"):
+            raise ConfigError(f"stage {name}: losses.kd.cross_tokenizer does not work in a chain yet; run the stage "
+                              "as a run of its own (ds-distill distill) with the earlier stage's export as teacher")  # fmt: skip
         students = tuple(str(s) for s in stage_tree["students"]) if isinstance(stage_tree.get("students"), dict) else ()
         stages.append(Stage(name, stage_tree, teacher_from, raw.get("student_from"), students))
     return Path(tree["output_dir"]), stages

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from ds_distill import dist, models
 from ds_distill.config.run import RunConfig
 from ds_distill.data import batches
+from ds_distill.data.alignment import token_bytes
 from ds_distill.errors import ConfigError
 from ds_distill.objectives.base import IGNORE_INDEX
 from ds_distill.train.student import forward_features
@@ -49,6 +50,15 @@ def described(results: dict[str, float], prefix: str = "") -> str:
     return ", ".join(f"{prefix}{name} {value:.4g}" for name, value in results.items())
 
 
+def byte_lengths(tokenizer) -> torch.Tensor:
+    """UTF-8 bytes of text each id stands for (`alignment.token_bytes`; a SentencePiece word's `▁` counts as
+    the space before it), 0 for special tokens (`<unk>` among them: its text is not known from its id): what
+    bits per byte divide by."""
+    special = set(tokenizer.all_special_ids)
+    pieces = token_bytes(tokenizer)
+    return torch.tensor([0 if i in special or piece is None else len(piece) for i, piece in enumerate(pieces)])
+
+
 @torch.no_grad()
 def evaluate(
     model,
@@ -61,8 +71,10 @@ def evaluate(
     texts: dict[str, list[str]] | None = None,
     progress: bool = True,
 ) -> dict[str, float]:
-    """Returns {"loss": mean token cross-entropy, "perplexity", "accuracy" (teacher-forced token accuracy), and
-    "bleu" + "chrf" or "rouge" when configured}.
+    """Returns {"loss": mean token cross-entropy, "perplexity", "accuracy" (teacher-forced token accuracy),
+    "bits_per_byte" (causal LM and seq2seq: the cross-entropy in bits over the target tokens' UTF-8 bytes, which
+    compares models of different tokenizers where perplexity does not), and "bleu" + "chrf" or "rouge" when
+    configured}.
 
     A model without an LM head has no token loss: `objective(batch) -> (total, {term: value})` is evaluated
     instead, giving {"loss", "loss/<term>"}, means over real rows. `texts`, a dict, receives the hypotheses
@@ -73,6 +85,7 @@ def evaluate(
     device = next(model.parameters()).device
     generate = objective is None and run.train.eval_metric in ("bleu", "rouge") and adapter.kind == "seq2seq"
     sums, hypotheses, references = defaultdict(float), [], []
+    text_bytes = byte_lengths(tokenizer).to(device) if adapter.kind != "encoder" else None
     size = run.train.per_device_eval_batch_size
     bar = tqdm(batches.eval_batches(dataset, collate, size), total=-(-len(dataset) // dist.world_size() // size),
                     desc="eval (loss, generation)" if generate else "eval", unit="batch", leave=False,
@@ -95,6 +108,8 @@ def evaluate(
             real = labels != IGNORE_INDEX
             sums["tokens"] += int(real.sum())
             sums["correct"] += int((logits.argmax(-1) == labels)[real].sum())
+            if text_bytes is not None:
+                sums["bytes"] += int(text_bytes[labels[real]].sum())
         if generate:
             outputs = model.generate(
                 input_ids=batch["input_ids"],
@@ -116,6 +131,8 @@ def evaluate(
         "perplexity": math.exp(min(loss, 50.0)),
         "accuracy": totals["correct"] / max(totals["tokens"], 1),  # of the next (or masked) token, teacher-forced
     }
+    if totals.get("bytes"):
+        results["bits_per_byte"] = totals["loss"] / math.log(2) / totals["bytes"]
     if generate:
         gathered = dist.all_gather_objects((hypotheses, references))
         world = len(gathered)  # rank r held rows r, r + world, ...: interleave back into the dataset's order

@@ -6,6 +6,7 @@
     ds-distill cache_teacher --config=RUN.yaml --output_dir=DIR [--top_k=64]   the teacher's top-k on disk
     ds-distill generate_targets --config=RUN.yaml --output_dir=DIR [--num_beams=5]   its outputs as targets
     ds-distill make_student --teacher=T --output_dir=D [--d_model ...]   a student cut from the teacher
+    ds-distill train_tokenizer --config=RUN.yaml --vocab_size=8000 --output_dir=D   a compact student vocabulary
     ds-distill chain --config=CHAIN.yaml              teacher -> assistant(s) -> student, resumable by stage
     ds-distill evaluate --model=DIR --config=RUN.yaml   loss, perplexity, BLEU + chrF or ROUGE; report + hypotheses
     ds-distill export --checkpoint_dir=D --output_dir=O
@@ -32,7 +33,7 @@ from ds_distill.cli.components import list_components
 from ds_distill.cli.evaluate import evaluate
 from ds_distill.cli.plan import plan
 from ds_distill.cli.run import cache_teacher, chain, demo, distill, generate_targets, prepare_data
-from ds_distill.cli.students import count_params, export, make_student
+from ds_distill.cli.students import count_params, export, make_student, train_tokenizer
 from ds_distill.errors import ConfigError
 
 VERBS = {
@@ -42,6 +43,7 @@ VERBS = {
     "cache_teacher": cache_teacher,
     "generate_targets": generate_targets,
     "make_student": make_student,
+    "train_tokenizer": train_tokenizer,
     "export": export,
     "count_params": count_params,
     "list": list_components,

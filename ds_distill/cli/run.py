@@ -126,9 +126,10 @@ def prepare_data(config: str | None = None, recipe: str | None = None, **overrid
             "set data.tokenized_path: the directory to write (one that every node of the launch can read)"
         )
     tokenizer = tokenizers.load_tokenizer(tokenizers.tokenizer_source(run))
-    tokenized = data.tokenize(run.data, tokenizer, data.load_raw(run.data))
+    teacher_tokenizer = tokenizers.teacher_tokenizer(run)  # across tokenizers, the training rows hold both
+    tokenized = data.tokenize(run.data, tokenizer, data.load_raw(run.data), teacher_tokenizer)
     tokenizers.check_unknown_tokens(run.data, tokenizer, tokenized[run.data.train_split])
-    path = data.save_prepared(run.data, tokenizer, tokenized)
+    path = data.save_prepared(run.data, tokenizer, tokenized, teacher_tokenizer)
     print(f"wrote {', '.join(f'{split}: {len(rows):,} rows' for split, rows in tokenized.items())} to {path}")
 
 

@@ -1,4 +1,5 @@
-"""Verbs about a student's weights and size: `make_student`, `export`, `count_params`."""
+"""Verbs about a student's weights, size and vocabulary: `make_student`, `export`, `count_params`,
+`train_tokenizer`."""
 
 from __future__ import annotations
 
@@ -216,3 +217,57 @@ def _count_chain(tree):
         last = export_config
     print(f"chain: {first / 1e6:,.1f}M -> {models.count_parameters(last) / 1e6:,.1f}M parameters "
           f"({_compared(first, models.count_parameters(last))})")  # fmt: skip
+
+
+def train_tokenizer(
+    config: str | None = None,
+    recipe: str | None = None,
+    vocab_size: int = 8000,
+    output_dir: str | None = None,
+    overwrite: bool = False,
+    **overrides,
+):
+    """Trains a compact vocabulary of the teacher's kind on a run's training text, for a student of its own.
+
+        ds-distill train_tokenizer --config=RUN.yaml --vocab_size=8000 --output_dir=DIR
+        ds-distill distill --config=RUN.yaml --data.tokenizer=DIR --losses.kd.cross_tokenizer=hybrid ...
+
+    The run's tokenizer (data.tokenizer, else the teacher's), retrained by the `tokenizers` library
+    (`train_new_from_iterator`): the same normaliser, pre-tokenizer, model (SentencePiece unigram, byte-level
+    BPE, ...) and special tokens, with `vocab_size` pieces learned from every text the run tokenizes of its
+    training split (sources and targets, prompts and completions). A student with it is trained across
+    tokenizers (`losses.kd.cross_tokenizer`). Prints how many tokens each tokenizer spends per byte of the
+    validation split (or the training split).
+
+    Args:
+        config: the run YAML whose data to learn from.
+        recipe: name of a shipped recipe instead.
+        vocab_size: pieces of the new vocabulary, special tokens included.
+        output_dir: the directory to write (a Hugging Face tokenizer).
+        overwrite: replace output_dir if it holds a tokenizer already.
+        **overrides: dotted flags, e.g. --data.max_train_samples=200000.
+    """
+    from ds_distill.config.load import load_config
+    from ds_distill.data import tokenized as data
+    from ds_distill.data import tokenizers
+
+    if not output_dir:
+        raise ConfigError("give --output_dir: the directory to write the tokenizer to")
+    if vocab_size < 16:
+        raise ConfigError(f"--vocab_size={vocab_size}: a vocabulary needs at least 16 pieces")
+    path = Path(output_dir)
+    if (path / "tokenizer_config.json").is_file() and not flag(overwrite, "overwrite"):
+        raise ConfigError(f"{path} holds a tokenizer already; pass --overwrite to replace it")
+    run = load_config(config, recipe, overrides)
+    source = tokenizers.load_tokenizer(tokenizers.tokenizer_source(run))
+    raw = data.load_raw(run.data)
+    train = run.data.train_split
+    trained = tokenizers.train_like(source, data.texts(run.data, data.limited(run.data, train, raw[train]), train),
+                                    vocab_size)  # fmt: skip
+    trained.save_pretrained(path)
+    held_out = next((split for split in raw if split != train), train)
+    sample = data.texts(run.data, raw[held_out].select(range(min(len(raw[held_out]), 2000))), held_out)
+    text_bytes = sum(len(text.encode()) for text in sample)
+    for name, tokenizer in ((f"{source.name_or_path} (the run's)", source), (str(path), trained)):
+        tokens = sum(len(ids) for ids in tokenizer(sample, add_special_tokens=False)["input_ids"])
+        print(f"{name}: {len(tokenizer):,} tokens, {tokens / text_bytes:.3f} tokens per byte of {held_out}")

@@ -291,6 +291,11 @@ def parse_students(tree: dict[str, Any]) -> dict[str, RunConfig]:
                     "outside students:"
                 )
         merged = merge(shared, entry)
+        if ((merged.get("losses") or {}).get("kd") or {}).get("cross_tokenizer"):
+            raise ConfigError(
+                f"{where}: losses.kd.cross_tokenizer does not work with several students yet (they share one batch "
+                "stream, and across tokenizers each reads its own tokens); train it as a run of its own"
+            )
         merged.setdefault("train", {})["output_dir"] = str(output_dir / str(name))
         try:
             runs[str(name)] = parse_run(merged)

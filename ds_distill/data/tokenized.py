@@ -353,6 +353,17 @@ def _tokenize_text(
     )
 
 
+def texts(data: DataConfig, dataset: datasets.Dataset, split: str) -> list[str]:
+    """Every text of a split the run tokenizes: sources and targets, prompts and completions, or the text."""
+    if data.task == "translation":
+        sources, targets = _translation_pairs(data, dataset, split)(dataset[:])
+        return [*sources, *targets]
+    fields = {"seq2seq": [data.source_field, data.target_field]}.get(data.task) or [
+        *([data.prompt_field] if data.prompt_field else []), data.text_field]  # fmt: skip
+    _check_fields(dataset, fields, split)
+    return [text for field in fields for text in dataset[field] if text]
+
+
 def _workers(data: DataConfig, rows: int) -> int | None:
     """Processes for tokenizing: as configured, else one per 20,000 rows up to the machine's cores (only one
     process per node tokenizes; the others wait for its cache)."""

@@ -32,6 +32,27 @@ def tokenizer_source(run: RunConfig) -> str:
     return run.data.tokenizer or run.teacher.weights() or run.student.model_name_or_path
 
 
+def teacher_tokenizer(run: RunConfig) -> PreTrainedTokenizerBase | None:
+    """The teacher's own tokenizer where the run distills across tokenizers (`losses.kd.cross_tokenizer`),
+    else None (the run's one tokenizer serves both models)."""
+    kd = run.losses.get("kd")
+    if isinstance(kd, dict) and kd.get("cross_tokenizer") and run.teacher.model_name_or_path:
+        return load_tokenizer(run.teacher.weights())
+    return None
+
+
+def train_like(tokenizer: PreTrainedTokenizerBase, texts: list[str], vocab_size: int) -> PreTrainedTokenizerBase:
+    """A tokenizer of `tokenizer`'s kind (normaliser, pre-tokenizer, model, special tokens) with `vocab_size`
+    pieces learned from `texts` by the `tokenizers` library."""
+    if not tokenizer.is_fast:
+        raise ConfigError(f"{tokenizer.name_or_path}: a slow {type(tokenizer).__name__} cannot be retrained; "
+                          "give a fast tokenizer (data.tokenizer)")  # fmt: skip
+    trained = tokenizer.train_new_from_iterator(texts, vocab_size=vocab_size)
+    if trained.pad_token is None:
+        trained.pad_token = trained.eos_token
+    return trained
+
+
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)

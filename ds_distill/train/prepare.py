@@ -208,9 +208,8 @@ def check_tokenizer(run: RunConfig, teacher_config, student_config):
     """(the student's tokenizer, the teacher's where it may differ, else None): the one tokenizer both models
     share, or, across tokenizers, each model's own (fast tokenizers, which say where each token's text ends)."""
     tokenizer = tokenizers.load_tokenizer(tokenizers.tokenizer_source(run))
-    teacher_tokenizer = None
-    if cross_tokenizer_kind(run):
-        teacher_tokenizer = tokenizers.load_tokenizer(run.teacher.weights())
+    teacher_tokenizer = tokenizers.teacher_tokenizer(run)
+    if teacher_tokenizer is not None:
         for role, side in (("student", tokenizer), ("teacher", teacher_tokenizer)):
             if not side.is_fast:
                 raise ConfigError(f"losses.kd.cross_tokenizer needs fast tokenizers (character offsets); the "

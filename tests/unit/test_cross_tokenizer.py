@@ -305,3 +305,53 @@ def test_a_merged_group_holds_the_probability_of_its_text():
     rows = cross_tokenizer.merged_rows(log_probs, labels, torch.tensor([0, 0]), torch.tensor([False, True]))
     assert rows.exp().sum().item() == pytest.approx(math.exp(log_probs[0, 3].item()))
     assert rows[0, 1].item() == pytest.approx(log_probs[0, 3].item() + log_probs[1, 1].item())
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            {"losses.kd.cross_tokenizer": "gold"},
+            "losses.kd.cross_tokenizer 'gold' is unknown; choose one of uld, hybrid",
+        ),
+        ({"losses.cka": {"weight": 1.0}}, "losses cka compare the two models position by position"),
+        ({"teacher.cache": "/nonexistent"}, "does not work with teacher.cache yet"),
+        ({"losses.kd.on_policy": {"fraction": 0.5}}, "does not work with losses.kd.on_policy yet"),
+        ({"data.targets": "teacher"}, "does not work with data.targets yet"),
+    ],
+)
+def test_what_does_not_work_across_tokenizers_is_refused_before_weights_load(tiny, tmp_path, override, message):
+    from ds_distill.config.load import load_config
+    from ds_distill.errors import ConfigError
+    from ds_distill.train.prepare import check_models
+    from tests.conftest import translation_config, write_yaml
+
+    config = translation_config(tiny, tmp_path / "run")
+    config["losses"]["kd"]["cross_tokenizer"] = "hybrid"
+    path = write_yaml(tmp_path / "run.yaml", config)
+    with pytest.raises(ConfigError, match=message):
+        check_models(load_config(str(path), overrides=override))
+
+
+def test_packed_text_across_tokenizers_is_refused(tiny, tmp_path):
+    from ds_distill.config.load import load_config
+    from ds_distill.errors import ConfigError
+    from ds_distill.train.prepare import check_models
+    from tests.conftest import causal_lm_config, write_yaml
+
+    config = causal_lm_config(tiny, tmp_path / "run")
+    config["losses"] = {"kd": {"cross_tokenizer": "uld"}}
+    with pytest.raises(ConfigError, match="without prompts packs text into blocks that each tokenizer cuts elsewhere"):
+        check_models(load_config(str(write_yaml(tmp_path / "run.yaml", config))))
+
+
+def test_several_students_and_chains_across_tokenizers_are_refused(tmp_path):
+    from ds_distill.chain import parse
+    from ds_distill.config.load import parse_students
+    from ds_distill.errors import ConfigError
+
+    cross = {"losses": {"kd": {"cross_tokenizer": "uld"}}}
+    with pytest.raises(ConfigError, match="students.a: losses.kd.cross_tokenizer does not work with several students"):
+        parse_students({"students": {"a": cross}})
+    with pytest.raises(ConfigError, match="stage s: losses.kd.cross_tokenizer does not work in a chain yet"):
+        parse({"output_dir": str(tmp_path), "defaults": {}, "stages": [{"name": "s", **cross}]})

@@ -70,3 +70,21 @@ def test_token_accuracy_is_the_share_of_target_tokens_predicted_by_argmax(tiny, 
             correct += int((logits.argmax(-1) == batch["labels"])[real].sum())
             total += int(real.sum())
     assert results["accuracy"] == pytest.approx(correct / total) and 0 < results["accuracy"] < 1
+
+
+def test_bits_per_byte_is_the_loss_in_bits_over_the_target_texts_bytes(tiny, tmp_path):
+    """The eval loss (nats per target token) x tokens / ln 2 over the UTF-8 bytes the target tokens spell
+    (special tokens none, `<unk>` among them; a word's `▁` its space): written out from the decoded targets."""
+    import math
+
+    run = from_dict(RunConfig, translation_config(tiny, tmp_path))
+    tokenizer = tokenizers.load_tokenizer(str(tiny["tokenizer"]))
+    validation = data.tokenize(run.data, tokenizer, data.load_raw(run.data))["validation"]
+    model = models.adapter_for(models.load_config(str(tiny["t5"]), "t")).from_pretrained(str(tiny["t5"])).eval()
+    results = evaluate(model, validation, batches.make_collator(run.data, tokenizer, model), tokenizer, run)
+
+    pieces = [tokenizer.convert_ids_to_tokens(row) for row in validation["labels"]]
+    tokens = sum(len(row) for row in pieces)
+    special = set(tokenizer.all_special_tokens)  # EOS, and `<unk>`, whose text is not known from its id
+    text_bytes = sum(len(p.replace("▁", " ").encode()) for row in pieces for p in row if p not in special)
+    assert results["bits_per_byte"] == pytest.approx(results["loss"] * tokens / math.log(2) / text_bytes, rel=1e-9)
