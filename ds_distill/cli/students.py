@@ -24,6 +24,7 @@ def make_student(
     data: str | None = None,
     calibration_batches: int = 8,
     target_params: str | None = None,
+    tokenizer: str | None = None,
     overwrite: bool = False,
 ):
     """Cuts a student from a teacher's weights into a Hugging Face directory that from_pretrained loads.
@@ -65,12 +66,18 @@ def make_student(
         calibration_batches: how many batches of that batch size to rank on.
         target_params: a size such as 145M: proposes dimensions near it (count_params confirms them) and uses
             the closest for the dimensions not given.
+        tokenizer: a tokenizer directory (e.g. from ds-distill train_tokenizer) to give the student instead of
+            the teacher's: each new token's embedding and head row start as the mean of the teacher's rows for
+            the pieces the teacher splits its text into (surgery/vocabulary.py); prints how many tokens map to
+            one piece, several or none. Train it across tokenizers (losses.kd.cross_tokenizer).
         overwrite: replace output_dir even if it is not an earlier make_student output.
     """
     from ds_distill import models
     from ds_distill.config.load import coerce
     from ds_distill.config.run import FromTeacherConfig
+    from ds_distill.data import tokenizers
     from ds_distill.surgery import students
+    from ds_distill.surgery.vocabulary import transplant
     from ds_distill.train import run_dir
 
     target = Path(output_dir)
@@ -85,7 +92,12 @@ def make_student(
     dims = FromTeacherConfig(**{k: coerce(v, int | None, k) for k, v in given.items()}, **layers_from,
                              strategy="sliced", layers=layers, width=width, calibration_batches=calibration_batches)  # fmt: skip
     calibration = students.calibration_batches(data, teacher, calibration_batches) if data else None
+    vocabulary = tokenizers.load_tokenizer(tokenizer) if tokenizer else None  # refused before anything is cut
     student_config, plan = students.make_student(teacher, target, dims, calibration)
+    if vocabulary is not None:
+        coverage = transplant(target, tokenizers.load_tokenizer(teacher), vocabulary)
+        student_config = models.load_config(str(target), "student")
+        print(f"vocabulary of {tokenizer}: {coverage.summary()}")
     teacher_count, student_count = models.count_parameters(teacher_config), models.count_parameters(student_config)
     print(f"kept, of teacher {teacher}:\n{plan.summary()}")
     print(f"wrote {target}: {student_count / 1e6:,.1f}M parameters ({_compared(teacher_count, student_count)})")

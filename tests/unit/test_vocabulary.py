@@ -25,3 +25,40 @@ def test_train_tokenizer_learns_a_vocabulary_of_the_teachers_kind_from_the_runs_
 
     again = run_verb("train_tokenizer", f"--config={config}", f"--output_dir={tmp_path / 'tok'}")
     assert again.returncode == 2 and "holds a tokenizer already; pass --overwrite" in again.stderr
+
+
+def test_make_student_with_a_tokenizer_starts_each_token_from_the_teachers_pieces(tiny, tmp_path):
+    """A byte-level vocabulary given to a student cut from the SentencePiece teacher: each new row (embedding
+    and untied head) is the mean of the cut student's rows for the teacher's pieces of the token's text, the
+    special tokens take their namesakes' rows and ids, the rest the mean of all rows."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    from ds_distill.surgery.vocabulary import teacher_pieces
+    from tests import tiny_models
+
+    rows = [json.loads(line)["translation"] for line in open(tiny_models.SHARED_DATA / "train.jsonl")][:2000]
+    vocabulary = tiny_models.byte_level_tokenizer([r[lang] for r in rows for lang in ("en", "de")], 400, tmp_path / "v")
+    cut = ["make_student", f"--teacher={tiny['t5']}", "--d_model=32", "--num_heads=2", "--d_ff=64"]
+    assert run_verb(*cut, f"--output_dir={tmp_path / 'same'}").returncode == 0
+    result = run_verb(*cut, f"--output_dir={tmp_path / 'own'}", f"--tokenizer={tmp_path / 'v'}")
+    assert result.returncode == 0, result.stderr
+    teacher_tokenizer = AutoTokenizer.from_pretrained(tiny["t5"])
+    pieces, coverage = teacher_pieces(vocabulary, teacher_tokenizer)
+    assert f"400 tokens: {coverage.one} are one teacher piece, {coverage.several} several" in result.stdout
+    assert coverage.one > 50 and coverage.several > 10
+
+    same, own = (load_file(tmp_path / name / "model.safetensors") for name in ("same", "own"))
+    for key in ("shared.weight", "lm_head.weight"):
+        before, after = same[key][: len(teacher_tokenizer)], own[key]
+        assert after.shape == (448, 32)  # 400 rows padded to a multiple of 64
+        expected = torch.stack([before[ids].mean(0) if ids else before.mean(0) for ids in pieces])
+        torch.testing.assert_close(after[:400], expected)
+        assert torch.equal(after[vocabulary.eos_token_id], before[teacher_tokenizer.eos_token_id])
+    config = AutoConfig.from_pretrained(tmp_path / "own")
+    assert (config.vocab_size, config.pad_token_id, config.eos_token_id, config.decoder_start_token_id) == (
+        448, vocabulary.pad_token_id, vocabulary.eos_token_id, vocabulary.pad_token_id)  # fmt: skip
+    assert AutoTokenizer.from_pretrained(tmp_path / "own").get_vocab() == vocabulary.get_vocab()
