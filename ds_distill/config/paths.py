@@ -28,7 +28,7 @@ PATH_KEYS = ("teacher.deepspeed_config", "teacher.cache", "student.deepspeed_con
              "train.output_dir")  # fmt: skip
 """Keys that always name a local file or directory."""
 NAME_OR_PATH_KEYS = ("teacher.model_name_or_path", "student.model_name_or_path", "data.tokenizer", "data.dataset",
-                     "student.init.from_teacher.source")  # fmt: skip
+                     "student.init.from_teacher.source", "student.init.from_teacher.tokenizer")  # fmt: skip
 """Keys that name a hub id or a local path."""
 DEEPSPEED_KEYS = ("teacher.deepspeed_config", "student.deepspeed_config")
 

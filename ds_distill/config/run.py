@@ -68,6 +68,10 @@ class FromTeacherConfig:
     source: str | None = None
     """sliced: cut from this model (a directory or hub id) instead of the teacher, e.g. an earlier stage of a
     teacher-assistant chain (`ds-distill chain` sets it for `student_from:`)."""
+    tokenizer: str | None = None
+    """A vocabulary of the student's own (a tokenizer directory, e.g. from `ds-distill train_tokenizer`); sliced:
+    each new token's rows start from the teacher's for the pieces of its text (`make_student --tokenizer`). KD
+    then runs across tokenizers (losses.kd.cross_tokenizer)."""
 
 
 @dataclass
@@ -307,6 +311,11 @@ def validate(run: RunConfig) -> None:
         raise ConfigError("give exactly one of student.model_name_or_path and student.init.from_teacher")
     if student.init.from_teacher and not run.teacher.model_name_or_path:
         raise ConfigError("student.init.from_teacher needs teacher.model_name_or_path")
+    kd = run.losses.get("kd")
+    if student.init.from_teacher and student.init.from_teacher.tokenizer and isinstance(kd, dict):
+        if not kd.get("cross_tokenizer") and kd.get("weight", 1.0) != 0:
+            raise ConfigError("student.init.from_teacher.tokenizer gives the student another vocabulary than the "
+                              "teacher's: set losses.kd.cross_tokenizer (uld or hybrid)")  # fmt: skip
     if student.init.from_teacher:
         dims = student.init.from_teacher
         for name, value, choices in (

@@ -109,6 +109,15 @@ def align(student_ends: Sequence[int], teacher_ends: Sequence[int]) -> Groups:
     return groups
 
 
+def teacher_row(row: dict) -> dict:
+    """A training row across tokenizers as the teacher reads it: its own tokens (the `TEACHER_VIEW` columns)."""
+    return {
+        k.removeprefix(TEACHER_VIEW): v
+        for k, v in row.items()
+        if k.startswith(TEACHER_VIEW) and k != TEACHER_VIEW + "label_ends"
+    }
+
+
 class AlignedCollator:
     """Collates training rows that hold both tokenizations (`TEACHER_VIEW` columns and each side's
     `label_ends`): the student's batch as `student` collates it, the teacher's under `teacher.` keys as
@@ -128,11 +137,11 @@ class AlignedCollator:
         views: tuple[list[dict], list[dict]] = ([], [])
         ends: tuple[list[list[int]], list[list[int]]] = ([], [])
         for row in rows:
-            teacher = {k.removeprefix(TEACHER_VIEW): v for k, v in row.items() if k.startswith(TEACHER_VIEW)}
             student = {k: v for k, v in row.items() if not k.startswith(TEACHER_VIEW)}
-            for side, view in enumerate((student, teacher)):
-                ends[side].append(view.pop("label_ends"))
-                views[side].append(view)
+            ends[0].append(student.pop("label_ends"))
+            ends[1].append(row[TEACHER_VIEW + "label_ends"])
+            views[0].append(student)
+            views[1].append(teacher_row(row))
         batch = self.student(views[0])
         teacher = self.teacher(views[1])
         batch.update({f"teacher.{key}": value for key, value in teacher.items()})

@@ -23,12 +23,14 @@ UNKNOWN_TOKEN_SAMPLE_ROWS = 256
 
 
 def tokenizer_source(run: RunConfig) -> str:
-    """Where the run's one tokenizer comes from: data.tokenizer, else the teacher's, else the student's. Across
-    tokenizers (`losses.kd.cross_tokenizer`) it is the student's: data.tokenizer, else the student's own, else
-    (a student cut from the teacher) the teacher's."""
-    kd = run.losses.get("kd")
-    if isinstance(kd, dict) and kd.get("cross_tokenizer"):
-        return run.data.tokenizer or run.student.model_name_or_path or run.teacher.weights()
+    """Where the run's (the student's) tokenizer comes from: data.tokenizer, else the teacher's, else the
+    student's. Where the student has a vocabulary of its own (`student.init.from_teacher.tokenizer`) or the run
+    distills across tokenizers (`losses.kd.cross_tokenizer`): data.tokenizer, else the student's own, else
+    (a student cut from the teacher with its vocabulary) the teacher's."""
+    kd, dims = run.losses.get("kd"), run.student.init.from_teacher
+    own = dims.tokenizer if dims is not None else None
+    if own or isinstance(kd, dict) and kd.get("cross_tokenizer"):
+        return run.data.tokenizer or own or run.student.model_name_or_path or run.teacher.weights()
     return run.data.tokenizer or run.teacher.weights() or run.student.model_name_or_path
 
 

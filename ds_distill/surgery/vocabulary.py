@@ -79,6 +79,21 @@ def _split(text: bytes, teacher_tokenizer, probe: list[int]) -> list[int]:
     return [] if not ids or teacher_tokenizer.unk_token_id in ids else ids
 
 
+SPECIAL_IDS = ("pad_token_id", "eos_token_id", "bos_token_id", "decoder_start_token_id")
+
+
+def vocabulary_config(config, teacher_tokenizer, tokenizer) -> None:
+    """`config` (the teacher's architecture) with `tokenizer`'s vocabulary: its size padded to PAD_TO, and each
+    special id the one of the same role (the teacher's decoder start, its padding: the new padding)."""
+    config.vocab_size = -(-len(tokenizer) // PAD_TO) * PAD_TO
+    for name in SPECIAL_IDS:
+        old = getattr(config, name, None)
+        role = next(
+            (r for r in SPECIAL_ROLES if old is not None and getattr(teacher_tokenizer, f"{r}_id") == old), None
+        )
+        setattr(config, name, getattr(tokenizer, f"{role}_id") if role else None)
+
+
 def transplant(directory: Path, teacher_tokenizer, tokenizer) -> Coverage:
     """Gives the student saved in `directory` (cut from the teacher, with its vocabulary) `tokenizer`'s
     vocabulary, rows made from the teacher's (the student's own, cut to its width); rewrites the directory."""
@@ -90,8 +105,6 @@ def transplant(directory: Path, teacher_tokenizer, tokenizer) -> Coverage:
     head = model.get_output_embeddings()
     tied = head is None or head.weight is model.get_input_embeddings().weight
     head_rows = None if tied else head.weight.detach().clone()
-    old_ids = {name: getattr(config, name, None) for name in ("pad_token_id", "eos_token_id", "bos_token_id",
-                                                              "decoder_start_token_id")}  # fmt: skip
     model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=PAD_TO, mean_resizing=False)
     with torch.no_grad():
         for old, new in ((embeddings, model.get_input_embeddings().weight),
@@ -101,13 +114,9 @@ def transplant(directory: Path, teacher_tokenizer, tokenizer) -> Coverage:
             for index, ids in enumerate(pieces):
                 if ids:
                     new[index] = known[ids].mean(0)
-    for name, old in old_ids.items():  # the same role's id in the new vocabulary
-        role = next(
-            (r for r in SPECIAL_ROLES if old is not None and getattr(teacher_tokenizer, f"{r}_id") == old), None
-        )
-        setattr(model.config, name, getattr(tokenizer, f"{role}_id") if role else None)
+    vocabulary_config(model.config, teacher_tokenizer, tokenizer)
     if model.generation_config is not None:
-        for name in ("pad_token_id", "eos_token_id", "bos_token_id", "decoder_start_token_id"):
+        for name in SPECIAL_IDS:
             setattr(model.generation_config, name, getattr(model.config, name, None))
     with models.quiet_saving():
         model.save_pretrained(directory)

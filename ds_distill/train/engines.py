@@ -10,12 +10,13 @@ import torch
 
 from ds_distill import dist
 from ds_distill.config import deepspeed as ds_config
-from ds_distill.data import batches
+from ds_distill.data import alignment, batches, tokenizers
 from ds_distill.objectives.cross_tokenizer import VocabularyMatch
 from ds_distill.objectives.layerwise import LayerwiseLoss
 from ds_distill.objectives.registry import build_losses
 from ds_distill.surgery import students
 from ds_distill.surgery.importance import activation_scores
+from ds_distill.surgery.vocabulary import transplant
 from ds_distill.train.prepare import Prepared, model_pair
 from ds_distill.train.student import DistillationModule
 
@@ -35,16 +36,22 @@ def cut_student(p: Prepared, teacher) -> Path | None:
         len(split), train.per_device_train_batch_size, dims.calibration_batches, train.seed
     )
 
+    # the teacher (or the model the student is cut from) reads its own tokens: across tokenizers, the teacher's
+    teacher_tokenizer = p.teacher_tokenizer or p.tokenizer
+
+    def teacher_rows(batch: list[int]) -> list[dict]:
+        return [alignment.teacher_row(split[i]) if p.teacher_tokenizer else split[i] for i in batch]
+
     def calibration(model):
-        collate = batches.make_collator(run.data, p.tokenizer, model)
-        return [collate([split[i] for i in batch]) for batch in rows]
+        collate = batches.make_collator(run.data, teacher_tokenizer, model)
+        return [collate(teacher_rows(batch)) for batch in rows]
 
     scores = None
     if dims.width == "importance" and not dims.source:
         # ranked on the teacher engine already loaded: each rank its share of the batches, sums added up
         share = students.rank_share(rows, dist.rank(), dist.world_size())
-        collate = batches.make_collator(run.data, p.tokenizer, teacher.module)
-        sums = activation_scores(teacher.module, (collate([split[i] for i in batch]) for batch in share))
+        collate = batches.make_collator(run.data, teacher_tokenizer, teacher.module)
+        sums = activation_scores(teacher.module, (collate(teacher_rows(batch)) for batch in share))
         from deepspeed.accelerator import get_accelerator
 
         device = get_accelerator().current_device_name()
@@ -53,6 +60,9 @@ def cut_student(p: Prepared, teacher) -> Path | None:
         source = dims.source or run.teacher.weights()
         _, plan = students.make_student(source, path, dims, calibration, scores)
         dist.print_main(f"student cut from {source} ({dims.width} width) into {path}:\n{plan.summary()}")
+        if dims.tokenizer:
+            coverage = transplant(path, tokenizers.load_tokenizer(source), p.tokenizer)
+            dist.print_main(f"its vocabulary, of {dims.tokenizer}: {coverage.summary()}")
     dist.barrier()
     return path
 

@@ -31,7 +31,14 @@ def student_hf_config(student: StudentConfig, teacher_hf_config: PretrainedConfi
     dims = student.init.from_teacher
     if dims is not None and dims.strategy == "sliced" and dims.source:
         teacher_hf_config = models.load_config(dims.source, "student.init.from_teacher.source")
-    return models.adapter_for(teacher_hf_config).shrink(teacher_hf_config, dims)
+    config = models.adapter_for(teacher_hf_config).shrink(teacher_hf_config, dims)
+    if dims is not None and dims.tokenizer:  # a vocabulary of its own: its size and special ids
+        from ds_distill.data.tokenizers import load_tokenizer
+        from ds_distill.surgery.vocabulary import vocabulary_config
+
+        teacher_tokenizer = load_tokenizer(dims.source or teacher_hf_config.name_or_path)
+        vocabulary_config(config, teacher_tokenizer, load_tokenizer(dims.tokenizer))
+    return config
 
 
 def build_student(

@@ -5,7 +5,7 @@ from the SentencePiece teacher and exports with its own tokenizer."""
 from __future__ import annotations
 
 import pytest
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from tests import tiny_models
 from tests.conftest import run_cli, translation_config, write_yaml
@@ -47,3 +47,18 @@ def test_a_student_of_another_tokenizer_family_learns_from_the_teacher(tiny, tmp
         assert len(kd) == 6 and kd[-1] < 0.8 * kd[0], (kind, kd)
         exported = AutoTokenizer.from_pretrained(tmp_path / kind / "model")
         assert exported.get_vocab() == AutoTokenizer.from_pretrained(student).get_vocab()
+
+
+def test_a_student_cut_with_a_vocabulary_of_its_own_trains_and_exports_it(tiny, tmp_path):
+    """student.init.from_teacher.tokenizer: cut from the teacher (sliced), its rows made for the new vocabulary
+    (`make_student --tokenizer`), trained across tokenizers; the export reads with the new tokenizer."""
+    vocabulary = AutoTokenizer.from_pretrained(tiny_models.byte_level_t5(tmp_path / "byte_level_t5"))
+    config = translation_config(tiny, tmp_path / "run", train={"max_steps": 4, "save_steps": 0})
+    config["student"]["init"]["from_teacher"].update(strategy="sliced", width="first",
+                                                     tokenizer=str(tmp_path / "byte_level_t5"))  # fmt: skip
+    config["losses"]["kd"]["cross_tokenizer"] = "hybrid"
+    run(tmp_path, "run", config)
+    assert "loss/kd" in training_log(tmp_path / "run")[0]
+    assert AutoTokenizer.from_pretrained(tmp_path / "run" / "model").get_vocab() == vocabulary.get_vocab()
+    student = AutoConfig.from_pretrained(tmp_path / "run" / "model")
+    assert student.vocab_size == 448 and student.d_model == 32

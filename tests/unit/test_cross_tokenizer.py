@@ -355,3 +355,14 @@ def test_several_students_and_chains_across_tokenizers_are_refused(tmp_path):
         parse_students({"students": {"a": cross}})
     with pytest.raises(ConfigError, match="stage s: losses.kd.cross_tokenizer does not work in a chain yet"):
         parse({"output_dir": str(tmp_path), "defaults": {}, "stages": [{"name": "s", **cross}]})
+
+
+def test_a_student_vocabulary_of_its_own_needs_kd_across_tokenizers(tiny, tmp_path):
+    from ds_distill.config.load import load_config
+    from ds_distill.errors import ConfigError
+    from tests.conftest import translation_config, write_yaml
+
+    config = translation_config(tiny, tmp_path / "run")
+    config["student"]["init"]["from_teacher"]["tokenizer"] = str(tiny["tokenizer"])
+    with pytest.raises(ConfigError, match="another vocabulary than the teacher's: set losses.kd.cross_tokenizer"):
+        load_config(str(write_yaml(tmp_path / "run.yaml", config)))
