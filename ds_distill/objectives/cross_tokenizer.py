@@ -6,7 +6,7 @@ probability of the group's text so far and each possible last token,
 
     q(v) = p(y_1) p(y_2 | y_1) ... p(y_{m-1} | y_<m-1) * p(v | y_<m)        (all at the KD temperature)
 
-(GOLD's "bayesian" merge, Patiño et al. 2025, TRL `uld_token_merge_strategy="bayesian"`): every target token of
+(GOLD's "bayesian" merge: TRL's `uld_token_merge_strategy="bayesian"`): every target token of
 the group is in it, and a one-token group is that token's distribution. Per group the two sides' merged rows are
 compared by
 
@@ -22,8 +22,11 @@ step's target tokens, as every term here, not a mean over each sequence's groups
 long target weighs as much as its tokens); the KL family is scaled by T^2 and the L1 by T as in the same-tokenizer
 term (`logits.temperature_scale`; GOLD scales neither); the matched share is counted over the teacher's tokenizer
 vocabulary, not its logit width (which may hold padding rows, and then one tokenizer would not reduce to the
-same-tokenizer term); probabilities are compared in log space without GOLD's 1e-8 floor; vocabulary entries match by
-the text they stand for (`▁x`, `Ġx` and ` x` alike), not by their spelling.
+same-tokenizer term); probabilities are compared in log space without GOLD's 1e-8 floor (merged rows of long
+groups fall below it); vocabulary entries match by the text they stand for (`▁x`, `Ġx` and ` x` alike), not by
+their spelling. As in GOLD, where one side has no unmatched token the unmatched term is 0 (the other side's
+unmatched mass is a constant the student cannot change). On two byte-level tokenizers the groups and both terms
+equal GOLD's with its floor lifted (tests/unit/test_cross_tokenizer.py).
 
 The term runs inside the one chunked pass over the student's target rows (`logits.TargetRows`), whose chunks end
 only between groups (`chunk_breaks`), so a group's rows and their gradients are made together; the teacher's rows
@@ -108,8 +111,10 @@ def group_divergence(
         return l1_scale * sorted_l1(log_teacher.exp(), log_student.exp())
     t_ids, s_ids = match.teacher_ids.to(log_teacher.device), match.student_ids.to(log_student.device)
     matched = divergence(kd.divergence, log_teacher[:, t_ids], log_student[:, s_ids], kd.beta, kd.alpha)
-    if len(t_ids) == match.teacher_vocab and len(s_ids) == match.student_vocab:
-        return kl_scale * matched
+    if len(t_ids) == match.teacher_vocab or len(s_ids) == match.student_vocab:
+        # no unmatched token on a side: the other side's unmatched mass is a constant the student cannot change,
+        # and the term is 0 (as GOLD's)
+        return match.matched_share * kl_scale * matched
     rest = [torch.ones(x.shape[-1], dtype=torch.bool, device=x.device).index_fill(0, ids, False)
             for x, ids in ((log_teacher, t_ids), (log_student, s_ids))]  # fmt: skip
     unmatched = sorted_l1(log_teacher[:, rest[0]].exp(), log_student[:, rest[1]].exp())

@@ -3,6 +3,7 @@
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -210,93 +211,6 @@ def test_hybrid_with_one_tokenizer_is_the_same_tokenizer_term(name):
     torch.testing.assert_close(grad, expected_grad, rtol=1e-6, atol=1e-12)
 
 
-def test_the_terms_equal_trls_gold_loss():
-    """TRL's ULDLoss (trl.experimental.gold, "bayesian" merge, byte-offset groups) on the same tokens and logits:
-    plain ULD, and hybrid with the generalised JSD (beta 0.5) and with beta 0 (forward KL). GOLD averages a
-    sequence's group losses; ours is a mean over target tokens and scales by T^2 (at T = 1 here): so GOLD x groups
-    = ours x target tokens. The vocabulary strings match as they are spelt, as GOLD matches them."""
-    import os
-    from types import SimpleNamespace
-
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    gold = pytest.importorskip("trl.experimental.gold.gold_trainer")
-
-    student_pieces = ["<s>", "the", " qu", "ick", " brown", " f", "ox", "x", " jump"]
-    teacher_pieces = ["<t>", "the", " quick", " bro", "wn", " fox", "y", " j", "ump", "x"]
-    completion_s, completion_t = ["the", " qu", "ick", " brown", " f", "ox"], ["the", " quick", " bro", "wn", " fox"]
-
-    class Vocab:  # what GOLD reads of a tokenizer
-        def __init__(self, pieces):
-            self.pieces = pieces
-
-        def get_vocab(self):
-            return {piece: i for i, piece in enumerate(self.pieces)}
-
-    def side(pieces, completion, seed):
-        ids = torch.tensor([[0] + [pieces.index(p) for p in completion]])
-        ends = [len("".join(completion[: i + 1])) for i in range(len(completion))]
-        offsets = torch.tensor([[(0, 0)] + [(end - len(p), end) for p, end in zip(completion, ends)]])
-        generator = torch.Generator().manual_seed(seed)
-        logits_ = 2 * torch.randn(1, ids.shape[1], len(pieces), generator=generator, dtype=torch.float64)
-        return ids, offsets, logits_
-
-    s_ids, s_offsets, s_logits = side(student_pieces, completion_s, 0)
-    t_ids, t_offsets, t_logits = side(teacher_pieces, completion_t, 1)
-    s_labels, t_labels = s_ids.clone(), t_ids.clone()
-    s_labels[0, 0] = t_labels[0, 0] = IGNORE_INDEX
-    groups = align(s_offsets[0, 1:, 1].tolist(), t_offsets[0, 1:, 1].tolist())
-    assert [len(g) for g, _ in groups] == [1, 2, 1, 2] and [len(g) for _, g in groups] == [1, 1, 2, 1]
-
-    # ours: logits row r predicts the label at r (the causal shift done), groups as the collator lays them out
-    def ours(logits_, ids):
-        group_of = torch.tensor([[g for g, (s, _) in enumerate(groups) for _ in s]])
-        return {"logits": logits_[:, :-1], "labels": ids[:, 1:], "align_group": group_of}
-
-    student = ours(s_logits.clone().requires_grad_(True), s_ids)
-    teacher = ours(t_logits, t_ids)
-    teacher["align_group"] = torch.tensor([[g for g, (_, t) in enumerate(groups) for _ in t]])
-    t_last = [max(i for i, g in enumerate(teacher["align_group"][0].tolist()) if g == k) for k in range(len(groups))]
-    s_last = [max(i for i, g in enumerate(student["align_group"][0].tolist()) if g == k) for k in range(len(groups))]
-    student["align_teacher_row"] = torch.full_like(student["labels"], -1)
-    student["align_teacher_row"][0, s_last] = torch.tensor(t_last)
-    match = VocabularyMatch.of(*(_FakeFast(p) for p in (student_pieces, teacher_pieces)))
-
-    for kind, divergence_name, beta in (
-        ("uld", "forward_kl", 0.5),
-        ("hybrid", "jsd", 0.5),
-        ("hybrid", "forward_kl", 0.0),
-    ):
-        config = SimpleNamespace(
-            uld_crossentropy_weight=0.0, uld_distillation_weight=1.0, uld_student_temperature=1.0,
-            uld_teacher_temperature=1.0, uld_skip_student_eos=False, uld_skip_teacher_eos=False,
-            use_extended_uld=True, uld_token_merge_strategy="bayesian", uld_use_hybrid_loss=kind == "hybrid",
-            uld_hybrid_matched_weight=None, uld_hybrid_unmatched_weight=None, beta=beta,
-        )  # fmt: skip
-        peer = gold.ULDLoss(config, Vocab(student_pieces), Vocab(teacher_pieces))
-        theirs = peer(s_logits, t_logits, s_labels, t_labels, s_ids, t_ids, s_offsets, t_offsets)
-        kd = {"cross_tokenizer": kind, "divergence": divergence_name, "temperature": 1.0}
-        value = kd_term(kd, match)(student, teacher)
-        targets = len(completion_s)
-        assert value.item() * targets == pytest.approx(theirs.item() * len(groups), rel=1e-6), kind
-
-
-class _FakeFast:
-    """A tokenizer of the given pieces spelt as plain text (no `▁` or `Ġ`), for `VocabularyMatch.of`."""
-
-    def __init__(self, pieces):
-        from tokenizers import Tokenizer, models
-
-        self.pieces = pieces
-        self.backend_tokenizer = Tokenizer(models.WordLevel({p: i for i, p in enumerate(pieces)}, unk_token=pieces[0]))
-        self.all_special_ids = [0]
-
-    def get_vocab(self):
-        return {piece: i for i, piece in enumerate(self.pieces)}
-
-    def __len__(self):
-        return len(self.pieces)
-
-
 def test_a_merged_group_holds_the_probability_of_its_text():
     """A group of two tokens: its merged row sums to the probability of its first token (the last row's
     distribution sums to one), so exp(merged)[y2] = p(y1) p(y2 | y1)."""
@@ -366,3 +280,71 @@ def test_a_student_vocabulary_of_its_own_needs_kd_across_tokenizers(tiny, tmp_pa
     config["student"]["init"]["from_teacher"]["tokenizer"] = str(tiny["tokenizer"])
     with pytest.raises(ConfigError, match="another vocabulary than the teacher's: set losses.kd.cross_tokenizer"):
         load_config(str(write_yaml(tmp_path / "run.yaml", config)))
+
+
+def test_on_two_byte_level_tokenizers_the_groups_and_terms_are_trls(two_families, monkeypatch):
+    """A decoder pair of two byte-level BPE tokenizers of different sizes (GOLD aligns only those) on real
+    sentences with multi-byte characters: our groups (from character offsets, to the byte) are TRL's (from its
+    own byte offsets), and uld and hybrid on them equal TRL's ULDLoss (bayesian merge) on the same logits. The
+    one difference: GOLD floors probabilities at 1e-8 before the logarithms of its matched term, where merged
+    rows of long groups fall (the forward KL then differs by 20%); with the floor lifted they agree to 1e-12."""
+    floor = torch.Tensor.clamp_min
+    monkeypatch.setattr(torch.Tensor, "clamp_min", lambda x, low: x if low == 1e-8 else floor(x, low))
+    from types import SimpleNamespace
+
+    from tests import tiny_models
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    gold = pytest.importorskip("trl.experimental.gold.gold_trainer")
+    trl_utils = pytest.importorskip("trl.experimental.utils")
+
+    _, _, lines = two_families
+    student_tok = tiny_models.byte_level_tokenizer(lines, vocab_size=300)
+    teacher_tok = tiny_models.byte_level_tokenizer(lines, vocab_size=700)
+    match = VocabularyMatch.of(student_tok, teacher_tok)
+    generator = torch.Generator().manual_seed(0)
+    for completion in ("Grüße aus Köln, sagte der Präsident.", lines[-1], lines[-2]):
+        ours_side, theirs_side = [], []
+        for tok in (student_tok, teacher_tok):
+            ((ids, byte_offsets),) = trl_utils.encode_with_byte_offsets(tok.backend_tokenizer, [completion])
+            encoded = tok(completion, add_special_tokens=False, return_offsets_mapping=True)
+            assert encoded["input_ids"] == ids
+            ends = token_ends(encoded["offset_mapping"], completion, [token_bytes(tok)[i] for i in ids])
+            assert ends == [end for _, end in byte_offsets]  # TRL's byte offsets end where ours do
+            prompt = [1]  # one prompt token: the first completion token has a logit that predicts it
+            full = torch.tensor([prompt + ids])
+            logits_ = 2 * torch.randn(1, full.shape[1], len(tok), generator=generator, dtype=torch.float64)
+            labels = full.clone()
+            labels[0, : len(prompt)] = IGNORE_INDEX
+            offsets = torch.tensor([[(0, 0)] * len(prompt) + list(byte_offsets)])
+            theirs_side.append((logits_, labels, full, offsets))
+            ours_side.append((logits_, full, ends))
+        groups = align(ours_side[0][2], ours_side[1][2])
+        s_groups, t_groups = gold.ULDLoss._align_by_byte_offsets(theirs_side[0][3][0, 1:].tolist(),
+                                                                 theirs_side[1][3][0, 1:].tolist())  # fmt: skip
+        assert [g for g, _ in groups] == s_groups and [g for _, g in groups] == t_groups
+        assert any(len(s) > 1 or len(t) > 1 for s, t in groups)
+
+        def features(logits_, ids, side, groups=groups):
+            group_of = torch.tensor([[g for g, pair in enumerate(groups) for _ in pair[side]]])
+            return {"logits": logits_[:, :-1], "labels": ids[:, 1:], "align_group": group_of}
+
+        student = features(ours_side[0][0].clone().requires_grad_(True), ours_side[0][1], 0)
+        teacher = features(ours_side[1][0], ours_side[1][1], 1)
+        student["align_teacher_row"] = torch.full_like(student["labels"], -1)
+        student["align_teacher_row"][0, [s[-1] for s, _ in groups]] = torch.tensor([t[-1] for _, t in groups])
+        for kind, divergence_name, beta in (("uld", "forward_kl", 0.5), ("hybrid", "jsd", 0.5),
+                                            ("hybrid", "forward_kl", 0.0)):  # fmt: skip
+            config = SimpleNamespace(
+                uld_crossentropy_weight=0.0, uld_distillation_weight=1.0, uld_student_temperature=1.0,
+                uld_teacher_temperature=1.0, uld_skip_student_eos=False, uld_skip_teacher_eos=False,
+                use_extended_uld=True, uld_token_merge_strategy="bayesian", uld_use_hybrid_loss=kind == "hybrid",
+                uld_hybrid_matched_weight=None, uld_hybrid_unmatched_weight=None, beta=beta,
+            )  # fmt: skip
+            peer = gold.ULDLoss(config, student_tok, teacher_tok)
+            (s_logits, s_labels, s_ids, s_offsets), (t_logits, t_labels, t_ids, t_offsets) = theirs_side
+            theirs = peer(s_logits, t_logits, s_labels, t_labels, s_ids, t_ids, s_offsets, t_offsets)
+            kd = {"cross_tokenizer": kind, "divergence": divergence_name, "temperature": 1.0}
+            value = kd_term(kd, match)(student, teacher)
+            targets = int((student["labels"] != IGNORE_INDEX).sum())
+            assert value.item() * targets == pytest.approx(theirs.item() * len(groups), rel=1e-12), kind
