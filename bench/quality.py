@@ -7,6 +7,7 @@
     python bench/quality.py cut_width [--seeds=3] [--steps=300] [--sizes=20x] [--inits=random,cut,cut_first,...]
     python bench/quality.py seed003   [--seeds=3] [--steps=300] [--widths=quarter,half] [--smollm2_steps=60]
     python bench/quality.py seqkd     [--seeds=3] [--steps=300] [--size=20x] [--num_beams=5] [--fraction=0.5]
+    python bench/quality.py vocab     [--seeds=3] [--steps=300] [--size=20x] [--vocab_size=64]
 
 The teacher is the demo's task (ds_distill/demo.py): English into a made-up verb-final language, a sentencepiece
 tokenizer of 256 pieces and a T5 teacher of 7.41M parameters (d_model 256, 4+4 blocks, tied embeddings) trained
@@ -23,6 +24,8 @@ here for 300 steps, which a CPU learns to BLEU 30 and more. It is trained once p
 - `seqkd`: at about 20x, word-level KD on the references vs sequence-level KD (Kim & Rush: the teacher's beam
   outputs as targets, `generate_targets`) vs on-policy KD (GKD: half the micro-batches on the student's samples)
   vs both, with the tokens/s each row trains at.
+- `vocab`: at about 20x, a student with the teacher's vocabulary and CE + KD vs students with a vocabulary of
+  their own a quarter the size (`train_tokenizer`): CE only, CE + ULD, CE + hybrid (KD across tokenizers).
 - `cut_width`: the student's start, with CE + KD: random weights, or cut from the teacher keeping its first
   channels, heads and FFN neurons (`width: first`) or the most active ones (`width: importance`), or other
   teacher blocks (`layers: uniform | first | last` instead of `alternate`).
@@ -712,6 +715,69 @@ def seqkd(seeds: int = 3, steps: int = 300, size: str = "20x", init: str = "rand
     write_table(out / f"seqkd_{size}_{init}", f"Word-level vs sequence-level vs on-policy KD at {size}", lines)
 
 
+# vocab: row -> (the student's own vocabulary?, its losses over the `kd` method's CE + KD)
+VOCAB_ROWS = {
+    "teacher's vocabulary, CE + KD": (False, {}),
+    "own vocabulary, CE only": (True, {"kd": {"weight": 0.0}}),
+    "own vocabulary, CE + ULD": (True, {"kd": {"cross_tokenizer": "uld"}}),
+    "own vocabulary, CE + hybrid": (True, {"kd": {"cross_tokenizer": "hybrid"}}),
+}
+
+
+def vocab(seeds: int = 3, steps: int = 300, size: str = "20x", init: str = "random", vocab_size: int = 64,
+          workers: int = 2, output_dir: str = "runs/bench/quality") -> None:  # fmt: skip
+    """A student with the teacher's vocabulary and CE + KD vs students of the same blocks with a vocabulary of
+    their own (`vocab_size` pieces of the teacher's kind learned from the training text, `train_tokenizer`):
+    CE only, CE + ULD and CE + hybrid across tokenizers. BLEU and bits per target byte."""
+    from ds_distill.config.load import parse_run
+    from ds_distill.data import tokenized as data
+    from ds_distill.data import tokenizers
+
+    out = Path(output_dir)
+    started = time.perf_counter()
+    files, teacher = prepare_teacher(out)
+    own = out / f"tokenizer_{vocab_size}"
+    if not (own / "tokenizer_config.json").is_file():
+        run = parse_run(student_run(files, teacher, out, size, init, "kd", {}, steps, 0)[1])
+        texts = data.texts(run.data, data.load_raw(run.data)[run.data.train_split], run.data.train_split)
+        tokenizers.train_like(tokenizers.load_tokenizer(str(teacher)), texts, vocab_size).save_pretrained(own)
+    cells, jobs = {}, {}
+    for (row, (own_vocabulary, losses)), seed in itertools.product(VOCAB_ROWS.items(), range(seeds)):
+        name, tree = student_run(files, teacher, out, size, init, "kd", losses, steps, seed)
+        if own_vocabulary:
+            tree["student"]["init"]["from_teacher"]["tokenizer"] = str(own)
+            name = f"{name}_vocab{vocab_size}"
+            tree["train"]["output_dir"] += f"_vocab{vocab_size}"
+        jobs[name] = tree
+        cells.setdefault(row, []).append(name)
+    results = run_jobs(jobs, out / "queue", workers)
+    speeds = {name: _tokens_per_s(Path(tree["train"]["output_dir"])) for name, tree in jobs.items()}
+    teacher_result = json.loads((out / "teacher" / "result.json").read_text())
+    first = cells["teacher's vocabulary, CE + KD"]
+    baseline = [results[name] for name in first]
+    lines = [
+        settings(steps, seeds, teacher_result),
+        f"Students: {size} blocks and widths ({init} init), with the teacher's 256-piece vocabulary or with one of "
+        f"{vocab_size} pieces of the teacher's kind (SentencePiece unigram) learned from the training text; the "
+        "same `kd` method (CE + forward KL, T = 1) in every row, KD across tokenizers where the vocabularies "
+        "differ. Bits per target byte: the validation targets' cross-entropy in bits over the bytes of their text "
+        "(comparable across vocabularies, where loss and perplexity are not). Tokens/s: training tokens per second, "
+        "two runs at a time on the 2 cores.",
+        "",
+        "| row | parameters | BLEU | BLEU - first row's (paired by seed) | bits per target byte | train tokens/s |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for row, names in cells.items():
+        runs = [results[name] for name in names]
+        speed = statistics.mean(speeds[name] for name in names)
+        lines.append(
+            f"| {row} | {runs[0]['parameters'] / 1e6:.3f}M | {mean_sd([r['bleu'] for r in runs], 1)} | "
+            f"{paired_gain(runs, baseline)} | {mean_sd([r['bits_per_byte'] for r in runs], 3)} | {speed:.0f} |"
+        )
+    lines += ["", cost(results, started)]
+    write_table(out / f"vocab_{size}_{init}_{vocab_size}", f"A vocabulary of the student's own at {size}", lines)
+
+
 def _tokens_per_s(run_dir: Path) -> float:
     """Training tokens per second over the run's logging windows (source and target tokens)."""
     rows = [json.loads(line) for line in open(run_dir / "log.jsonl") if '"tokens_per_s"' in line]
@@ -728,6 +794,7 @@ if __name__ == "__main__":
             "cut_width": cut_width,
             "smollm2_cka": smollm2_cka,
             "seqkd": seqkd,
+            "vocab": vocab,
             "worker": worker,
         }
     )

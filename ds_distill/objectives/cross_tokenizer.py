@@ -66,6 +66,13 @@ class VocabularyMatch:
         return cls(torch.tensor(teacher_ids, dtype=torch.long), torch.tensor(student_ids, dtype=torch.long),
                    len(teacher_tokenizer), len(student_tokenizer))  # fmt: skip
 
+    def __post_init__(self):
+        whole = torch.arange(self.teacher_vocab)
+        self.identity = self.teacher_vocab == self.student_vocab and all(
+            torch.equal(ids, whole) for ids in (self.teacher_ids, self.student_ids)
+        )
+        """One vocabulary on both sides: every id matches itself, and no row needs indexing."""
+
     @property
     def matched_share(self) -> float:
         return len(self.teacher_ids) / self.teacher_vocab
@@ -109,6 +116,8 @@ def group_divergence(
     kl_scale, l1_scale = scales
     if kind == "uld":
         return l1_scale * sorted_l1(log_teacher.exp(), log_student.exp())
+    if match.identity:
+        return kl_scale * divergence(kd.divergence, log_teacher, log_student, kd.beta, kd.alpha)
     t_ids, s_ids = match.teacher_ids.to(log_teacher.device), match.student_ids.to(log_student.device)
     matched = divergence(kd.divergence, log_teacher[:, t_ids], log_student[:, s_ids], kd.beta, kd.alpha)
     if len(t_ids) == match.teacher_vocab or len(s_ids) == match.student_vocab:
