@@ -152,7 +152,7 @@ class AlignedCollator:
         (s_shift, t_shift), batch = self.shifts, labels.shape[0]
         s_rows, t_rows = labels.shape[1] - s_shift, teacher_labels.shape[1] - t_shift
         group = torch.full((batch, s_rows), -1)
-        teacher_row = torch.full((batch, s_rows), -1)
+        last_teacher_row = torch.full((batch, s_rows), -1)
         teacher_group = torch.full((batch, t_rows), -1)
         number = 0
         for b in range(batch):
@@ -164,6 +164,6 @@ class AlignedCollator:
                 if min(s_pos) < 0 or min(t_pos) < 0:
                     continue
                 group[b, s_pos], teacher_group[b, t_pos] = number, number
-                teacher_row[b, s_pos[-1]] = b * t_rows + t_pos[-1]
+                last_teacher_row[b, s_pos[-1]] = b * t_rows + t_pos[-1]
                 number += 1
-        return {"align_group": group, "align_teacher_row": teacher_row, "teacher.align_group": teacher_group}
+        return {"align_group": group, "align_teacher_row": last_teacher_row, "teacher.align_group": teacher_group}

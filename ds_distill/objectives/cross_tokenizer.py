@@ -99,10 +99,9 @@ def merged_rows(log_probs: torch.Tensor, labels: torch.Tensor, groups: torch.Ten
     group's last row add their label's log-probability. `[G, V]`, in the order of the last rows."""
     last_groups = groups[last]
     earlier = (groups >= 0) & ~last
+    chosen = log_probs[earlier].gather(1, labels[earlier].unsqueeze(1)).squeeze(1)
     prefix = torch.zeros(len(last_groups), dtype=log_probs.dtype, device=log_probs.device)
-    if earlier.any():
-        chosen = log_probs[earlier].gather(1, labels[earlier].unsqueeze(1)).squeeze(1)
-        prefix = prefix.index_add(0, torch.searchsorted(last_groups, groups[earlier]), chosen)
+    prefix = prefix.index_add(0, torch.searchsorted(last_groups, groups[earlier]), chosen)
     return log_probs[last] + prefix.unsqueeze(1)
 
 
@@ -144,9 +143,7 @@ def row_term(kd, match: VocabularyMatch, student: dict, teacher: dict):
     prefix = teacher_prefix(teacher, student["align_teacher_row"], temperature, match.teacher_vocab)
 
     def fn(logits, labels, groups, teacher_rows, teacher_prefixes):
-        last = teacher_rows >= 0
-        if not last.any():
-            return logits.sum() * 0
+        last = teacher_rows >= 0  # (no `.any()`: a chunk without a group's end sums to 0 without a device sync)
         log_student = merged_rows(F.log_softmax(logits[:, : match.student_vocab] / temperature, -1), labels,
                                   groups, last)  # fmt: skip
         rows = teacher_logits[teacher_rows[last], : match.teacher_vocab]

@@ -102,15 +102,16 @@ def test_a_vocabulary_matches_by_text_across_spellings(two_families):
 
 
 # -- the terms -----------------------------------------------------------------------------------------------------
-def features(groups, student_vocab, teacher_vocab, seed=0, pad=(1, 2)):
+def features(groups, student_vocab, teacher_vocab, seed=0, pad=(1, 2), ungrouped=2):
     """Student and teacher features for one example whose target tokens form `groups` ([(student count, teacher
-    count)]), after `pad` ignored positions on each side, random logits and labels."""
+    count)]), after `pad` ignored positions on each side, random logits and labels; the student's last
+    `ungrouped` targets in no group (text the teacher's side was cut before)."""
     generator = torch.Generator().manual_seed(seed)
     sides = []
     for side, (vocab, before) in enumerate(((student_vocab, pad[0]), (teacher_vocab, pad[1]))):
         counts = [group[side] for group in groups]
         targets = sum(counts)
-        labels = torch.full((1, before + targets + 1), IGNORE_INDEX)
+        labels = torch.full((1, before + targets + 3), IGNORE_INDEX)
         labels[0, before : before + targets] = torch.randint(vocab, (targets,), generator=generator)
         group_of = torch.full_like(labels, -1)
         group_of[0, before : before + targets] = torch.repeat_interleave(
@@ -119,6 +120,8 @@ def features(groups, student_vocab, teacher_vocab, seed=0, pad=(1, 2)):
         sides.append({"logits": 3 * torch.randn(1, labels.shape[1], vocab, generator=generator, dtype=torch.float64),
                       "labels": labels, "align_group": group_of})  # fmt: skip
     student, teacher = sides
+    if ungrouped:
+        student["labels"][0, -ungrouped:] = torch.randint(student_vocab, (ungrouped,), generator=generator)
     teacher_last = [int((teacher["align_group"][0] == g).nonzero().max()) for g in range(len(groups))]
     row = torch.full_like(student["labels"], -1)
     for g in range(len(groups)):
@@ -194,7 +197,7 @@ def test_the_terms_equal_their_formulas_across_chunks(kind, divergence_name):
 def test_hybrid_with_one_tokenizer_is_the_same_tokenizer_term(name):
     """Every token its own group and every id matched: the cross-tokenizer path gives today's KD term (T = 2)."""
     vocab = 13
-    student, teacher = features([(1, 1)] * 9, vocab, vocab, seed=1, pad=(2, 2))
+    student, teacher = features([(1, 1)] * 9, vocab, vocab, seed=1, pad=(2, 2), ungrouped=0)
     teacher = {**teacher, "logits": teacher["logits"], "labels": student["labels"]}
     teacher["align_group"] = student["align_group"]
     student["align_teacher_row"] = torch.where(
