@@ -351,3 +351,15 @@ def test_on_two_byte_level_tokenizers_the_groups_and_terms_are_trls(two_families
             value = kd_term(kd, match)(student, teacher)
             targets = int((student["labels"] != IGNORE_INDEX).sum())
             assert value.item() * targets == pytest.approx(theirs.item() * len(groups), rel=1e-12), kind
+
+
+@pytest.mark.parametrize("verb", ["cache_teacher", "generate_targets"])
+def test_the_teacher_output_verbs_refuse_a_run_across_tokenizers(tiny, tmp_path, verb):
+    from tests.conftest import run_verb, translation_config, write_yaml
+
+    config = translation_config(tiny, tmp_path / "run")
+    config["losses"]["kd"]["cross_tokenizer"] = "uld"
+    path = write_yaml(tmp_path / "run.yaml", config)
+    result = run_verb(verb, f"--config={path}", f"--output_dir={tmp_path / 'out'}")
+    assert result.returncode == 2 and f"{verb} does not work across tokenizers yet" in result.stderr
+    assert not (tmp_path / "out").exists()
