@@ -7,7 +7,7 @@
     python bench/quality.py cut_width [--seeds=3] [--steps=300] [--sizes=20x] [--inits=random,cut,cut_first,...]
     python bench/quality.py seed003   [--seeds=3] [--steps=300] [--widths=quarter,half] [--smollm2_steps=60]
     python bench/quality.py seqkd     [--seeds=3] [--steps=300] [--size=20x] [--num_beams=5] [--fraction=0.5]
-    python bench/quality.py vocab     [--seeds=3] [--steps=300] [--size=20x] [--vocab_size=64]
+    python bench/quality.py vocab     [--seeds=3] [--steps=300] [--size=20x] [--vocab_size=64] [--generation_max_length=128]
 
 The teacher is the demo's task (ds_distill/demo.py): English into a made-up verb-final language, a sentencepiece
 tokenizer of 256 pieces and a T5 teacher of 7.41M parameters (d_model 256, 4+4 blocks, tied embeddings) trained
@@ -718,6 +718,7 @@ def seqkd(seeds: int = 3, steps: int = 300, size: str = "20x", init: str = "rand
 # vocab: row -> (the student's own vocabulary?, its losses over the `kd` method's CE + KD)
 VOCAB_ROWS = {
     "teacher's vocabulary, CE + KD": (False, {}),
+    "teacher's vocabulary, CE only": (False, {"kd": {"weight": 0.0}}),
     "own vocabulary, CE only": (True, {"kd": {"weight": 0.0}}),
     "own vocabulary, CE + ULD": (True, {"kd": {"cross_tokenizer": "uld"}}),
     "own vocabulary, CE + hybrid": (True, {"kd": {"cross_tokenizer": "hybrid"}}),
@@ -725,9 +726,9 @@ VOCAB_ROWS = {
 
 
 def vocab(seeds: int = 3, steps: int = 300, size: str = "20x", init: str = "random", vocab_size: int = 64,
-          workers: int = 2, output_dir: str = "runs/bench/quality") -> None:  # fmt: skip
-    """A student with the teacher's vocabulary and CE + KD vs students of the same blocks with a vocabulary of
-    their own (`vocab_size` pieces of the teacher's kind learned from the training text, `train_tokenizer`):
+          generation_max_length: int = 128, workers: int = 2, output_dir: str = "runs/bench/quality") -> None:  # fmt: skip
+    """Students with the teacher's vocabulary (CE + KD, CE only) vs students of the same blocks with a vocabulary
+    of their own (`vocab_size` pieces of the teacher's kind learned from the training text, `train_tokenizer`):
     CE only, CE + ULD and CE + hybrid across tokenizers. BLEU and bits per target byte."""
     from ds_distill.config.load import parse_run
     from ds_distill.data import tokenized as data
@@ -744,6 +745,10 @@ def vocab(seeds: int = 3, steps: int = 300, size: str = "20x", init: str = "rand
     cells, jobs = {}, {}
     for (row, (own_vocabulary, losses)), seed in itertools.product(VOCAB_ROWS.items(), range(seeds)):
         name, tree = student_run(files, teacher, out, size, init, "kd", losses, steps, seed)
+        # a smaller vocabulary spends more tokens on a sentence: generations are not cut at the demo's 48
+        tree["train"]["generation_max_length"] = generation_max_length
+        name = f"{name}_gen{generation_max_length}"
+        tree["train"]["output_dir"] += f"_gen{generation_max_length}"
         if own_vocabulary:
             tree["student"]["init"]["from_teacher"]["tokenizer"] = str(own)
             name = f"{name}_vocab{vocab_size}"
@@ -753,16 +758,18 @@ def vocab(seeds: int = 3, steps: int = 300, size: str = "20x", init: str = "rand
     results = run_jobs(jobs, out / "queue", workers)
     speeds = {name: _tokens_per_s(Path(tree["train"]["output_dir"])) for name, tree in jobs.items()}
     teacher_result = json.loads((out / "teacher" / "result.json").read_text())
+    teacher_vocab = tokenizers.load_tokenizer(str(teacher))
     first = cells["teacher's vocabulary, CE + KD"]
     baseline = [results[name] for name in first]
     lines = [
         settings(steps, seeds, teacher_result),
-        f"Students: {size} blocks and widths ({init} init), with the teacher's 256-piece vocabulary or with one of "
-        f"{vocab_size} pieces of the teacher's kind (SentencePiece unigram) learned from the training text; the "
-        "same `kd` method (CE + forward KL, T = 1) in every row, KD across tokenizers where the vocabularies "
-        "differ. Bits per target byte: the validation targets' cross-entropy in bits over the bytes of their text "
-        "(comparable across vocabularies, where loss and perplexity are not). Tokens/s: training tokens per second, "
-        "two runs at a time on the 2 cores.",
+        f"Students: {size} blocks and widths ({init} init), with the teacher's vocabulary ({len(teacher_vocab)} "
+        f"pieces) or with one of {vocab_size} pieces of the teacher's kind (SentencePiece unigram) learned from the "
+        "training text; the same `kd` method (CE + forward KL, T = 1) in every row, KD across tokenizers where the "
+        f"vocabularies differ; generations of up to {generation_max_length} tokens. Bits per target byte: the "
+        "validation targets' cross-entropy in bits over the bytes of their text (comparable across vocabularies, "
+        "where loss and perplexity are not). Tokens/s: training tokens per second, two runs at a time on the 2 "
+        "cores.",
         "",
         "| row | parameters | BLEU | BLEU - first row's (paired by seed) | bits per target byte | train tokens/s |",
         "|---|---:|---:|---:|---:|---:|",
