@@ -157,7 +157,8 @@ def row_term(kd, match: VocabularyMatch, student: dict, teacher: dict):
 @torch.no_grad()
 def teacher_prefix(teacher: dict, student_rows: torch.Tensor, temperature: float, vocab: int) -> torch.Tensor:
     """At each student position that ends a group (`student_rows` >= 0), the log-probability the teacher gives
-    its own tokens before its last one in that group; a row at a time, so no [tokens, vocabulary] float32 copy."""
+    its own tokens before its last one in that group; in chunks of rows, so no [tokens, vocabulary] float32
+    copy."""
     groups, labels = teacher["align_group"].flatten(), teacher["labels"].flatten()
     logits = teacher["logits"].flatten(0, 1)
     wide = torch.promote_types(logits.dtype, torch.float32)
