@@ -31,6 +31,14 @@ NAME_OR_PATH_KEYS = ("teacher.model_name_or_path", "student.model_name_or_path",
                      "student.init.from_teacher.source", "student.init.from_teacher.tokenizer")  # fmt: skip
 """Keys that name a hub id or a local path."""
 DEEPSPEED_KEYS = ("teacher.deepspeed_config", "student.deepspeed_config")
+FILE_BUILDERS = ("json", "csv", "parquet", "text")
+"""`data.dataset` values that read local files: only then are `data.data_files` paths (a hub dataset's are
+patterns inside its repository)."""
+
+
+def local_files(dataset: object, value: str) -> bool:
+    """Is `value`, a `data.data_files` entry of `dataset`, a local path (not a URL, not inside a hub repo)?"""
+    return (dataset is None or dataset in FILE_BUILDERS) and "://" not in value
 
 
 def looks_local(value: str) -> bool:
@@ -89,11 +97,13 @@ def _sections_in_yaml(sections: dict[str, Any], folder: Path, where: str) -> Non
     data = sections.get("data")
     files = data.get("data_files") if isinstance(data, dict) else None
     if isinstance(files, dict):
+        dataset = data.get("dataset")  # None: set by a base or on the command line; local files are the common case
+
+        def joined(path):
+            return _joined(path, folder) if isinstance(path, str) and local_files(dataset, path) else path
+
         for split, paths in files.items():
-            if isinstance(paths, str):
-                files[split] = _joined(paths, folder)
-            elif isinstance(paths, list):
-                files[split] = [_joined(p, folder) if isinstance(p, str) else p for p in paths]
+            files[split] = [joined(p) for p in paths] if isinstance(paths, list) else joined(paths)
 
 
 def _joined(value: str, folder: Path) -> str:

@@ -279,11 +279,15 @@ def absolute_paths(run: RunConfig) -> None:
         if isinstance(value, str) and value:
             setattr(parent, name, paths.absolute(value, key))
     if run.data.data_files:
+
+        def absolute(path):
+            local = isinstance(path, str) and paths.local_files(run.data.dataset, path)
+            return paths.absolute(path, "data.data_files") if local else path
+
         run.data.data_files = {
-            split: [paths.absolute(p, "data.data_files") for p in files] if isinstance(files, list)
-            else paths.absolute(files, "data.data_files") if isinstance(files, str) else files
+            split: [absolute(p) for p in files] if isinstance(files, list) else absolute(files)
             for split, files in run.data.data_files.items()
-        }  # fmt: skip
+        }
 
 
 def validate(run: RunConfig) -> None:

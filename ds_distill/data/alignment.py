@@ -75,8 +75,10 @@ def token_bytes(tokenizer) -> list[bytes | None]:
     a byte-level or byte-fallback token's byte, which may be part of a character); special tokens as spelt."""
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    backend = tokenizer.backend_tokenizer
-    byte_level = "ByteLevel" in repr(backend.decoder) or "ByteLevel" in repr(backend.pre_tokenizer)
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # None: a slow (Python) tokenizer
+    byte_level = backend is not None and (
+        "ByteLevel" in repr(backend.decoder) or "ByteLevel" in repr(backend.pre_tokenizer)
+    )
     byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
     special = set(tokenizer.all_special_ids)
     texts: list[bytes | None] = [None] * len(tokenizer)

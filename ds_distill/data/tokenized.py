@@ -18,13 +18,12 @@ from typing import Any
 import datasets
 
 from ds_distill import dist
+from ds_distill.config.paths import FILE_BUILDERS
 from ds_distill.config.run import TEACHER_TARGET, DataConfig
 from ds_distill.data.alignment import TEACHER_VIEW, token_bytes, token_ends
 from ds_distill.data.tokenizers import check_unknown_tokens
 from ds_distill.errors import ConfigError
 from ds_distill.objectives.base import IGNORE_INDEX
-
-FILE_BUILDERS = ("json", "csv", "parquet", "text")
 
 
 def load_raw(data: DataConfig, need_train: bool = True) -> datasets.DatasetDict:

@@ -58,8 +58,8 @@ class VocabularyMatch:
 
     @classmethod
     def of(cls, student_tokenizer, teacher_tokenizer) -> VocabularyMatch:
-        student = {text: i for i, text in reversed(list(enumerate(token_bytes(student_tokenizer)))) if text}
-        pairs = [(t, student[text]) for t, text in enumerate(token_bytes(teacher_tokenizer)) if text in student]
+        student = {key: i for i, key in reversed(list(enumerate(_match_keys(student_tokenizer)))) if key}
+        pairs = [(t, student[key]) for t, key in enumerate(_match_keys(teacher_tokenizer)) if key in student]
         taken: set[int] = set()
         unique = [(t, s) for t, s in pairs if not (s in taken or taken.add(s))]  # one teacher token per student one
         teacher_ids, student_ids = zip(*unique) if unique else ((), ())
@@ -76,6 +76,26 @@ class VocabularyMatch:
     @property
     def matched_share(self) -> float:
         return len(self.teacher_ids) / self.teacher_vocab
+
+
+def _match_keys(tokenizer) -> list[tuple[bytes, bool] | None]:
+    """What a token matches by: its text's bytes, and whether it stands for a lone byte (SentencePiece's byte
+    fallback `<0x41>`, or a byte-level token that is not a whole character). A byte token matches a byte token,
+    so `<0x41>` and `A` in one vocabulary stay apart and one tokenizer matches itself id for id."""
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    keys: list[tuple[bytes, bool] | None] = []
+    for piece, text in zip(pieces, token_bytes(tokenizer)):
+        if text is None:
+            keys.append(None)
+            continue
+        fallback = isinstance(piece, str) and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">")
+        try:
+            text.decode("utf-8")
+            whole = True
+        except UnicodeDecodeError:
+            whole = False
+        keys.append((text, fallback or not whole))
+    return keys
 
 
 def chunk_breaks(groups: torch.Tensor) -> list[int]:
@@ -139,14 +159,18 @@ def row_term(kd, match: VocabularyMatch, student: dict, teacher: dict):
 
     kind, temperature = kd.cross_tokenizer, kd.temperature
     scales = (temperature_scale(kd.divergence, temperature), temperature_scale("tvd", temperature))
-    teacher_logits = teacher["logits"].flatten(0, 1)
+    teacher_logits = teacher["logits"]  # indexed by (row, position): a causal teacher's are a view, not flattened
+    positions = teacher_logits.shape[1]
     prefix = teacher_prefix(teacher, student["align_teacher_row"], temperature, match.teacher_vocab)
 
     def fn(logits, labels, groups, teacher_rows, teacher_prefixes):
         last = teacher_rows >= 0  # (no `.any()`: a chunk without a group's end sums to 0 without a device sync)
         log_student = merged_rows(F.log_softmax(logits[:, : match.student_vocab] / temperature, -1), labels,
                                   groups, last)  # fmt: skip
-        rows = teacher_logits[teacher_rows[last], : match.teacher_vocab]
+        flat = teacher_rows[last]
+        rows = teacher_logits[
+            flat.div(positions, rounding_mode="floor"), flat.remainder(positions), : match.teacher_vocab
+        ]
         log_teacher = F.log_softmax(rows.to(logits.dtype) / temperature, -1) + teacher_prefixes[last].unsqueeze(1)
         return group_divergence(kind, log_teacher, log_student, match, kd, scales).sum()
 
@@ -160,7 +184,8 @@ def teacher_prefix(teacher: dict, student_rows: torch.Tensor, temperature: float
     its own tokens before its last one in that group; in chunks of rows, so no [tokens, vocabulary] float32
     copy."""
     groups, labels = teacher["align_group"].flatten(), teacher["labels"].flatten()
-    logits = teacher["logits"].flatten(0, 1)
+    logits = teacher["logits"]  # [rows, positions, vocabulary], indexed by both (no flattened copy)
+    positions = logits.shape[1]
     wide = torch.promote_types(logits.dtype, torch.float32)
     rows = (groups >= 0).nonzero().squeeze(1)
     last = torch.ones_like(rows, dtype=torch.bool)
@@ -168,7 +193,8 @@ def teacher_prefix(teacher: dict, student_rows: torch.Tensor, temperature: float
     earlier = rows[~last]
     per_group = torch.zeros(int(groups.max().item()) + 1 if len(rows) else 0, dtype=wide, device=logits.device)
     for chunk in earlier.split(max(1, 2**22 // logits.shape[-1])):
-        chosen = F.log_softmax(logits[chunk, :vocab].to(wide) / temperature, -1).gather(1, labels[chunk].unsqueeze(1))
+        chunk_logits = logits[chunk.div(positions, rounding_mode="floor"), chunk.remainder(positions), :vocab]
+        chosen = F.log_softmax(chunk_logits.to(wide) / temperature, -1).gather(1, labels[chunk].unsqueeze(1))
         per_group.index_add_(0, groups[chunk], chosen.squeeze(1))
     prefix = torch.zeros(student_rows.shape, dtype=wide, device=logits.device)
     ends = student_rows >= 0

@@ -71,7 +71,7 @@ def loss_terms(p: Prepared) -> tuple[torch.nn.ModuleDict, dict[str, float]]:
     """The configured terms and weights for this student and teacher; prints each layer-wise term's pairs."""
     pair = model_pair(p.run, p.student_config, p.teacher_config)
     losses, weights = build_losses(p.run.losses, pair, vocab_size=len(p.tokenizer))
-    if p.teacher_tokenizer is not None:  # across tokenizers: the KD term compares the tokens both vocabularies hold
+    if p.teacher_tokenizer is not None and "kd" in losses:  # across tokenizers: the tokens both vocabularies hold
         losses["kd"].vocabulary_match = VocabularyMatch.of(p.tokenizer, p.teacher_tokenizer)
     for name, loss in losses.items():
         if isinstance(loss, LayerwiseLoss):

@@ -227,3 +227,19 @@ def test_a_chains_and_a_cohorts_paths_are_read_from_their_yamls_folder(tmp_path,
     (tmp_path / "c" / "cohort.yaml").write_text("students: {a: {student: {model_name_or_path: ./a}}}\n")
     tree = load_tree(str(tmp_path / "c" / "cohort.yaml"))
     assert tree["students"]["a"]["student"]["model_name_or_path"] == str(tmp_path / "c" / "a")
+
+
+def test_data_files_of_a_hub_dataset_and_urls_stay_as_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "hub.yaml").write_text(
+        "data: {task: causal_lm, dataset: allenai/c4, data_files: {train: en/c4-train.0000*.json.gz}}\n"
+    )
+    (tmp_path / "c" / "url.yaml").write_text(
+        "data: {task: causal_lm, dataset: json, data_files: {train: 'https://example.org/a.jsonl', validation: v.jsonl}}\n"
+    )
+    assert load_tree(str(tmp_path / "c" / "hub.yaml"))["data"]["data_files"] == {"train": "en/c4-train.0000*.json.gz"}
+    files = load_tree(str(tmp_path / "c" / "url.yaml"))["data"]["data_files"]
+    assert files == {"train": "https://example.org/a.jsonl", "validation": str(tmp_path / "c" / "v.jsonl")}
+    run = load_config(str(tmp_path / "c" / "hub.yaml"), overrides={"student.model_name_or_path": "gpt2"})
+    assert run.data.data_files == {"train": "en/c4-train.0000*.json.gz"}

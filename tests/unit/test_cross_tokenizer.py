@@ -363,3 +363,16 @@ def test_the_teacher_output_verbs_refuse_a_run_across_tokenizers(tiny, tmp_path,
     result = run_verb(verb, f"--config={path}", f"--output_dir={tmp_path / 'out'}")
     assert result.returncode == 2 and f"{verb} does not work across tokenizers yet" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_byte_fallback_tokens_match_bytes_and_a_vocabulary_matches_itself():
+    """SentencePiece's byte fallback spells "A" twice (`A`, `<0x41>`) and a space twice (`▁`, `<0x20>`): a byte token
+    matches only a byte token, so one tokenizer still matches itself id for id."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = ["<unk>", "<0x41>", "<0x20>", "<0xC3>", "A", "▁", "▁der", "ü"]
+    backend = Tokenizer(models.WordLevel({p: i for i, p in enumerate(pieces)}, unk_token="<unk>"))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+    assert VocabularyMatch.of(tokenizer, tokenizer).identity
+    assert token_bytes(tokenizer)[1] == token_bytes(tokenizer)[4] == b"A"  # one text, two kinds of token
