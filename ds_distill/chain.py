@@ -49,6 +49,7 @@ import torch
 import yaml
 
 from ds_distill import dist
+from ds_distill.config import paths
 from ds_distill.config.load import NAME, expand_method, from_dict, merge, parse_students, read_tree, with_base
 from ds_distill.config.run import RunConfig, to_dict, validate
 from ds_distill.errors import ConfigError
@@ -334,7 +335,7 @@ def _started_with_other_config(stage_dir: Path, run: RunConfig) -> bool:
     saved = stage_dir / "config.yaml"
     if not saved.is_file():
         return False
-    return settings(yaml.safe_load(saved.read_text())) != settings(to_dict(run))
+    return settings(paths.absolute_tree(yaml.safe_load(saved.read_text()))) != settings(to_dict(run))
 
 
 def _remove_stage(stage_dir: Path) -> None:

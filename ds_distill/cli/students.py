@@ -242,7 +242,7 @@ def train_tokenizer(
     """Trains a compact vocabulary of the teacher's kind on a run's training text, for a student of its own.
 
         ds-distill train_tokenizer --config=RUN.yaml --vocab_size=8000 --output_dir=DIR
-        ds-distill distill --config=RUN.yaml --data.tokenizer=DIR --losses.kd.cross_tokenizer=hybrid ...
+        ds-distill distill --config=RUN.yaml --student.init.from_teacher.tokenizer=DIR --losses.kd.cross_tokenizer=hybrid
 
     The run's tokenizer (data.tokenizer, else the teacher's), retrained by the `tokenizers` library
     (`train_new_from_iterator`): the same normaliser, pre-tokenizer, model (SentencePiece unigram, byte-level

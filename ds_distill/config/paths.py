@@ -61,12 +61,13 @@ def in_yaml(tree: dict[str, Any], folder: Path, where: str) -> dict[str, Any]:
     if isinstance(tree.get("output_dir"), str):  # a chain's
         tree["output_dir"] = _joined(tree["output_dir"], folder)
     units = [(tree, where)]
-    if isinstance(tree.get("students"), dict):
-        units += [(entry, f"{where}, student {name}") for name, entry in tree["students"].items()]
     if isinstance(tree.get("defaults"), dict):
         units.append((tree["defaults"], f"{where}, defaults"))
     if isinstance(tree.get("stages"), list):
         units += [(stage, f"{where}, stage {stage.get('name')}") for stage in tree["stages"] if isinstance(stage, dict)]
+    for sections, unit in list(units):  # a run's, the defaults' or a stage's students
+        if isinstance(sections.get("students"), dict):
+            units += [(entry, f"{unit}, student {name}") for name, entry in sections["students"].items()]
     for sections, unit in units:
         if isinstance(sections, dict):
             _sections_in_yaml(sections, folder, unit)
@@ -109,6 +110,30 @@ def _sections_in_yaml(sections: dict[str, Any], folder: Path, where: str) -> Non
 def _joined(value: str, folder: Path) -> str:
     value = os.path.expanduser(value)
     return value if os.path.isabs(value) else os.path.normpath(folder / value)
+
+
+def absolute_tree(tree: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a run's saved tree (a config.yaml) with its local paths absolute, read from the working directory:
+    a run saved before checked runs' paths became absolute compares equal to the same run now."""
+    tree = copy.deepcopy(tree)
+    for key in PATH_KEYS + NAME_OR_PATH_KEYS:
+        *path, name = key.split(".")
+        parent: Any = tree
+        for part in path:
+            parent = parent.get(part) if isinstance(parent, dict) else None
+        if isinstance(parent, dict) and isinstance(parent.get(name), str) and parent[name]:
+            parent[name] = absolute(parent[name], key)
+    data = tree.get("data")
+    files = data.get("data_files") if isinstance(data, dict) else None
+    if isinstance(files, dict):
+
+        def absolute_file(path):
+            local = isinstance(path, str) and local_files(data.get("dataset"), path)
+            return absolute(path, "data.data_files") if local else path
+
+        for split, paths in files.items():
+            files[split] = [absolute_file(p) for p in paths] if isinstance(paths, list) else absolute_file(paths)
+    return tree
 
 
 def absolute(value: str, key: str) -> str:

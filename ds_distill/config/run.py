@@ -316,10 +316,16 @@ def validate(run: RunConfig) -> None:
     if student.init.from_teacher and not run.teacher.model_name_or_path:
         raise ConfigError("student.init.from_teacher needs teacher.model_name_or_path")
     kd = run.losses.get("kd")
-    if student.init.from_teacher and student.init.from_teacher.tokenizer and isinstance(kd, dict):
-        if not kd.get("cross_tokenizer") and kd.get("weight", 1.0) != 0:
+    across = isinstance(kd, dict) and bool(kd.get("cross_tokenizer"))
+    dims = student.init.from_teacher
+    if dims and dims.tokenizer and not across:
+        if isinstance(kd, dict) and kd.get("weight", 1.0) != 0:
             raise ConfigError("student.init.from_teacher.tokenizer gives the student another vocabulary than the "
                               "teacher's: set losses.kd.cross_tokenizer (uld or hybrid)")  # fmt: skip
+        if dims.strategy == "sliced" and dims.width == "importance":
+            raise ConfigError("student.init.from_teacher.tokenizer with width importance: the teacher ranks channels "
+                              "on its own tokens, which a run tokenizes only across tokenizers; set "
+                              "losses.kd.cross_tokenizer or width: first")  # fmt: skip
     if student.init.from_teacher:
         dims = student.init.from_teacher
         for name, value, choices in (

@@ -140,7 +140,12 @@ def make_plan(run: RunConfig, hw: Hardware, vocab: int | None = None, gpu: bool 
         vocab = student_config.vocab_size
         notes.append(f"logits compared on the student's {vocab:,} vocabulary rows (the tokenizer was not read)")
     pair = model_pair(run, student_config, teacher_config)
-    losses, weights = build_losses(run.losses, pair, vocab_size=vocab)
+    spec = run.losses
+    if isinstance(spec.get("kd"), dict) and spec["kd"].get("cross_tokenizer"):
+        # its chunks hold the same student rows and gather the teacher's by group: traced as the same-tokenizer term
+        spec = {**spec, "kd": {k: v for k, v in spec["kd"].items() if k != "cross_tokenizer"}}
+        notes.append("losses.kd.cross_tokenizer: traced as the same-tokenizer KD term (the same rows per chunk)")
+    losses, weights = build_losses(spec, pair, vocab_size=vocab)
     loss_params = sum(p.numel() for p in losses.parameters())
     teachers, students = candidate_placements(run)
 
@@ -225,8 +230,10 @@ def _teacher_bf16(run: RunConfig) -> bool:
 
 
 def tokenizer_size(run: RunConfig) -> int | None:
-    """The tokenizer's length where it can be read without a download, else None."""
-    source = run.data.tokenizer or run.teacher.model_name_or_path or run.student.model_name_or_path
+    """The (student's) tokenizer's length where it can be read without a download, else None."""
+    from ds_distill.data.tokenizers import tokenizer_source
+
+    source = tokenizer_source(run)
     if not source or not Path(source).exists():
         return None
     from transformers import AutoTokenizer

@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from ds_distill import dist
+from ds_distill.config import paths
 from ds_distill.errors import ConfigError
 
 RESUMABLE = (
@@ -112,7 +113,7 @@ def claim(output_dir: Path, config_yaml: str, resume: bool | str, overwrite: boo
             shutil.rmtree(output_dir)
         resume = False
     elif resume == "auto":
-        if (saved.is_file() or has_checkpoint) and not (saved.is_file() and saved.read_text() == config_yaml):
+        if (saved.is_file() or has_checkpoint) and not (saved.is_file() and not changed_keys(saved, config_yaml)):
             differ = f" ({_described(changed_keys(saved, config_yaml))})" if saved.is_file() else ""
             raise ConfigError(
                 f"{output_dir} holds a run with a different config{differ}, which --resume=auto does not continue; "
@@ -154,7 +155,7 @@ def changed_keys(saved: Path, config_yaml: str) -> list[tuple[str, object, objec
     before, after = (yaml.safe_load(text) or {} for text in (saved.read_text(), config_yaml))
     if not (isinstance(before, dict) and isinstance(after, dict)):
         return [("config.yaml", before, after)] if before != after else []
-    before, after = _flat(before), _flat(after)
+    before, after = _flat(paths.absolute_tree(before)), _flat(after)  # a run saved with relative paths too
     return [(key, before.get(key), after.get(key)) for key in sorted(before.keys() | after.keys())
             if before.get(key) != after.get(key)]  # fmt: skip
 

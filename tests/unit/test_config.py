@@ -243,3 +243,17 @@ def test_data_files_of_a_hub_dataset_and_urls_stay_as_written(tmp_path, monkeypa
     assert files == {"train": "https://example.org/a.jsonl", "validation": str(tmp_path / "c" / "v.jsonl")}
     run = load_config(str(tmp_path / "c" / "hub.yaml"), overrides={"student.model_name_or_path": "gpt2"})
     assert run.data.data_files == {"train": "en/c4-train.0000*.json.gz"}
+
+
+def test_a_run_saved_with_relative_paths_is_the_same_run_with_them_absolute(tmp_path, monkeypatch):
+    """A config.yaml saved before checked runs' paths were absolute (read from the working directory) compares
+    equal to the same run now, so --resume and a chain's finished stages go on."""
+    from ds_distill.train.run_dir import changed_keys
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.jsonl").write_text("")
+    saved = tmp_path / "config.yaml"
+    saved.write_text("data: {dataset: json, data_files: {train: t.jsonl}}\ntrain: {output_dir: runs/x}\n")
+    now = f"data: {{dataset: json, data_files: {{train: {tmp_path}/t.jsonl}}}}\ntrain: {{output_dir: {tmp_path}/runs/x}}\n"
+    assert changed_keys(saved, now) == []
+    assert [key for key, *_ in changed_keys(saved, now.replace("runs/x", "runs/y"))] == ["train.output_dir"]

@@ -376,3 +376,25 @@ def test_byte_fallback_tokens_match_bytes_and_a_vocabulary_matches_itself():
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
     assert VocabularyMatch.of(tokenizer, tokenizer).identity
     assert token_bytes(tokenizer)[1] == token_bytes(tokenizer)[4] == b"A"  # one text, two kinds of token
+
+
+def test_plan_takes_a_run_across_tokenizers(tiny, tmp_path):
+    from tests.conftest import run_verb, translation_config, write_yaml
+
+    config = translation_config(tiny, tmp_path / "run")
+    config["losses"]["kd"]["cross_tokenizer"] = "hybrid"
+    result = run_verb("plan", f"--config={write_yaml(tmp_path / 'run.yaml', config)}", "--gpus_per_node=1")
+    assert result.returncode == 0, result.stderr
+    assert "losses.kd.cross_tokenizer: traced as the same-tokenizer KD term" in result.stdout
+
+
+def test_a_vocabulary_of_its_own_cut_by_importance_needs_the_teachers_tokens(tiny, tmp_path):
+    from ds_distill.config.load import load_config
+    from ds_distill.errors import ConfigError
+    from tests.conftest import translation_config, write_yaml
+
+    config = translation_config(tiny, tmp_path / "run")
+    config["losses"] = {"ce": {"weight": 1.0}}
+    config["student"]["init"]["from_teacher"].update(strategy="sliced", tokenizer=str(tiny["tokenizer"]))
+    with pytest.raises(ConfigError, match="with width importance: the teacher ranks channels on its own tokens"):
+        load_config(str(write_yaml(tmp_path / "run.yaml", config)))
