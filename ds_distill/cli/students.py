@@ -244,7 +244,8 @@ def train_tokenizer(
         ds-distill train_tokenizer --config=RUN.yaml --vocab_size=8000 --output_dir=DIR
         ds-distill distill --config=RUN.yaml --student.init.from_teacher.tokenizer=DIR --losses.kd.cross_tokenizer=hybrid
 
-    The run's tokenizer (data.tokenizer, else the teacher's), retrained by the `tokenizers` library
+    The run's tokenizer (data.tokenizer, else the teacher's; across tokenizers the student's), retrained by the
+    `tokenizers` library
     (`train_new_from_iterator`): the same normaliser, pre-tokenizer, model (SentencePiece unigram, byte-level
     BPE, ...) and special tokens, with `vocab_size` pieces learned from every text the run tokenizes of its
     training split (sources and targets, prompts and completions). A student with it is trained across

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from ds_distill.config import paths
-from ds_distill.config.run import RunConfig, validate
+from ds_distill.config.run import RunConfig, cross_tokenizer, validate
 from ds_distill.errors import ConfigError
 from ds_distill.objectives.methods import METHODS
 
@@ -291,14 +291,14 @@ def parse_students(tree: dict[str, Any]) -> dict[str, RunConfig]:
                     "outside students:"
                 )
         merged = merge(shared, entry)
-        if ((merged.get("losses") or {}).get("kd") or {}).get("cross_tokenizer"):
-            raise ConfigError(
-                f"{where}: losses.kd.cross_tokenizer does not work with several students yet (they share one batch "
-                "stream, and across tokenizers each reads its own tokens); train it as a run of its own"
-            )
         merged.setdefault("train", {})["output_dir"] = str(output_dir / str(name))
         try:
             runs[str(name)] = parse_run(merged)
         except ConfigError as error:
             raise ConfigError(f"{where}: {error}") from None
+        if cross_tokenizer(runs[str(name)]):
+            raise ConfigError(
+                f"{where}: losses.kd.cross_tokenizer does not work with several students yet (they share one batch "
+                "stream, and across tokenizers each reads its own tokens); train it as a run of its own"
+            )
     return runs

@@ -290,6 +290,13 @@ def absolute_paths(run: RunConfig) -> None:
         }
 
 
+def cross_tokenizer(run: RunConfig) -> str | None:
+    """`losses.kd.cross_tokenizer` (uld | hybrid) where the run distills across tokenizers, else None: the one
+    place that reads the key (losses stay an untyped mapping until they are built)."""
+    kd = run.losses.get("kd")
+    return kd.get("cross_tokenizer") if isinstance(kd, dict) else None
+
+
 def validate(run: RunConfig) -> None:
     """Checks that need no weights and no files beyond the config itself (the run's paths expanded first)."""
     absolute_paths(run)
@@ -316,9 +323,8 @@ def validate(run: RunConfig) -> None:
     if student.init.from_teacher and not run.teacher.model_name_or_path:
         raise ConfigError("student.init.from_teacher needs teacher.model_name_or_path")
     kd = run.losses.get("kd")
-    across = isinstance(kd, dict) and bool(kd.get("cross_tokenizer"))
     dims = student.init.from_teacher
-    if dims and dims.tokenizer and not across:
+    if dims and dims.tokenizer and not cross_tokenizer(run):
         if isinstance(kd, dict) and kd.get("weight", 1.0) != 0:
             raise ConfigError("student.init.from_teacher.tokenizer gives the student another vocabulary than the "
                               "teacher's: set losses.kd.cross_tokenizer (uld or hybrid)")  # fmt: skip

@@ -12,7 +12,7 @@ import datasets
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from ds_distill import dist
-from ds_distill.config.run import DataConfig, RunConfig
+from ds_distill.config.run import DataConfig, RunConfig, cross_tokenizer
 from ds_distill.errors import ConfigError
 
 # Shares of the sampled training tokens that may be the unknown token: above the first a run warns, above the
@@ -27,9 +27,9 @@ def tokenizer_source(run: RunConfig) -> str:
     student's. Where the student has a vocabulary of its own (`student.init.from_teacher.tokenizer`) or the run
     distills across tokenizers (`losses.kd.cross_tokenizer`): data.tokenizer, else the student's own, else
     (a student cut from the teacher with its vocabulary) the teacher's."""
-    kd, dims = run.losses.get("kd"), run.student.init.from_teacher
+    dims = run.student.init.from_teacher
     own = dims.tokenizer if dims is not None else None
-    if own or isinstance(kd, dict) and kd.get("cross_tokenizer"):
+    if own or cross_tokenizer(run):
         return run.data.tokenizer or own or run.student.model_name_or_path or run.teacher.weights()
     return run.data.tokenizer or run.teacher.weights() or run.student.model_name_or_path
 
@@ -37,8 +37,7 @@ def tokenizer_source(run: RunConfig) -> str:
 def teacher_tokenizer(run: RunConfig) -> PreTrainedTokenizerBase | None:
     """The teacher's own tokenizer where the run distills across tokenizers (`losses.kd.cross_tokenizer`),
     else None (the run's one tokenizer serves both models)."""
-    kd = run.losses.get("kd")
-    if isinstance(kd, dict) and kd.get("cross_tokenizer") and run.teacher.model_name_or_path:
+    if cross_tokenizer(run) and run.teacher.model_name_or_path:
         return load_tokenizer(run.teacher.weights())
     return None
 

@@ -39,7 +39,7 @@ import torch
 
 from ds_distill import models
 from ds_distill.config import deepspeed as ds_config
-from ds_distill.config.run import RunConfig
+from ds_distill.config.run import RunConfig, cross_tokenizer
 from ds_distill.planner.memory import (
     GB,
     Cost,
@@ -141,7 +141,7 @@ def make_plan(run: RunConfig, hw: Hardware, vocab: int | None = None, gpu: bool 
         notes.append(f"logits compared on the student's {vocab:,} vocabulary rows (the tokenizer was not read)")
     pair = model_pair(run, student_config, teacher_config)
     spec = run.losses
-    if isinstance(spec.get("kd"), dict) and spec["kd"].get("cross_tokenizer"):
+    if cross_tokenizer(run):
         # its chunks hold the same student rows and gather the teacher's by group: traced as the same-tokenizer term
         spec = {**spec, "kd": {k: v for k, v in spec["kd"].items() if k != "cross_tokenizer"}}
         notes.append("losses.kd.cross_tokenizer: traced as the same-tokenizer KD term (the same rows per chunk)")

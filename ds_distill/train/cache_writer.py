@@ -18,13 +18,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ds_distill import dist, models
-from ds_distill.config.run import RunConfig
+from ds_distill.config.run import RunConfig, cross_tokenizer
 from ds_distill.data import batches
 from ds_distill.errors import ConfigError
 from ds_distill.objectives import topk
 from ds_distill.objectives.base import IGNORE_INDEX
 from ds_distill.train import shards
-from ds_distill.train.prepare import cross_tokenizer_kind, model_pair, prepare
+from ds_distill.train.prepare import model_pair, prepare
 from ds_distill.train.student import forward_features
 from ds_distill.train.teacher import load_teacher
 from ds_distill.train.teacher_cache import DTYPES, MANIFEST, fingerprint, kd_temperature, shard_name
@@ -55,7 +55,7 @@ class CacheSettings:
 
 def write_cache(run: RunConfig, directory: Path, settings: CacheSettings, overwrite: bool = False) -> Path:
     """Writes (or finishes) the cache of `run`'s teacher in `directory`; returns it."""
-    if cross_tokenizer_kind(run):
+    if cross_tokenizer(run):
         raise ConfigError("cache_teacher does not work across tokenizers yet (losses.kd.cross_tokenizer): the cache "
                           "holds the teacher's top-k of its own vocabulary at the student's positions")  # fmt: skip
     dist.init(run.train.ddp_timeout)

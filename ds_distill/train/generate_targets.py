@@ -26,12 +26,12 @@ from tqdm.auto import tqdm
 
 from ds_distill import dist
 from ds_distill.config import deepspeed as ds_config
-from ds_distill.config.run import TEACHER_TARGET, RunConfig
+from ds_distill.config.run import TEACHER_TARGET, RunConfig, cross_tokenizer
 from ds_distill.data import batches
 from ds_distill.data import tokenized as data
 from ds_distill.errors import ConfigError
 from ds_distill.train import shards
-from ds_distill.train.prepare import cross_tokenizer_kind, prepare
+from ds_distill.train.prepare import prepare
 from ds_distill.train.teacher import load_teacher
 from ds_distill.train.teacher_cache import split_digest, teacher_identity
 
@@ -57,7 +57,7 @@ def part_path(directory: Path, shard: int) -> Path:
 
 def generate_targets(run: RunConfig, directory: Path, settings: GenerationSettings, overwrite: bool = False) -> Path:
     """Writes (or finishes) DIR/train.jsonl with the teacher's outputs; returns its path."""
-    if cross_tokenizer_kind(run):
+    if cross_tokenizer(run):
         raise ConfigError("generate_targets does not work across tokenizers yet (losses.kd.cross_tokenizer)")
     dist.init(run.train.ddp_timeout)
     if not run.data.generates_from_sources():

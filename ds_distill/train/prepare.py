@@ -13,7 +13,7 @@ from typing import Any
 from ds_distill import dist, models
 from ds_distill.config import deepspeed as ds_config
 from ds_distill.config.load import coerce, from_dict
-from ds_distill.config.run import RunConfig, to_yaml
+from ds_distill.config.run import RunConfig, cross_tokenizer, to_yaml
 from ds_distill.data import batches, tokenizers
 from ds_distill.data import tokenized as data
 from ds_distill.errors import ConfigError
@@ -132,7 +132,7 @@ def check_models(run: RunConfig):
     if run.train.eval_metric in ("bleu", "rouge") and adapter.kind != "seq2seq":
         raise ConfigError(f"train.eval_metric '{run.train.eval_metric}' needs a seq2seq model; use loss or accuracy")
     losses, _ = build_losses(run.losses, model_pair(run, student_config, teacher_config))
-    if cross_tokenizer_kind(run):
+    if cross_tokenizer(run):
         check_cross_tokenizer(run, losses)
     if on_policy_options(run):
         if adapter.kind == "encoder":
@@ -164,12 +164,6 @@ def on_policy_options(run: RunConfig) -> OnPolicyOptions | None:
         return None
     options = from_dict(KDOptions, spec, "losses.kd").on_policy
     return options if options is not None and options.fraction > 0 else None
-
-
-def cross_tokenizer_kind(run: RunConfig) -> str | None:
-    """`losses.kd.cross_tokenizer` (uld | hybrid) where the run distills across tokenizers, else None."""
-    spec = run.losses.get("kd")
-    return spec.get("cross_tokenizer") if isinstance(spec, dict) else None
 
 
 def check_cross_tokenizer(run: RunConfig, losses: dict) -> None:

@@ -262,14 +262,15 @@ def test_packed_text_across_tokenizers_is_refused(tiny, tmp_path):
         check_models(load_config(str(write_yaml(tmp_path / "run.yaml", config))))
 
 
-def test_several_students_and_chains_across_tokenizers_are_refused(tmp_path):
+def test_several_students_and_chains_across_tokenizers_are_refused(tiny, tmp_path):
     from ds_distill.chain import parse
     from ds_distill.config.load import parse_students
     from ds_distill.errors import ConfigError
+    from tests.conftest import translation_config
 
     cross = {"losses": {"kd": {"cross_tokenizer": "uld"}}}
     with pytest.raises(ConfigError, match="students.a: losses.kd.cross_tokenizer does not work with several students"):
-        parse_students({"students": {"a": cross}})
+        parse_students({**translation_config(tiny, tmp_path / "run"), "students": {"a": cross}})
     with pytest.raises(ConfigError, match="stage s: losses.kd.cross_tokenizer does not work in a chain yet"):
         parse({"output_dir": str(tmp_path), "defaults": {}, "stages": [{"name": "s", **cross}]})
 
