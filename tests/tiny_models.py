@@ -124,8 +124,7 @@ def byte_level_t5(directory: Path, vocab_size: int = 400) -> Path:
 
     from ds_distill.models import adapter_for
 
-    rows = [json.loads(line)["translation"] for line in open(SHARED_DATA / "train.jsonl")][:2000]
-    tokenizer = byte_level_tokenizer([row[lang] for row in rows for lang in ("en", "de")], vocab_size, directory)
+    tokenizer = _sample_byte_level_tokenizer(directory, vocab_size)
     config = T5Config(vocab_size=padded_vocab(tokenizer), d_model=32, d_ff=64, d_kv=16, num_heads=2, num_layers=1,
                       num_decoder_layers=1, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
                       decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)  # fmt: skip
@@ -136,6 +135,24 @@ def byte_level_t5(directory: Path, vocab_size: int = 400) -> Path:
     model.lm_head.weight.data.mul_(0.02)
     model.save_pretrained(directory)
     return directory
+
+
+def byte_level_gpt2(directory: Path, vocab_size: int = 400) -> Path:
+    """A tiny random GPT-2 (one block, half the width of `build`'s) reading through `byte_level_tokenizer`: a
+    decoder student of another tokenizer family than the tiny teachers'."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = _sample_byte_level_tokenizer(directory, vocab_size)
+    config = GPT2Config(vocab_size=padded_vocab(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=128,
+                        bos_token_id=1, eos_token_id=1, pad_token_id=0)  # fmt: skip
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(directory)
+    return directory
+
+
+def _sample_byte_level_tokenizer(directory: Path, vocab_size: int):
+    rows = [json.loads(line)["translation"] for line in open(SHARED_DATA / "train.jsonl")][:2000]
+    return byte_level_tokenizer([row[lang] for row in rows for lang in ("en", "de")], vocab_size, directory)
 
 
 def write_text_files(directory: Path, max_lines: int = 2000) -> dict[str, str]:

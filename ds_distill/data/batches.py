@@ -29,17 +29,18 @@ from ds_distill.errors import ConfigError
 from ds_distill.objectives.base import IGNORE_INDEX
 
 
-def make_collator(data: DataConfig, tokenizer, model: torch.nn.Module | None = None):
+def make_collator(data: DataConfig, tokenizer, model: torch.nn.Module | None = None, rows_vary: bool = False):
     """Dynamic padding, on the right whatever side the tokenizer pads (chat tokenizers often ship left padding,
     for generation): a row's outputs then do not depend on the padding of the batch it is in, in a model with
     absolute positions too, so the teacher cache's rows are the online ones. For seq2seq, `model` turns labels
-    into decoder inputs its own way (T5 vs BART)."""
+    into decoder inputs its own way (T5 vs BART). `rows_vary`: packed causal LM rows of different lengths (the
+    teacher's tokens of a student's block, across tokenizers), padded like prompted ones."""
     if tokenizer.padding_side != "right":
         tokenizer = copy.copy(tokenizer)
         tokenizer.padding_side = "right"
     if data.task in ("translation", "seq2seq"):
         return DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
-    if data.task == "causal_lm" and data.prompt_field:  # rows of their own lengths, padded per batch
+    if data.task == "causal_lm" and (data.prompt_field or rows_vary):  # rows of their own lengths, padded per batch
         return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
     if data.task == "causal_lm":
         return default_data_collator

@@ -21,6 +21,7 @@ from ds_distill import dist
 from ds_distill.config.paths import FILE_BUILDERS
 from ds_distill.config.run import TEACHER_TARGET, DataConfig
 from ds_distill.data.alignment import TEACHER_VIEW, token_bytes, token_ends
+from ds_distill.data.packing import aligned_causal_lm_rows, causal_lm_rows, masked_lm_rows
 from ds_distill.data.tokenizers import check_unknown_tokens
 from ds_distill.errors import ConfigError
 from ds_distill.objectives.base import IGNORE_INDEX
@@ -219,68 +220,6 @@ def _tokenize_seq2seq(
     )
 
 
-def pack(documents: list[list[int]], block_tokens: int, separator: list[int], frame=([], [])) -> list[list[int]]:
-    """Documents (token ids) joined, each followed by `separator`, and cut into blocks of `block_tokens`, the
-    remainder dropped (Hugging Face's `group_texts` in run_clm.py and run_mlm.py); each block is then framed:
-    `frame[0] + block + frame[1]`. A document longer than a block goes on into the next ones."""
-    ids = [token for document in documents for token in document + separator]
-    usable = len(ids) // block_tokens * block_tokens
-    before, after = frame
-    return [before + ids[i : i + block_tokens] + after for i in range(0, usable, block_tokens)]
-
-
-def special_frame(tokenizer) -> tuple[list[int], list[int]]:
-    """The special tokens the tokenizer puts before and after one sequence: ([CLS], [SEP]) for BERT,
-    ([<s>], [</s>]) for RoBERTa, ([], [</s>]) for T5. Read off an encoding, which every tokenizer can do."""
-    text = "a b"
-    inner, whole = tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer(text)["input_ids"]
-    for start in range(len(whole) - len(inner) + 1):
-        if whole[start : start + len(inner)] == inner:
-            return whole[:start], whole[start + len(inner) :]
-    raise ConfigError(f"cannot tell where {type(tokenizer).__name__} puts its special tokens; set data.line_by_line")
-
-
-def _masked_lm_rows(data: DataConfig, tokenizer):
-    """Batched map function of `masked_lm`: one row per line cut at max_source_length (`data.line_by_line`), or
-    the lines packed into full blocks of max_source_length tokens, each framed by the tokenizer's special tokens.
-
-    Packing is run_mlm.py's `group_texts`, except that run_mlm frames each line and concatenates, so its blocks
-    start and end mid-text. BERT-style models were pretrained on `[CLS] text [SEP]` (RoBERTa: `<s> text </s>`)
-    with [SEP] between segments: here each block is `[CLS] ... [SEP]` and lines are separated by [SEP], so the
-    teacher reads inputs like its pretraining data and its [CLS] position means what it always meant.
-    """
-    if data.line_by_line:
-        return lambda batch: tokenizer(
-            batch[data.text_field],
-            max_length=data.max_source_length,
-            truncation=True,
-            return_special_tokens_mask=True,
-        )
-    frame = special_frame(tokenizer)
-    block = data.max_source_length - len(frame[0]) - len(frame[1])
-    if block < 1:
-        raise ConfigError(f"data.max_source_length {data.max_source_length} leaves no room between special tokens")
-    separator = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
-    separator = [] if separator is None else [separator]
-
-    def rows(batch):
-        documents = tokenizer(batch[data.text_field], add_special_tokens=False)["input_ids"]
-        blocks = pack(documents, block, separator, frame)
-        columns = {
-            "input_ids": blocks,
-            "attention_mask": [[1] * len(ids) for ids in blocks],
-            # never masked: the frame, the separators (and [UNK]), as the collator itself would decide
-            "special_tokens_mask": [
-                tokenizer.get_special_tokens_mask(ids, already_has_special_tokens=True) for ids in blocks
-            ],
-        }
-        if "token_type_ids" in tokenizer.model_input_names:
-            columns["token_type_ids"] = [[0] * len(ids) for ids in blocks]
-        return columns
-
-    return rows
-
-
 def _targets(data: DataConfig, batch: dict, sources: list[str], targets: list[str], training: bool):
     """(sources, targets) of a batch of rows as the run trains on them (`data.targets`): the data's, the
     teacher's (`teacher_target`), or each source twice, with both."""
@@ -320,35 +259,21 @@ def _tokenize_text(
 ) -> datasets.Dataset:
     if data.prompt_field:
         return _tokenize_prompted(data, tokenizer, dataset, split, teacher_tokenizer)
-    if teacher_tokenizer is not None:  # the run's checks refuse it first
-        raise ConfigError("across tokenizers, causal_lm data needs data.prompt_field (packed text is not aligned)")
     _check_fields(dataset, [data.text_field], split)
     dataset = dataset.filter(lambda row: bool(row[data.text_field].strip()), desc=f"dropping empty lines of {split}")
     if data.task == "masked_lm":
+        rows = masked_lm_rows(data, tokenizer)
         blocks = "" if data.line_by_line else f" into blocks of {data.max_source_length}"
-        return dataset.map(
-            _masked_lm_rows(data, tokenizer),
-            batched=True,
-            remove_columns=dataset.column_names,
-            num_proc=_workers(data, len(dataset)),
-            desc=f"tokenizing {split}{blocks}",
-        )
-
-    block = data.block_size
-
-    def tokenize_and_pack(batch):
-        # Documents each ended by EOS, as run_clm.py packs them.
-        blocks = pack(tokenizer(batch[data.text_field])["input_ids"], block, [tokenizer.eos_token_id])
-        # Labels are the inputs (the model's logits are shifted against them later); blocks hold no padding,
-        # so EOS stays a target even where a tokenizer pads with EOS.
-        return {"input_ids": blocks, "attention_mask": [[1] * block for _ in blocks], "labels": [b[:] for b in blocks]}
-
+    else:
+        rows = (causal_lm_rows(data, tokenizer) if teacher_tokenizer is None
+                else aligned_causal_lm_rows(data, tokenizer, teacher_tokenizer))  # fmt: skip
+        blocks = f" into blocks of {data.block_size}"
     return dataset.map(
-        tokenize_and_pack,
+        rows,
         batched=True,
         remove_columns=dataset.column_names,
         num_proc=_workers(data, len(dataset)),
-        desc=f"packing {split} into blocks of {block}",
+        desc=f"tokenizing {split}{blocks}",
     )
 
 

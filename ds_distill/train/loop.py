@@ -83,7 +83,7 @@ class Trainer:
         self.train_collate = self.collate
         if p.teacher_tokenizer is not None:  # the training rows hold the teacher's tokens too
             shifts = tuple(int(models.adapter_for(c).kind == "causal") for c in (p.student_config, p.teacher_config))
-            teacher_collate = batches.make_collator(self.run.data, p.teacher_tokenizer, teacher.module)
+            teacher_collate = batches.make_collator(self.run.data, p.teacher_tokenizer, teacher.module, rows_vary=True)
             self.train_collate = alignment.AlignedCollator(self.collate, teacher_collate, shifts)
         self.batches = self._train_batches()
         self.checkpoints = p.output_dir / "checkpoints"

@@ -171,12 +171,9 @@ def check_cross_tokenizer(run: RunConfig, losses: dict) -> None:
     where = "losses.kd.cross_tokenizer"
     if not run.teacher.model_name_or_path:
         raise ConfigError(f"{where} distills from a teacher; set teacher.model_name_or_path")
-    if run.data.task not in ("translation", "seq2seq") and not (run.data.task == "causal_lm" and run.data.prompt_field):
-        raise ConfigError(
-            f"{where}: translation, seq2seq and causal_lm with data.prompt_field align one target text tokenized "
-            f"twice; data.task '{run.data.task}'" + (" without prompts packs text into blocks that each tokenizer "
-            "cuts elsewhere" if run.data.task == "causal_lm" else " is not aligned")
-        )  # fmt: skip
+    if run.data.task == "masked_lm":
+        raise ConfigError(f"{where}: masked_lm is not aligned (each tokenizer would mask other text); use it for "
+                          "translation, seq2seq or causal_lm data")  # fmt: skip
     layerwise = sorted(name for name, loss in losses.items() if loss.requires_teacher and name != "kd")
     if layerwise:
         raise ConfigError(

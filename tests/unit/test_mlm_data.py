@@ -10,7 +10,7 @@ from transformers import BertTokenizer
 
 from ds_distill.config.load import load_config
 from ds_distill.config.run import DataConfig
-from ds_distill.data import batches, tokenizers
+from ds_distill.data import batches, packing, tokenizers
 from ds_distill.data import tokenized as data
 from ds_distill.errors import ConfigError
 from tests import tiny_models
@@ -66,8 +66,8 @@ def test_lines_are_packed_into_full_framed_blocks_that_hold_every_token(bert, te
 
 def test_blocks_take_the_special_tokens_of_the_tokenizer(tiny, bert):
     t5 = tokenizers.load_tokenizer(str(tiny["tokenizer"]))  # sentencepiece, no [CLS]: a block ends with </s>
-    assert data.special_frame(bert) == ([bert.cls_token_id], [bert.sep_token_id])
-    assert data.special_frame(t5) == ([], [t5.eos_token_id])
+    assert packing.special_frame(bert) == ([bert.cls_token_id], [bert.sep_token_id])
+    assert packing.special_frame(t5) == ([], [t5.eos_token_id])
     config = DataConfig(task="masked_lm", dataset="text", data_files=tiny["text"], max_source_length=32)
     rows = data.tokenize(config, t5, data.load_raw(config))["train"]
     assert {len(ids) for ids in rows["input_ids"]} == {32}
