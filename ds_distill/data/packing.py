@@ -38,7 +38,9 @@ def causal_lm_rows(data: DataConfig, tokenizer):
 Side = tuple[list[list[int]], list[list[int]], int]  # one tokenizer's documents: ids, token_ends, its EOS id
 
 
-def pack_aligned(sizes: Sequence[int], student: Side, teacher: Side, block_tokens: int) -> tuple[list, list, list, list]:
+def pack_aligned(
+    sizes: Sequence[int], student: Side, teacher: Side, block_tokens: int
+) -> tuple[list, list, list, list]:
     """Packed causal LM text across tokenizers: (student blocks, their token ends, teacher rows, their token ends).
 
     Each side's documents (`sizes`: their lengths in bytes) are joined, each followed by that side's EOS, which is

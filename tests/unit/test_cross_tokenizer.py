@@ -122,7 +122,10 @@ def test_packed_blocks_across_tokenizers_hold_the_same_text_on_both_sides(two_fa
                 eos_groups += 1
             if student.unk_token_id in s_tokens:  # `<unk>` decodes to nothing
                 continue
-            s_text, t_text = student.decode(s_tokens, skip_special_tokens=True), teacher.decode(t_tokens, skip_special_tokens=True)
+            s_text, t_text = (
+                student.decode(s_tokens, skip_special_tokens=True),
+                teacher.decode(t_tokens, skip_special_tokens=True),
+            )
             assert s_text.strip() == t_text.strip(), (s_text, t_text)
     assert eos_groups >= 40
 
