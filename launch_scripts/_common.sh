@@ -36,9 +36,11 @@ run_args() {
 tree = yaml.safe_load(open(sys.argv[1])) or {}
 for key in sys.argv[2].split("."):
     tree = tree.get(key) or {}
-# a path in the YAML is read from its folder (README, "Paths in a config")
-print(os.path.join(os.path.dirname(sys.argv[1]), os.path.expanduser(tree)) if tree else "runs/" + sys.argv[3])' \
-      "$CONFIG" "$output_key" "$verb")}
+# a path in the YAML is read from its folder (README, "Paths in a config"), a shipped recipe'"'"'s from here
+recipe = os.path.realpath(sys.argv[1]).startswith(os.path.realpath(sys.argv[4]) + os.sep)
+folder = "" if recipe else os.path.dirname(sys.argv[1])
+print(os.path.join(folder, os.path.expanduser(tree)) if tree else "runs/" + sys.argv[3])' \
+      "$CONFIG" "$output_key" "$verb" "$(dirname "${BASH_SOURCE[0]}")/../ds_distill/recipes")}
     if [ -n "${ZERO_STAGE:-}" ]; then RUN_ARGS+=(--${keys}student.deepspeed_config="ds_configs/student_zero${ZERO_STAGE}.json"); fi
     if [ -n "$TEACHER_GIVEN" ]; then RUN_ARGS+=(--${keys}teacher.deepspeed_config="$TEACHER_DS"); fi
   else

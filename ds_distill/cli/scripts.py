@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from pathlib import Path
 
 import yaml
 
 from ds_distill.config.deepspeed import TEACHER_PLACEMENTS
+from ds_distill.config.load import RECIPES_DIR
 
 
 def run_args(verb: str, default_recipe: str, environ: Mapping[str, str] = os.environ) -> list[str]:
@@ -35,8 +37,10 @@ def run_args(verb: str, default_recipe: str, environ: Mapping[str, str] = os.env
 
 
 def _output_dir(config: str, dotted: str) -> str | None:
-    """The config's own output directory, read from its folder (config/paths.py)."""
+    """The config's own output directory, read from its folder (config/paths.py; a shipped recipe's from the
+    working directory)."""
     tree = yaml.safe_load(open(config)) or {}
     for key in dotted.split("."):
         tree = tree.get(key) or {}
-    return os.path.join(os.path.dirname(config), os.path.expanduser(tree)) if tree else None
+    folder = "" if Path(config).resolve().is_relative_to(RECIPES_DIR.resolve()) else os.path.dirname(config)
+    return os.path.join(folder, os.path.expanduser(tree)) if tree else None

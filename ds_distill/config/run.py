@@ -331,7 +331,8 @@ def validate(run: RunConfig) -> None:
         if dims.strategy == "sliced" and dims.width == "importance":
             raise ConfigError("student.init.from_teacher.tokenizer with width importance: the teacher ranks channels "
                               "on its own tokens, which a run tokenizes only across tokenizers; set "
-                              "losses.kd.cross_tokenizer or width: first")  # fmt: skip
+                              "losses.kd.cross_tokenizer (with kd's weight 0 to train on labels alone) or "
+                              "width: first")  # fmt: skip
     if student.init.from_teacher:
         dims = student.init.from_teacher
         for name, value, choices in (

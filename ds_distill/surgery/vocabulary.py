@@ -84,14 +84,24 @@ SPECIAL_IDS = ("pad_token_id", "eos_token_id", "bos_token_id", "decoder_start_to
 
 def vocabulary_config(config, teacher_tokenizer, tokenizer) -> None:
     """`config` (the teacher's architecture) with `tokenizer`'s vocabulary: its size padded to PAD_TO, and each
-    special id the one of the same role (the teacher's decoder start, its padding: the new padding)."""
+    special id the new one of the same role (the teacher's decoder start, its padding: the new padding), else of
+    the same text; a list of ids (Llama 3's EOS and end-of-turn ids) mapped id by id, those the new vocabulary
+    lacks left out."""
     config.vocab_size = -(-len(tokenizer) // PAD_TO) * PAD_TO
     for name in SPECIAL_IDS:
         old = getattr(config, name, None)
-        role = next(
-            (r for r in SPECIAL_ROLES if old is not None and getattr(teacher_tokenizer, f"{r}_id") == old), None
-        )
-        setattr(config, name, getattr(tokenizer, f"{role}_id") if role else None)
+        if isinstance(old, (list, tuple)):
+            new = [i for i in dict.fromkeys(_same_special(o, teacher_tokenizer, tokenizer) for o in old) if i is not None]
+            setattr(config, name, new or None)
+        else:
+            setattr(config, name, None if old is None else _same_special(old, teacher_tokenizer, tokenizer))
+
+
+def _same_special(old: int, teacher_tokenizer, tokenizer) -> int | None:
+    role = next((r for r in SPECIAL_ROLES if getattr(teacher_tokenizer, f"{r}_id") == old), None)
+    if role is not None and getattr(tokenizer, f"{role}_id") is not None:
+        return getattr(tokenizer, f"{role}_id")
+    return tokenizer.get_vocab().get(teacher_tokenizer.convert_ids_to_tokens(old))
 
 
 def transplant(directory: Path, teacher_tokenizer, tokenizer) -> Coverage:

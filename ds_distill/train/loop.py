@@ -61,7 +61,8 @@ class Trainer:
         losses, weights = engines.loss_terms(p)
         self.teacher_side = None
         self.teacher_keys = set().union(*(loss.teacher_keys for loss in losses.values()))
-        if teacher is not None and capture_teacher:
+        reads_teacher = any(loss.requires_teacher for loss in losses.values())  # CE alone: the teacher only cut it
+        if teacher is not None and capture_teacher and reads_teacher:
             compile_teacher = self.train_config.torch_compile
             self.teacher_side = TeacherFeatures(teacher, p.teacher_ds, self.teacher_keys, compile_teacher)
         self.engine = engines.student_engine(p, student, losses, weights)

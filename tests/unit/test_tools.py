@@ -135,7 +135,8 @@ def test_launch_scripts_take_a_config_or_a_recipe_and_both_sides_build_the_same_
         "launch_scripts/multinode_hostfile.sh": ("distill", "flan_t5_3b_145m", run),
     }
     for script, (verb, recipe, config) in scripts.items():
-        for env in ({}, {"ZERO_STAGE": "3", "TEACHER": "cpu"}, {"CONFIG": str(config)},
+        shipped = str(REPO / "ds_distill" / "recipes" / f"{recipe}.yaml")  # its paths: the working directory's
+        for env in ({}, {"ZERO_STAGE": "3", "TEACHER": "cpu"}, {"CONFIG": str(config)}, {"CONFIG": shipped},
                     {"CONFIG": str(config), "ZERO_STAGE": "3"}, {"RECIPE": "flan_t5_3b_425m", "OUTPUT": "x"}):  # fmt: skip
             env = {"HOSTFILE": "hosts", **env}
             result = run_script(script, tmp_path, bin_dir, **{"OUTPUT": "", **env})
@@ -148,6 +149,8 @@ def test_launch_scripts_take_a_config_or_a_recipe_and_both_sides_build_the_same_
     # the file as written; its output directory read from its folder
     assert distill == [f"--config={run}", f"--train.output_dir={tmp_path}/runs/mine", "--resume=auto"]
     assert run_args("chain", "r", {"CONFIG": str(chain)})[-1] == f"--output_dir={tmp_path}/runs/my_chain"
+    shipped = run_args("distill", "r", {"CONFIG": "ds_distill/recipes/flan_t5_3b_145m.yaml"})
+    assert shipped[1] == "--train.output_dir=runs/flan_t5_3b_145m"
     assert run_args("distill", "r", {})[1:] == ["--student.deepspeed_config=ds_configs/student_zero2.json",
                                                 "--teacher.deepspeed_config=ds_configs/teacher_replicated_bf16.json",
                                                 "--train.output_dir=runs/r", "--resume=auto"]  # fmt: skip

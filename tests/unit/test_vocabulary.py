@@ -62,3 +62,24 @@ def test_make_student_with_a_tokenizer_starts_each_token_from_the_teachers_piece
     assert (config.vocab_size, config.pad_token_id, config.eos_token_id, config.decoder_start_token_id) == (
         448, vocabulary.pad_token_id, vocabulary.eos_token_id, vocabulary.pad_token_id)  # fmt: skip
     assert AutoTokenizer.from_pretrained(tmp_path / "own").get_vocab() == vocabulary.get_vocab()
+
+
+def test_special_ids_follow_their_role_or_text_into_the_new_vocabulary():
+    """Llama 3 lists several end ids (EOS, end of turn): each maps to the new vocabulary's token of the same
+    role, else of the same text; one the new vocabulary lacks is left out, and an unmatched single id is None."""
+    from transformers import LlamaConfig
+
+    from ds_distill.surgery.vocabulary import PAD_TO, vocabulary_config
+    from tests import tiny_models
+
+    lines = ["ein kleiner Satz", "a small sentence"] * 20
+    teacher, student = tiny_models.byte_level_tokenizer(lines, 300), tiny_models.byte_level_tokenizer(lines, 280)
+    teacher.add_special_tokens({"additional_special_tokens": ["<|eot_id|>", "<|eom_id|>"]})
+    student.add_special_tokens({"additional_special_tokens": ["<|eot_id|>"]})
+    eot, eom = teacher.convert_tokens_to_ids(["<|eot_id|>", "<|eom_id|>"])
+    config = LlamaConfig(vocab_size=len(teacher), pad_token_id=teacher.pad_token_id, bos_token_id=eom,
+                         eos_token_id=[teacher.eos_token_id, eot, eom])  # fmt: skip
+    vocabulary_config(config, teacher, student)
+    assert config.vocab_size == -(-len(student) // PAD_TO) * PAD_TO
+    assert config.eos_token_id == [student.eos_token_id, student.convert_tokens_to_ids("<|eot_id|>")]
+    assert config.pad_token_id == student.pad_token_id and config.bos_token_id is None
