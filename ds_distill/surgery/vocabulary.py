@@ -91,8 +91,8 @@ def vocabulary_config(config, teacher_tokenizer, tokenizer) -> None:
     for name in SPECIAL_IDS:
         old = getattr(config, name, None)
         if isinstance(old, (list, tuple)):
-            new = [i for i in dict.fromkeys(_same_special(o, teacher_tokenizer, tokenizer) for o in old) if i is not None]
-            setattr(config, name, new or None)
+            new = dict.fromkeys(_same_special(o, teacher_tokenizer, tokenizer) for o in old)
+            setattr(config, name, [i for i in new if i is not None] or None)
         else:
             setattr(config, name, None if old is None else _same_special(old, teacher_tokenizer, tokenizer))
 
