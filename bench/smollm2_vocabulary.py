@@ -20,6 +20,10 @@ Rows (every student 12 blocks x 384, 6 query / 2 key-value heads, FFN 1024, unle
     own vocabulary, random, CE + hybrid
     own vocabulary, 22 blocks, cut, CE + hybrid the parameters the smaller vocabulary saves spent on depth: as
                                                 many parameters in all as the reference (the compression claim)
+    teacher's vocabulary, cut, CE + hybrid      only with --rows: the cross-tokenizer path on one tokenizer (the
+                                                same term as KD's), for its cost per step against KD's
+    own vocabulary, cut, CE + hybrid (matched 0.9)   only with --rows: the matched tokens' divergence weighted 0.9,
+                                                not GOLD's matched share of the teacher's vocabulary (0.15)
 
 Each row runs `--seeds` times (a seed sets the data order, the cut's calibration sample and a random student's
 weights). Reported: held-out bits per byte (the run's evaluation: the held-out blocks' cross-entropy in bits over
@@ -62,13 +66,19 @@ ROWS = {
     "own vocabulary, random, CE + hybrid": (True, {**STUDENT, "strategy": "random"}, "hybrid"),
     "own vocabulary, 22 blocks, cut, CE + hybrid": (True, {**STUDENT, **CUT, "decoder_layers": 22}, "hybrid"),
 }
+TABLE = tuple(ROWS)
+ROWS["teacher's vocabulary, cut, CE + hybrid"] = (False, {**STUDENT, **CUT}, "hybrid")
+ROWS["own vocabulary, cut, CE + hybrid (matched 0.9)"] = (True, {**STUDENT, **CUT}, {"hybrid_matched_weight": 0.9})
 
 
-def run_tree(teacher: Path, files: dict, init: dict, kd: str | None, steps: int, batch: int, block_size: int,
-             seed: int) -> dict:  # fmt: skip
-    """One run's config tree: CE, plus KD (`kd`: same-tokenizer forward KL; `hybrid`/`uld`: across tokenizers)."""
+def run_tree(teacher: Path, files: dict, init: dict, kd: str | dict | None, steps: int, batch: int,
+             block_size: int, seed: int) -> dict:  # fmt: skip
+    """One run's config tree: CE, plus KD (`kd`: same-tokenizer forward KL; `hybrid`/`uld`: across tokenizers; a
+    dict: hybrid with these options)."""
     losses = {"ce": {"weight": 1.0}}
-    if kd:
+    if isinstance(kd, dict):
+        losses["kd"] = {"weight": 1.0, "cross_tokenizer": "hybrid", **kd}
+    elif kd:
         losses["kd"] = {"weight": 1.0, **({"cross_tokenizer": kd} if kd != "kd" else {})}
     elif init.get("tokenizer") and init["strategy"] == "sliced":
         # labels alone, but the rows tokenized for the teacher too: the cut ranks channels on the teacher's tokens
@@ -134,7 +144,7 @@ def tokens_per_s(run_dir: Path) -> float:
 
 
 def main(seeds: int = 3, steps: int = 120, batch: int = 4, block_size: int = 64, vocab_size: int = 8000,
-         rows=tuple(ROWS), workers: int = 2, output_dir: str = "runs/bench/smollm2_vocabulary") -> None:  # fmt: skip
+         rows=TABLE, workers: int = 2, output_dir: str = "runs/bench/smollm2_vocabulary") -> None:  # fmt: skip
     out = Path(output_dir).resolve()  # the YAML train_tokenizer reads takes paths from its own folder
     started = time.perf_counter()
     teacher = teacher_dir(PROJECT_ROOT / ".bench_assets")
@@ -146,7 +156,8 @@ def main(seeds: int = 3, steps: int = 120, batch: int = 4, block_size: int = 64,
     for row, seed in itertools.product(chosen, range(seeds)):
         own, init, kd = ROWS[row]
         init = {**init, **({"tokenizer": str(tokenizer)} if own else {})}
-        prefix = f"{'own' if own else 'teacher'}_{init['strategy']}_{init['decoder_layers']}_{kd or 'ce'}_s{seed}"
+        term = "hybrid_weighted" if isinstance(kd, dict) else kd or "ce"
+        prefix = f"{'own' if own else 'teacher'}_{init['strategy']}_{init['decoder_layers']}_{term}_s{seed}"
         name, jobs[name] = named(out, prefix, run_tree(teacher, files, init, kd, steps, batch, block_size, seed))
         cells.setdefault(row, []).append(name)
     results = run_jobs(jobs, out / "queue", workers)
