@@ -226,7 +226,8 @@ def write_manifest(output_dir: Path, manifest: dict) -> None:
 
 def run_chain(tree: dict[str, Any], overwrite: tuple[str, ...] = ()) -> dict:
     """Runs the chain's stages in order (see the module docstring); returns the manifest."""
-    from ds_distill.evaluation import described, evaluate_model
+    from ds_distill.evaluation import evaluate_model
+    from ds_distill.train.scoring import described
 
     output_dir, stages = parse(tree)
     unknown = sorted(set(overwrite) - {s.name for s in stages})
@@ -339,7 +340,7 @@ def _started_with_other_config(stage_dir: Path, run: RunConfig) -> bool:
 
 
 def _remove_stage(stage_dir: Path) -> None:
-    from ds_distill.train.run_dir import RUN_MARKER, check_replaceable
+    from ds_distill.config.run_dir import RUN_MARKER, check_replaceable
 
     check_replaceable(stage_dir, RUN_MARKER, "a ds_distill run", "stage output")
     if stage_dir.exists():
@@ -375,7 +376,7 @@ def planned_stages(tree: dict[str, Any]):
                 run, teacher=dataclasses.replace(run.teacher, model_name_or_path=f"stage {stage.teacher_from}")
             )
         else:
-            teacher_config = models.load_config(run.teacher.weights(), "teacher")
+            teacher_config = models.load_config(models.teacher_weights(run.teacher), "teacher")
         source = teacher_config
         if stage.student_from:
             source = exported[stage.student_from]

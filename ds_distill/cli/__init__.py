@@ -29,7 +29,7 @@ import sys
 import fire
 
 from ds_distill.cli.args import check_command, strip_launcher_flags
-from ds_distill.cli.components import list_components
+from ds_distill.cli.components import first_sentence, list_components
 from ds_distill.cli.evaluate import evaluate
 from ds_distill.cli.plan import plan
 from ds_distill.cli.run import cache_teacher, chain, demo, distill, generate_targets, prepare_data
@@ -58,13 +58,6 @@ def usage() -> str:
     for name, function in VERBS.items():
         lines.append(f"  {name:<16} {first_sentence(inspect.getdoc(function))}")
     return "\n".join(lines)
-
-
-def first_sentence(doc: str) -> str:
-    """The first sentence of a docstring's first paragraph, whole however many lines it spans."""
-    paragraph = " ".join(doc.split("\n\n")[0].split())
-    end = paragraph.find(". ")
-    return paragraph if end < 0 else paragraph[: end + 1]
 
 
 def verb_help(name: str) -> str:

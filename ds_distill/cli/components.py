@@ -13,12 +13,11 @@ DIVERGENCE_NOTES = {
 
 def list_components():
     """Lists shipped recipes, methods, loss terms, layer-map strategies, model families and DeepSpeed configs."""
-    from ds_distill.cli import first_sentence
     from ds_distill.config.deepspeed import PROJECT_ROOT
     from ds_distill.config.load import RECIPES_DIR
+    from ds_distill.config.methods import METHODS
     from ds_distill.models import ADAPTERS
     from ds_distill.objectives.layer_map import describe_strategies
-    from ds_distill.objectives.methods import METHODS
     from ds_distill.objectives.registry import describe_losses
 
     print(f"recipes (ds-distill distill --recipe=NAME; the files are in {RECIPES_DIR}):")
@@ -43,3 +42,10 @@ def list_components():
     print("DeepSpeed configs (ds_configs/):")
     for path in sorted((PROJECT_ROOT / "ds_configs").glob("*.json")):
         print(f"  {path.name}")
+
+
+def first_sentence(doc: str) -> str:
+    """The first sentence of a docstring's first paragraph, whole however many lines it spans."""
+    paragraph = " ".join(doc.split("\n\n")[0].split())
+    end = paragraph.find(". ")
+    return paragraph if end < 0 else paragraph[: end + 1]

@@ -31,12 +31,6 @@ class TeacherConfig:
     it and no teacher loads (model_name_or_path still names the teacher, for the tokenizer and the check that
     the cache was written from it, with this data and KD temperature)."""
 
-    def weights(self) -> str | None:
-        """What to load: model_name_or_path, or the Hugging Face directory its GGUF file converts to."""
-        from ds_distill.models.gguf import resolve
-
-        return resolve(self.model_name_or_path, self.gguf_file)
-
 
 @dataclass
 class FromTeacherConfig:

@@ -7,8 +7,6 @@ from typing import ClassVar
 
 import torch
 
-IGNORE_INDEX = -100  # the Hugging Face label convention for positions that do not count
-
 
 @dataclass
 class NoOptions:

@@ -20,7 +20,7 @@ compared by
 Where this differs from TRL's GOLD (trl/experimental/gold/gold_trainer.py, `ULDLoss`): a term is a mean over the
 step's target tokens, as every term here, not a mean over each sequence's groups and then over sequences (a
 long target weighs as much as its tokens); the KL family is scaled by T^2 and the L1 by T as in the same-tokenizer
-term (`logits.temperature_scale`; GOLD scales neither); the matched share is counted over the teacher's tokenizer
+term (`divergences.temperature_scale`; GOLD scales neither); the matched share is counted over the teacher's tokenizer
 vocabulary, not its logit width (which may hold padding rows, and then one tokenizer would not reduce to the
 same-tokenizer term); probabilities are compared in log space without GOLD's 1e-8 floor (merged rows of long
 groups fall below it); vocabulary entries match by the text they stand for (`▁x`, `Ġx` and ` x` alike), not by
@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from ds_distill.data.alignment import token_bytes
+from ds_distill.objectives.divergences import divergence, temperature_scale
 
 KINDS = ("uld", "hybrid")
 
@@ -130,8 +131,6 @@ def group_divergence(
 ) -> torch.Tensor:
     """Per group, `uld` or `hybrid` between the teacher's and the student's merged rows (`kd`: the KD options;
     `scales`: the KL family's and the L1's temperature factors)."""
-    from ds_distill.objectives.logits import divergence
-
     kl_scale, l1_scale = scales
     if kind == "uld":
         return l1_scale * sorted_l1(log_teacher.exp(), log_student.exp())
@@ -155,8 +154,6 @@ def row_term(kd, match: VocabularyMatch, student: dict, teacher: dict):
     labels, `student` holds `align_group` (each position's group, -1 for none) and `align_teacher_row` (at a
     group's last position, the flat index of the teacher's last row of the group; -1 elsewhere); `teacher` holds
     its `logits`, `labels` and `align_group` in its own positions."""
-    from ds_distill.objectives.logits import temperature_scale
-
     kind, temperature = kd.cross_tokenizer, kd.temperature
     scales = (temperature_scale(kd.divergence, temperature), temperature_scale("tvd", temperature))
     teacher_logits = teacher["logits"]  # indexed by (row, position): a causal teacher's are a view, not flattened

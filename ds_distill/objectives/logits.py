@@ -16,16 +16,17 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from ds_distill.data import IGNORE_INDEX
 from ds_distill.errors import ConfigError
 from ds_distill.objectives import cross_tokenizer, topk
-from ds_distill.objectives.base import IGNORE_INDEX, DistillationLoss, StepTokens
+from ds_distill.objectives.base import DistillationLoss, StepTokens
+from ds_distill.objectives.divergences import DIVERGENCES, divergence, temperature_scale
 
 CHUNK_ELEMENTS = 2**25
 """Logits per chunk: CHUNK_ELEMENTS // vocabulary rows (682 of a 49k vocabulary, 1044 of T5's 32k), 128 MB per
@@ -200,37 +201,6 @@ class CrossEntropyLoss(LogitTerm):
         return fn, (student["labels"],), 1.0
 
 
-def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) over the last dimension, from log-probabilities."""
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
-
-
-def _log_mixture(log_p: torch.Tensor, log_q: torch.Tensor, weight_p: float) -> torch.Tensor:
-    """log(weight_p * p + (1 - weight_p) * q), computed stably."""
-    return torch.logaddexp(log_p + math.log(weight_p), log_q + math.log1p(-weight_p))
-
-
-def divergence(
-    name: str, log_teacher: torch.Tensor, log_student: torch.Tensor, beta: float, alpha: float
-) -> torch.Tensor:
-    """Per-position divergence between teacher and student distributions; `[..., vocab] -> [...]`."""
-    if name == "forward_kl":
-        return _kl(log_teacher, log_student)
-    if name == "reverse_kl":
-        return _kl(log_student, log_teacher)
-    if name == "jsd":
-        log_mixture = _log_mixture(log_teacher, log_student, beta)
-        return beta * _kl(log_teacher, log_mixture) + (1 - beta) * _kl(log_student, log_mixture)
-    if name == "skew_kl":
-        return _kl(log_teacher, _log_mixture(log_teacher, log_student, alpha))
-    if name == "tvd":
-        return 0.5 * (log_teacher.exp() - log_student.exp()).abs().sum(-1)
-    raise AssertionError(name)
-
-
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd")
-
-
 @dataclass
 class OnPolicyOptions:
     """On-policy KD (GKD, Agarwal et al. 2024; train/on_policy.py): on `fraction` of the micro-batches the targets
@@ -284,15 +254,6 @@ class KDOptions:
         for name in ("beta", "alpha"):
             if not 0 < getattr(self, name) < 1:
                 raise ConfigError(f"losses.kd.{name} must lie strictly between 0 and 1")
-
-
-def temperature_scale(name: str, temperature: float) -> float:
-    """What a divergence at temperature T is multiplied by so that its gradients keep their size as T grows.
-
-    The KL family's gradients shrink as 1/T^2 (Hinton et al. 2015), so it gets T^2. TVD's shrink only as 1/T:
-    d TVD / d z = (1/T) sum_j sign(q_j - p_j) q_j (1[i = j] - q_i), whose signs do not fade with T, so it gets T.
-    """
-    return temperature if name == "tvd" else temperature**2
 
 
 class LogitDistillationLoss(LogitTerm):

@@ -215,9 +215,9 @@ def trace_step(
     """Peak bytes of the tensors one training micro-step creates: teacher logits held, student forward, logit
     losses, backward (weight gradients excluded: DeepSpeed moves them into its own buffers, counted with the
     student's states)."""
+    from ds_distill.objectives.features import forward_features, token_counts
     from ds_distill.objectives.head import fold_head
     from ds_distill.objectives.registry import weighted_terms
-    from ds_distill.train.student import forward_features, token_counts
 
     model = _zeroed_model(adapter, student_config).to(shape.dtype).train()
     if shape.checkpointing:  # as the trainer turns it on

@@ -23,9 +23,9 @@ from transformers import PretrainedConfig
 from ds_distill import models
 from ds_distill.config.run import LAYER_CHOICES
 from ds_distill.errors import ConfigError
+from ds_distill.models.spaces import attention_role, head_key
 from ds_distill.objectives import layer_map
 from ds_distill.surgery.shapes import Shape, shape_of
-from ds_distill.surgery.spaces import attention_role, head_key
 
 
 def choose_layers(choice: str, teacher_layers: int, student_layers: int) -> list[int]:
@@ -280,7 +280,7 @@ def cut_state(teacher_path, teacher: PretrainedConfig, student: PretrainedConfig
         normalized = block_name(adapter, source)[2] if block else source
         spaces = adapter.widths.spaces(normalized)
         if spaces is None:
-            raise ConfigError(f"no cutting rule for {normalized} in surgery/spaces.py ({adapter.name})")
+            raise ConfigError(f"no cutting rule for {normalized} in models/spaces.py ({adapter.name})")
         tensor = reader.get(source)
         for axis, space in enumerate(spaces):
             if space is not None:

@@ -25,11 +25,11 @@ from functools import partial
 import torch
 
 from ds_distill import models
+from ds_distill.models.spaces import HIDDEN, head_key
 from ds_distill.objectives.capture import feature_key, hook_site
+from ds_distill.objectives.features import model_inputs, stack_masks
 from ds_distill.surgery.cut import block_name
 from ds_distill.surgery.shapes import shape_of
-from ds_distill.surgery.spaces import HIDDEN, head_key
-from ds_distill.train.student import model_inputs, stack_masks
 
 
 def hidden_norms(model: torch.nn.Module, adapter: models.ModelAdapter):

@@ -32,10 +32,10 @@ from transformers import PretrainedConfig
 from ds_distill import models
 from ds_distill.config.run import FromTeacherConfig, PruneConfig
 from ds_distill.errors import ConfigError
+from ds_distill.models.spaces import HIDDEN, attention_role, head_key
 from ds_distill.surgery.cut import AttentionCut, SlicePlan, block_name
 from ds_distill.surgery.importance import hidden_norms
 from ds_distill.surgery.shapes import shape_of
-from ds_distill.surgery.spaces import HIDDEN, attention_role, head_key
 
 
 def target_config(full: PretrainedConfig, prune: PruneConfig) -> PretrainedConfig:

@@ -54,7 +54,7 @@ class Cohort:
         first = next(iter(prepared.values()))
         self.owns_teacher = teacher is None
         if teacher is None and first.teacher_ds:
-            teacher = load_teacher(first.run.teacher.weights(), first.teacher_ds)
+            teacher = load_teacher(models.teacher_weights(first.run.teacher), first.teacher_ds)
         self.trainers: dict[str, Trainer] = {}
         self.rng: dict[str, dict] = {}
         for name, p in prepared.items():

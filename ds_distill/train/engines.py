@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ds_distill import dist
+from ds_distill import dist, models
 from ds_distill.config import deepspeed as ds_config
 from ds_distill.data import alignment, batches, tokenizers
 from ds_distill.objectives.cross_tokenizer import VocabularyMatch
@@ -57,7 +57,7 @@ def cut_student(p: Prepared, teacher) -> Path | None:
         device = get_accelerator().current_device_name()
         scores = {key: dist.all_reduce_tensor(value.to(device)).cpu() for key, value in sorted(sums.items(), key=repr)}
     if dist.is_main():
-        source = dims.source or run.teacher.weights()
+        source = dims.source or models.teacher_weights(run.teacher)
         _, plan = students.make_student(source, path, dims, calibration, scores)
         dist.print_main(f"student cut from {source} ({dims.width} width) into {path}:\n{plan.summary()}")
         if dims.tokenizer:

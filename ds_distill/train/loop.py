@@ -24,13 +24,13 @@ from ds_distill import dist, models
 from ds_distill.config import deepspeed as ds_config
 from ds_distill.config.run import RunConfig
 from ds_distill.data import alignment, batches
-from ds_distill.evaluation import described, evaluate
 from ds_distill.objectives import cross_tokenizer
+from ds_distill.objectives.features import target_index, token_counts
 from ds_distill.surgery import prune
-from ds_distill.train import checkpoint, engines, export, on_policy
+from ds_distill.train import checkpoint, engines, export, on_policy, scoring
 from ds_distill.train.prepare import Prepared, on_policy_options, prepare, write_run_files
 from ds_distill.train.progress import LogWindow, RunLog, memory_in_use_gb, peak_memory_gb, run_summary
-from ds_distill.train.student import build_student, target_index, token_counts
+from ds_distill.train.student import build_student
 from ds_distill.train.teacher import TeacherFeatures, load_teacher
 from ds_distill.train.teacher_cache import CachedTeacher
 
@@ -50,7 +50,7 @@ class Trainer:
         self.memory_before_models_gb = peak_memory_gb(reset=True)
         self.owns_teacher = teacher is None
         if teacher is None and p.teacher_ds:
-            teacher = load_teacher(self.run.teacher.weights(), p.teacher_ds)
+            teacher = load_teacher(models.teacher_weights(self.run.teacher), p.teacher_ds)
         self.teacher = teacher
         seed = self.train_config.seed
         student = build_student(self.run.student, p.student_config, p.student_ds, seed, engines.cut_student(p, teacher))
@@ -292,7 +292,7 @@ class Trainer:
         objective = None
         if not models.adapter_for(student.config).has_lm_head(student.config):
             objective = lambda batch: self.engine(batch, self.teacher_features(batch))  # noqa: E731
-        results = evaluate(
+        results = scoring.score(
             student,
             self.p.datasets[split],
             self.collate,
@@ -304,7 +304,7 @@ class Trainer:
         )
         self.engine.train()
         self._write_scalars({f"eval/{k}": v for k, v in results.items()})
-        dist.print_main(f"step {self.step}: {described(results, prefix='eval ')}")
+        dist.print_main(f"step {self.step}: {scoring.described(results, prefix='eval ')}")
 
     def _save_checkpoint(self) -> None:
         state = {"step": self.step, "micro_batches_done": self.micro_batches_done}

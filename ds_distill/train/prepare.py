@@ -12,6 +12,7 @@ from typing import Any
 
 from ds_distill import dist, models
 from ds_distill.config import deepspeed as ds_config
+from ds_distill.config import run_dir
 from ds_distill.config.load import coerce, from_dict
 from ds_distill.config.run import RunConfig, cross_tokenizer, to_yaml
 from ds_distill.data import batches, tokenizers
@@ -21,7 +22,7 @@ from ds_distill.objectives.layerwise import ModelPair
 from ds_distill.objectives.logits import KDOptions, OnPolicyOptions
 from ds_distill.objectives.registry import build_losses
 from ds_distill.surgery import prune
-from ds_distill.train import checkpoint, export, run_dir, teacher_cache
+from ds_distill.train import checkpoint, export, teacher_cache
 from ds_distill.train.student import student_hf_config
 
 
@@ -91,7 +92,7 @@ def prepare(run: RunConfig, resume: bool | str = False, overwrite: bool = False,
         dims = run.student.init.from_teacher
         sliced = dims is not None and dims.strategy == "sliced" and not dims.source
         prune.check(run.prune, student_ds, teacher_config, student_config, starts_from_teacher=sliced)
-    source = run.teacher.weights() or run.student.model_name_or_path
+    source = models.teacher_weights(run.teacher) or run.student.model_name_or_path
     if teacher_tokenizer is not None:  # the teacher's start and end ids are of another vocabulary
         source = run.student.model_name_or_path
     generation_config = export.generation_config(source, student_config, len(tokenizer))
@@ -113,9 +114,9 @@ def check_models(run: RunConfig):
     """Both models' configs (no weights), checked against the task, the losses and the metric."""
     teacher_config = None
     if run.teacher.model_name_or_path:
-        teacher_config = models.load_config(run.teacher.weights(), "teacher")
+        teacher_config = models.load_config(models.teacher_weights(run.teacher), "teacher")
         if not run.teacher.cache:  # a run from a cache loads no teacher weights
-            models.check_local_weights(run.teacher.weights(), "teacher")
+            models.check_local_weights(models.teacher_weights(run.teacher), "teacher")
     if run.student.model_name_or_path:
         models.check_local_weights(run.student.model_name_or_path, "student")
     student_config = student_hf_config(run.student, teacher_config)
@@ -198,15 +199,16 @@ def model_pair(run: RunConfig, student_config, teacher_config) -> ModelPair | No
 def check_tokenizer(run: RunConfig, teacher_config, student_config):
     """(the student's tokenizer, the teacher's where it may differ, else None): the one tokenizer both models
     share, or, across tokenizers, each model's own (fast tokenizers, which say where each token's text ends)."""
-    tokenizer = tokenizers.load_tokenizer(tokenizers.tokenizer_source(run))
-    teacher_tokenizer = tokenizers.teacher_tokenizer(run)
+    teacher = models.teacher_weights(run.teacher)
+    tokenizer = tokenizers.load_tokenizer(tokenizers.tokenizer_source(run, teacher))
+    teacher_tokenizer = tokenizers.teacher_tokenizer(run, teacher)
     if teacher_tokenizer is not None:
         for role, side in (("student", tokenizer), ("teacher", teacher_tokenizer)):
             if not side.is_fast:
                 raise ConfigError(f"losses.kd.cross_tokenizer needs fast tokenizers (character offsets); the "
                                   f"{role}'s, {side.name_or_path}, is a slow {type(side).__name__}")  # fmt: skip
     elif teacher_config is not None and run.student.model_name_or_path:
-        tokenizers.check_same_tokenizer(run.teacher.weights(), run.student.model_name_or_path)
+        tokenizers.check_same_tokenizer(models.teacher_weights(run.teacher), run.student.model_name_or_path)
     for role, config, side in (("teacher", teacher_config, teacher_tokenizer or tokenizer),
                                ("student", student_config, tokenizer)):  # fmt: skip
         if config is not None and config.vocab_size < len(side):

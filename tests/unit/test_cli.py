@@ -201,8 +201,8 @@ def test_homobert_recipes_export_the_papers_sizes(recipe, millions, capsys):
 
 
 def test_list_shows_recipes_methods_losses_strategies_and_families(capsys):
-    from ds_distill.objectives.logits import DIVERGENCES
-    from ds_distill.objectives.methods import METHODS
+    from ds_distill.config.methods import METHODS
+    from ds_distill.objectives.divergences import DIVERGENCES
     from ds_distill.objectives.registry import LOSSES
 
     cli.main(["list"])

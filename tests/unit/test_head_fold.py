@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from ds_distill.objectives import logits as logit_losses
+from ds_distill.objectives.features import aligned_labels, model_inputs
 from ds_distill.objectives.layerwise import ModelPair
 from ds_distill.objectives.registry import build_losses
 from ds_distill.planner.trace import LiveTensorBytes
-from ds_distill.train.student import DistillationModule, aligned_labels, model_inputs
+from ds_distill.train.student import DistillationModule
 from tests.unit.test_capture import FAMILIES, TARGET, VOCAB, tiny_batch, tiny_model
 
 

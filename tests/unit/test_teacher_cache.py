@@ -16,9 +16,8 @@ from transformers import AutoTokenizer
 from ds_distill import dist, models
 from ds_distill.config.load import from_dict
 from ds_distill.config.run import RunConfig
-from ds_distill.data import batches
+from ds_distill.data import IGNORE_INDEX, batches
 from ds_distill.errors import ConfigError
-from ds_distill.objectives.base import IGNORE_INDEX
 from ds_distill.objectives.registry import build_losses
 from ds_distill.train import cache_writer, loop
 from ds_distill.train.cache_writer import CacheSettings, write_cache
