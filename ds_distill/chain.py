@@ -298,8 +298,8 @@ def _clear_if_changed(
 def _train_stage(stage: Stage, runs: dict[str, RunConfig]) -> dict[str, Path]:
     """Trains the stage's student (or students, on one teacher pass), resuming where all have checkpoints;
     returns {unit: export}."""
-    from ds_distill.train.cohort import distill_students
-    from ds_distill.train.loop import distill
+    from ds_distill.train.cohort import train_students
+    from ds_distill.train.loop import train_student
 
     dirs = {unit: Path(run.train.output_dir) for unit, run in runs.items()}
     resume = all(
@@ -309,9 +309,9 @@ def _train_stage(stage: Stage, runs: dict[str, RunConfig]) -> dict[str, Path]:
     where = ", ".join(str(path) for path in dirs.values())
     dist.print_main(f"chain: stage {stage.name} ({'resuming' if resume else 'starting'}) in {where}")
     if not stage.students:
-        return {stage.name: distill(runs[stage.name], resume=resume, overwrite=fresh)}
+        return {stage.name: train_student(runs[stage.name], resume=resume, overwrite=fresh)}
     by_student = {unit.split("/", 1)[1]: run for unit, run in runs.items()}
-    exports = distill_students(by_student, resume=resume, overwrite=fresh)
+    exports = train_students(by_student, resume=resume, overwrite=fresh)
     return {f"{stage.name}/{student}": export for student, export in exports.items()}
 
 

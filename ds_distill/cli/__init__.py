@@ -12,7 +12,8 @@
     ds-distill export --checkpoint_dir=D --output_dir=O
     ds-distill count_params PATH_OR_RECIPE             (or --recipe=NAME, --config=RUN.yaml)
     ds-distill plan --config=RUN.yaml --gpus_per_node=8 --gpu_memory_gb=80   memory per GPU, what fits, fastest
-    ds-distill list
+    ds-distill list                                   recipes, methods, losses, layer maps, families, configs
+    ds-distill keys [SECTION]                         every run-config key: type, default, what it does
     ds-distill VERB --help                            ds-distill --version
 
 Under the DeepSpeed launcher every rank runs `python -u -m ds_distill ... --local_rank=N`; that flag is
@@ -29,10 +30,10 @@ import sys
 import fire
 
 from ds_distill.cli.args import check_command, strip_launcher_flags
-from ds_distill.cli.components import first_sentence, list_components
+from ds_distill.cli.components import first_sentence, keys, list_components
 from ds_distill.cli.evaluate import evaluate
+from ds_distill.cli.jobs import cache_teacher, chain, demo, distill, generate_targets, prepare_data
 from ds_distill.cli.plan import plan
-from ds_distill.cli.run import cache_teacher, chain, demo, distill, generate_targets, prepare_data
 from ds_distill.cli.students import count_params, export, make_student, train_tokenizer
 from ds_distill.errors import ConfigError
 
@@ -47,6 +48,7 @@ VERBS = {
     "export": export,
     "count_params": count_params,
     "list": list_components,
+    "keys": keys,
     "chain": chain,
     "evaluate": evaluate,
     "plan": plan,

@@ -70,6 +70,8 @@ class FromTeacherConfig:
 
 @dataclass
 class StudentInitConfig:
+    """How a student without `model_name_or_path` starts."""
+
     from_teacher: FromTeacherConfig | None = None
 
 
@@ -236,8 +238,8 @@ class RunConfig:
     """HomoDistil's width pruning (`method: homodistil` sets the losses)."""
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Building dataclasses from plain dicts, with type coercion and helpful errors.
+# -- the values a run config may hold, and the checks on a whole run config (config/load.py builds the dataclasses
+# from plain dicts) ------------------------------------------------------------------------------------------------
 
 
 TASKS = ("translation", "seq2seq", "causal_lm", "masked_lm")

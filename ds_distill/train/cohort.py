@@ -127,9 +127,7 @@ class Cohort:
             self.teacher.destroy()
 
 
-def distill_students(
-    runs: dict[str, RunConfig], resume: bool | str = False, overwrite: bool = False
-) -> dict[str, Path]:
+def train_students(runs: dict[str, RunConfig], resume: bool | str = False, overwrite: bool = False) -> dict[str, Path]:
     """Trains the students of one run config (`config.load.parse_students`) on one teacher pass; returns each
     export's path. Every student's checks pass before any output directory is claimed or any weights load."""
     dist.init(next(iter(runs.values())).train.ddp_timeout)

@@ -55,7 +55,7 @@ def part_path(directory: Path, shard: int) -> Path:
     return directory / "shards" / f"part_{shard:05d}.jsonl"
 
 
-def generate_targets(run: RunConfig, directory: Path, settings: GenerationSettings, overwrite: bool = False) -> Path:
+def write_targets(run: RunConfig, directory: Path, settings: GenerationSettings, overwrite: bool = False) -> Path:
     """Writes (or finishes) DIR/train.jsonl with the teacher's outputs; returns its path."""
     if cross_tokenizer(run):
         raise ConfigError("generate_targets does not work across tokenizers yet (losses.kd.cross_tokenizer)")

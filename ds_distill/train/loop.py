@@ -326,7 +326,7 @@ class Trainer:
         return target
 
 
-def distill(run: RunConfig, resume: bool | str = False, overwrite: bool = False) -> Path:
+def train_student(run: RunConfig, resume: bool | str = False, overwrite: bool = False) -> Path:
     """Runs one distillation (or, without a teacher, plain training) and returns the exported student's path."""
     dist.init(run.train.ddp_timeout)
     trainer = Trainer(prepare(run, resume=resume, overwrite=overwrite))

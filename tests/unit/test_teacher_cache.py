@@ -207,7 +207,7 @@ def test_runs_the_cache_cannot_serve_are_refused_before_weights_load(tiny, tmp_p
         for section, values in changes.items():
             changed[section] = {**changed[section], **values}
         with pytest.raises(ConfigError) as error:
-            loop.distill(cached(changed, tmp_path / "cache"))
+            loop.train_student(cached(changed, tmp_path / "cache"))
         assert "\n" not in str(error.value)
         return str(error.value)
 

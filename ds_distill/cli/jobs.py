@@ -55,15 +55,15 @@ def distill(
         **overrides: any config key as a dotted flag, e.g. --train.learning_rate=3e-4.
     """
     from ds_distill.config.load import load_tree, parse_run, parse_students
-    from ds_distill.train.cohort import distill_students
-    from ds_distill.train.loop import distill as run_distill
+    from ds_distill.train.cohort import train_students
+    from ds_distill.train.loop import train_student
 
     tree = load_tree(config, recipe, overrides)
     resume, overwrite = resume_flag(resume), flag(overwrite, "overwrite")
     if "students" in tree:
-        distill_students(parse_students(tree), resume=resume, overwrite=overwrite)
+        train_students(parse_students(tree), resume=resume, overwrite=overwrite)
     else:
-        run_distill(parse_run(tree), resume=resume, overwrite=overwrite)
+        train_student(parse_run(tree), resume=resume, overwrite=overwrite)
 
 
 def chain(config: str | None = None, recipe: str | None = None, overwrite=(), **overrides):
@@ -223,8 +223,7 @@ def generate_targets(
         **overrides: dotted flags, e.g. --data.max_train_samples=100000.
     """
     from ds_distill.config.load import load_tree, parse_run, parse_students
-    from ds_distill.train.generate_targets import GenerationSettings
-    from ds_distill.train.generate_targets import generate_targets as write_targets
+    from ds_distill.train.generate_targets import GenerationSettings, write_targets
 
     if not output_dir:
         raise ConfigError("give --output_dir=DIR")
