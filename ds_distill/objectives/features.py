@@ -75,25 +75,27 @@ def forward_features(
     capture: FeatureCapture | None = None,
     head: torch.nn.Linear | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Runs `model` on `batch` and returns the features losses read: logits aligned so logits[:, t] predicts
+    """Runs `model` on `batch` and returns the features losses read: `logits` aligned so logits[:, t] predicts
     labels[:, t], the stack masks, and what `capture` collected during this forward. With `head` (the model's,
-    from `fold_head`), `logits` hold the head's input and `head` computes them in the logit terms' chunks."""
+    from `fold_head`), the forward stops before the head: `head_input` holds what it would read, aligned the
+    same way, and `head` computes the logits in the logit terms' chunks (objectives/logits.py)."""
     inputs = model_inputs(batch)
     if adapter.kind != "encoder":
         inputs["use_cache"] = False  # no key/value cache to build and hold for a forward that generates nothing
     with capture.recording() if capture else contextlib.nullcontext(), folded(head):
         output = model(**inputs)
     features = {"labels": batch.get("labels"), **stack_masks(adapter, batch)}
-    if head is not None:
-        features["head"] = head
     for key in ("target_index", *ALIGNMENT_KEYS):
         if key in batch:
             features[key] = batch[key]
     if capture:
         features.update(capture.pop())
-    if hasattr(output, "logits"):
-        features["logits"] = output.logits
-    if adapter.kind == "causal" and features["labels"] is not None and "logits" in features:
-        features["logits"] = features["logits"][:, :-1]
-        features["labels"] = aligned_labels(adapter, features["labels"])
+    if hasattr(output, "logits"):  # under `folded(head)` the model's output is the head's input
+        rows = "logits" if head is None else "head_input"
+        features[rows] = output.logits
+        if adapter.kind == "causal" and features["labels"] is not None:
+            features[rows] = features[rows][:, :-1]
+            features["labels"] = aligned_labels(adapter, features["labels"])
+    if head is not None:
+        features["head"] = head
     return features

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import contextvars
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -34,15 +35,23 @@ float32 temporary whatever the vocabulary. Each chunk costs a few dozen kernel l
 the host, so chunks much smaller than this would leave a GPU waiting (not tuned on a GPU yet)."""
 
 
+_CHUNK = contextvars.ContextVar("chunk_elements", default=None)
+
+
 @contextlib.contextmanager
 def chunk_elements(count: int):
     """Chunks of `count` logits while open (the planner's traces, tests)."""
-    global CHUNK_ELEMENTS
-    saved, CHUNK_ELEMENTS = CHUNK_ELEMENTS, count
+    token = _CHUNK.set(count)
     try:
         yield
     finally:
-        CHUNK_ELEMENTS = saved
+        _CHUNK.reset(token)
+
+
+def current_chunk_elements() -> int:
+    """Logits per chunk now: `chunk_elements`' count where one is open, else CHUNK_ELEMENTS."""
+    count = _CHUNK.get()
+    return CHUNK_ELEMENTS if count is None else count
 
 
 def target_positions(features: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,7 +65,7 @@ def target_positions(features: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def logit_width(features: dict) -> int:
-    """The logits' last dimension, also where the LM head is folded in and `logits` hold its input."""
+    """The logits' last dimension, also where the LM head is folded in (`head_input` instead of `logits`)."""
     head = features.get("head")
     return head.out_features if head is not None else features["logits"].shape[-1]
 
@@ -78,9 +87,14 @@ class TargetRows(torch.autograd.Function):
     forward, and nothing is recomputed.
     """
 
+    ARGUMENTS = ("student", "example", "position", "terms", "weights", "divisor", "breaks", "weight", "bias")
+    """`forward`'s inputs in order: autograd says by place which need a gradient and takes them back so."""
+    DIFFERENTIABLE = ("student", "weight", "bias")
+
     @staticmethod
     def forward(ctx, student, example, position, terms, weights, divisor, breaks=None, weight=None, bias=None):
-        needs = [ctx.needs_input_grad[i] if i < len(ctx.needs_input_grad) else False for i in (0, 7, 8)]
+        places = [TargetRows.ARGUMENTS.index(name) for name in TargetRows.DIFFERENTIABLE]
+        needs = [place < len(ctx.needs_input_grad) and ctx.needs_input_grad[place] for place in places]
         wide = torch.promote_types(student.dtype, torch.float32)
         # The rows' gradient keeps their dtype, as the logits' did; the head's weight and bias sum chunks in float32.
         grads = [
@@ -89,7 +103,7 @@ class TargetRows(torch.autograd.Function):
         ]
         wanted = [i for i, need in enumerate(needs) if need]
         sums = torch.zeros(len(terms), dtype=wide, device=student.device)
-        rows = max(1, CHUNK_ELEMENTS // (student.shape[-1] if weight is None else weight.shape[0]))
+        rows = max(1, current_chunk_elements() // (student.shape[-1] if weight is None else weight.shape[0]))
         for start, end in chunks(example.numel(), rows, breaks):
             b, t = example[start:end], position[start:end]
             with torch.enable_grad():
@@ -116,11 +130,11 @@ class TargetRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, _):
-        student, weight, bias = (
-            None if grad is None else grad.mul_(grad_output.to(grad.dtype)).to(dtype)  # our buffers: scaled in place
-            for grad, dtype in zip(ctx.saved_tensors, ctx.dtypes)
-        )
-        return student, None, None, None, None, None, None, weight, bias
+        grads = {
+            name: None if grad is None else grad.mul_(grad_output.to(grad.dtype)).to(dtype)  # scaled in place
+            for name, grad, dtype in zip(TargetRows.DIFFERENTIABLE, ctx.saved_tensors, ctx.dtypes)
+        }
+        return tuple(grads.get(name) for name in TargetRows.ARGUMENTS)
 
 
 def chunks(total: int, rows: int, breaks: list[int] | None = None):
@@ -171,7 +185,10 @@ def logit_terms(
         weights, divisor = [w / counts[kind] for w, kind in zip(weights, kinds)], 1.0
     args = (example, position, fns, weights, divisor, student.get("chunk_breaks"))
     head = student.get("head")  # folded in (`head.py`): called as a module, so ZeRO-3 gathers its weight
-    total, sums = head(student["logits"], *args) if head is not None else TargetRows.apply(student["logits"], *args)
+    if head is not None:
+        total, sums = head(student["head_input"], *args)
+    else:
+        total, sums = TargetRows.apply(student["logits"], *args)
     return total, {
         name: value * scale / counts[kind] for name, value, (_, scale), kind in zip(terms, sums.unbind(), scaled, kinds)
     }

@@ -283,7 +283,7 @@ def step_memory(student_config, adapter, shape, logit_losses, weights, teacher_l
         return trace_step(config, adapter, shape, logit_losses, weights, teacher_logits, batch)
 
     width = student_config.vocab_size  # the logits' rows, the tokenizer's vocabulary and any padding past it
-    rows = max(1, logits.CHUNK_ELEMENTS // width)
+    rows = max(1, logits.current_chunk_elements() // width)
     traced = min(rows, shape.target or shape.source - 1)
     with logits.chunk_elements(traced * width):
         one, two = trace(shallow(), 1), trace(shallow(), 2)
