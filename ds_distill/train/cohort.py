@@ -29,7 +29,7 @@ from ds_distill.train.teacher import TeacherFeatures, load_teacher
 def common_resume_tag(prepared: dict[str, Prepared]) -> str | None:
     """The newest checkpoint every student completed (a kill can fall between two students' saves); None when
     none resumes. Refused when only some have checkpoints, or none in common."""
-    resuming = {name for name, p in prepared.items() if p.resume}
+    resuming = {name for name, p in prepared.items() if p.resumes}
     if not resuming:
         return None
     if resuming != set(prepared):

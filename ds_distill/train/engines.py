@@ -29,7 +29,7 @@ def cut_student(p: Prepared, teacher) -> Path | None:
     if dims is None or dims.strategy != "sliced":
         return None
     path = p.output_dir / "student_init"
-    if p.resume:  # the checkpoint holds the weights; the directory only gives the architecture
+    if p.resumes:  # the checkpoint holds the weights; the directory only gives the architecture
         return path if path.is_dir() else None
     split = p.datasets[run.data.train_split]
     rows = students.calibration_rows(

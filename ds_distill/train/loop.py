@@ -90,7 +90,7 @@ class Trainer:
         self.checkpoints = p.output_dir / "checkpoints"
         self.step = 0
         self.micro_batches_done = 0
-        if p.resume:
+        if p.resumes:
             self._resume(resume_tag or checkpoint.latest_tag(self.checkpoints))
         self.log = RunLog(p.output_dir, self.step)
 

@@ -8,7 +8,9 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
+from datasets import DatasetDict
+from transformers import GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from ds_distill import dist, models
 from ds_distill.config import deepspeed as ds_config
@@ -32,18 +34,21 @@ class Prepared:
 
     run: RunConfig
     output_dir: Path
-    resume: bool
-    tokenizer: Any
-    datasets: Any
+    tokenizer: PreTrainedTokenizerBase
+    datasets: DatasetDict
+    """The tokenized splits (`data.load_tokenized`)."""
     teacher_ds: dict | None
+    """The teacher's DeepSpeed config, "auto" values filled; None: no teacher engine (none, or its cache)."""
     student_ds: dict
-    student_config: Any
-    generation_config: Any
+    student_config: PretrainedConfig
+    generation_config: GenerationConfig
     total_steps: int
     validation_split: str | None
-    teacher_config: Any = None
-    teacher_tokenizer: Any = None
+    teacher_config: PretrainedConfig | None = None
+    teacher_tokenizer: PreTrainedTokenizerBase | None = None
     """Across tokenizers (`losses.kd.cross_tokenizer`): the teacher's own; None where the models share one."""
+    resumes: bool = False
+    """Whether the run goes on from a checkpoint in output_dir: decided where the directory is claimed."""
 
 
 def prepare(run: RunConfig, resume: bool | str = False, overwrite: bool = False, claim: bool = True) -> Prepared:
@@ -97,17 +102,21 @@ def prepare(run: RunConfig, resume: bool | str = False, overwrite: bool = False,
         source = run.student.model_name_or_path
     generation_config = export.generation_config(source, student_config, len(tokenizer))
     prepared = Prepared(
-        run, Path(train.output_dir), resume, tokenizer, tokenized, teacher_ds, student_ds, student_config,
-        generation_config, total_steps, validation_split, teacher_config, teacher_tokenizer,
+        run=run, output_dir=Path(train.output_dir), tokenizer=tokenizer, datasets=tokenized, teacher_ds=teacher_ds,
+        student_ds=student_ds, student_config=student_config, generation_config=generation_config,
+        total_steps=total_steps, validation_split=validation_split, teacher_config=teacher_config,
+        teacher_tokenizer=teacher_tokenizer,
     )  # fmt: skip
     return claim_output_dir(prepared, resume, overwrite) if claim else prepared
 
 
 def claim_output_dir(p: Prepared, resume: bool | str, overwrite: bool) -> Prepared:
-    """`p` with its output directory claimed (`run_dir.claim`) and `resume` set to whether it resumes."""
+    """`p` with its output directory claimed (`run_dir.claim`; `resume`: True, False or "auto") and `resumes`
+    set to whether it goes on from a checkpoint."""
     # rank 0's view decides for all (on node-local disks the others may see none; resuming then says so)
     has_checkpoint = dist.all_gather_objects(checkpoint.latest_tag(p.output_dir / "checkpoints") is not None)[0]
-    return dataclasses.replace(p, resume=run_dir.claim(p.output_dir, to_yaml(p.run), resume, overwrite, has_checkpoint))
+    resumes = run_dir.claim(p.output_dir, to_yaml(p.run), resume, overwrite, has_checkpoint)
+    return dataclasses.replace(p, resumes=resumes)
 
 
 def check_models(run: RunConfig):
