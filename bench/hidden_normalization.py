@@ -40,7 +40,7 @@ from ds_distill import models  # noqa: E402
 from ds_distill.config.deepspeed import PROJECT_ROOT  # noqa: E402
 from ds_distill.config.run import FromTeacherConfig, LayerMapConfig  # noqa: E402
 from ds_distill.objectives.capture import FeatureCapture  # noqa: E402
-from ds_distill.objectives.features import forward_features
+from ds_distill.objectives.features import forward_features  # noqa: E402
 from ds_distill.objectives.layerwise import (
     NORMALIZATIONS,  # noqa: E402
     ModelPair,  # noqa: E402

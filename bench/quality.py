@@ -664,7 +664,7 @@ def seqkd(seeds: int = 3, steps: int = 300, size: str = "20x", init: str = "rand
           fraction: float = 0.5, workers: int = 2, output_dir: str = "runs/bench/quality") -> None:  # fmt: skip
     """Word-level vs sequence-level vs on-policy KD (vs sequence-level + on-policy) at one size, CE + KD each."""
     from ds_distill.config.load import parse_run
-    from ds_distill.train.generate_targets import GenerationSettings, generate_targets
+    from ds_distill.train.generate_targets import GenerationSettings, write_targets
 
     out = Path(output_dir)
     started = time.perf_counter()
@@ -674,7 +674,7 @@ def seqkd(seeds: int = 3, steps: int = 300, size: str = "20x", init: str = "rand
     if not (targets / "train.jsonl").is_file():
         generating = time.perf_counter()
         settings_ = GenerationSettings(num_beams=num_beams, max_new_tokens=64, batch_size=100)
-        generate_targets(parse_run(base), targets, settings_)
+        write_targets(parse_run(base), targets, settings_)
         print(f"generated the teacher's targets in {time.perf_counter() - generating:.0f} s", flush=True)
     cells, jobs = {}, {}
     for (row, (losses, kind)), seed in itertools.product(SEQUENCE_ROWS.items(), range(seeds)):

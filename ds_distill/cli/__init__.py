@@ -129,6 +129,9 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {error}", file=sys.stderr)
         _refused_exit(group_started_here=dist.initialized() and not caller_group)
+    except BrokenPipeError:  # the reader stopped early (`ds-distill keys | head`): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush finds no pipe
+        sys.exit(0)
     except Exception as error:
         from ds_distill import peers
 

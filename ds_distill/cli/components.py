@@ -65,9 +65,21 @@ def keys(section: str | None = None):
     from ds_distill.objectives.registry import LOSSES
 
     found = config_keys(RunConfig)
+    found.append(
+        Key(
+            "students",
+            "dict[str, dict] | None",
+            "None",
+            "Several students on one teacher pass: a name "
+            "per student, each overriding the run's sections key by key (README, 'Several students').",
+        )
+    )
     for name, loss in LOSSES.items():
         found.append(Key(f"losses.{name}.weight", "float", "1.0", "The term's weight in the sum; 0 turns it off."))
-        found += config_keys(loss.Options, f"losses.{name}.")
+        for key in config_keys(loss.Options, f"losses.{name}.", whole=("layer_map",)):
+            if key.name.endswith(".layer_map"):  # listed once, under the run's layer_map
+                key.doc += " Its keys are layer_map's (ds-distill keys layer_map)."
+            found.append(key)
     if section:
         section = str(section)
         chosen = [key for key in found if key.name == section or key.name.startswith(section + ".")]

@@ -116,6 +116,8 @@ def prepare_data(config: str | None = None, recipe: str | None = None, **overrid
         recipe: name of a shipped recipe instead.
         **overrides: dotted flags, e.g. --data.tokenized_path=DIR --data.max_train_samples=100000.
     """
+    from functools import partial
+
     from ds_distill import models
     from ds_distill.config.load import load_config
     from ds_distill.data import tokenized as data
@@ -126,7 +128,7 @@ def prepare_data(config: str | None = None, recipe: str | None = None, **overrid
         raise ConfigError(
             "set data.tokenized_path: the directory to write (one that every node of the launch can read)"
         )
-    teacher = models.teacher_weights(run.teacher)
+    teacher = partial(models.teacher_weights, run.teacher)  # resolved where needed
     tokenizer = tokenizers.load_tokenizer(tokenizers.tokenizer_source(run, teacher))
     teacher_tokenizer = tokenizers.teacher_tokenizer(run, teacher)  # across tokenizers, the training rows hold both
     tokenized = data.tokenize(run.data, tokenizer, data.load_raw(run.data), teacher_tokenizer)

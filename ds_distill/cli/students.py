@@ -260,6 +260,8 @@ def train_tokenizer(
         overwrite: replace output_dir if it holds a tokenizer already.
         **overrides: dotted flags, e.g. --data.max_train_samples=200000.
     """
+    from functools import partial
+
     from ds_distill import models
     from ds_distill.config.load import load_config
     from ds_distill.data import tokenized as data
@@ -273,7 +275,7 @@ def train_tokenizer(
     if (path / "tokenizer_config.json").is_file() and not flag(overwrite, "overwrite"):
         raise ConfigError(f"{path} holds a tokenizer already; pass --overwrite to replace it")
     run = load_config(config, recipe, overrides)
-    source = tokenizers.load_tokenizer(tokenizers.tokenizer_source(run, models.teacher_weights(run.teacher)))
+    source = tokenizers.load_tokenizer(tokenizers.tokenizer_source(run, partial(models.teacher_weights, run.teacher)))
     raw = data.load_raw(run.data)
     train = run.data.train_split
     trained = tokenizers.train_like(source, data.texts(run.data, data.limited(run.data, train, raw[train]), train),

@@ -27,21 +27,24 @@ class Key:
 
 
 def attribute_docs(cls: type) -> dict[str, str]:
-    """Each field's docstring: the string literal that follows its annotated line in the class body."""
-    try:
-        body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
-    except (OSError, TypeError):  # no source at hand
-        return {}
-    docs = {}
-    for node, after in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            if (
-                isinstance(after, ast.Expr)
-                and isinstance(after.value, ast.Constant)
-                and isinstance(after.value.value, str)
-            ):
+    """Each field's docstring: the string literal that follows its annotated line in the class body (or in the
+    body of the dataclass it inherits the field from)."""
+    docs: dict[str, str] = {}
+    for base in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(base):
+            continue
+        try:
+            body = ast.parse(textwrap.dedent(inspect.getsource(base))).body[0].body
+        except (OSError, TypeError):  # no source at hand
+            continue
+        for node, after in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and _is_string(after):
                 docs[node.target.id] = inspect.cleandoc(after.value.value)
     return docs
+
+
+def _is_string(node: ast.stmt) -> bool:
+    return isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
 
 
 def type_name(hint: Any) -> str:
@@ -60,25 +63,27 @@ def nested_dataclass(hint: Any) -> type | None:
     return None
 
 
-def keys(cls: type, prefix: str = "") -> list[Key]:
-    """The keys of dataclass `cls`, depth first, a nested dataclass's under its field's name."""
+def keys(cls: type, prefix: str = "", whole: tuple[str, ...] = ()) -> list[Key]:
+    """The keys of dataclass `cls`, depth first, a nested dataclass's under its field's name (but the fields
+    named in `whole`, listed as one key). An optional section (`| None = None`) is off until given; its keys
+    then take the defaults listed."""
     hints, docs, found = typing.get_type_hints(cls), attribute_docs(cls), []
     for field in dataclasses.fields(cls):
         name, hint = f"{prefix}{field.name}", hints[field.name]
-        nested = nested_dataclass(hint)
-        if nested is not None:
-            own = nested.__doc__ or ""  # dataclass writes a signature where a class has no docstring
-            doc = docs.get(field.name) or ("" if own.startswith(f"{nested.__name__}(") else inspect.cleandoc(own))
-            found.append(Key(name, nested.__name__ + (" | None" if nested is not hint else ""), "", doc))
-            found += keys(nested, f"{name}.")
-            continue
         if field.default is not MISSING:
             default = repr(field.default)
         elif field.default_factory is not MISSING:
-            default = repr(field.default_factory())
+            default = "" if nested_dataclass(hint) else repr(field.default_factory())
         else:
             default = "(required)"
-        found.append(Key(name, type_name(hint), default, docs.get(field.name, "")))
+        nested = nested_dataclass(hint)
+        doc = docs.get(field.name, "")
+        if nested is not None:
+            own = nested.__doc__ or ""  # dataclass writes a signature where a class has no docstring
+            doc = doc or ("" if own.startswith(f"{nested.__name__}(") else inspect.cleandoc(own))
+        found.append(Key(name, type_name(hint), default, doc))
+        if nested is not None and field.name not in whole:
+            found += keys(nested, f"{name}.")
     return found
 
 

@@ -3,8 +3,9 @@ tokenizers, each stack's real positions, the labels aligned with the logits, and
 
     features = forward_features(model, adapter, batch, capture)   # logits, labels, masks, captured layers
 
-The student (train/student.py), the teacher (train/teacher.py), evaluation, the teacher cache's writer, the
-importance ranking of a cut and the planner's trace all run their forwards through here.
+The student (train/student.py), the teacher (train/teacher.py), scoring (train/scoring.py), the teacher cache's
+writer and the planner's trace run their forwards through `forward_features`; a cut's importance ranking feeds
+the teacher `model_inputs` and reads `stack_masks`.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import contextvars
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -87,13 +88,12 @@ class TargetRows(torch.autograd.Function):
     forward, and nothing is recomputed.
     """
 
-    ARGUMENTS = ("student", "example", "position", "terms", "weights", "divisor", "breaks", "weight", "bias")
-    """`forward`'s inputs in order: autograd says by place which need a gradient and takes them back so."""
     DIFFERENTIABLE = ("student", "weight", "bias")
+    """The inputs gradients flow to (autograd names them by their place in `forward`'s arguments)."""
 
     @staticmethod
     def forward(ctx, student, example, position, terms, weights, divisor, breaks=None, weight=None, bias=None):
-        places = [TargetRows.ARGUMENTS.index(name) for name in TargetRows.DIFFERENTIABLE]
+        places = [ARGUMENTS.index(name) for name in TargetRows.DIFFERENTIABLE]
         needs = [place < len(ctx.needs_input_grad) and ctx.needs_input_grad[place] for place in places]
         wide = torch.promote_types(student.dtype, torch.float32)
         # The rows' gradient keeps their dtype, as the logits' did; the head's weight and bias sum chunks in float32.
@@ -134,7 +134,11 @@ class TargetRows(torch.autograd.Function):
             name: None if grad is None else grad.mul_(grad_output.to(grad.dtype)).to(dtype)  # scaled in place
             for name, grad, dtype in zip(TargetRows.DIFFERENTIABLE, ctx.saved_tensors, ctx.dtypes)
         }
-        return tuple(grads.get(name) for name in TargetRows.ARGUMENTS)
+        return tuple(grads.get(name) for name in ARGUMENTS)
+
+
+ARGUMENTS = tuple(inspect.signature(TargetRows.forward).parameters)[1:]
+"""`TargetRows.forward`'s inputs in order (after ctx)."""
 
 
 def chunks(total: int, rows: int, breaks: list[int] | None = None):

@@ -233,7 +233,7 @@ def tokenizer_size(run: RunConfig) -> int | None:
     """The (student's) tokenizer's length where it can be read without a download, else None."""
     from ds_distill.data.tokenizers import tokenizer_source
 
-    source = tokenizer_source(run, models.teacher_weights(run.teacher))
+    source = tokenizer_source(run, functools.partial(models.teacher_weights, run.teacher))
     if not source or not Path(source).exists():
         return None
     from transformers import AutoTokenizer

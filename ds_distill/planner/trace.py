@@ -241,8 +241,9 @@ def trace_step(
         student = forward_features(model, adapter, inputs, head=fold_head(model, adapter))
         if logit_losses:
             total, _ = weighted_terms(logit_losses, weights, student, teacher, counts)
-        else:  # layer-wise terms only: a stand-in that keeps the whole graph
-            total = student.get("logits", next(iter(embedded))).float().mean()
+        else:  # layer-wise terms only: a stand-in that keeps the whole graph (the head's input where it is folded)
+            last = next((student[key] for key in ("logits", "head_input") if key in student), next(iter(embedded)))
+            total = last.float().mean()
         del teacher, student
         torch.autograd.grad(total, [e for e in embedded if e.requires_grad], allow_unused=True)
     return tracker.peak
@@ -269,7 +270,7 @@ def step_memory(student_config, adapter, shape, logit_losses, weights, teacher_l
     peak linearly to the student's depth.
 
     The logit terms' float32 temporaries are those of one chunk of rows whatever the batch
-    (`logits.CHUNK_ELEMENTS`). The traces use chunks of one example's rows, so both batches fill them; a
+    (`logits.current_chunk_elements()`). The traces use chunks of one example's rows, so both batches fill them; a
     trace with half as many rows per chunk gives their bytes per row, and the fixed part gets a full chunk."""
     from ds_distill.objectives import logits
 

@@ -1,7 +1,7 @@
 """What a student keeps of its teacher (a `SlicePlan`), and the student's tensors cut from the teacher's.
 
 A plan says which teacher block each student block copies (per stack) and which units each space of
-`spaces.py` keeps: the hidden channels of the whole model, the FFN neurons of each block, and for each
+`models/spaces.py` keeps: the hidden channels of the whole model, the FFN neurons of each block, and for each
 attention of each block its key/value groups and, where heads narrow, each head's query/key and value/output
 channels. The same index set goes through every tensor that reads or writes a space, so a student of the
 teacher's own dimensions reproduces the teacher, one with fewer blocks equals the teacher's chosen blocks, and
@@ -158,7 +158,7 @@ def make_plan(
 ) -> SlicePlan:
     """Keeps the leading units, or with `scores` the highest-scoring, of each space.
 
-    `scores`, keyed as in `spaces.py`: ("hidden",): [d_model]; ("ffn", stack, block): [d_ff];
+    `scores`, keyed as in `models/spaces.py`: ("hidden",): [d_model]; ("ffn", stack, block): [d_ff];
     ("heads", attention, stack, block): [key/value groups] (block None where heads are per stack);
     ("qk" | "vo", attention, stack, block): [heads, head_dim].
     """
@@ -293,7 +293,7 @@ def cut_state(teacher_path, teacher: PretrainedConfig, student: PretrainedConfig
 
 def _fold_scales(tensor, spaces, plan: SlicePlan, block, full: Shape, width_scaled: bool) -> torch.Tensor:
     """Narrower heads divide their scores by sqrt(the narrower width): scaling the queries by sqrt(narrow /
-    full) keeps the scores the kept channels give. A width-dependent scale of the model (`spaces.py`) is
+    full) keeps the scores the kept channels give. A width-dependent scale of the model (`models/spaces.py`) is
     undone in the tensor the table names."""
     if width_scaled and len(plan.hidden) != full.width:
         tensor = tensor * (len(plan.hidden) / full.width) ** 0.5

@@ -69,7 +69,7 @@ def _per_sequence_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
 
 @torch.no_grad()
 def activation_scores(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> dict:
-    """Scores keyed as `spaces.py` keys units, from the model's forward on `batches` (eval mode, no gradients).
+    """Scores keyed as `models/spaces.py` keys units, from the model's forward on `batches` (eval mode, no gradients).
     Each block's activations are reduced as they pass, so memory does not grow with depth. Works on a ZeRO-3
     partitioned model too (hooks see whole activations); every rank must then run the same number of batches."""
     adapter = models.adapter_for(model.config)

@@ -137,7 +137,7 @@ class Trainer:
         return self.teacher_side.features(batch) if self.teacher_side is not None else None
 
     def step_tokens(self, batches: list[dict[str, torch.Tensor]], sampled: list[bool] | None = None):
-        """Token counts of the optimizer step's micro-batches on all ranks (`student.token_counts`), on the
+        """Token counts of the optimizer step's micro-batches on all ranks (`features.token_counts`), on the
         device; counted on the host, so no micro-step waits for the device. Also adds to the window's tokens.
         An on-policy micro-batch (`sampled`) counts only its targets, as "sampled": only the KD term reads it."""
         counts = defaultdict(int)

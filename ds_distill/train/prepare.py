@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from datasets import DatasetDict
@@ -208,7 +209,7 @@ def model_pair(run: RunConfig, student_config, teacher_config) -> ModelPair | No
 def check_tokenizer(run: RunConfig, teacher_config, student_config):
     """(the student's tokenizer, the teacher's where it may differ, else None): the one tokenizer both models
     share, or, across tokenizers, each model's own (fast tokenizers, which say where each token's text ends)."""
-    teacher = models.teacher_weights(run.teacher)
+    teacher = partial(models.teacher_weights, run.teacher)  # resolved where needed
     tokenizer = tokenizers.load_tokenizer(tokenizers.tokenizer_source(run, teacher))
     teacher_tokenizer = tokenizers.teacher_tokenizer(run, teacher)
     if teacher_tokenizer is not None:
