@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.quality import cost, mean_sd, named, run_jobs, write_table  # noqa: E402
 from bench.smollm2_students import HELD_OUT, STUDENT, english_text, teacher_dir  # noqa: E402
 from ds_distill.config.deepspeed import PROJECT_ROOT  # noqa: E402
+from ds_distill.models import count_parameters, load_config  # noqa: E402
 
 CUT_LR, RANDOM_LR = 3e-4, 1e-3  # bench/smollm2_students.py's
 CUT = {"strategy": "sliced", "width": "importance", "layers": "alternate"}
@@ -116,6 +117,17 @@ def decoding_speed(model_dir: Path, prompts: list[str], new_tokens: int = 64) ->
     return tokens / seconds, size / seconds
 
 
+def teacher_bits_per_byte(out: Path, teacher: Path, tree: dict) -> float:
+    """The teacher's held-out bits per byte, scored by `ds-distill evaluate` on the runs' validation split."""
+    report = out / "teacher_eval" / "report.json"
+    if not report.is_file():
+        config = out / "teacher_eval.yaml"
+        config.write_text(yaml.safe_dump({**tree, "train": {**tree["train"], "output_dir": str(out / "unused")}}))
+        subprocess.run([sys.executable, "-m", "ds_distill", "evaluate", f"--model={teacher}", f"--config={config}",
+                        f"--output_dir={report.parent}"], cwd=PROJECT_ROOT, check=True)  # fmt: skip
+    return json.loads(report.read_text())["metrics"]["bits_per_byte"]
+
+
 def tokens_per_s(run_dir: Path) -> float:
     rows = [json.loads(line) for line in open(run_dir / "log.jsonl") if '"tokens_per_s"' in line]
     return statistics.mean(row["tokens_per_s"] for row in rows)
@@ -167,6 +179,8 @@ def main(seeds: int = 3, steps: int = 120, batch: int = 4, block_size: int = 64,
         "| row | parameters | held-out bits per byte | paired difference | train tokens/s | decoding tokens/s, "
         "bytes/s |",
         "|---|---:|---:|---:|---:|---:|",
+        f"| teacher (SmolLM2-135M) | {count_parameters(load_config(str(teacher), 'teacher')) / 1e6:.1f}M | "
+        f"{teacher_bits_per_byte(out, teacher, reference):.4f} | | | |",
     ]
     for row, names in cells.items():
         runs = [results[name] for name in names]

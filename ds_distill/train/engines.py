@@ -36,21 +36,22 @@ def cut_student(p: Prepared, teacher) -> Path | None:
         len(split), train.per_device_train_batch_size, dims.calibration_batches, train.seed
     )
 
-    # the teacher (or the model the student is cut from) reads its own tokens: across tokenizers, the teacher's
-    teacher_tokenizer = p.teacher_tokenizer or p.tokenizer
+    # the teacher (or the model the student is cut from) reads its own tokens: across tokenizers, the teacher's,
+    # whose packed rows are as long as the text of a student block takes (padded)
+    teacher_tokenizer, ragged = p.teacher_tokenizer or p.tokenizer, p.teacher_tokenizer is not None
 
     def teacher_rows(batch: list[int]) -> list[dict]:
         return [alignment.teacher_row(split[i]) if p.teacher_tokenizer else split[i] for i in batch]
 
     def calibration(model):
-        collate = batches.make_collator(run.data, teacher_tokenizer, model)
+        collate = batches.make_collator(run.data, teacher_tokenizer, model, rows_vary=ragged)
         return [collate(teacher_rows(batch)) for batch in rows]
 
     scores = None
     if dims.width == "importance" and not dims.source:
         # ranked on the teacher engine already loaded: each rank its share of the batches, sums added up
         share = students.rank_share(rows, dist.rank(), dist.world_size())
-        collate = batches.make_collator(run.data, teacher_tokenizer, teacher.module)
+        collate = batches.make_collator(run.data, teacher_tokenizer, teacher.module, rows_vary=ragged)
         sums = activation_scores(teacher.module, (collate(teacher_rows(batch)) for batch in share))
         from deepspeed.accelerator import get_accelerator
 

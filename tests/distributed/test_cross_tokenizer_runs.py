@@ -58,15 +58,16 @@ def test_a_student_of_another_tokenizer_family_learns_from_the_teacher(tiny, tmp
 
 
 def test_a_student_cut_with_a_vocabulary_of_its_own_trains_and_exports_it(tiny, tmp_path):
-    """student.init.from_teacher.tokenizer: cut from the teacher (sliced), its rows made for the new vocabulary
-    (`make_student --tokenizer`), trained across tokenizers; the export reads with the new tokenizer."""
-    vocabulary = AutoTokenizer.from_pretrained(tiny_models.byte_level_t5(tmp_path / "byte_level_t5"))
-    config = translation_config(tiny, tmp_path / "run", train={"max_steps": 4, "save_steps": 0})
-    config["student"]["init"]["from_teacher"].update(strategy="sliced", width="first",
-                                                     tokenizer=str(tmp_path / "byte_level_t5"))  # fmt: skip
+    """student.init.from_teacher.tokenizer on packed text: cut from the GPT-2 teacher (sliced, channels ranked on
+    the teacher's own tokens of training blocks), its rows made for the new vocabulary (`make_student
+    --tokenizer`), trained across tokenizers; the export reads with the new tokenizer."""
+    vocabulary = AutoTokenizer.from_pretrained(tiny_models.byte_level_gpt2(tmp_path / "byte_level"))
+    config = causal_lm_config(tiny, tmp_path / "run", train={"max_steps": 4, "save_steps": 0})
+    config["student"]["init"]["from_teacher"].update(strategy="sliced", width="importance",
+                                                     tokenizer=str(tmp_path / "byte_level"))  # fmt: skip
     config["losses"]["kd"]["cross_tokenizer"] = "hybrid"
     run(tmp_path, "run", config)
     assert "loss/kd" in training_log(tmp_path / "run")[0]
     assert AutoTokenizer.from_pretrained(tmp_path / "run" / "model").get_vocab() == vocabulary.get_vocab()
     student = AutoConfig.from_pretrained(tmp_path / "run" / "model")
-    assert student.vocab_size == 448 and student.d_model == 32
+    assert student.vocab_size == -(-len(vocabulary) // 64) * 64 and student.n_embd == 32
