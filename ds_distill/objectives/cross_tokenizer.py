@@ -14,8 +14,9 @@ compared by
   sorted in descending order (the shorter vocabulary padded with zeros), which needs no shared vocabulary;
 - `hybrid` (GOLD): tokens whose text is in both vocabularies (`VocabularyMatch`) by the run's divergence
   (`losses.kd.divergence`) between the two rows at those tokens, the other tokens by the sorted L1 of what is left
-  of each row; weighted by the matched share of the teacher's vocabulary and the rest. With one tokenizer every
-  token matches and every group is one token, so `hybrid` is the same-tokenizer KD term.
+  of each row; weighted by the matched share of the teacher's vocabulary and the rest (or by
+  `losses.kd.hybrid_matched_weight` and the rest). With one tokenizer every token matches and every group is one
+  token, so `hybrid` is the same-tokenizer KD term.
 
 Where this differs from TRL's GOLD (trl/experimental/gold/gold_trainer.py, `ULDLoss`): a term is a mean over the
 step's target tokens, as every term here, not a mean over each sequence's groups and then over sequences (a
@@ -138,15 +139,15 @@ def group_divergence(
         return kl_scale * divergence(kd.divergence, log_teacher, log_student, kd.beta, kd.alpha)
     t_ids, s_ids = match.teacher_ids.to(log_teacher.device), match.student_ids.to(log_student.device)
     matched = divergence(kd.divergence, log_teacher[:, t_ids], log_student[:, s_ids], kd.beta, kd.alpha)
+    weight = match.matched_share if kd.hybrid_matched_weight is None else kd.hybrid_matched_weight
     if len(t_ids) == match.teacher_vocab or len(s_ids) == match.student_vocab:
         # no unmatched token on a side: the other side's unmatched mass is a constant the student cannot change,
         # and the term is 0 (as GOLD's)
-        return match.matched_share * kl_scale * matched
+        return weight * kl_scale * matched
     rest = [torch.ones(x.shape[-1], dtype=torch.bool, device=x.device).index_fill(0, ids, False)
             for x, ids in ((log_teacher, t_ids), (log_student, s_ids))]  # fmt: skip
     unmatched = sorted_l1(log_teacher[:, rest[0]].exp(), log_student[:, rest[1]].exp())
-    share = match.matched_share
-    return share * kl_scale * matched + (1 - share) * l1_scale * unmatched
+    return weight * kl_scale * matched + (1 - weight) * l1_scale * unmatched
 
 
 def row_term(kd, match: VocabularyMatch, student: dict, teacher: dict):

@@ -259,6 +259,10 @@ class KDOptions:
     """uld | hybrid: compare the two models over groups of tokens that cover the same text, as needed where the
     teacher's tokenizer is not the student's (objectives/cross_tokenizer.py); with one tokenizer, `hybrid` equals
     the same-tokenizer term."""
+    hybrid_matched_weight: float | None = None
+    """hybrid: the weight of the divergence over the tokens both vocabularies hold (the other tokens' sorted L1
+    takes 1 minus it). None: the matched share of the teacher's vocabulary, as GOLD (an 8k student of a 49k
+    teacher: 0.16, however much of the probability the matched tokens carry)."""
 
     def __post_init__(self):
         if self.cross_tokenizer is not None and self.cross_tokenizer not in cross_tokenizer.KINDS:
@@ -266,6 +270,8 @@ class KDOptions:
                 f"losses.kd.cross_tokenizer '{self.cross_tokenizer}' is unknown; choose one of "
                 f"{', '.join(cross_tokenizer.KINDS)}"
             )
+        if self.hybrid_matched_weight is not None and not 0 <= self.hybrid_matched_weight <= 1:
+            raise ConfigError("losses.kd.hybrid_matched_weight must lie between 0 and 1")
         if self.divergence not in DIVERGENCES:
             raise ConfigError(
                 f"losses.kd.divergence '{self.divergence}' is unknown; choose one of {', '.join(DIVERGENCES)}"
