@@ -262,7 +262,7 @@ class KDOptions:
     hybrid_matched_weight: float | None = None
     """hybrid: the weight of the divergence over the tokens both vocabularies hold (the other tokens' sorted L1
     takes 1 minus it). None: the matched share of the teacher's vocabulary, as GOLD (an 8k student of a 49k
-    teacher: 0.16, however much of the probability the matched tokens carry)."""
+    teacher: 0.15, however much of the probability the matched tokens carry)."""
 
     def __post_init__(self):
         if self.cross_tokenizer is not None and self.cross_tokenizer not in cross_tokenizer.KINDS:
