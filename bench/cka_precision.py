@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.hidden_normalization import blocks, smollm2_and_text  # noqa: E402
 from ds_distill.objectives.capture import FeatureCapture  # noqa: E402
+from ds_distill.objectives.features import forward_features  # noqa: E402
 from ds_distill.objectives.hidden import cka_loss  # noqa: E402
-from ds_distill.train.student import forward_features  # noqa: E402
 
 PAIRS = [(1, 2), (5, 12), (10, 25), (15, 30), (2, 30)]  # (student-side layer, teacher-side layer)
 

@@ -40,12 +40,13 @@ from ds_distill import models  # noqa: E402
 from ds_distill.config.deepspeed import PROJECT_ROOT  # noqa: E402
 from ds_distill.config.run import FromTeacherConfig, LayerMapConfig  # noqa: E402
 from ds_distill.objectives.capture import FeatureCapture  # noqa: E402
+from ds_distill.objectives.features import forward_features  # noqa: E402
 from ds_distill.objectives.layerwise import (
     NORMALIZATIONS,  # noqa: E402
     ModelPair,  # noqa: E402
 )
 from ds_distill.objectives.registry import build_losses  # noqa: E402
-from ds_distill.train.student import DistillationModule, forward_features  # noqa: E402
+from ds_distill.train.student import DistillationModule  # noqa: E402
 from tests.tiny_models import SHARED_DATA  # noqa: E402
 
 HELD_OUT = 500

@@ -26,7 +26,7 @@ from tests.conftest import translation_config  # noqa: E402
 
 
 def main(steps: int = 40, rounds: int = 2, output_dir: str = "runs/bench_grouping") -> None:
-    from ds_distill.train.loop import distill
+    from ds_distill.train.loop import train_student
 
     dist.init()
     out = Path(output_dir)
@@ -43,7 +43,7 @@ def main(steps: int = 40, rounds: int = 2, output_dir: str = "runs/bench_groupin
                 train={"max_steps": steps, "per_device_train_batch_size": 32, "gradient_accumulation_steps": 1,
                        "save_steps": 0, "logging_steps": steps // 2, "group_by_length": grouped},
             )  # fmt: skip
-            distill(from_dict(RunConfig, tree), overwrite=True)
+            train_student(from_dict(RunConfig, tree), overwrite=True)
             last = [json.loads(line) for line in open(run_dir / "log.jsonl") if "tokens_per_s" in line][-1]
             measured[grouped].append((last["padding_fraction"], last["tokens_per_s"]))
     lines = ["| batches | padding fraction | real tokens/s (rounds) |", "|---|---:|---:|"]

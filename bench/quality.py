@@ -111,7 +111,7 @@ def prepare_teacher(out: Path) -> tuple[dict[str, str], Path]:
     """The corpus, tokenizer and trained teacher in `out` (built on first use): (data files, teacher export)."""
     from ds_distill import dist
     from ds_distill.data.tokenizers import train_sentencepiece_tokenizer
-    from ds_distill.train.loop import distill
+    from ds_distill.train.loop import train_student
 
     files = {split: str(out / "data" / f"{split}.jsonl") for split in ("train", "validation")}
     teacher = out / "teacher" / "model"
@@ -126,7 +126,7 @@ def prepare_teacher(out: Path) -> tuple[dict[str, str], Path]:
     config = demo.run_config(
         out / "teacher", files, teacher_init, None, {"ce": {"weight": 1.0}}, TEACHER_STEPS, TEACHER_LR
     )
-    distill(config, overwrite=True)
+    train_student(config, overwrite=True)
     write_result(out / "teacher", teacher, time.perf_counter() - started)
     return files, teacher
 
@@ -204,7 +204,7 @@ def worker(queue: str) -> None:
     """Claims the jobs of queue/pending.txt one at a time (an O_EXCL claim file), runs each to its result.json."""
     import torch
 
-    from ds_distill.train.loop import distill
+    from ds_distill.train.loop import train_student
 
     torch.set_num_threads(1)
     for name in (Path(queue) / "pending.txt").read_text().split():
@@ -215,7 +215,7 @@ def worker(queue: str) -> None:
         tree = json.loads((Path(queue) / f"{name}.json").read_text())
         started = time.perf_counter()
         print(f"== {name}", flush=True)
-        model = distill(from_dict(RunConfig, expand_method(tree)), overwrite=True)
+        model = train_student(from_dict(RunConfig, expand_method(tree)), overwrite=True)
         write_result(Path(tree["train"]["output_dir"]), model, time.perf_counter() - started)
 
 
@@ -519,7 +519,7 @@ def prepare_mlm_teacher(out: Path) -> tuple[dict[str, str], Path]:
 
     from ds_distill import dist
     from ds_distill.data.tokenizers import train_sentencepiece_tokenizer
-    from ds_distill.train.loop import distill
+    from ds_distill.train.loop import train_student
 
     teacher = out / "teacher" / "model"
     files = {split: str(out / "data" / f"{split}.jsonl") for split in ("train", "validation")}
@@ -542,7 +542,7 @@ def prepare_mlm_teacher(out: Path) -> tuple[dict[str, str], Path]:
     started = time.perf_counter()
     tree = mlm_tree(files, None, {"model_name_or_path": str(out / "teacher_init")}, MLM_TEACHER_STEPS, TEACHER_LR, 0)
     tree["train"]["output_dir"] = str(out / "teacher")
-    distill(from_dict(RunConfig, {**tree, "losses": {"ce": {"weight": 1.0}}}), overwrite=True)
+    train_student(from_dict(RunConfig, {**tree, "losses": {"ce": {"weight": 1.0}}}), overwrite=True)
     write_result(out / "teacher", teacher, time.perf_counter() - started)
     return files, teacher
 
@@ -664,7 +664,7 @@ def seqkd(seeds: int = 3, steps: int = 300, size: str = "20x", init: str = "rand
           fraction: float = 0.5, workers: int = 2, output_dir: str = "runs/bench/quality") -> None:  # fmt: skip
     """Word-level vs sequence-level vs on-policy KD (vs sequence-level + on-policy) at one size, CE + KD each."""
     from ds_distill.config.load import parse_run
-    from ds_distill.train.generate_targets import GenerationSettings, generate_targets
+    from ds_distill.train.generate_targets import GenerationSettings, write_targets
 
     out = Path(output_dir)
     started = time.perf_counter()
@@ -674,7 +674,7 @@ def seqkd(seeds: int = 3, steps: int = 300, size: str = "20x", init: str = "rand
     if not (targets / "train.jsonl").is_file():
         generating = time.perf_counter()
         settings_ = GenerationSettings(num_beams=num_beams, max_new_tokens=64, batch_size=100)
-        generate_targets(parse_run(base), targets, settings_)
+        write_targets(parse_run(base), targets, settings_)
         print(f"generated the teacher's targets in {time.perf_counter() - generating:.0f} s", flush=True)
     cells, jobs = {}, {}
     for (row, (losses, kind)), seed in itertools.product(SEQUENCE_ROWS.items(), range(seeds)):

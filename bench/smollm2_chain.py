@@ -37,7 +37,7 @@ def sliced(dims: dict) -> dict:
 
 
 def main(steps: int = 120, batch: int = 4, output_dir: str = "runs/bench_smollm2_chain") -> None:
-    from ds_distill.train.loop import distill
+    from ds_distill.train.loop import train_student
 
     dist.init()
     out = Path(output_dir)
@@ -49,7 +49,7 @@ def main(steps: int = 120, batch: int = 4, output_dir: str = "runs/bench_smollm2
     direct = run_config(
         out / "direct", files, teacher, {"student": sliced(STUDENT), "method": "kd", "lr": LR}, steps, batch
     )
-    exported = distill(direct, overwrite=True)
+    exported = train_student(direct, overwrite=True)
     rows.append(("direct: teacher -> student", exported, direct, time.perf_counter() - started))
 
     stage = run_config(out / "unused", files, teacher, {"student": sliced(ASSISTANT), "method": "kd", "lr": LR},

@@ -164,7 +164,7 @@ def held_out(model_dir: Path, config: RunConfig) -> tuple[float, float]:
 
 
 def main(steps: int = 120, batch: int = 4, output_dir: str = "runs/bench_smollm2", rows_only: str = "") -> None:
-    from ds_distill.train.loop import distill
+    from ds_distill.train.loop import train_student
 
     dist.init()
     out = Path(output_dir)
@@ -183,7 +183,7 @@ def main(steps: int = 120, batch: int = 4, output_dir: str = "runs/bench_smollm2
         run_dir = out / name.replace(" ", "_").replace("(", "").replace(")", "").replace("+", "p")
         config = run_config(run_dir, files, teacher, plan[name], steps, batch)
         started = time.perf_counter()
-        exported = distill(config, overwrite=True)
+        exported = train_student(config, overwrite=True)
         seconds = time.perf_counter() - started
         logged = [json.loads(line) for line in open(run_dir / "log.jsonl")]
         train_speed = sum(r["tokens_per_s"] for r in logged if "tokens_per_s" in r) / max(

@@ -70,8 +70,8 @@ def flop_share(teacher: Path, runs: dict) -> float:
 
 def main(steps: int = 40, rounds: int = 2) -> None:
     from ds_distill.config.load import merge
-    from ds_distill.train.cohort import distill_students
-    from ds_distill.train.loop import distill
+    from ds_distill.train.cohort import train_students
+    from ds_distill.train.loop import train_student
 
     dist.init()
     work = Path(tempfile.mkdtemp(prefix="bench_students_"))
@@ -80,13 +80,13 @@ def main(steps: int = 40, rounds: int = 2) -> None:
     base = tree(teacher, work / "runs", steps)
 
     def together() -> None:
-        distill_students(parse_students({**base, "students": STUDENTS}), overwrite=True)
+        train_students(parse_students({**base, "students": STUDENTS}), overwrite=True)
 
     def alone() -> None:
         for name, entry in STUDENTS.items():
             run = merge(base, entry)
             run["train"]["output_dir"] = str(work / "alone" / name)
-            distill(parse_run(run), overwrite=True)
+            train_student(parse_run(run), overwrite=True)
 
     share = flop_share(teacher, parse_students({**base, "students": STUDENTS}))
     times = {"together": [], "alone": []}

@@ -55,7 +55,7 @@ SHAPES = {  # teacher (d_model, d_ff, heads, blocks per stack), vocabulary
 def speed(steps: int, rounds: int, shapes: str = "teacher") -> None:
     from ds_distill.train import teacher_cache
     from ds_distill.train.cache_writer import CacheSettings, write_cache
-    from ds_distill.train.loop import distill
+    from ds_distill.train.loop import train_student
 
     dist.init()
     work = Path(tempfile.mkdtemp(prefix="bench_teacher_cache_"))
@@ -77,7 +77,7 @@ def speed(steps: int, rounds: int, shapes: str = "teacher") -> None:
     for round_index in range(rounds):
         for way in ("online", "cached") if round_index % 2 == 0 else ("cached", "online"):
             started = time.perf_counter()
-            output = distill(parse_run(base if way == "online" else cached), overwrite=True).parent
+            output = train_student(parse_run(base if way == "online" else cached), overwrite=True).parent
             results[way].append((time.perf_counter() - started, window_tokens_per_s(output)))
     print(f"cache: k = 64 bf16, {manifest['target_tokens']:,} target tokens, {per_token:.1f} bytes per token, "
           f"written in {cache_s:.1f} s")  # fmt: skip

@@ -226,7 +226,8 @@ def write_manifest(output_dir: Path, manifest: dict) -> None:
 
 def run_chain(tree: dict[str, Any], overwrite: tuple[str, ...] = ()) -> dict:
     """Runs the chain's stages in order (see the module docstring); returns the manifest."""
-    from ds_distill.evaluation import described, evaluate_model
+    from ds_distill.evaluation import evaluate_model
+    from ds_distill.train.scoring import described
 
     output_dir, stages = parse(tree)
     unknown = sorted(set(overwrite) - {s.name for s in stages})
@@ -297,8 +298,8 @@ def _clear_if_changed(
 def _train_stage(stage: Stage, runs: dict[str, RunConfig]) -> dict[str, Path]:
     """Trains the stage's student (or students, on one teacher pass), resuming where all have checkpoints;
     returns {unit: export}."""
-    from ds_distill.train.cohort import distill_students
-    from ds_distill.train.loop import distill
+    from ds_distill.train.cohort import train_students
+    from ds_distill.train.loop import train_student
 
     dirs = {unit: Path(run.train.output_dir) for unit, run in runs.items()}
     resume = all(
@@ -308,9 +309,9 @@ def _train_stage(stage: Stage, runs: dict[str, RunConfig]) -> dict[str, Path]:
     where = ", ".join(str(path) for path in dirs.values())
     dist.print_main(f"chain: stage {stage.name} ({'resuming' if resume else 'starting'}) in {where}")
     if not stage.students:
-        return {stage.name: distill(runs[stage.name], resume=resume, overwrite=fresh)}
+        return {stage.name: train_student(runs[stage.name], resume=resume, overwrite=fresh)}
     by_student = {unit.split("/", 1)[1]: run for unit, run in runs.items()}
-    exports = distill_students(by_student, resume=resume, overwrite=fresh)
+    exports = train_students(by_student, resume=resume, overwrite=fresh)
     return {f"{stage.name}/{student}": export for student, export in exports.items()}
 
 
@@ -339,7 +340,7 @@ def _started_with_other_config(stage_dir: Path, run: RunConfig) -> bool:
 
 
 def _remove_stage(stage_dir: Path) -> None:
-    from ds_distill.train.run_dir import RUN_MARKER, check_replaceable
+    from ds_distill.config.run_dir import RUN_MARKER, check_replaceable
 
     check_replaceable(stage_dir, RUN_MARKER, "a ds_distill run", "stage output")
     if stage_dir.exists():
@@ -375,7 +376,7 @@ def planned_stages(tree: dict[str, Any]):
                 run, teacher=dataclasses.replace(run.teacher, model_name_or_path=f"stage {stage.teacher_from}")
             )
         else:
-            teacher_config = models.load_config(run.teacher.weights(), "teacher")
+            teacher_config = models.load_config(models.teacher_weights(run.teacher), "teacher")
         source = teacher_config
         if stage.student_from:
             source = exported[stage.student_from]

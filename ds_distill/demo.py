@@ -248,7 +248,7 @@ def _prepare_inputs(output_dir: Path) -> tuple[dict[str, str], Path, Path]:
 
 def run_demo(output_dir: Path, teacher_steps: int = 300, student_steps: int = 150) -> None:
     from ds_distill.data.tokenizers import load_tokenizer
-    from ds_distill.train.loop import distill
+    from ds_distill.train.loop import train_student
 
     dist.init()
     started = time.perf_counter()
@@ -256,7 +256,7 @@ def run_demo(output_dir: Path, teacher_steps: int = 300, student_steps: int = 15
 
     kd = {"ce": {"weight": 1.0}, "kd": {"weight": 1.0, "divergence": "forward_kl"}}
     dist.print_main(f"[1/4] training the teacher for {teacher_steps} steps")
-    teacher = distill(
+    teacher = train_student(
         run_config(output_dir / "teacher", files, teacher_init, None, {"ce": {"weight": 1.0}}, teacher_steps, 7e-4)
     )
     dist.print_main(
@@ -264,13 +264,13 @@ def run_demo(output_dir: Path, teacher_steps: int = 300, student_steps: int = 15
         f"activations) and distilling it for {student_steps} steps (teacher ZeRO-3, student ZeRO-2)"
     )
     sliced = {"from_teacher": {**vars(STUDENT_SHAPE), "strategy": "sliced", "width": "importance"}}
-    from_teacher = distill(run_config(output_dir / "distilled", files, sliced, teacher, kd, student_steps, 1e-3))
+    from_teacher = train_student(run_config(output_dir / "distilled", files, sliced, teacher, kd, student_steps, 1e-3))
     dist.print_main(f"[3/4] distilling a randomly initialised student of the same shape for {student_steps} steps")
-    from_random = distill(
+    from_random = train_student(
         run_config(output_dir / "distilled_random", files, student_init, teacher, kd, student_steps, 1e-3)
     )
     dist.print_main(f"[4/4] training that random student without the teacher for {student_steps} steps")
-    alone = distill(
+    alone = train_student(
         run_config(output_dir / "no_teacher", files, student_init, None, {"ce": {"weight": 1.0}}, student_steps, 1e-3)
     )
     if not dist.is_main():

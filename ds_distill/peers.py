@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 
@@ -36,8 +37,6 @@ INTERVAL_S = 2.0
 READ_WAIT_PERIODS = 3
 LOST_AFTER_S = float(os.environ.get("DS_DISTILL_PEER_TIMEOUT", 30))
 EXIT_STATUS = 1
-
-_watch: Watch | None = None
 
 
 def node_of_this_rank() -> str:
@@ -49,6 +48,9 @@ def node_of_this_rank() -> str:
 class Watch(threading.Thread):
     """The watch of one rank over the others, through `store` (a client of the rendezvous store). `on_lost`
     receives the verdict; the default prints it and ends the process."""
+
+    running: ClassVar[Watch | None] = None
+    """The process's own watch, from `start` to `stop` (tests start others, which are not it)."""
 
     def __init__(self, store, rank: int, world_size: int, *, where: str, interval_s: float = INTERVAL_S,
                  lost_after_s: float = LOST_AFTER_S, on_lost: Callable[[str], None] | None = None):  # fmt: skip
@@ -146,23 +148,21 @@ def _report_and_exit(message: str) -> None:
 
 def start(rank: int, world_size: int) -> None:
     """Starts this rank's watch on the store at MASTER_ADDR:MASTER_PORT (called by `dist.init`)."""
-    global _watch
-    if world_size < 2 or LOST_AFTER_S <= 0 or _watch is not None or "MASTER_ADDR" not in os.environ:
+    if world_size < 2 or LOST_AFTER_S <= 0 or Watch.running is not None or "MASTER_ADDR" not in os.environ:
         return
     client = torch.distributed.TCPStore(
         os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
         timeout=datetime.timedelta(seconds=LOST_AFTER_S), wait_for_workers=False,
     )  # fmt: skip
     store = torch.distributed.PrefixStore("ds_distill/peers/", client)
-    _watch = Watch(store, rank, world_size, where=node_of_this_rank())
-    _watch.start()
+    Watch.running = Watch(store, rank, world_size, where=node_of_this_rank())
+    Watch.running.start()
 
 
 def stop() -> None:
-    global _watch
-    if _watch is not None:
-        _watch.stop()
-        _watch = None
+    if Watch.running is not None:
+        Watch.running.stop()
+        Watch.running = None
 
 
 def looks_like_a_lost_peer(error: BaseException) -> bool:
@@ -177,6 +177,7 @@ def explain(error: BaseException) -> None:
     """After `error` in the main thread: when it looks like a lost rank, waits for the watch's verdict (which
     ends the process, naming the rank), at most as long as the watch takes to reach one and have it read;
     returns when there is none."""
-    if _watch is not None and looks_like_a_lost_peer(error):
+    watch = Watch.running
+    if watch is not None and looks_like_a_lost_peer(error):
         # the watch ends only with a verdict (after waiting for the others to read it) or stop()
-        _watch.join(_watch.lost_after_s + (3 + READ_WAIT_PERIODS) * _watch.interval_s)
+        watch.join(watch.lost_after_s + (3 + READ_WAIT_PERIODS) * watch.interval_s)

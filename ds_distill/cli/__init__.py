@@ -12,7 +12,8 @@
     ds-distill export --checkpoint_dir=D --output_dir=O
     ds-distill count_params PATH_OR_RECIPE             (or --recipe=NAME, --config=RUN.yaml)
     ds-distill plan --config=RUN.yaml --gpus_per_node=8 --gpu_memory_gb=80   memory per GPU, what fits, fastest
-    ds-distill list
+    ds-distill list                                   recipes, methods, losses, layer maps, families, configs
+    ds-distill keys [SECTION]                         every run-config key: type, default, what it does
     ds-distill VERB --help                            ds-distill --version
 
 Under the DeepSpeed launcher every rank runs `python -u -m ds_distill ... --local_rank=N`; that flag is
@@ -29,10 +30,10 @@ import sys
 import fire
 
 from ds_distill.cli.args import check_command, strip_launcher_flags
-from ds_distill.cli.components import list_components
+from ds_distill.cli.components import first_sentence, keys, list_components
 from ds_distill.cli.evaluate import evaluate
+from ds_distill.cli.jobs import cache_teacher, chain, demo, distill, generate_targets, prepare_data
 from ds_distill.cli.plan import plan
-from ds_distill.cli.run import cache_teacher, chain, demo, distill, generate_targets, prepare_data
 from ds_distill.cli.students import count_params, export, make_student, train_tokenizer
 from ds_distill.errors import ConfigError
 
@@ -47,6 +48,7 @@ VERBS = {
     "export": export,
     "count_params": count_params,
     "list": list_components,
+    "keys": keys,
     "chain": chain,
     "evaluate": evaluate,
     "plan": plan,
@@ -58,13 +60,6 @@ def usage() -> str:
     for name, function in VERBS.items():
         lines.append(f"  {name:<16} {first_sentence(inspect.getdoc(function))}")
     return "\n".join(lines)
-
-
-def first_sentence(doc: str) -> str:
-    """The first sentence of a docstring's first paragraph, whole however many lines it spans."""
-    paragraph = " ".join(doc.split("\n\n")[0].split())
-    end = paragraph.find(". ")
-    return paragraph if end < 0 else paragraph[: end + 1]
 
 
 def verb_help(name: str) -> str:
@@ -134,6 +129,9 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {error}", file=sys.stderr)
         _refused_exit(group_started_here=dist.initialized() and not caller_group)
+    except BrokenPipeError:  # the reader stopped early (`ds-distill keys | head`): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush finds no pipe
+        sys.exit(0)
     except Exception as error:
         from ds_distill import peers
 

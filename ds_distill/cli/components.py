@@ -1,4 +1,4 @@
-"""`ds-distill list`: what ships with the package."""
+"""`ds-distill list`: what ships with the package; `ds-distill keys`: every key a run config may hold."""
 
 from __future__ import annotations
 
@@ -13,12 +13,11 @@ DIVERGENCE_NOTES = {
 
 def list_components():
     """Lists shipped recipes, methods, loss terms, layer-map strategies, model families and DeepSpeed configs."""
-    from ds_distill.cli import first_sentence
     from ds_distill.config.deepspeed import PROJECT_ROOT
     from ds_distill.config.load import RECIPES_DIR
+    from ds_distill.config.methods import METHODS
     from ds_distill.models import ADAPTERS
     from ds_distill.objectives.layer_map import describe_strategies
-    from ds_distill.objectives.methods import METHODS
     from ds_distill.objectives.registry import describe_losses
 
     print(f"recipes (ds-distill distill --recipe=NAME; the files are in {RECIPES_DIR}):")
@@ -43,3 +42,62 @@ def list_components():
     print("DeepSpeed configs (ds_configs/):")
     for path in sorted((PROJECT_ROOT / "ds_configs").glob("*.json")):
         print(f"  {path.name}")
+
+
+def keys(section: str | None = None):
+    """Lists every run-config key with its type, default and what it does; SECTION narrows the list.
+
+        ds-distill keys                        every key: the run config's, then each loss term's options
+        ds-distill keys train                  one section: teacher, student, data, layer_map, losses, train, prune
+        ds-distill keys losses.kd              or a deeper one (student.init.from_teacher, losses.cka.layer_map)
+
+    A YAML nests the keys as the dots do; a flag overrides one: --train.learning_rate=3e-4.
+
+    Args:
+        section: a dotted prefix of the keys to list.
+    """
+    import difflib
+
+    from ds_distill.config.keys import Key, described
+    from ds_distill.config.keys import keys as config_keys
+    from ds_distill.config.run import RunConfig
+    from ds_distill.errors import ConfigError
+    from ds_distill.objectives.registry import LOSSES
+
+    found = config_keys(RunConfig)
+    found.append(
+        Key(
+            "students",
+            "dict[str, dict] | None",
+            "None",
+            "Several students on one teacher pass: a name "
+            "per student, each overriding the run's sections key by key (README, 'Several students').",
+        )
+    )
+    for name, loss in LOSSES.items():
+        found.append(Key(f"losses.{name}.weight", "float", "1.0", "The term's weight in the sum; 0 turns it off."))
+        for key in config_keys(loss.Options, f"losses.{name}.", whole=("layer_map",)):
+            if key.name.endswith(".layer_map"):  # listed once, under the run's layer_map
+                key.doc += " Its keys are layer_map's (ds-distill keys layer_map)."
+            found.append(key)
+    if section:
+        section = str(section)
+        chosen = [key for key in found if key.name == section or key.name.startswith(section + ".")]
+        if not chosen:
+            prefixes = sorted({".".join(key.name.split(".")[:depth]) for key in found for depth in (1, 2, 3)})
+            close = difflib.get_close_matches(section, prefixes, n=3)
+            hint = (
+                f"; did you mean {' or '.join(close)}?"
+                if close
+                else f"; sections: {', '.join(sorted({key.name.split('.')[0] for key in found}))}"
+            )
+            raise ConfigError(f"no run-config key starts with '{section}'{hint}")
+        found = chosen
+    print(described(found))
+
+
+def first_sentence(doc: str) -> str:
+    """The first sentence of a docstring's first paragraph, whole however many lines it spans."""
+    paragraph = " ".join(doc.split("\n\n")[0].split())
+    end = paragraph.find(". ")
+    return paragraph if end < 0 else paragraph[: end + 1]

@@ -54,7 +54,8 @@ def evaluate(
 
     from ds_distill.config.load import load_config
     from ds_distill.config.run import EVAL_METRICS
-    from ds_distill.evaluation import DEFAULT_METRIC, described, evaluate_model
+    from ds_distill.evaluation import DEFAULT_METRIC, evaluate_model
+    from ds_distill.train.scoring import described
 
     if not (config or recipe):
         saved = Path(model.rstrip("/")).parent / "config.yaml"

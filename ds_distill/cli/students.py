@@ -73,12 +73,12 @@ def make_student(
         overwrite: replace output_dir even if it is not an earlier make_student output.
     """
     from ds_distill import models
+    from ds_distill.config import run_dir
     from ds_distill.config.load import coerce
     from ds_distill.config.run import FromTeacherConfig
     from ds_distill.data import tokenizers
     from ds_distill.surgery import students
     from ds_distill.surgery.vocabulary import transplant
-    from ds_distill.train import run_dir
 
     target = Path(output_dir)
     run_dir.check_target(target, run_dir.STUDENT_MARKER, "an earlier make_student output", flag(overwrite, "overwrite"))
@@ -189,7 +189,7 @@ def count_params(path_or_recipe: str | None = None, recipe: str | None = None, c
     first = next(iter(runs.values()))
     teacher_config = None
     if first.teacher.model_name_or_path:
-        teacher_config = models.load_config(first.teacher.weights(), "teacher")
+        teacher_config = models.load_config(models.teacher_weights(first.teacher), "teacher")
     for index, (student, run) in enumerate(runs.items()):
         _count_run(run, teacher_config, show_teacher=index == 0, name=f"student {student}" if student else "student")
 
@@ -260,6 +260,9 @@ def train_tokenizer(
         overwrite: replace output_dir if it holds a tokenizer already.
         **overrides: dotted flags, e.g. --data.max_train_samples=200000.
     """
+    from functools import partial
+
+    from ds_distill import models
     from ds_distill.config.load import load_config
     from ds_distill.data import tokenized as data
     from ds_distill.data import tokenizers
@@ -272,7 +275,7 @@ def train_tokenizer(
     if (path / "tokenizer_config.json").is_file() and not flag(overwrite, "overwrite"):
         raise ConfigError(f"{path} holds a tokenizer already; pass --overwrite to replace it")
     run = load_config(config, recipe, overrides)
-    source = tokenizers.load_tokenizer(tokenizers.tokenizer_source(run))
+    source = tokenizers.load_tokenizer(tokenizers.tokenizer_source(run, partial(models.teacher_weights, run.teacher)))
     raw = data.load_raw(run.data)
     train = run.data.train_split
     trained = tokenizers.train_like(source, data.texts(run.data, data.limited(run.data, train, raw[train]), train),

@@ -22,9 +22,9 @@ from typing import Any
 import yaml
 
 from ds_distill.config import paths
+from ds_distill.config.methods import METHODS
 from ds_distill.config.run import RunConfig, cross_tokenizer, validate
 from ds_distill.errors import ConfigError
-from ds_distill.objectives.methods import METHODS
 
 RECIPES_DIR = Path(__file__).parents[1] / "recipes"
 

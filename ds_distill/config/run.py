@@ -31,12 +31,6 @@ class TeacherConfig:
     it and no teacher loads (model_name_or_path still names the teacher, for the tokenizer and the check that
     the cache was written from it, with this data and KD temperature)."""
 
-    def weights(self) -> str | None:
-        """What to load: model_name_or_path, or the Hugging Face directory its GGUF file converts to."""
-        from ds_distill.models.gguf import resolve
-
-        return resolve(self.model_name_or_path, self.gguf_file)
-
 
 @dataclass
 class FromTeacherConfig:
@@ -76,6 +70,8 @@ class FromTeacherConfig:
 
 @dataclass
 class StudentInitConfig:
+    """How a student without `model_name_or_path` starts."""
+
     from_teacher: FromTeacherConfig | None = None
 
 
@@ -242,8 +238,8 @@ class RunConfig:
     """HomoDistil's width pruning (`method: homodistil` sets the losses)."""
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Building dataclasses from plain dicts, with type coercion and helpful errors.
+# -- the values a run config may hold, and the checks on a whole run config (config/load.py builds the dataclasses
+# from plain dicts) ------------------------------------------------------------------------------------------------
 
 
 TASKS = ("translation", "seq2seq", "causal_lm", "masked_lm")

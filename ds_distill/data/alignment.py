@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ds_distill.objectives.base import IGNORE_INDEX
+from ds_distill.data import IGNORE_INDEX
 
 Groups = list[tuple[list[int], list[int]]]
 

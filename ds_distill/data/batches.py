@@ -25,8 +25,8 @@ from transformers import (
 
 from ds_distill import dist
 from ds_distill.config.run import DataConfig
+from ds_distill.data import IGNORE_INDEX
 from ds_distill.errors import ConfigError
-from ds_distill.objectives.base import IGNORE_INDEX
 
 
 def make_collator(data: DataConfig, tokenizer, model: torch.nn.Module | None = None, rows_vary: bool = False):

@@ -20,11 +20,11 @@ import datasets
 from ds_distill import dist
 from ds_distill.config.paths import FILE_BUILDERS
 from ds_distill.config.run import TEACHER_TARGET, DataConfig
+from ds_distill.data import IGNORE_INDEX
 from ds_distill.data.alignment import TEACHER_VIEW, token_bytes, token_ends
 from ds_distill.data.packing import aligned_causal_lm_rows, causal_lm_rows, masked_lm_rows
 from ds_distill.data.tokenizers import check_unknown_tokens
 from ds_distill.errors import ConfigError
-from ds_distill.objectives.base import IGNORE_INDEX
 
 
 def load_raw(data: DataConfig, need_train: bool = True) -> datasets.DatasetDict:

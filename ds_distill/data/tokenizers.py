@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import datasets
@@ -22,23 +23,25 @@ UNKNOWN_TOKEN_ERROR_SHARE = 0.20
 UNKNOWN_TOKEN_SAMPLE_ROWS = 256
 
 
-def tokenizer_source(run: RunConfig) -> str:
-    """Where the run's (the student's) tokenizer comes from: data.tokenizer, else the teacher's, else the
-    student's. Where the student has a vocabulary of its own (`student.init.from_teacher.tokenizer`) or the run
-    distills across tokenizers (`losses.kd.cross_tokenizer`): data.tokenizer, else the student's own, else
-    (a student cut from the teacher with its vocabulary) the teacher's."""
+def tokenizer_source(run: RunConfig, teacher: Callable[[], str | None]) -> str:
+    """Where the run's (the student's) tokenizer comes from: data.tokenizer, else the teacher's (`teacher()`: what
+    the teacher loads from, `models.teacher_weights`; asked only where needed, since a GGUF teacher converts on
+    first use), else the student's. Where the student has a vocabulary of
+    its own (`student.init.from_teacher.tokenizer`) or the run distills across tokenizers
+    (`losses.kd.cross_tokenizer`): data.tokenizer, else the student's own, else (a student cut from the teacher
+    with its vocabulary) the teacher's."""
     dims = run.student.init.from_teacher
     own = dims.tokenizer if dims is not None else None
     if own or cross_tokenizer(run):
-        return run.data.tokenizer or own or run.student.model_name_or_path or run.teacher.weights()
-    return run.data.tokenizer or run.teacher.weights() or run.student.model_name_or_path
+        return run.data.tokenizer or own or run.student.model_name_or_path or teacher()
+    return run.data.tokenizer or teacher() or run.student.model_name_or_path
 
 
-def teacher_tokenizer(run: RunConfig) -> PreTrainedTokenizerBase | None:
-    """The teacher's own tokenizer where the run distills across tokenizers (`losses.kd.cross_tokenizer`),
-    else None (the run's one tokenizer serves both models)."""
+def teacher_tokenizer(run: RunConfig, teacher: Callable[[], str | None]) -> PreTrainedTokenizerBase | None:
+    """The teacher's own tokenizer (`teacher()`: what the teacher loads from) where the run distills across
+    tokenizers (`losses.kd.cross_tokenizer`), else None (the run's one tokenizer serves both models)."""
     if cross_tokenizer(run) and run.teacher.model_name_or_path:
-        return load_tokenizer(run.teacher.weights())
+        return load_tokenizer(teacher())
     return None
 
 

@@ -20,13 +20,11 @@ from transformers import AutoConfig, PretrainedConfig
 from ds_distill import dist
 from ds_distill.config.run import FromTeacherConfig
 from ds_distill.errors import ConfigError
-from ds_distill.models import layouts
 from ds_distill.models.fused import use_fused_kernels
 from ds_distill.models.hub import checkpoint_keys
-from ds_distill.models.layouts import Site, StackLayout
+from ds_distill.models.layouts import BART_STACKS, BERT_STACKS, GPT2_STACKS, LLAMA_STACKS, T5_STACKS, Site, StackLayout
+from ds_distill.models.spaces import BART_WIDTHS, BERT_WIDTHS, GPT2_WIDTHS, LLAMA_WIDTHS, T5_WIDTHS, WidthLayout
 from ds_distill.models.t5 import T5WithSeparateHead
-from ds_distill.surgery import spaces
-from ds_distill.surgery.spaces import WidthLayout
 
 DIMENSIONS = ("encoder_layers", "decoder_layers", "d_model", "d_ff", "num_heads")
 
@@ -45,7 +43,7 @@ class ModelAdapter:
     config_fields: dict[str, tuple[str, ...]] = field(default_factory=dict)
     layout: dict[str, StackLayout] = field(default_factory=dict)
     widths: WidthLayout = field(default_factory=lambda: WidthLayout(axes=()))
-    """How its tensors are cut for a narrower student (`surgery/spaces.py`)."""
+    """How its tensors are cut for a narrower student (`models/spaces.py`)."""
     narrow_heads: bool = False
     """Whether a student's heads may be narrower than the teacher's (a head keeps some of its channels): where
     the head width is d_model / num_heads and no rotary embedding pairs channels (BERT, BART, GPT-2)."""
@@ -232,8 +230,8 @@ ADAPTERS: tuple[ModelAdapter, ...] = (
             "d_ff": ("d_ff",),
             "num_heads": ("num_heads",),
         },
-        layout=layouts.T5,
-        widths=spaces.T5,
+        layout=T5_STACKS,
+        widths=T5_WIDTHS,
     ),
     ModelAdapter(
         name="bart",
@@ -248,8 +246,8 @@ ADAPTERS: tuple[ModelAdapter, ...] = (
             "d_ff": ("encoder_ffn_dim", "decoder_ffn_dim"),
             "num_heads": ("encoder_attention_heads", "decoder_attention_heads"),
         },
-        layout=layouts.BART,
-        widths=spaces.BART,
+        layout=BART_STACKS,
+        widths=BART_WIDTHS,
         narrow_heads=True,
     ),
     ModelAdapter(
@@ -263,8 +261,8 @@ ADAPTERS: tuple[ModelAdapter, ...] = (
             "d_ff": ("n_inner",),
             "num_heads": ("n_head",),
         },
-        layout=layouts.GPT2,
-        widths=spaces.GPT2,
+        layout=GPT2_STACKS,
+        widths=GPT2_WIDTHS,
         narrow_heads=True,
     ),
     DecoderOnlyAdapter(
@@ -278,8 +276,8 @@ ADAPTERS: tuple[ModelAdapter, ...] = (
             "d_ff": ("intermediate_size",),
             "num_heads": ("num_attention_heads",),
         },
-        layout=layouts.LLAMA,
-        widths=spaces.LLAMA,
+        layout=LLAMA_STACKS,
+        widths=LLAMA_WIDTHS,
     ),
     ModelAdapter(
         name="bert",
@@ -291,8 +289,8 @@ ADAPTERS: tuple[ModelAdapter, ...] = (
             "d_ff": ("intermediate_size",),
             "num_heads": ("num_attention_heads",),
         },
-        layout=layouts.BERT,
-        widths=spaces.BERT,
+        layout=BERT_STACKS,
+        widths=BERT_WIDTHS,
         narrow_heads=True,
         optional_parts=("cls.seq_relationship.", "bert.pooler.", "roberta.pooler.", "pooler."),
     ),

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
+from ds_distill.config.run import TeacherConfig
 from ds_distill.errors import ConfigError
 
 
@@ -25,13 +26,13 @@ def convert(directory: str, gguf_file: str, output_dir: Path, dtype: torch.dtype
     """Writes the GGUF model `directory/gguf_file` (a directory or hub id) as a Hugging Face directory."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from ds_distill import models
+    from ds_distill.models.adapters import adapter_for
 
     try:
         config = AutoConfig.from_pretrained(directory, gguf_file=gguf_file)
     except (OSError, ValueError) as error:
         raise ConfigError(f"cannot read {gguf_file} in {directory} as GGUF: {str(error).splitlines()[0]}") from None
-    adapter = models.adapter_for(config)
+    adapter = adapter_for(config)
     quantized = adapter.model_class(config).from_pretrained(directory, gguf_file=gguf_file, dtype=dtype)
     with torch.device("meta"):
         model = adapter.from_config(config)
@@ -45,6 +46,12 @@ def convert(directory: str, gguf_file: str, output_dir: Path, dtype: torch.dtype
         shutil.rmtree(output_dir)
     staging.rename(output_dir)
     return output_dir
+
+
+def teacher_weights(teacher: TeacherConfig) -> str | None:
+    """What to load as the teacher: `teacher.model_name_or_path`, or the Hugging Face directory its GGUF file
+    (`teacher.gguf_file`) converts to."""
+    return resolve(teacher.model_name_or_path, teacher.gguf_file)
 
 
 def resolve(model_name_or_path: str | None, gguf_file: str | None) -> str | None:

@@ -78,9 +78,9 @@ def _bart(blocks: str, cross: bool) -> StackLayout:
     return StackLayout(blocks, sites)
 
 
-T5 = {"encoder": _t5("encoder.block", 1, cross=False), "decoder": _t5("decoder.block", 2, cross=True)}
-BART = {"encoder": _bart("encoder.layers", cross=False), "decoder": _bart("decoder.layers", cross=True)}
-GPT2 = {
+T5_STACKS = {"encoder": _t5("encoder.block", 1, cross=False), "decoder": _t5("decoder.block", 2, cross=True)}
+BART_STACKS = {"encoder": _bart("encoder.layers", cross=False), "decoder": _bart("decoder.layers", cross=True)}
+GPT2_STACKS = {
     "decoder": StackLayout(
         "h",
         {
@@ -96,7 +96,7 @@ GPT2 = {
         },
     )
 }
-LLAMA = {
+LLAMA_STACKS = {
     "decoder": StackLayout(
         "layers",
         {
@@ -110,7 +110,7 @@ LLAMA = {
         },
     )
 }
-BERT = {
+BERT_STACKS = {
     "encoder": StackLayout(
         "encoder.layer",
         {

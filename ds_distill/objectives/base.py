@@ -7,8 +7,6 @@ from typing import ClassVar
 
 import torch
 
-IGNORE_INDEX = -100  # the Hugging Face label convention for positions that do not count
-
 
 @dataclass
 class NoOptions:
@@ -46,7 +44,7 @@ class DistillationLoss(torch.nn.Module):
 # ranks. Without the counts (a loss called on its own, evaluation) a term is the mean over its micro-batch.
 StepTokens = dict[str, torch.Tensor] | None
 """The optimizer step's real tokens over all its micro-batches and ranks, by key: "targets" (the labels logit
-terms are over) and each stack ("encoder", "decoder"; layer-wise terms). `train/student.py`'s token_counts.
+terms are over) and each stack ("encoder", "decoder"; layer-wise terms). `features.token_counts` (objectives/features.py).
 On-policy KD adds "sampled", the student's sampled tokens, which only the KD term is over (`train/on_policy.py`)."""
 
 

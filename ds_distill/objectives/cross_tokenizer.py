@@ -14,13 +14,14 @@ compared by
   sorted in descending order (the shorter vocabulary padded with zeros), which needs no shared vocabulary;
 - `hybrid` (GOLD): tokens whose text is in both vocabularies (`VocabularyMatch`) by the run's divergence
   (`losses.kd.divergence`) between the two rows at those tokens, the other tokens by the sorted L1 of what is left
-  of each row; weighted by the matched share of the teacher's vocabulary and the rest. With one tokenizer every
-  token matches and every group is one token, so `hybrid` is the same-tokenizer KD term.
+  of each row; weighted by the matched share of the teacher's vocabulary and the rest (or by
+  `losses.kd.hybrid_matched_weight` and the rest). With one tokenizer every token matches and every group is one
+  token, so `hybrid` is the same-tokenizer KD term.
 
 Where this differs from TRL's GOLD (trl/experimental/gold/gold_trainer.py, `ULDLoss`): a term is a mean over the
 step's target tokens, as every term here, not a mean over each sequence's groups and then over sequences (a
 long target weighs as much as its tokens); the KL family is scaled by T^2 and the L1 by T as in the same-tokenizer
-term (`logits.temperature_scale`; GOLD scales neither); the matched share is counted over the teacher's tokenizer
+term (`divergences.temperature_scale`; GOLD scales neither); the matched share is counted over the teacher's tokenizer
 vocabulary, not its logit width (which may hold padding rows, and then one tokenizer would not reduce to the
 same-tokenizer term); probabilities are compared in log space without GOLD's 1e-8 floor (merged rows of long
 groups fall below it); vocabulary entries match by the text they stand for (`▁x`, `Ġx` and ` x` alike), not by
@@ -42,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from ds_distill.data.alignment import token_bytes
+from ds_distill.objectives.divergences import divergence, temperature_scale
 
 KINDS = ("uld", "hybrid")
 
@@ -130,8 +132,6 @@ def group_divergence(
 ) -> torch.Tensor:
     """Per group, `uld` or `hybrid` between the teacher's and the student's merged rows (`kd`: the KD options;
     `scales`: the KL family's and the L1's temperature factors)."""
-    from ds_distill.objectives.logits import divergence
-
     kl_scale, l1_scale = scales
     if kind == "uld":
         return l1_scale * sorted_l1(log_teacher.exp(), log_student.exp())
@@ -139,15 +139,15 @@ def group_divergence(
         return kl_scale * divergence(kd.divergence, log_teacher, log_student, kd.beta, kd.alpha)
     t_ids, s_ids = match.teacher_ids.to(log_teacher.device), match.student_ids.to(log_student.device)
     matched = divergence(kd.divergence, log_teacher[:, t_ids], log_student[:, s_ids], kd.beta, kd.alpha)
+    weight = match.matched_share if kd.hybrid_matched_weight is None else kd.hybrid_matched_weight
     if len(t_ids) == match.teacher_vocab or len(s_ids) == match.student_vocab:
         # no unmatched token on a side: the other side's unmatched mass is a constant the student cannot change,
         # and the term is 0 (as GOLD's)
-        return match.matched_share * kl_scale * matched
+        return weight * kl_scale * matched
     rest = [torch.ones(x.shape[-1], dtype=torch.bool, device=x.device).index_fill(0, ids, False)
             for x, ids in ((log_teacher, t_ids), (log_student, s_ids))]  # fmt: skip
     unmatched = sorted_l1(log_teacher[:, rest[0]].exp(), log_student[:, rest[1]].exp())
-    share = match.matched_share
-    return share * kl_scale * matched + (1 - share) * l1_scale * unmatched
+    return weight * kl_scale * matched + (1 - weight) * l1_scale * unmatched
 
 
 def row_term(kd, match: VocabularyMatch, student: dict, teacher: dict):
@@ -155,8 +155,6 @@ def row_term(kd, match: VocabularyMatch, student: dict, teacher: dict):
     labels, `student` holds `align_group` (each position's group, -1 for none) and `align_teacher_row` (at a
     group's last position, the flat index of the teacher's last row of the group; -1 elsewhere); `teacher` holds
     its `logits`, `labels` and `align_group` in its own positions."""
-    from ds_distill.objectives.logits import temperature_scale
-
     kind, temperature = kd.cross_tokenizer, kd.temperature
     scales = (temperature_scale(kd.divergence, temperature), temperature_scale("tvd", temperature))
     teacher_logits = teacher["logits"]  # indexed by (row, position): a causal teacher's are a view, not flattened

@@ -16,16 +16,19 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import math
+import contextvars
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from ds_distill.data import IGNORE_INDEX
 from ds_distill.errors import ConfigError
 from ds_distill.objectives import cross_tokenizer, topk
-from ds_distill.objectives.base import IGNORE_INDEX, DistillationLoss, StepTokens
+from ds_distill.objectives.base import DistillationLoss, StepTokens
+from ds_distill.objectives.divergences import DIVERGENCES, divergence, temperature_scale
 
 CHUNK_ELEMENTS = 2**25
 """Logits per chunk: CHUNK_ELEMENTS // vocabulary rows (682 of a 49k vocabulary, 1044 of T5's 32k), 128 MB per
@@ -33,15 +36,23 @@ float32 temporary whatever the vocabulary. Each chunk costs a few dozen kernel l
 the host, so chunks much smaller than this would leave a GPU waiting (not tuned on a GPU yet)."""
 
 
+_CHUNK = contextvars.ContextVar("chunk_elements", default=None)
+
+
 @contextlib.contextmanager
 def chunk_elements(count: int):
     """Chunks of `count` logits while open (the planner's traces, tests)."""
-    global CHUNK_ELEMENTS
-    saved, CHUNK_ELEMENTS = CHUNK_ELEMENTS, count
+    token = _CHUNK.set(count)
     try:
         yield
     finally:
-        CHUNK_ELEMENTS = saved
+        _CHUNK.reset(token)
+
+
+def current_chunk_elements() -> int:
+    """Logits per chunk now: `chunk_elements`' count where one is open, else CHUNK_ELEMENTS."""
+    count = _CHUNK.get()
+    return CHUNK_ELEMENTS if count is None else count
 
 
 def target_positions(features: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,7 +66,7 @@ def target_positions(features: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def logit_width(features: dict) -> int:
-    """The logits' last dimension, also where the LM head is folded in and `logits` hold its input."""
+    """The logits' last dimension, also where the LM head is folded in (`head_input` instead of `logits`)."""
     head = features.get("head")
     return head.out_features if head is not None else features["logits"].shape[-1]
 
@@ -77,9 +88,13 @@ class TargetRows(torch.autograd.Function):
     forward, and nothing is recomputed.
     """
 
+    DIFFERENTIABLE = ("student", "weight", "bias")
+    """The inputs gradients flow to (autograd names them by their place in `forward`'s arguments)."""
+
     @staticmethod
     def forward(ctx, student, example, position, terms, weights, divisor, breaks=None, weight=None, bias=None):
-        needs = [ctx.needs_input_grad[i] if i < len(ctx.needs_input_grad) else False for i in (0, 7, 8)]
+        places = [ARGUMENTS.index(name) for name in TargetRows.DIFFERENTIABLE]
+        needs = [place < len(ctx.needs_input_grad) and ctx.needs_input_grad[place] for place in places]
         wide = torch.promote_types(student.dtype, torch.float32)
         # The rows' gradient keeps their dtype, as the logits' did; the head's weight and bias sum chunks in float32.
         grads = [
@@ -88,7 +103,7 @@ class TargetRows(torch.autograd.Function):
         ]
         wanted = [i for i, need in enumerate(needs) if need]
         sums = torch.zeros(len(terms), dtype=wide, device=student.device)
-        rows = max(1, CHUNK_ELEMENTS // (student.shape[-1] if weight is None else weight.shape[0]))
+        rows = max(1, current_chunk_elements() // (student.shape[-1] if weight is None else weight.shape[0]))
         for start, end in chunks(example.numel(), rows, breaks):
             b, t = example[start:end], position[start:end]
             with torch.enable_grad():
@@ -115,11 +130,15 @@ class TargetRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, _):
-        student, weight, bias = (
-            None if grad is None else grad.mul_(grad_output.to(grad.dtype)).to(dtype)  # our buffers: scaled in place
-            for grad, dtype in zip(ctx.saved_tensors, ctx.dtypes)
-        )
-        return student, None, None, None, None, None, None, weight, bias
+        grads = {
+            name: None if grad is None else grad.mul_(grad_output.to(grad.dtype)).to(dtype)  # scaled in place
+            for name, grad, dtype in zip(TargetRows.DIFFERENTIABLE, ctx.saved_tensors, ctx.dtypes)
+        }
+        return tuple(grads.get(name) for name in ARGUMENTS)
+
+
+ARGUMENTS = tuple(inspect.signature(TargetRows.forward).parameters)[1:]
+"""`TargetRows.forward`'s inputs in order (after ctx)."""
 
 
 def chunks(total: int, rows: int, breaks: list[int] | None = None):
@@ -170,7 +189,10 @@ def logit_terms(
         weights, divisor = [w / counts[kind] for w, kind in zip(weights, kinds)], 1.0
     args = (example, position, fns, weights, divisor, student.get("chunk_breaks"))
     head = student.get("head")  # folded in (`head.py`): called as a module, so ZeRO-3 gathers its weight
-    total, sums = head(student["logits"], *args) if head is not None else TargetRows.apply(student["logits"], *args)
+    if head is not None:
+        total, sums = head(student["head_input"], *args)
+    else:
+        total, sums = TargetRows.apply(student["logits"], *args)
     return total, {
         name: value * scale / counts[kind] for name, value, (_, scale), kind in zip(terms, sums.unbind(), scaled, kinds)
     }
@@ -198,37 +220,6 @@ class CrossEntropyLoss(LogitTerm):
             return F.cross_entropy(logits[:, :vocab], labels, reduction="sum")
 
         return fn, (student["labels"],), 1.0
-
-
-def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) over the last dimension, from log-probabilities."""
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
-
-
-def _log_mixture(log_p: torch.Tensor, log_q: torch.Tensor, weight_p: float) -> torch.Tensor:
-    """log(weight_p * p + (1 - weight_p) * q), computed stably."""
-    return torch.logaddexp(log_p + math.log(weight_p), log_q + math.log1p(-weight_p))
-
-
-def divergence(
-    name: str, log_teacher: torch.Tensor, log_student: torch.Tensor, beta: float, alpha: float
-) -> torch.Tensor:
-    """Per-position divergence between teacher and student distributions; `[..., vocab] -> [...]`."""
-    if name == "forward_kl":
-        return _kl(log_teacher, log_student)
-    if name == "reverse_kl":
-        return _kl(log_student, log_teacher)
-    if name == "jsd":
-        log_mixture = _log_mixture(log_teacher, log_student, beta)
-        return beta * _kl(log_teacher, log_mixture) + (1 - beta) * _kl(log_student, log_mixture)
-    if name == "skew_kl":
-        return _kl(log_teacher, _log_mixture(log_teacher, log_student, alpha))
-    if name == "tvd":
-        return 0.5 * (log_teacher.exp() - log_student.exp()).abs().sum(-1)
-    raise AssertionError(name)
-
-
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd")
 
 
 @dataclass
@@ -268,6 +259,10 @@ class KDOptions:
     """uld | hybrid: compare the two models over groups of tokens that cover the same text, as needed where the
     teacher's tokenizer is not the student's (objectives/cross_tokenizer.py); with one tokenizer, `hybrid` equals
     the same-tokenizer term."""
+    hybrid_matched_weight: float | None = None
+    """hybrid: the weight of the divergence over the tokens both vocabularies hold (the other tokens' sorted L1
+    takes 1 minus it). None: the matched share of the teacher's vocabulary, as GOLD (an 8k student of a 49k
+    teacher: 0.15, however much of the probability the matched tokens carry)."""
 
     def __post_init__(self):
         if self.cross_tokenizer is not None and self.cross_tokenizer not in cross_tokenizer.KINDS:
@@ -275,6 +270,8 @@ class KDOptions:
                 f"losses.kd.cross_tokenizer '{self.cross_tokenizer}' is unknown; choose one of "
                 f"{', '.join(cross_tokenizer.KINDS)}"
             )
+        if self.hybrid_matched_weight is not None and not 0 <= self.hybrid_matched_weight <= 1:
+            raise ConfigError("losses.kd.hybrid_matched_weight must lie between 0 and 1")
         if self.divergence not in DIVERGENCES:
             raise ConfigError(
                 f"losses.kd.divergence '{self.divergence}' is unknown; choose one of {', '.join(DIVERGENCES)}"
@@ -284,15 +281,6 @@ class KDOptions:
         for name in ("beta", "alpha"):
             if not 0 < getattr(self, name) < 1:
                 raise ConfigError(f"losses.kd.{name} must lie strictly between 0 and 1")
-
-
-def temperature_scale(name: str, temperature: float) -> float:
-    """What a divergence at temperature T is multiplied by so that its gradients keep their size as T grows.
-
-    The KL family's gradients shrink as 1/T^2 (Hinton et al. 2015), so it gets T^2. TVD's shrink only as 1/T:
-    d TVD / d z = (1/T) sum_j sign(q_j - p_j) q_j (1[i = j] - q_i), whose signs do not fade with T, so it gets T.
-    """
-    return temperature if name == "tvd" else temperature**2
 
 
 class LogitDistillationLoss(LogitTerm):

@@ -133,7 +133,7 @@ def make_plan(run: RunConfig, hw: Hardware, vocab: int | None = None, gpu: bool 
     else:
         teacher_config = None
         if run.teacher.model_name_or_path:
-            teacher_config = models.load_config(run.teacher.weights(), "teacher")
+            teacher_config = models.load_config(models.teacher_weights(run.teacher), "teacher")
         student_config = student_hf_config(run.student, teacher_config)
     adapter = models.adapter_for(student_config)
     if vocab is None:
@@ -233,7 +233,7 @@ def tokenizer_size(run: RunConfig) -> int | None:
     """The (student's) tokenizer's length where it can be read without a download, else None."""
     from ds_distill.data.tokenizers import tokenizer_source
 
-    source = tokenizer_source(run)
+    source = tokenizer_source(run, functools.partial(models.teacher_weights, run.teacher))
     if not source or not Path(source).exists():
         return None
     from transformers import AutoTokenizer

@@ -215,9 +215,9 @@ def trace_step(
     """Peak bytes of the tensors one training micro-step creates: teacher logits held, student forward, logit
     losses, backward (weight gradients excluded: DeepSpeed moves them into its own buffers, counted with the
     student's states)."""
+    from ds_distill.objectives.features import forward_features, token_counts
     from ds_distill.objectives.head import fold_head
     from ds_distill.objectives.registry import weighted_terms
-    from ds_distill.train.student import forward_features, token_counts
 
     model = _zeroed_model(adapter, student_config).to(shape.dtype).train()
     if shape.checkpointing:  # as the trainer turns it on
@@ -241,8 +241,9 @@ def trace_step(
         student = forward_features(model, adapter, inputs, head=fold_head(model, adapter))
         if logit_losses:
             total, _ = weighted_terms(logit_losses, weights, student, teacher, counts)
-        else:  # layer-wise terms only: a stand-in that keeps the whole graph
-            total = student.get("logits", next(iter(embedded))).float().mean()
+        else:  # layer-wise terms only: a stand-in that keeps the whole graph (the head's input where it is folded)
+            last = next((student[key] for key in ("logits", "head_input") if key in student), next(iter(embedded)))
+            total = last.float().mean()
         del teacher, student
         torch.autograd.grad(total, [e for e in embedded if e.requires_grad], allow_unused=True)
     return tracker.peak
@@ -269,7 +270,7 @@ def step_memory(student_config, adapter, shape, logit_losses, weights, teacher_l
     peak linearly to the student's depth.
 
     The logit terms' float32 temporaries are those of one chunk of rows whatever the batch
-    (`logits.CHUNK_ELEMENTS`). The traces use chunks of one example's rows, so both batches fill them; a
+    (`logits.current_chunk_elements()`). The traces use chunks of one example's rows, so both batches fill them; a
     trace with half as many rows per chunk gives their bytes per row, and the fixed part gets a full chunk."""
     from ds_distill.objectives import logits
 
@@ -283,7 +284,7 @@ def step_memory(student_config, adapter, shape, logit_losses, weights, teacher_l
         return trace_step(config, adapter, shape, logit_losses, weights, teacher_logits, batch)
 
     width = student_config.vocab_size  # the logits' rows, the tokenizer's vocabulary and any padding past it
-    rows = max(1, logits.CHUNK_ELEMENTS // width)
+    rows = max(1, logits.current_chunk_elements() // width)
     traced = min(rows, shape.target or shape.source - 1)
     with logits.chunk_elements(traced * width):
         one, two = trace(shallow(), 1), trace(shallow(), 2)

@@ -1,6 +1,6 @@
-"""Width surgery: students cut from a teacher's weights, and HomoDistil's pruning while a student distils.
+"""Width surgery: students cut from a teacher's weights, and HomoDistil's pruning while a student distils. Which
+tensor axes belong to which width space is models/spaces.py.
 
-spaces.py       which tensor axes belong to which width space (hidden, heads, head channels, FFN), per family
 shapes.py       the widths of one model, read from its config
 cut.py          a plan of what a student keeps, and the student's tensors cut from the teacher's
 importance.py   units ranked by the teacher's activations on calibration batches (Minitron)

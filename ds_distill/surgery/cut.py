@@ -1,7 +1,7 @@
 """What a student keeps of its teacher (a `SlicePlan`), and the student's tensors cut from the teacher's.
 
 A plan says which teacher block each student block copies (per stack) and which units each space of
-`spaces.py` keeps: the hidden channels of the whole model, the FFN neurons of each block, and for each
+`models/spaces.py` keeps: the hidden channels of the whole model, the FFN neurons of each block, and for each
 attention of each block its key/value groups and, where heads narrow, each head's query/key and value/output
 channels. The same index set goes through every tensor that reads or writes a space, so a student of the
 teacher's own dimensions reproduces the teacher, one with fewer blocks equals the teacher's chosen blocks, and
@@ -23,9 +23,9 @@ from transformers import PretrainedConfig
 from ds_distill import models
 from ds_distill.config.run import LAYER_CHOICES
 from ds_distill.errors import ConfigError
+from ds_distill.models.spaces import attention_role, head_key
 from ds_distill.objectives import layer_map
 from ds_distill.surgery.shapes import Shape, shape_of
-from ds_distill.surgery.spaces import attention_role, head_key
 
 
 def choose_layers(choice: str, teacher_layers: int, student_layers: int) -> list[int]:
@@ -158,7 +158,7 @@ def make_plan(
 ) -> SlicePlan:
     """Keeps the leading units, or with `scores` the highest-scoring, of each space.
 
-    `scores`, keyed as in `spaces.py`: ("hidden",): [d_model]; ("ffn", stack, block): [d_ff];
+    `scores`, keyed as in `models/spaces.py`: ("hidden",): [d_model]; ("ffn", stack, block): [d_ff];
     ("heads", attention, stack, block): [key/value groups] (block None where heads are per stack);
     ("qk" | "vo", attention, stack, block): [heads, head_dim].
     """
@@ -280,7 +280,7 @@ def cut_state(teacher_path, teacher: PretrainedConfig, student: PretrainedConfig
         normalized = block_name(adapter, source)[2] if block else source
         spaces = adapter.widths.spaces(normalized)
         if spaces is None:
-            raise ConfigError(f"no cutting rule for {normalized} in surgery/spaces.py ({adapter.name})")
+            raise ConfigError(f"no cutting rule for {normalized} in models/spaces.py ({adapter.name})")
         tensor = reader.get(source)
         for axis, space in enumerate(spaces):
             if space is not None:
@@ -293,7 +293,7 @@ def cut_state(teacher_path, teacher: PretrainedConfig, student: PretrainedConfig
 
 def _fold_scales(tensor, spaces, plan: SlicePlan, block, full: Shape, width_scaled: bool) -> torch.Tensor:
     """Narrower heads divide their scores by sqrt(the narrower width): scaling the queries by sqrt(narrow /
-    full) keeps the scores the kept channels give. A width-dependent scale of the model (`spaces.py`) is
+    full) keeps the scores the kept channels give. A width-dependent scale of the model (`models/spaces.py`) is
     undone in the tensor the table names."""
     if width_scaled and len(plan.hidden) != full.width:
         tensor = tensor * (len(plan.hidden) / full.width) ** 0.5

@@ -25,11 +25,11 @@ from functools import partial
 import torch
 
 from ds_distill import models
+from ds_distill.models.spaces import HIDDEN, head_key
 from ds_distill.objectives.capture import feature_key, hook_site
+from ds_distill.objectives.features import model_inputs, stack_masks
 from ds_distill.surgery.cut import block_name
 from ds_distill.surgery.shapes import shape_of
-from ds_distill.surgery.spaces import HIDDEN, head_key
-from ds_distill.train.student import model_inputs, stack_masks
 
 
 def hidden_norms(model: torch.nn.Module, adapter: models.ModelAdapter):
@@ -69,7 +69,7 @@ def _per_sequence_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
 
 @torch.no_grad()
 def activation_scores(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> dict:
-    """Scores keyed as `spaces.py` keys units, from the model's forward on `batches` (eval mode, no gradients).
+    """Scores keyed as `models/spaces.py` keys units, from the model's forward on `batches` (eval mode, no gradients).
     Each block's activations are reduced as they pass, so memory does not grow with depth. Works on a ZeRO-3
     partitioned model too (hooks see whole activations); every rank must then run the same number of batches."""
     adapter = models.adapter_for(model.config)

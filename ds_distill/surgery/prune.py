@@ -6,7 +6,7 @@ the student starts as the teacher and is pruned step by step to the target width
     prune: {d_model: 384, d_ff: 1024, num_heads: 6, steps: 2000}
 
 What is pruned is masked in the activations, so DeepSpeed's weights, gradients and optimizer states stay as they
-are. The units are those of `spaces.py`: hidden channels (the outputs of embeddings, attention and FFN output
+are. The units are those of `models/spaces.py`: hidden channels (the outputs of embeddings, attention and FFN output
 projections, and norms, which then take their statistics over the kept channels only), key/value groups of
 heads per block (per stack for T5; their queries, keys and values are masked too, so a pruned head neither
 attends nor passes gradients to the residual stream, and attention losses leave it out), channels within heads where the
@@ -32,10 +32,10 @@ from transformers import PretrainedConfig
 from ds_distill import models
 from ds_distill.config.run import FromTeacherConfig, PruneConfig
 from ds_distill.errors import ConfigError
+from ds_distill.models.spaces import HIDDEN, attention_role, head_key
 from ds_distill.surgery.cut import AttentionCut, SlicePlan, block_name
 from ds_distill.surgery.importance import hidden_norms
 from ds_distill.surgery.shapes import shape_of
-from ds_distill.surgery.spaces import HIDDEN, attention_role, head_key
 
 
 def target_config(full: PretrainedConfig, prune: PruneConfig) -> PretrainedConfig:

@@ -1,4 +1,4 @@
-"""The widths of one model, read from its config: what every space of `spaces.py` counts."""
+"""The widths of one model, read from its config: what every space of `models/spaces.py` counts."""
 
 from __future__ import annotations
 

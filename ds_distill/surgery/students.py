@@ -19,11 +19,11 @@ import torch
 from transformers import PretrainedConfig
 
 from ds_distill import models
+from ds_distill.config import run_dir
 from ds_distill.config.run import FromTeacherConfig
 from ds_distill.errors import ConfigError
 from ds_distill.surgery.cut import SlicePlan, check_cut, choose_layers, cut_state, make_plan
 from ds_distill.surgery.shapes import shape_of
-from ds_distill.train import run_dir
 
 
 def teacher_layers(

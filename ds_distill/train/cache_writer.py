@@ -19,13 +19,12 @@ from tqdm.auto import tqdm
 
 from ds_distill import dist, models
 from ds_distill.config.run import RunConfig, cross_tokenizer
-from ds_distill.data import batches
+from ds_distill.data import IGNORE_INDEX, batches
 from ds_distill.errors import ConfigError
 from ds_distill.objectives import topk
-from ds_distill.objectives.base import IGNORE_INDEX
+from ds_distill.objectives.features import forward_features
 from ds_distill.train import shards
 from ds_distill.train.prepare import model_pair, prepare
-from ds_distill.train.student import forward_features
 from ds_distill.train.teacher import load_teacher
 from ds_distill.train.teacher_cache import DTYPES, MANIFEST, fingerprint, kd_temperature, shard_name
 
@@ -76,7 +75,7 @@ def write_cache(run: RunConfig, directory: Path, settings: CacheSettings, overwr
     }
     pending = shards.claim(directory, MANIFEST, manifest, lambda s: directory / shard_name(s), "a teacher cache",
                            overwrite)  # fmt: skip
-    teacher = load_teacher(run.teacher.weights(), p.teacher_ds)
+    teacher = load_teacher(models.teacher_weights(run.teacher), p.teacher_ds)
     try:
         _write_shards(teacher, p, split, directory, settings, temperature, pending, manifest["shards"])
     finally:

@@ -29,7 +29,7 @@ from ds_distill.train.teacher import TeacherFeatures, load_teacher
 def common_resume_tag(prepared: dict[str, Prepared]) -> str | None:
     """The newest checkpoint every student completed (a kill can fall between two students' saves); None when
     none resumes. Refused when only some have checkpoints, or none in common."""
-    resuming = {name for name, p in prepared.items() if p.resume}
+    resuming = {name for name, p in prepared.items() if p.resumes}
     if not resuming:
         return None
     if resuming != set(prepared):
@@ -54,7 +54,7 @@ class Cohort:
         first = next(iter(prepared.values()))
         self.owns_teacher = teacher is None
         if teacher is None and first.teacher_ds:
-            teacher = load_teacher(first.run.teacher.weights(), first.teacher_ds)
+            teacher = load_teacher(models.teacher_weights(first.run.teacher), first.teacher_ds)
         self.trainers: dict[str, Trainer] = {}
         self.rng: dict[str, dict] = {}
         for name, p in prepared.items():
@@ -127,9 +127,7 @@ class Cohort:
             self.teacher.destroy()
 
 
-def distill_students(
-    runs: dict[str, RunConfig], resume: bool | str = False, overwrite: bool = False
-) -> dict[str, Path]:
+def train_students(runs: dict[str, RunConfig], resume: bool | str = False, overwrite: bool = False) -> dict[str, Path]:
     """Trains the students of one run config (`config.load.parse_students`) on one teacher pass; returns each
     export's path. Every student's checks pass before any output directory is claimed or any weights load."""
     dist.init(next(iter(runs.values())).train.ddp_timeout)

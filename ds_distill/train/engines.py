@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ds_distill import dist
+from ds_distill import dist, models
 from ds_distill.config import deepspeed as ds_config
 from ds_distill.data import alignment, batches, tokenizers
 from ds_distill.objectives.cross_tokenizer import VocabularyMatch
@@ -29,7 +29,7 @@ def cut_student(p: Prepared, teacher) -> Path | None:
     if dims is None or dims.strategy != "sliced":
         return None
     path = p.output_dir / "student_init"
-    if p.resume:  # the checkpoint holds the weights; the directory only gives the architecture
+    if p.resumes:  # the checkpoint holds the weights; the directory only gives the architecture
         return path if path.is_dir() else None
     split = p.datasets[run.data.train_split]
     rows = students.calibration_rows(
@@ -58,7 +58,7 @@ def cut_student(p: Prepared, teacher) -> Path | None:
         device = get_accelerator().current_device_name()
         scores = {key: dist.all_reduce_tensor(value.to(device)).cpu() for key, value in sorted(sums.items(), key=repr)}
     if dist.is_main():
-        source = dims.source or run.teacher.weights()
+        source = dims.source or models.teacher_weights(run.teacher)
         _, plan = students.make_student(source, path, dims, calibration, scores)
         dist.print_main(f"student cut from {source} ({dims.width} width) into {path}:\n{plan.summary()}")
         if dims.tokenizer:

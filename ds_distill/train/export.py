@@ -18,8 +18,8 @@ import torch
 from transformers import AutoConfig, GenerationConfig, PretrainedConfig
 
 from ds_distill import dist, models
+from ds_distill.config import run_dir
 from ds_distill.errors import ConfigError
-from ds_distill.train import run_dir
 from ds_distill.train.checkpoint import complete_tags, extra_state, latest_tag
 
 STUDENT_PREFIX = "student."

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ds_distill import dist
+from ds_distill import dist, models
 from ds_distill.config import deepspeed as ds_config
 from ds_distill.config.run import TEACHER_TARGET, RunConfig, cross_tokenizer
 from ds_distill.data import batches
@@ -55,7 +55,7 @@ def part_path(directory: Path, shard: int) -> Path:
     return directory / "shards" / f"part_{shard:05d}.jsonl"
 
 
-def generate_targets(run: RunConfig, directory: Path, settings: GenerationSettings, overwrite: bool = False) -> Path:
+def write_targets(run: RunConfig, directory: Path, settings: GenerationSettings, overwrite: bool = False) -> Path:
     """Writes (or finishes) DIR/train.jsonl with the teacher's outputs; returns its path."""
     if cross_tokenizer(run):
         raise ConfigError("generate_targets does not work across tokenizers yet (losses.kd.cross_tokenizer)")
@@ -89,7 +89,7 @@ def generate_targets(run: RunConfig, directory: Path, settings: GenerationSettin
                            "generated targets", overwrite)  # fmt: skip
     if dist.is_main():
         (directory / "shards").mkdir(exist_ok=True)
-    teacher = load_teacher(run.teacher.weights(), p.teacher_ds)
+    teacher = load_teacher(models.teacher_weights(run.teacher), p.teacher_ds)
     try:
         _generate_shards(teacher, p, split, directory, settings, pending, manifest["shards"])
     finally:

@@ -24,13 +24,13 @@ from ds_distill import dist, models
 from ds_distill.config import deepspeed as ds_config
 from ds_distill.config.run import RunConfig
 from ds_distill.data import alignment, batches
-from ds_distill.evaluation import described, evaluate
 from ds_distill.objectives import cross_tokenizer
+from ds_distill.objectives.features import target_index, token_counts
 from ds_distill.surgery import prune
-from ds_distill.train import checkpoint, engines, export, on_policy
+from ds_distill.train import checkpoint, engines, export, on_policy, scoring
 from ds_distill.train.prepare import Prepared, on_policy_options, prepare, write_run_files
 from ds_distill.train.progress import LogWindow, RunLog, memory_in_use_gb, peak_memory_gb, run_summary
-from ds_distill.train.student import build_student, target_index, token_counts
+from ds_distill.train.student import build_student
 from ds_distill.train.teacher import TeacherFeatures, load_teacher
 from ds_distill.train.teacher_cache import CachedTeacher
 
@@ -50,7 +50,7 @@ class Trainer:
         self.memory_before_models_gb = peak_memory_gb(reset=True)
         self.owns_teacher = teacher is None
         if teacher is None and p.teacher_ds:
-            teacher = load_teacher(self.run.teacher.weights(), p.teacher_ds)
+            teacher = load_teacher(models.teacher_weights(self.run.teacher), p.teacher_ds)
         self.teacher = teacher
         seed = self.train_config.seed
         student = build_student(self.run.student, p.student_config, p.student_ds, seed, engines.cut_student(p, teacher))
@@ -90,7 +90,7 @@ class Trainer:
         self.checkpoints = p.output_dir / "checkpoints"
         self.step = 0
         self.micro_batches_done = 0
-        if p.resume:
+        if p.resumes:
             self._resume(resume_tag or checkpoint.latest_tag(self.checkpoints))
         self.log = RunLog(p.output_dir, self.step)
 
@@ -137,7 +137,7 @@ class Trainer:
         return self.teacher_side.features(batch) if self.teacher_side is not None else None
 
     def step_tokens(self, batches: list[dict[str, torch.Tensor]], sampled: list[bool] | None = None):
-        """Token counts of the optimizer step's micro-batches on all ranks (`student.token_counts`), on the
+        """Token counts of the optimizer step's micro-batches on all ranks (`features.token_counts`), on the
         device; counted on the host, so no micro-step waits for the device. Also adds to the window's tokens.
         An on-policy micro-batch (`sampled`) counts only its targets, as "sampled": only the KD term reads it."""
         counts = defaultdict(int)
@@ -292,7 +292,7 @@ class Trainer:
         objective = None
         if not models.adapter_for(student.config).has_lm_head(student.config):
             objective = lambda batch: self.engine(batch, self.teacher_features(batch))  # noqa: E731
-        results = evaluate(
+        results = scoring.score(
             student,
             self.p.datasets[split],
             self.collate,
@@ -304,7 +304,7 @@ class Trainer:
         )
         self.engine.train()
         self._write_scalars({f"eval/{k}": v for k, v in results.items()})
-        dist.print_main(f"step {self.step}: {described(results, prefix='eval ')}")
+        dist.print_main(f"step {self.step}: {scoring.described(results, prefix='eval ')}")
 
     def _save_checkpoint(self) -> None:
         state = {"step": self.step, "micro_batches_done": self.micro_batches_done}
@@ -326,7 +326,7 @@ class Trainer:
         return target
 
 
-def distill(run: RunConfig, resume: bool | str = False, overwrite: bool = False) -> Path:
+def train_student(run: RunConfig, resume: bool | str = False, overwrite: bool = False) -> Path:
     """Runs one distillation (or, without a teacher, plain training) and returns the exported student's path."""
     dist.init(run.train.ddp_timeout)
     trainer = Trainer(prepare(run, resume=resume, overwrite=overwrite))

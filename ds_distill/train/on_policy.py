@@ -31,8 +31,7 @@ import torch
 from transformers import GenerationConfig
 
 from ds_distill import dist, models
-from ds_distill.data import batches
-from ds_distill.objectives.base import IGNORE_INDEX
+from ds_distill.data import IGNORE_INDEX, batches
 
 STREAM = 0x0B  # keeps the draw apart from other streams seeded by train.seed
 TERMS = ("kd",)  # the terms an on-policy micro-batch takes

@@ -7,11 +7,15 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+
+from datasets import DatasetDict
+from transformers import GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from ds_distill import dist, models
 from ds_distill.config import deepspeed as ds_config
+from ds_distill.config import run_dir
 from ds_distill.config.load import coerce, from_dict
 from ds_distill.config.run import RunConfig, cross_tokenizer, to_yaml
 from ds_distill.data import batches, tokenizers
@@ -21,7 +25,7 @@ from ds_distill.objectives.layerwise import ModelPair
 from ds_distill.objectives.logits import KDOptions, OnPolicyOptions
 from ds_distill.objectives.registry import build_losses
 from ds_distill.surgery import prune
-from ds_distill.train import checkpoint, export, run_dir, teacher_cache
+from ds_distill.train import checkpoint, export, teacher_cache
 from ds_distill.train.student import student_hf_config
 
 
@@ -31,18 +35,21 @@ class Prepared:
 
     run: RunConfig
     output_dir: Path
-    resume: bool
-    tokenizer: Any
-    datasets: Any
+    tokenizer: PreTrainedTokenizerBase
+    datasets: DatasetDict
+    """The tokenized splits (`data.load_tokenized`)."""
     teacher_ds: dict | None
+    """The teacher's DeepSpeed config, "auto" values filled; None: no teacher engine (none, or its cache)."""
     student_ds: dict
-    student_config: Any
-    generation_config: Any
+    student_config: PretrainedConfig
+    generation_config: GenerationConfig
     total_steps: int
     validation_split: str | None
-    teacher_config: Any = None
-    teacher_tokenizer: Any = None
+    teacher_config: PretrainedConfig | None = None
+    teacher_tokenizer: PreTrainedTokenizerBase | None = None
     """Across tokenizers (`losses.kd.cross_tokenizer`): the teacher's own; None where the models share one."""
+    resumes: bool = False
+    """Whether the run goes on from a checkpoint in output_dir: decided where the directory is claimed."""
 
 
 def prepare(run: RunConfig, resume: bool | str = False, overwrite: bool = False, claim: bool = True) -> Prepared:
@@ -91,31 +98,35 @@ def prepare(run: RunConfig, resume: bool | str = False, overwrite: bool = False,
         dims = run.student.init.from_teacher
         sliced = dims is not None and dims.strategy == "sliced" and not dims.source
         prune.check(run.prune, student_ds, teacher_config, student_config, starts_from_teacher=sliced)
-    source = run.teacher.weights() or run.student.model_name_or_path
+    source = models.teacher_weights(run.teacher) or run.student.model_name_or_path
     if teacher_tokenizer is not None:  # the teacher's start and end ids are of another vocabulary
         source = run.student.model_name_or_path
     generation_config = export.generation_config(source, student_config, len(tokenizer))
     prepared = Prepared(
-        run, Path(train.output_dir), resume, tokenizer, tokenized, teacher_ds, student_ds, student_config,
-        generation_config, total_steps, validation_split, teacher_config, teacher_tokenizer,
+        run=run, output_dir=Path(train.output_dir), tokenizer=tokenizer, datasets=tokenized, teacher_ds=teacher_ds,
+        student_ds=student_ds, student_config=student_config, generation_config=generation_config,
+        total_steps=total_steps, validation_split=validation_split, teacher_config=teacher_config,
+        teacher_tokenizer=teacher_tokenizer,
     )  # fmt: skip
     return claim_output_dir(prepared, resume, overwrite) if claim else prepared
 
 
 def claim_output_dir(p: Prepared, resume: bool | str, overwrite: bool) -> Prepared:
-    """`p` with its output directory claimed (`run_dir.claim`) and `resume` set to whether it resumes."""
+    """`p` with its output directory claimed (`run_dir.claim`; `resume`: True, False or "auto") and `resumes`
+    set to whether it goes on from a checkpoint."""
     # rank 0's view decides for all (on node-local disks the others may see none; resuming then says so)
     has_checkpoint = dist.all_gather_objects(checkpoint.latest_tag(p.output_dir / "checkpoints") is not None)[0]
-    return dataclasses.replace(p, resume=run_dir.claim(p.output_dir, to_yaml(p.run), resume, overwrite, has_checkpoint))
+    resumes = run_dir.claim(p.output_dir, to_yaml(p.run), resume, overwrite, has_checkpoint)
+    return dataclasses.replace(p, resumes=resumes)
 
 
 def check_models(run: RunConfig):
     """Both models' configs (no weights), checked against the task, the losses and the metric."""
     teacher_config = None
     if run.teacher.model_name_or_path:
-        teacher_config = models.load_config(run.teacher.weights(), "teacher")
+        teacher_config = models.load_config(models.teacher_weights(run.teacher), "teacher")
         if not run.teacher.cache:  # a run from a cache loads no teacher weights
-            models.check_local_weights(run.teacher.weights(), "teacher")
+            models.check_local_weights(models.teacher_weights(run.teacher), "teacher")
     if run.student.model_name_or_path:
         models.check_local_weights(run.student.model_name_or_path, "student")
     student_config = student_hf_config(run.student, teacher_config)
@@ -198,15 +209,16 @@ def model_pair(run: RunConfig, student_config, teacher_config) -> ModelPair | No
 def check_tokenizer(run: RunConfig, teacher_config, student_config):
     """(the student's tokenizer, the teacher's where it may differ, else None): the one tokenizer both models
     share, or, across tokenizers, each model's own (fast tokenizers, which say where each token's text ends)."""
-    tokenizer = tokenizers.load_tokenizer(tokenizers.tokenizer_source(run))
-    teacher_tokenizer = tokenizers.teacher_tokenizer(run)
+    teacher = partial(models.teacher_weights, run.teacher)  # resolved where needed
+    tokenizer = tokenizers.load_tokenizer(tokenizers.tokenizer_source(run, teacher))
+    teacher_tokenizer = tokenizers.teacher_tokenizer(run, teacher)
     if teacher_tokenizer is not None:
         for role, side in (("student", tokenizer), ("teacher", teacher_tokenizer)):
             if not side.is_fast:
                 raise ConfigError(f"losses.kd.cross_tokenizer needs fast tokenizers (character offsets); the "
                                   f"{role}'s, {side.name_or_path}, is a slow {type(side).__name__}")  # fmt: skip
     elif teacher_config is not None and run.student.model_name_or_path:
-        tokenizers.check_same_tokenizer(run.teacher.weights(), run.student.model_name_or_path)
+        tokenizers.check_same_tokenizer(models.teacher_weights(run.teacher), run.student.model_name_or_path)
     for role, config, side in (("teacher", teacher_config, teacher_tokenizer or tokenizer),
                                ("student", student_config, tokenizer)):  # fmt: skip
         if config is not None and config.vocab_size < len(side):

@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ds_distill import dist
+from ds_distill.config import run_dir
 from ds_distill.errors import ConfigError
-from ds_distill.train import run_dir
 
 
 def read_manifest(path: Path) -> dict | None:

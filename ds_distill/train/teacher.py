@@ -15,7 +15,7 @@ import torch
 from ds_distill import dist, models
 from ds_distill.config.deepspeed import model_dtype, zero3_loading, zero_stage
 from ds_distill.objectives.capture import FeatureCapture
-from ds_distill.train.student import forward_features, teacher_view
+from ds_distill.objectives.features import forward_features, teacher_view
 
 
 def load_teacher(model_name_or_path: str, ds_config: dict[str, Any]):

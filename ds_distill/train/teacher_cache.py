@@ -29,14 +29,14 @@ import torch
 
 from ds_distill import models
 from ds_distill.config.run import RunConfig
+from ds_distill.data import IGNORE_INDEX
 from ds_distill.data import tokenized as data
 from ds_distill.errors import ConfigError
 from ds_distill.objectives import topk
-from ds_distill.objectives.base import IGNORE_INDEX
+from ds_distill.objectives.features import aligned_labels
 from ds_distill.objectives.logits import LogitDistillationLoss
 from ds_distill.objectives.registry import build_losses
 from ds_distill.train import shards
-from ds_distill.train.student import aligned_labels
 
 MANIFEST = "cache.json"
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}

@@ -39,11 +39,11 @@ def test_homodistil_prunes_to_the_target_and_exports_it_dense(cohort):
     from ds_distill.config.load import parse_students
     from ds_distill.data import batches, tokenizers
     from ds_distill.data import tokenized as data
-    from ds_distill.evaluation import evaluate
+    from ds_distill.train.scoring import score
 
     run = parse_students(cohort.config)["homodistil"]
     tokenizer = tokenizers.load_tokenizer(str(reference / "model"))
     validation = data.tokenize(run.data, tokenizer, data.load_raw(run.data))["validation"]
-    scores = evaluate(model, validation, batches.make_collator(run.data, tokenizer, model), tokenizer, run)
+    scores = score(model, validation, batches.make_collator(run.data, tokenizer, model), tokenizer, run)
     logged = [row for row in training_log(reference) if "eval/loss" in row][-1]["eval/loss"]
     assert scores["loss"] == pytest.approx(logged, rel=1e-5)  # the dense cut computes what the masked model did

@@ -90,7 +90,7 @@ def test_exported_student_reloads_with_the_trained_weights_and_generates(runs, s
     from ds_distill.config.run import RunConfig
     from ds_distill.data import batches
     from ds_distill.data import tokenized as data
-    from ds_distill.evaluation import evaluate
+    from ds_distill.train.scoring import score
 
     run_dir, config = runs[stage]
     model_dir = run_dir / "model"
@@ -102,7 +102,7 @@ def test_exported_student_reloads_with_the_trained_weights_and_generates(runs, s
     assert model.config.d_model == 32 and model.config.num_layers == 1
     run = from_dict(RunConfig, {**config, "train": {**config["train"], "eval_metric": "loss"}})
     validation = data.tokenize(run.data, tokenizer, data.load_raw(run.data))["validation"]
-    scores = evaluate(model, validation, batches.make_collator(run.data, tokenizer, model), tokenizer, run)
+    scores = score(model, validation, batches.make_collator(run.data, tokenizer, model), tokenizer, run)
     logged = [row for row in training_log(run_dir) if "eval/loss" in row][-1]["eval/loss"]
     assert scores["loss"] == pytest.approx(logged, rel=1e-5)
     inputs = tokenizer(["translate English to German: The house is small."], return_tensors="pt")

@@ -8,7 +8,7 @@ import transformers
 
 from ds_distill import models
 from ds_distill.objectives.capture import FeatureCapture, feature_key
-from ds_distill.train.student import model_inputs
+from ds_distill.objectives.features import model_inputs
 
 VOCAB, BATCH, SOURCE, TARGET = 96, 2, 7, 5
 

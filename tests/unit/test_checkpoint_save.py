@@ -105,12 +105,12 @@ def test_students_resume_together_from_the_newest_step_all_completed(tmp_path):
             (tmp_path / name / "checkpoints" / f"step_{step}").mkdir(parents=True)
         for step in steps:
             (tmp_path / name / "checkpoints" / f"step_{step}" / checkpoint.COMPLETE).write_text("{}")
-        return SimpleNamespace(output_dir=tmp_path / name, resume=resume)
+        return SimpleNamespace(output_dir=tmp_path / name, resumes=resume)
 
     ahead, behind = student("a", [4, 8, 12]), student("b", [4, 8], incomplete=[12])
     assert common_resume_tag({"a": ahead, "b": behind}) == "step_8"
-    assert common_resume_tag({"a": SimpleNamespace(resume=False), "b": SimpleNamespace(resume=False)}) is None
+    assert common_resume_tag({"a": SimpleNamespace(resumes=False), "b": SimpleNamespace(resumes=False)}) is None
     with pytest.raises(ConfigError, match="students c have no checkpoint to resume from"):
-        common_resume_tag({"a": ahead, "c": SimpleNamespace(resume=False)})
+        common_resume_tag({"a": ahead, "c": SimpleNamespace(resumes=False)})
     with pytest.raises(ConfigError, match="no checkpoint step in common"):
         common_resume_tag({"a": ahead, "d": student("d", [16])})

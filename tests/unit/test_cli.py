@@ -201,8 +201,8 @@ def test_homobert_recipes_export_the_papers_sizes(recipe, millions, capsys):
 
 
 def test_list_shows_recipes_methods_losses_strategies_and_families(capsys):
-    from ds_distill.objectives.logits import DIVERGENCES
-    from ds_distill.objectives.methods import METHODS
+    from ds_distill.config.methods import METHODS
+    from ds_distill.objectives.divergences import DIVERGENCES
     from ds_distill.objectives.registry import LOSSES
 
     cli.main(["list"])
@@ -210,3 +210,27 @@ def test_list_shows_recipes_methods_losses_strategies_and_families(capsys):
     expected = {"flan_t5_3b_145m", *METHODS, *LOSSES, "uniform", "last", "explicit", "t5", "student_zero3.json",
                 *DIVERGENCES}  # fmt: skip
     assert expected <= set(lines)
+
+
+def test_keys_lists_every_run_config_key_with_its_type_default_and_docstring(capsys):
+    import dataclasses
+
+    from ds_distill.config.run import DataConfig, TrainConfig
+    from ds_distill.objectives.logits import KDOptions
+
+    cli.main(["keys"])
+    everything = capsys.readouterr().out
+    listed = [line.split(":")[0] for line in everything.splitlines() if not line.startswith(" ")]
+    for section, config in (("data", DataConfig), ("train", TrainConfig), ("losses.kd", KDOptions)):
+        assert {f"{section}.{field.name}" for field in dataclasses.fields(config)} <= set(listed)
+    assert len(listed) == len(set(listed))
+    cli.main(["keys", "train"])
+    train = capsys.readouterr().out.splitlines()
+    assert all(line.startswith(("train:", "train.", "    ")) for line in train) and train[0] == "train: TrainConfig"
+    max_steps = train.index("train.max_steps: int = -1")
+    assert train[max_steps + 1] == "    Optimizer steps. -1: derive from num_train_epochs."
+    cli.main(["keys", "student.init.from_teacher"])
+    assert "student.init.from_teacher.tokenizer: str | None = None" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["keys", "trian"])
+    assert "error: no run-config key starts with 'trian'; did you mean train?" in capsys.readouterr().err

@@ -248,7 +248,7 @@ def test_data_files_of_a_hub_dataset_and_urls_stay_as_written(tmp_path, monkeypa
 def test_a_run_saved_with_relative_paths_is_the_same_run_with_them_absolute(tmp_path, monkeypatch):
     """A config.yaml saved before checked runs' paths were absolute (read from the working directory) compares
     equal to the same run now, so --resume and a chain's finished stages go on."""
-    from ds_distill.train.run_dir import changed_keys
+    from ds_distill.config.run_dir import changed_keys
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "t.jsonl").write_text("")

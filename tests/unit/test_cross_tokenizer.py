@@ -9,11 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ds_distill.data import IGNORE_INDEX
 from ds_distill.data.alignment import align, token_bytes, token_ends
 from ds_distill.objectives import cross_tokenizer, logits
-from ds_distill.objectives.base import IGNORE_INDEX
 from ds_distill.objectives.cross_tokenizer import VocabularyMatch
-from ds_distill.objectives.logits import KDOptions, LogitDistillationLoss, divergence
+from ds_distill.objectives.divergences import divergence
+from ds_distill.objectives.logits import KDOptions, LogitDistillationLoss
 
 
 def test_tokens_end_at_the_byte_where_their_text_ends():
@@ -212,19 +213,25 @@ def reference(kind, kd, match, student, teacher):
         rest_t = [i for i in range(len(p)) if i not in set(t_ids.tolist())]
         rest_s = [i for i in range(len(q)) if i not in set(s_ids.tolist())]
         rest = temperature * cross_tokenizer.sorted_l1(p.exp()[None, rest_t], q.exp()[None, rest_s])[0]
-        total = total + match.matched_share * kl + (1 - match.matched_share) * rest
+        weight = kd.get("hybrid_matched_weight") or match.matched_share
+        total = total + weight * kl + (1 - weight) * rest
     return total / int((student["labels"] != IGNORE_INDEX).sum())
 
 
 GROUPS = [(1, 1), (2, 1), (1, 3), (3, 2), (1, 1)]
 
 
-@pytest.mark.parametrize("kind, divergence_name", [("uld", "forward_kl"), ("hybrid", "forward_kl"), ("hybrid", "jsd")])
-def test_the_terms_equal_their_formulas_across_chunks(kind, divergence_name):
+@pytest.mark.parametrize("kind, divergence_name, matched_weight",
+                         [("uld", "forward_kl", None), ("hybrid", "forward_kl", None), ("hybrid", "jsd", None),
+                          ("hybrid", "forward_kl", 0.9)])  # fmt: skip
+def test_the_terms_equal_their_formulas_across_chunks(kind, divergence_name, matched_weight):
     """Merged groups of several tokens on either side, vocabularies of 11 and 7 ids with 4 in common, T = 2; the
-    chunked pass (chunks of 2 rows, never splitting a group of 3) against the formula, value and gradient."""
+    chunked pass (chunks of 2 rows, never splitting a group of 3) against the formula, value and gradient; hybrid
+    weighted by the matched share (4/7, GOLD's) or by `hybrid_matched_weight`."""
     match = VocabularyMatch(torch.tensor([0, 2, 3, 6]), torch.tensor([5, 1, 0, 10]), teacher_vocab=7, student_vocab=11)
     kd = {"cross_tokenizer": kind, "divergence": divergence_name, "temperature": 2.0}
+    if matched_weight is not None:
+        kd["hybrid_matched_weight"] = matched_weight
     student, teacher = features(GROUPS, 11, 7)
     expected = reference(kind, kd, match, student, teacher)
     (expected_grad,) = torch.autograd.grad(expected, student["logits"])
@@ -273,6 +280,7 @@ def test_a_merged_group_holds_the_probability_of_its_text():
             "losses.kd.cross_tokenizer 'gold' is unknown; choose one of uld, hybrid",
         ),
         ({"losses.cka": {"weight": 1.0}}, "losses cka compare the two models position by position"),
+        ({"losses.kd.hybrid_matched_weight": 1.5}, "losses.kd.hybrid_matched_weight must lie between 0 and 1"),
         ({"teacher.cache": "/nonexistent"}, "does not work with teacher.cache yet"),
         ({"losses.kd.on_policy": {"fraction": 0.5}}, "does not work with losses.kd.on_policy yet"),
         ({"data.targets": "teacher"}, "does not work with data.targets yet"),

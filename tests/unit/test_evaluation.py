@@ -12,7 +12,7 @@ from ds_distill.config.load import from_dict
 from ds_distill.config.run import RunConfig
 from ds_distill.data import batches, tokenizers
 from ds_distill.data import tokenized as data
-from ds_distill.evaluation import evaluate
+from ds_distill.train.scoring import score
 from tests.conftest import translation_config
 
 
@@ -34,7 +34,7 @@ def test_bleu_is_sacrebleu_against_the_raw_references_not_the_truncated_labels(t
     model.generate = generate
     texts = {}
     collate = batches.make_collator(run.data, tokenizer, model)
-    results = evaluate(model, validation, collate, tokenizer, run, texts=texts)
+    results = score(model, validation, collate, tokenizer, run, texts=texts)
 
     raw = [json.loads(line)["translation"]["de"] for line in open(run.data.data_files["validation"])]
     assert texts["references"] == raw
@@ -60,7 +60,7 @@ def test_token_accuracy_is_the_share_of_target_tokens_predicted_by_argmax(tiny, 
 
     model.lm_head.register_forward_hook(lift)
     collate = batches.make_collator(run.data, tokenizer, model)
-    results = evaluate(model, validation, collate, tokenizer, run)
+    results = score(model, validation, collate, tokenizer, run)
 
     correct = total = 0
     with torch.no_grad():
@@ -81,7 +81,7 @@ def test_bits_per_byte_is_the_loss_in_bits_over_the_target_texts_bytes(tiny, tmp
     tokenizer = tokenizers.load_tokenizer(str(tiny["tokenizer"]))
     validation = data.tokenize(run.data, tokenizer, data.load_raw(run.data))["validation"]
     model = models.adapter_for(models.load_config(str(tiny["t5"]), "t")).from_pretrained(str(tiny["t5"])).eval()
-    results = evaluate(model, validation, batches.make_collator(run.data, tokenizer, model), tokenizer, run)
+    results = score(model, validation, batches.make_collator(run.data, tokenizer, model), tokenizer, run)
 
     pieces = [tokenizer.convert_ids_to_tokens(row) for row in validation["labels"]]
     tokens = sum(len(row) for row in pieces)

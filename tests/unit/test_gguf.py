@@ -62,12 +62,12 @@ def test_teacher_gguf_file_converts_once_per_machine(tmp_path, monkeypatch):
     monkeypatch.setattr(gguf, "convert", fake_convert)
     monkeypatch.setenv("DS_DISTILL_CACHE", str(tmp_path / "cache"))
     teacher = TeacherConfig(model_name_or_path=str(tmp_path / "model"), gguf_file="tiny.gguf")
-    first, second = teacher.weights(), teacher.weights()
+    first, second = gguf.teacher_weights(teacher), gguf.teacher_weights(teacher)
     assert first == second and first.startswith(str(tmp_path / "cache" / "gguf" / "tiny-"))
     assert calls == [(str(tmp_path / "model"), "tiny.gguf")]
 
     with pytest.raises(ConfigError, match="missing.gguf is not in"):
-        TeacherConfig(model_name_or_path=str(tmp_path / "model"), gguf_file="missing.gguf").weights()
+        gguf.teacher_weights(TeacherConfig(model_name_or_path=str(tmp_path / "model"), gguf_file="missing.gguf"))
 
 
 def test_a_file_that_is_not_gguf_is_refused_with_its_name(tmp_path):

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from ds_distill.objectives import logits as logit_losses
+from ds_distill.objectives.features import aligned_labels, forward_features, model_inputs
 from ds_distill.objectives.layerwise import ModelPair
 from ds_distill.objectives.registry import build_losses
 from ds_distill.planner.trace import LiveTensorBytes
-from ds_distill.train.student import DistillationModule, aligned_labels, model_inputs
+from ds_distill.train.student import DistillationModule
 from tests.unit.test_capture import FAMILIES, TARGET, VOCAB, tiny_batch, tiny_model
 
 
@@ -91,6 +92,22 @@ def test_folded_head_gives_the_losses_and_gradients_of_whole_logits(monkeypatch,
         torch.testing.assert_close(
             grads[name], grad, rtol=1e-5, atol=max(1e-5 * grad.abs().max().item(), 1e-7), msg=name
         )
+
+
+@pytest.mark.parametrize("family", ["t5", "llama"])
+def test_a_folded_forward_names_the_heads_input_and_no_logits(family):
+    """With the head folded the features carry `head_input` (the head's input, [batch, rows, d_model], aligned
+    as the logits would be) and no `logits`; without it, `logits` over the vocabulary and no `head_input`."""
+    module = student_module(family)
+    batch = family_batch(module)
+    with torch.no_grad():
+        folded = forward_features(module.student, module.adapter, batch, head=module.head)
+        whole = forward_features(module.student, module.adapter, batch)
+    assert "logits" not in folded and folded["head"] is module.head
+    assert folded["head_input"].shape == (*whole["logits"].shape[:-1], module.student.config.d_model if family ==
+                                          "t5" else module.student.config.hidden_size)  # fmt: skip
+    assert "head_input" not in whole and whole["logits"].shape[-1] >= VOCAB
+    torch.testing.assert_close(module.head(folded["head_input"]), whole["logits"], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("family", ["bart", "llama"])

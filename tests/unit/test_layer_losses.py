@@ -13,10 +13,11 @@ from ds_distill.config.run import FromTeacherConfig, LayerMapConfig
 from ds_distill.errors import ConfigError
 from ds_distill.objectives.attention import relation_kl
 from ds_distill.objectives.capture import FeatureCapture
+from ds_distill.objectives.features import forward_features
 from ds_distill.objectives.hidden import cka_loss
 from ds_distill.objectives.layerwise import ModelPair
 from ds_distill.objectives.registry import build_losses
-from ds_distill.train.student import DistillationModule, forward_features
+from ds_distill.train.student import DistillationModule
 
 
 def reference_cka_loss(student: torch.Tensor, teacher: torch.Tensor, squared: bool = False) -> float:
@@ -549,8 +550,8 @@ class SyncingOps(torch.utils._python_dispatch.TorchDispatchMode):
 def test_the_terms_of_a_step_never_wait_for_the_device():
     """With the target positions counted on the host (as the trainer passes them), neither the forward nor the
     backward of the logit and layer-wise terms asks the device for a count or a value."""
+    from ds_distill.objectives.features import target_index
     from ds_distill.objectives.registry import weighted_terms
-    from ds_distill.train.student import target_index
 
     spec = {
         "ce": {},

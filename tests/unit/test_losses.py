@@ -162,7 +162,7 @@ def test_kd_without_a_teacher_is_refused():
 
 def full_tensor_reference(name, student, teacher, labels, temperature, vocab, beta=0.5, alpha=0.1):
     """The logit terms as they were first written: float32 copies of the whole [batch, seq, vocab] logits."""
-    from ds_distill.objectives.logits import divergence
+    from ds_distill.objectives.divergences import divergence
 
     mask = labels != -100
     if name == "ce":
@@ -208,7 +208,7 @@ def test_chunked_terms_equal_the_full_tensor_formulas_in_value_and_gradient(monk
 
 def test_target_indices_from_the_host_select_the_same_positions(pair):
     from ds_distill.models import adapter_for
-    from ds_distill.train.student import target_index
+    from ds_distill.objectives.features import target_index
 
     student, teacher, labels = pair
     loss = kd()

@@ -91,4 +91,4 @@ def test_only_errors_of_collectives_or_the_store_wait_for_a_verdict():
 @pytest.fixture(autouse=True)
 def no_watch_left():
     yield
-    assert peers._watch is None  # these tests never start the process's own watch
+    assert peers.Watch.running is None  # these tests never start the process's own watch

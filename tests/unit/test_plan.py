@@ -84,6 +84,23 @@ def test_traced_peak_grows_linearly_in_depth_and_batch(tmp_path, gpu):
     assert step.at(5) == pytest.approx(direct, rel=0.03)
 
 
+def test_a_layer_wise_trace_goes_back_through_every_block_with_the_head_folded(tmp_path, monkeypatch):
+    """Without logit terms the trace's stand-in loss is the last hidden state: with the LM head folded (its input
+    in `head_input`) the backward recomputes and goes back through the blocks as it does with whole logits (an
+    embedding-output stand-in traces half as much)."""
+    from ds_distill.objectives import head
+    from ds_distill.train.student import student_hf_config
+
+    run = _tiny_t5_run(tmp_path, gradient_checkpointing=True)
+    student_config = student_hf_config(run.student, models.load_config(run.teacher.model_name_or_path, "teacher"))
+    adapter = models.adapter_for(student_config)
+    shape = step_trace.step_shape(run, adapter, 500, False)
+    folded = step_trace.trace_step(student_config, adapter, shape, {}, {}, None, batch=2)
+    monkeypatch.setattr(head, "fold_head", lambda model, adapter: None)
+    whole = step_trace.trace_step(student_config, adapter, shape, {}, {}, None, batch=2)
+    assert 0.7 * whole < folded <= whole  # the whole logits add their own bytes
+
+
 def test_gradient_checkpointing_holds_less(tmp_path):
     run = _tiny_t5_run(tmp_path, per_device_train_batch_size=4)
     plan = planner.make_plan(run, H100, vocab=500)

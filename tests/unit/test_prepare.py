@@ -81,7 +81,7 @@ def test_output_dir_clash(tiny, tmp_path):
     (out / "config.yaml").write_text("something else")
     with pytest.raises(ConfigError, match="already holds a run with a different config; pass --resume .* --overwrite"):
         prepare(run_config(tiny, tmp_path))
-    assert prepare(run_config(tiny, tmp_path), overwrite=True).resume is False
+    assert prepare(run_config(tiny, tmp_path), overwrite=True).resumes is False
     assert not (out / "config.yaml").exists()
 
 

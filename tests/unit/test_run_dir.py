@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from ds_distill.config import run_dir
 from ds_distill.errors import ConfigError
-from ds_distill.train import run_dir
 from ds_distill.train.checkpoint import rng_state, set_rng_state
 
 CONFIG = "train:\n  learning_rate: 0.001\n  max_steps: 10\n"

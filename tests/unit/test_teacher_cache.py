@@ -16,9 +16,8 @@ from transformers import AutoTokenizer
 from ds_distill import dist, models
 from ds_distill.config.load import from_dict
 from ds_distill.config.run import RunConfig
-from ds_distill.data import batches
+from ds_distill.data import IGNORE_INDEX, batches
 from ds_distill.errors import ConfigError
-from ds_distill.objectives.base import IGNORE_INDEX
 from ds_distill.objectives.registry import build_losses
 from ds_distill.train import cache_writer, loop
 from ds_distill.train.cache_writer import CacheSettings, write_cache
@@ -208,7 +207,7 @@ def test_runs_the_cache_cannot_serve_are_refused_before_weights_load(tiny, tmp_p
         for section, values in changes.items():
             changed[section] = {**changed[section], **values}
         with pytest.raises(ConfigError) as error:
-            loop.distill(cached(changed, tmp_path / "cache"))
+            loop.train_student(cached(changed, tmp_path / "cache"))
         assert "\n" not in str(error.value)
         return str(error.value)
 

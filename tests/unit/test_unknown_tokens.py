@@ -46,7 +46,7 @@ def test_a_tokenizer_that_knows_no_words_stops_the_run_before_weights_load(tiny,
     monkeypatch.setattr(dist, "init", lambda *args: None)  # no process group needed to reach the check
     config = translation_config(tiny, tmp_path / "out", data={"tokenizer": str(broken_tokenizer(tiny, tmp_path / "b"))})
     with pytest.raises(ConfigError) as error:
-        trainer.distill(from_dict(RunConfig, config))
+        trainer.train_student(from_dict(RunConfig, config))
     message = str(error.value)
     assert re.match(
         r"\d+\.\d% of the source \(en\) tokens of a training sample are <unk> under tokenizer .*/b ", message

@@ -55,15 +55,15 @@ def distill(
         **overrides: any config key as a dotted flag, e.g. --train.learning_rate=3e-4.
     """
     from ds_distill.config.load import load_tree, parse_run, parse_students
-    from ds_distill.train.cohort import distill_students
-    from ds_distill.train.loop import distill as run_distill
+    from ds_distill.train.cohort import train_students
+    from ds_distill.train.loop import train_student
 
     tree = load_tree(config, recipe, overrides)
     resume, overwrite = resume_flag(resume), flag(overwrite, "overwrite")
     if "students" in tree:
-        distill_students(parse_students(tree), resume=resume, overwrite=overwrite)
+        train_students(parse_students(tree), resume=resume, overwrite=overwrite)
     else:
-        run_distill(parse_run(tree), resume=resume, overwrite=overwrite)
+        train_student(parse_run(tree), resume=resume, overwrite=overwrite)
 
 
 def chain(config: str | None = None, recipe: str | None = None, overwrite=(), **overrides):
@@ -94,7 +94,7 @@ def chain(config: str | None = None, recipe: str | None = None, overwrite=(), **
     names = overwrite.split(",") if isinstance(overwrite, str) else [str(name) for name in overwrite]
     manifest = chain_module.run_chain(tree, tuple(name for name in names if name))
     from ds_distill import dist
-    from ds_distill.evaluation import described
+    from ds_distill.train.scoring import described
 
     if dist.is_main():
         for name, stage in manifest["stages"].items():
@@ -116,6 +116,9 @@ def prepare_data(config: str | None = None, recipe: str | None = None, **overrid
         recipe: name of a shipped recipe instead.
         **overrides: dotted flags, e.g. --data.tokenized_path=DIR --data.max_train_samples=100000.
     """
+    from functools import partial
+
+    from ds_distill import models
     from ds_distill.config.load import load_config
     from ds_distill.data import tokenized as data
     from ds_distill.data import tokenizers
@@ -125,8 +128,9 @@ def prepare_data(config: str | None = None, recipe: str | None = None, **overrid
         raise ConfigError(
             "set data.tokenized_path: the directory to write (one that every node of the launch can read)"
         )
-    tokenizer = tokenizers.load_tokenizer(tokenizers.tokenizer_source(run))
-    teacher_tokenizer = tokenizers.teacher_tokenizer(run)  # across tokenizers, the training rows hold both
+    teacher = partial(models.teacher_weights, run.teacher)  # resolved where needed
+    tokenizer = tokenizers.load_tokenizer(tokenizers.tokenizer_source(run, teacher))
+    teacher_tokenizer = tokenizers.teacher_tokenizer(run, teacher)  # across tokenizers, the training rows hold both
     tokenized = data.tokenize(run.data, tokenizer, data.load_raw(run.data), teacher_tokenizer)
     tokenizers.check_unknown_tokens(run.data, tokenizer, tokenized[run.data.train_split])
     path = data.save_prepared(run.data, tokenizer, tokenized, teacher_tokenizer)
@@ -221,8 +225,7 @@ def generate_targets(
         **overrides: dotted flags, e.g. --data.max_train_samples=100000.
     """
     from ds_distill.config.load import load_tree, parse_run, parse_students
-    from ds_distill.train.generate_targets import GenerationSettings
-    from ds_distill.train.generate_targets import generate_targets as write_targets
+    from ds_distill.train.generate_targets import GenerationSettings, write_targets
 
     if not output_dir:
         raise ConfigError("give --output_dir=DIR")

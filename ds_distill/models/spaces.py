@@ -1,7 +1,7 @@
 """Width spaces: which axis of which tensor belongs to which set of units, for each family, written once.
 
-Cutting (`cut.py`), importance ranking (`importance.py`) and HomoDistil's masks (`prune.py`) all read this
-table, so a family writes its widths here and every user follows. The spaces:
+Cutting (`surgery/cut.py`), importance ranking (`surgery/importance.py`) and HomoDistil's masks
+(`surgery/prune.py`) all read this table, so a family writes its widths here and every user follows. The spaces:
 
     hidden          the residual stream: one channel set for the whole model (embeddings, norms, every matrix)
     ffn             the feed-forward neurons of one block
@@ -76,7 +76,7 @@ def head_key(kind: str, attention: str, stack: str, block: int, layout: WidthLay
     return (kind, attention, stack, None if layout.heads_per_stack else block)
 
 
-T5 = WidthLayout(
+T5_WIDTHS = WidthLayout(
     axes=(
         ("*.SelfAttention.q.weight", ("self.q", "hidden")),
         ("*.SelfAttention.k.weight", ("self.k", "hidden")),
@@ -99,7 +99,7 @@ T5 = WidthLayout(
     width_scales=(("scale_decoder_outputs", "decoder.final_layer_norm.weight"),),
 )
 
-BART = WidthLayout(
+BART_WIDTHS = WidthLayout(
     axes=(
         *(
             (f"*.{module}.{role}_proj.{kind}", ((f"{attention}.{role}", "hidden") if kind == "weight" else (f"{attention}.{role}",)))
@@ -127,7 +127,7 @@ BART = WidthLayout(
     width_scales=(("scale_embedding", "*embed_positions.weight"),),
 )  # fmt: skip
 
-GPT2 = WidthLayout(  # Conv1D weights are [in, out]
+GPT2_WIDTHS = WidthLayout(  # Conv1D weights are [in, out]
     axes=(
         ("*.attn.c_attn.weight", ("hidden", "self.qkv")),
         ("*.attn.c_attn.bias", ("self.qkv",)),
@@ -144,7 +144,7 @@ GPT2 = WidthLayout(  # Conv1D weights are [in, out]
     embedding_outputs=("transformer.wte", "transformer.wpe"),
 )
 
-LLAMA = WidthLayout(
+LLAMA_WIDTHS = WidthLayout(
     axes=(
         ("*.q_proj.weight", ("self.q", "hidden")),
         ("*.q_proj.bias", ("self.q",)),
@@ -164,7 +164,7 @@ LLAMA = WidthLayout(
     embedding_outputs=("model.embed_tokens",),
 )
 
-BERT = WidthLayout(
+BERT_WIDTHS = WidthLayout(
     axes=(
         ("*.attention.self.query.weight", ("self.q", "hidden")),
         ("*.attention.self.query.bias", ("self.q",)),
