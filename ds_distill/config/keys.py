@@ -70,13 +70,13 @@ def keys(cls: type, prefix: str = "", whole: tuple[str, ...] = ()) -> list[Key]:
     hints, docs, found = typing.get_type_hints(cls), attribute_docs(cls), []
     for field in dataclasses.fields(cls):
         name, hint = f"{prefix}{field.name}", hints[field.name]
+        nested = nested_dataclass(hint)
         if field.default is not MISSING:
             default = repr(field.default)
-        elif field.default_factory is not MISSING:
-            default = "" if nested_dataclass(hint) else repr(field.default_factory())
+        elif field.default_factory is not MISSING:  # a section always there shows its keys' defaults instead
+            default = "" if nested else repr(field.default_factory())
         else:
             default = "(required)"
-        nested = nested_dataclass(hint)
         doc = docs.get(field.name, "")
         if nested is not None:
             own = nested.__doc__ or ""  # dataclass writes a signature where a class has no docstring
