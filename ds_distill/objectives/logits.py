@@ -270,6 +270,9 @@ class KDOptions:
                 f"losses.kd.cross_tokenizer '{self.cross_tokenizer}' is unknown; choose one of "
                 f"{', '.join(cross_tokenizer.KINDS)}"
             )
+        if self.hybrid_matched_weight is not None and self.cross_tokenizer != "hybrid":
+            raise ConfigError("losses.kd.hybrid_matched_weight weights the hybrid term; set "
+                              "losses.kd.cross_tokenizer: hybrid or remove it")  # fmt: skip
         if self.hybrid_matched_weight is not None and not 0 <= self.hybrid_matched_weight <= 1:
             raise ConfigError("losses.kd.hybrid_matched_weight must lie between 0 and 1")
         if self.divergence not in DIVERGENCES:

@@ -299,6 +299,14 @@ def test_what_does_not_work_across_tokenizers_is_refused_before_weights_load(tin
         check_models(load_config(str(path), overrides=override))
 
 
+@pytest.mark.parametrize("kind", [None, "uld"])
+def test_a_hybrid_weight_without_the_hybrid_term_is_refused(kind):
+    from ds_distill.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="hybrid_matched_weight weights the hybrid term; set losses.kd.cross_tok"):
+        KDOptions(cross_tokenizer=kind, hybrid_matched_weight=0.9)
+
+
 def test_masked_lm_across_tokenizers_is_refused(tiny, tmp_path):
     from ds_distill.config.load import load_config
     from ds_distill.errors import ConfigError
