@@ -246,13 +246,13 @@ def _names(value) -> list[str]:
     return list(value) if isinstance(value, (tuple, list)) else str(value).split(",")
 
 
-def timed_steps(loop, steps: int, warmup: int) -> float:
-    """Seconds per optimizer step of `loop` (a Trainer or a Cohort: `begin`, `train_steps`) after `warmup`."""
-    loop.begin()
-    loop.train_steps(until=warmup)
+def timed_steps(trainer, steps: int, warmup: int) -> float:
+    """Seconds per optimizer step of a `Trainer` (one student or several) after `warmup`."""
+    trainer.begin()
+    trainer.train_steps(until=warmup)
     synchronize()
     started = time.perf_counter()
-    loop.train_steps(until=warmup + steps)
+    trainer.train_steps(until=warmup + steps)
     synchronize()
     return (time.perf_counter() - started) / steps
 
@@ -260,14 +260,6 @@ def timed_steps(loop, steps: int, warmup: int) -> float:
 def throughput(record: dict, step_s: float, batch: int, students: int = 1) -> dict:
     return {**record, "step_s": step_s, "tokens_per_s": students * batch * 2 * SEQUENCE_TOKENS / step_s,
             "peak_memory_gb": peak_memory_gb()}  # fmt: skip
-
-
-def release(trainer) -> None:
-    """Frees a student engine; a reused teacher engine stays, without this run's hooks."""
-    trainer.progress.close()
-    if trainer.teacher_side is not None and hasattr(trainer.teacher_side, "capture"):
-        trainer.teacher_side.capture.remove()
-    trainer.engine.destroy()
 
 
 def toolkit(assets, work_dir, placement, methods, batch: int, steps: int, warmup: int, result, smoke: bool = False,
@@ -319,7 +311,7 @@ def measure_loop(assets, work_dir, placement, batch, steps, warmup, smoke, teach
     for _ in range(steps):
         next(trainer.stream)
     row["data_ms_per_batch"] = 1000 * (time.perf_counter() - started) / steps
-    release(trainer)
+    trainer.close()
     return row, trainer.teacher
 
 
@@ -336,14 +328,14 @@ def measure_compiled(assets, work_dir, placement, batch, steps, warmup, smoke, t
     row["phase_ms"] = phase_ms(trainer, steps)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
     with torch_profile(activities=activities) as profiler:
-        trainer.train_steps(until=trainer.step + 2)
+        trainer.train_steps(until=trainer.students[0].step + 2)
         synchronize()
     sort = "self_cuda_time_total" if DEVICE == "cuda" else "self_cpu_time_total"
     table = profiler.key_averages().table(sort_by=sort, row_limit=45, max_name_column_width=70)
     path = Path(work_dir) / f"profile_compiled_{placement}_kd_{batch}.txt"
     path.write_text(table)
     row["profile_table"] = path.name
-    release(trainer)
+    trainer.close()
     return row, trainer.teacher
 
 
@@ -353,23 +345,24 @@ def phase_ms(trainer, steps: int) -> dict[str, float]:
 
     phases = defaultdict(list)
     names = ("data", "teacher_forward", "student_forward_and_losses", "backward", "optimizer_step")
+    student = trainer.students[0]
     for _ in range(steps):
         synchronize()
         marks = [time.perf_counter()]
         on_host = next(trainer.stream)
         marks.append(time.perf_counter())
-        step_tokens = trainer.step_tokens([on_host])
+        step_tokens = student.step_tokens([on_host])
         on_device = trainer.to_device(on_host)
         teacher_features = trainer.teacher_features(on_device)
         synchronize()
         marks.append(time.perf_counter())
-        total, _ = trainer.engine(on_device, teacher_features, step_tokens)
+        total, _ = student.engine(on_device, teacher_features, step_tokens)
         synchronize()
         marks.append(time.perf_counter())
-        trainer.engine.backward(total, scale_wrt_gas=False)
+        student.engine.backward(total, scale_wrt_gas=False)
         synchronize()
         marks.append(time.perf_counter())
-        trainer.engine.step()
+        student.engine.step()
         synchronize()
         marks.append(time.perf_counter())
         del teacher_features, total
@@ -398,26 +391,25 @@ def measure_cache(assets, work_dir, placement, batch, steps, warmup, smoke, teac
     trainer = _trainer(assets, work_dir, placement, "kd", batch, smoke, None, examples=examples,
                        overrides={"teacher": {"cache": str(cache)}})  # fmt: skip
     row = throughput(record, timed_steps(trainer, steps, warmup), batch)
-    release(trainer)
+    trainer.close()
     return row, teacher
 
 
 def measure_students(assets, work_dir, placement, batch, steps, warmup, smoke, teacher, record):
     """Two students (CE + KD, CE + KD + CKA) on one teacher pass; tokens/s counts both students' tokens."""
     from ds_distill.config.load import parse_students
-    from ds_distill.train.cohort import Cohort
-    from ds_distill.train.prepare import prepare
+    from ds_distill.train.loop import Trainer
+    from ds_distill.train.prepare import prepare_students
 
     tree = toolkit_tree(assets, Path(work_dir) / f"students_{placement}_{batch}", placement, "kd", batch, smoke)
     tree["students"] = {"kd": {}, "cka": {"method": "cka"}}
-    prepared = {name: prepare(run, overwrite=True) for name, run in parse_students(tree).items()}
+    prepared = prepare_students(parse_students(tree), resume=False, overwrite=True)
     started = time.perf_counter()
-    cohort = Cohort(prepared, teacher=teacher)
+    trainer = Trainer(prepared, teacher=teacher)
     record["setup_s"] = time.perf_counter() - started
-    row = throughput(record, timed_steps(cohort, steps, warmup), batch, students=len(prepared))
-    for trainer in cohort.trainers.values():
-        release(trainer)
-    return row, cohort.teacher
+    row = throughput(record, timed_steps(trainer, steps, warmup), batch, students=len(prepared))
+    trainer.close()
+    return row, trainer.teacher
 
 
 MEASURE = {"kd": measure_loop, "cka": measure_loop, "kd_compiled": measure_compiled, "cache": measure_cache,

@@ -31,16 +31,16 @@ sys.path.insert(0, str(REPO))
 # (phase, module, attribute): the function whose calls make up the phase; classes by "Class.method"
 PHASES = (
     ("process group", "ds_distill.dist", "init"),
-    ("checks and data (prepare)", "ds_distill.train.loop", "prepare"),
+    ("checks and data (prepare)", "ds_distill.train.loop", "prepare_students"),
     ("  tokenized data", "ds_distill.data.tokenized", "load_tokenized"),
     ("teacher engine", "ds_distill.train.loop", "load_teacher"),
-    ("student model", "ds_distill.train.loop", "build_student"),
+    ("student model", "ds_distill.train.student_run", "build_student"),
     ("student engine", "ds_distill.train.engines", "student_engine"),
     ("run files and first batches (begin)", "ds_distill.train.loop", "Trainer.begin"),
     ("steps", "ds_distill.train.loop", "Trainer.train_steps"),
-    ("  evaluation", "ds_distill.train.loop", "Trainer._evaluate"),
-    ("  checkpoints", "ds_distill.train.loop", "Trainer._save_checkpoint"),
-    ("export", "ds_distill.train.loop", "Trainer.export_student"),
+    ("  evaluation", "ds_distill.train.student_run", "StudentRun.evaluate"),
+    ("  checkpoints", "ds_distill.train.student_run", "StudentRun.save_checkpoint"),
+    ("export", "ds_distill.train.student_run", "StudentRun.export"),
     ("engines closed", "ds_distill.train.loop", "Trainer.close"),
     ("process group closed", "ds_distill.dist", "shutdown"),
 )

@@ -89,19 +89,19 @@ def synthetic_batch(batch: int, length: int, seed: int) -> dict[str, torch.Tenso
 def main(rounds: int = 3, steps_per_round: int = 2, batch: int = 16, length: int = 128) -> None:
     from ds_distill.train.loop import Trainer
     from ds_distill.train.prepare import prepare
-    from ds_distill.train.progress import LogWindow
 
     dist.init()
     work = Path(tempfile.mkdtemp(prefix="layer_loss_cost_"))
     tokenizer = tiny_models.train_tokenizer(work / "tokenizer")
     teacher = save_teacher(work / "teacher", tokenizer)
     trainers = {m: Trainer(prepare(run_config(m, teacher, work / m, batch))) for m in METHODS}
+    for trainer in trainers.values():
+        trainer.begin()
     batches = [synthetic_batch(batch, length, seed) for seed in range(steps_per_round)]
     seconds = dict.fromkeys(METHODS, 0.0)
     for round_index in range(rounds + 1):  # round 0 warms up, untimed
         for method, trainer in trainers.items():
             started = time.perf_counter()
-            trainer.window = LogWindow()
             for micro_batch in batches:
                 trainer.optimizer_step([micro_batch])
             if round_index:
@@ -111,7 +111,7 @@ def main(rounds: int = 3, steps_per_round: int = 2, batch: int = 16, length: int
     print("| method | terms | ms/step | ratio to kd |")
     print("|---|---|---:|---:|")
     for method, trainer in trainers.items():
-        terms = " + ".join(trainer.engine.module.losses)
+        terms = " + ".join(trainer.students[0].engine.module.losses)
         ratio = seconds[method] / seconds["kd"]
         print(f"| {method} | {terms} | {1000 * seconds[method] / steps:,.0f} | {ratio:.3f} |")
 

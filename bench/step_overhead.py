@@ -148,7 +148,7 @@ def main(rounds: int = 6, steps_per_round: int = 20) -> None:
     toolkit_seconds = hand_seconds = 0.0
     for _ in range(rounds):
         started = time.perf_counter()
-        toolkit.train_steps(until=toolkit.step + steps_per_round)
+        toolkit.train_steps(until=toolkit.students[0].step + steps_per_round)
         toolkit_seconds += time.perf_counter() - started
         started = time.perf_counter()
         hand.steps(steps_per_round)

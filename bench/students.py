@@ -70,8 +70,7 @@ def flop_share(teacher: Path, runs: dict) -> float:
 
 def main(steps: int = 40, rounds: int = 2) -> None:
     from ds_distill.config.load import merge
-    from ds_distill.train.cohort import train_students
-    from ds_distill.train.loop import train_student
+    from ds_distill.train.loop import train_student, train_students
 
     dist.init()
     work = Path(tempfile.mkdtemp(prefix="bench_students_"))

@@ -21,7 +21,7 @@ Per stage, besides any run key: `teacher_from: STAGE` (an earlier stage whose ex
 the previous stage, none for the first) and `student_from: STAGE` (cut the student from that stage's export
 instead of from the teacher; needs `from_teacher.strategy: sliced`). So `A -> B -> C` and `A -> {B, C}`
 (both with `teacher_from: A`) can be written. Stage `S` runs in OUTPUT_DIR/S and is evaluated there (`eval/`).
-A stage with `students:` (train/cohort.py) trains them on one teacher pass, each in OUTPUT_DIR/S/NAME; later
+A stage with `students:` (train/loop.py) trains them on one teacher pass, each in OUTPUT_DIR/S/NAME; later
 stages name one of them as `S/NAME` (`teacher_from: l12/wide`), and so does the manifest.
 
 All stages run in this one launch (both engines of a stage are freed before the next). OUTPUT_DIR/chain.json,
@@ -298,8 +298,7 @@ def _clear_if_changed(
 def _train_stage(stage: Stage, runs: dict[str, RunConfig]) -> dict[str, Path]:
     """Trains the stage's student (or students, on one teacher pass), resuming where all have checkpoints;
     returns {unit: export}."""
-    from ds_distill.train.cohort import train_students
-    from ds_distill.train.loop import train_student
+    from ds_distill.train.loop import train_student, train_students
 
     dirs = {unit: Path(run.train.output_dir) for unit, run in runs.items()}
     resume = all(

@@ -181,6 +181,14 @@ def causal_lm_config(tiny: dict, output_dir: Path, **sections) -> dict:
     return translation_config(tiny, output_dir, **defaults)
 
 
+def refuse_weights(monkeypatch) -> None:
+    """Any load of the teacher's or a student's weights fails the test: what it checks must come first."""
+    from ds_distill.train import loop, student_run
+
+    for module, name in ((loop, "load_teacher"), (student_run, "build_student")):
+        monkeypatch.setattr(module, name, lambda *args, **kwargs: pytest.fail("weights loaded before the check"))
+
+
 def write_yaml(path: Path, config: dict) -> Path:
     path.write_text(yaml.safe_dump(config))
     return path

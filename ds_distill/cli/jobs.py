@@ -43,7 +43,7 @@ def distill(
         deepspeed --num_gpus 8 --module ds_distill distill --recipe=flan_t5_3b_145m
 
     A config with `students:` (a name per student, each overriding the run's sections key by key) trains them
-    all on one teacher pass, each into train.output_dir/NAME (train/cohort.py).
+    all on one teacher pass, each into train.output_dir/NAME (train/loop.py).
 
     Args:
         config: path of a run YAML (method, teacher, student, data, layer_map, losses, train; students).
@@ -55,8 +55,7 @@ def distill(
         **overrides: any config key as a dotted flag, e.g. --train.learning_rate=3e-4.
     """
     from ds_distill.config.load import load_tree, parse_run, parse_students
-    from ds_distill.train.cohort import train_students
-    from ds_distill.train.loop import train_student
+    from ds_distill.train.loop import train_student, train_students
 
     tree = load_tree(config, recipe, overrides)
     resume, overwrite = resume_flag(resume), flag(overwrite, "overwrite")

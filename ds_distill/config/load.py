@@ -23,7 +23,7 @@ import yaml
 
 from ds_distill.config import paths
 from ds_distill.config.methods import METHODS
-from ds_distill.config.run import RunConfig, cross_tokenizer, validate
+from ds_distill.config.run import RunConfig, validate
 from ds_distill.errors import ConfigError
 
 RECIPES_DIR = Path(__file__).parents[1] / "recipes"
@@ -296,9 +296,4 @@ def parse_students(tree: dict[str, Any]) -> dict[str, RunConfig]:
             runs[str(name)] = parse_run(merged)
         except ConfigError as error:
             raise ConfigError(f"{where}: {error}") from None
-        if cross_tokenizer(runs[str(name)]):
-            raise ConfigError(
-                f"{where}: losses.kd.cross_tokenizer does not work with several students yet (they share one batch "
-                "stream, and across tokenizers each reads its own tokens); train it as a run of its own"
-            )
     return runs

@@ -54,7 +54,8 @@ class Prepared:
 
 def prepare(run: RunConfig, resume: bool | str = False, overwrite: bool = False, claim: bool = True) -> Prepared:
     """Validates config, DeepSpeed JSON, the models' configs, tokenizer and data, then claims output_dir
-    (`claim_output_dir`; `claim=False` leaves that to the caller, which prepares several runs first).
+    (`claim_output_dir`; `claim=False` leaves that to the caller: `prepare_students`, or a job that writes
+    elsewhere).
 
     Nothing in output_dir is touched (not even by --overwrite) until every check has passed.
     """
@@ -109,6 +110,30 @@ def prepare(run: RunConfig, resume: bool | str = False, overwrite: bool = False,
         teacher_tokenizer=teacher_tokenizer,
     )  # fmt: skip
     return claim_output_dir(prepared, resume, overwrite) if claim else prepared
+
+
+def prepare_students(runs: dict[str, RunConfig], resume: bool | str, overwrite: bool) -> dict[str, Prepared]:
+    """`prepare` for each of a run's students ({name: run}; "" names a run's only one), and what students that
+    share one batch stream need; only when every check has passed does each claim its output directory."""
+    several = len(runs) > 1
+    prepared = {}
+    for name, run in runs.items():
+        where = f"students.{name}: " if name else ""
+        try:
+            run_dir.refuse_home(Path(run.train.output_dir), "train.output_dir")
+            if several and cross_tokenizer(run):
+                raise ConfigError(
+                    "losses.kd.cross_tokenizer does not work with several students yet (they share one batch "
+                    "stream, and across tokenizers each reads its own tokens); train it as a run of its own"
+                )
+            prepared[name] = prepare(run, claim=False)
+        except ConfigError as error:
+            raise ConfigError(f"{where}{error}") from None
+    kinds = {name: models.adapter_for(p.student_config).kind for name, p in prepared.items()}
+    if len(set(kinds.values())) > 1:
+        listed = ", ".join(f"{name}: {kind}" for name, kind in kinds.items())
+        raise ConfigError(f"the students must be models of one kind to share batches ({listed})")
+    return {name: claim_output_dir(p, resume, overwrite) for name, p in prepared.items()}
 
 
 def claim_output_dir(p: Prepared, resume: bool | str, overwrite: bool) -> Prepared:

@@ -1,17 +1,26 @@
 """On-policy KD and sequence-level KD's targets on real runs: a 2-rank on-policy run with the student under ZeRO-3,
-killed and resumed, ends as an uninterrupted one; `fraction: 0` is the run without on-policy KD, exactly;
-`generate_targets` writes on 2 ranks what it writes on 1, and a run trains on its file."""
+killed and resumed, ends as an uninterrupted one, and as one of two students on one teacher pass; `fraction: 0`
+is the run without on-policy KD, exactly; `generate_targets` writes on 2 ranks what it writes on 1, and a run
+trains on its file."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from tests.conftest import causal_lm_config, run_cli, translation_config, write_yaml
-from tests.distributed.launch import deepspeed_command, distill, distill_until_first_checkpoint, launch, losses
+from tests.distributed.launch import (
+    deepspeed_command,
+    distill,
+    distill_until_first_checkpoint,
+    launch,
+    losses,
+    training_log,
+)
 
 pytestmark = pytest.mark.distributed
 
@@ -26,19 +35,45 @@ def on_policy_config(tiny, output_dir):
     )  # fmt: skip
 
 
-def test_an_on_policy_zero3_run_killed_and_resumed_ends_as_an_uninterrupted_one(tiny, tmp_path):
-    whole = distill(tmp_path, "whole", on_policy_config(tiny, tmp_path / "whole"))
-    log = [json.loads(line) for line in open(whole / "log.jsonl")]
-    sampled_steps = [row["step"] for row in log if "loss/on_policy_kd" in row]
-    assert sampled_steps and len(sampled_steps) < 6  # some micro-batches on the student's samples, not all
+@pytest.fixture(scope="module")
+def whole(tiny, tmp_path_factory) -> Path:
+    """The uninterrupted on-policy run."""
+    tmp_path = tmp_path_factory.mktemp("on_policy")
+    return distill(tmp_path, "whole", on_policy_config(tiny, tmp_path / "whole"))
+
+
+def sampled_steps(run: Path) -> list[int]:
+    """The steps logged with micro-batches on the student's own samples."""
+    return [row["step"] for row in training_log(run) if "loss/on_policy_kd" in row]
+
+
+def assert_same_end(run: Path, reference: Path, rel: float) -> None:
+    assert losses(run) == pytest.approx(losses(reference), rel=rel)
+    ends = [load_file(path / "model" / "model.safetensors") for path in (reference, run)]
+    for name, tensor in ends[0].items():
+        torch.testing.assert_close(ends[1][name], tensor, rtol=rel, atol=rel / 10, msg=name)
+
+
+def test_an_on_policy_zero3_run_killed_and_resumed_ends_as_an_uninterrupted_one(tiny, tmp_path, whole):
+    assert 0 < len(sampled_steps(whole)) < 6  # some micro-batches on the student's samples, not all
 
     config = on_policy_config(tiny, tmp_path / "killed")
     distill_until_first_checkpoint(tmp_path, "killed", config)
     distill(tmp_path, "resumed", config, "--resume")
-    assert losses(tmp_path / "killed") == pytest.approx(losses(whole), rel=1e-6)
-    ends = [load_file(run / "model" / "model.safetensors") for run in (whole, tmp_path / "killed")]
-    for name, tensor in ends[0].items():
-        torch.testing.assert_close(ends[1][name], tensor, rtol=1e-6, atol=1e-7, msg=name)
+    assert_same_end(tmp_path / "killed", whole, rel=1e-6)
+
+
+def test_each_of_two_on_policy_students_on_one_teacher_pass_trains_as_it_would_alone(tiny, tmp_path, whole):
+    """Student `a` is the uninterrupted run's config; `b` learns at another rate, so it samples other
+    continuations, which the teacher scores for it alone."""
+    config = {
+        **on_policy_config(tiny, tmp_path / "students"),
+        "students": {"a": {}, "b": {"train": {"learning_rate": 3e-3}}},
+    }
+    runs = distill(tmp_path, "students", config)
+    assert_same_end(runs / "a", whole, rel=1e-5)
+    assert sampled_steps(runs / "b") == sampled_steps(whole)  # the same seed draws the same micro-batches
+    assert losses(runs / "b")[6] != pytest.approx(losses(runs / "a")[6], rel=1e-3)
 
 
 def test_fraction_zero_is_the_run_without_on_policy_kd(tiny, tmp_path):

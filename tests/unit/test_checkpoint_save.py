@@ -98,7 +98,7 @@ def test_students_resume_together_from_the_newest_step_all_completed(tmp_path):
     from types import SimpleNamespace
 
     from ds_distill.errors import ConfigError
-    from ds_distill.train.cohort import common_resume_tag
+    from ds_distill.train.loop import resume_tag
 
     def student(name, steps, resume=True, incomplete=()):
         for step in (*steps, *incomplete):
@@ -108,9 +108,9 @@ def test_students_resume_together_from_the_newest_step_all_completed(tmp_path):
         return SimpleNamespace(output_dir=tmp_path / name, resumes=resume)
 
     ahead, behind = student("a", [4, 8, 12]), student("b", [4, 8], incomplete=[12])
-    assert common_resume_tag({"a": ahead, "b": behind}) == "step_8"
-    assert common_resume_tag({"a": SimpleNamespace(resumes=False), "b": SimpleNamespace(resumes=False)}) is None
+    assert resume_tag({"a": ahead, "b": behind}) == "step_8"
+    assert resume_tag({"a": SimpleNamespace(resumes=False), "b": SimpleNamespace(resumes=False)}) is None
     with pytest.raises(ConfigError, match="students c have no checkpoint to resume from"):
-        common_resume_tag({"a": ahead, "c": SimpleNamespace(resumes=False)})
+        resume_tag({"a": ahead, "c": SimpleNamespace(resumes=False)})
     with pytest.raises(ConfigError, match="no checkpoint step in common"):
-        common_resume_tag({"a": ahead, "d": student("d", [16])})
+        resume_tag({"a": ahead, "d": student("d", [16])})

@@ -325,11 +325,14 @@ def test_several_students_and_chains_across_tokenizers_are_refused(tiny, tmp_pat
     from ds_distill.chain import parse
     from ds_distill.config.load import parse_students
     from ds_distill.errors import ConfigError
+    from ds_distill.train.prepare import prepare_students
     from tests.conftest import translation_config
 
     cross = {"losses": {"kd": {"cross_tokenizer": "uld"}}}
+    runs = parse_students({**translation_config(tiny, tmp_path / "run"), "students": {"a": cross, "b": {}}})
     with pytest.raises(ConfigError, match="students.a: losses.kd.cross_tokenizer does not work with several students"):
-        parse_students({**translation_config(tiny, tmp_path / "run"), "students": {"a": cross}})
+        prepare_students(runs, resume=False, overwrite=False)
+    assert not (tmp_path / "run").exists()
     with pytest.raises(ConfigError, match="stage s: losses.kd.cross_tokenizer does not work in a chain yet"):
         parse({"output_dir": str(tmp_path), "defaults": {}, "stages": [{"name": "s", **cross}]})
 

@@ -75,7 +75,7 @@ def test_sampled_tokens_count_up_to_and_with_the_first_end_of_sequence():
 
 
 def test_a_run_samples_where_its_weighted_kd_term_has_a_fraction_above_0(tiny):
-    """One rule (`on_policy_options`) for the checks before weights load, the cohort and the trainer."""
+    """One rule (`on_policy_options`) for the checks before weights load and the trainer."""
 
     def options(kd: dict):
         return on_policy_options(from_dict(RunConfig, translation_config(tiny, "-", losses={"kd": kd})))

@@ -25,7 +25,7 @@ from ds_distill.train.prepare import model_pair, prepare
 from ds_distill.train.student import DistillationModule, build_student
 from ds_distill.train.teacher import TeacherFeatures
 from ds_distill.train.teacher_cache import CachedTeacher
-from tests.conftest import causal_lm_config, translation_config
+from tests.conftest import causal_lm_config, refuse_weights, translation_config
 
 EXAMPLES = 40
 
@@ -190,11 +190,6 @@ def test_a_top_64_cache_in_bf16_is_close_to_the_online_kd_at_388_bytes_per_token
     print(f"{divergence}, k = 64 of 1000, T = 2: loss {max(loss_differences):.2%}, gradients "
           f"{max(gradient_differences):.2%} (largest relative differences)")  # fmt: skip
     assert max(loss_differences) < 0.03 and max(gradient_differences) < 0.06
-
-
-def refuse_weights(monkeypatch):
-    for name in ("load_teacher", "build_student"):
-        monkeypatch.setattr(loop, name, lambda *args, **kwargs: pytest.fail("weights loaded before the check"))
 
 
 def test_runs_the_cache_cannot_serve_are_refused_before_weights_load(tiny, tmp_path, in_process, monkeypatch):

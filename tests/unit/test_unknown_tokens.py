@@ -16,9 +16,10 @@ from ds_distill.config.run import DataConfig, RunConfig
 from ds_distill.data import tokenized as data
 from ds_distill.data import tokenizers
 from ds_distill.errors import ConfigError
-from ds_distill.train import loop as trainer
+from ds_distill.train.loop import train_student
+from ds_distill.train.prepare import prepare
 from tests import tiny_models
-from tests.conftest import causal_lm_config, translation_config
+from tests.conftest import causal_lm_config, refuse_weights, translation_config
 
 
 def broken_tokenizer(tiny, directory: Path) -> Path:
@@ -27,11 +28,6 @@ def broken_tokenizer(tiny, directory: Path) -> Path:
     assert len(tokenizer) == 4
     tokenizer.save_pretrained(directory)
     return directory
-
-
-def refuse_weights(monkeypatch):
-    for name in ("load_teacher", "build_student"):
-        monkeypatch.setattr(trainer, name, lambda *args, **kwargs: pytest.fail("weights loaded before the check"))
 
 
 def test_share_is_unknown_tokens_over_all_tokens_of_the_rows():
@@ -46,7 +42,7 @@ def test_a_tokenizer_that_knows_no_words_stops_the_run_before_weights_load(tiny,
     monkeypatch.setattr(dist, "init", lambda *args: None)  # no process group needed to reach the check
     config = translation_config(tiny, tmp_path / "out", data={"tokenizer": str(broken_tokenizer(tiny, tmp_path / "b"))})
     with pytest.raises(ConfigError) as error:
-        trainer.train_student(from_dict(RunConfig, config))
+        train_student(from_dict(RunConfig, config))
     message = str(error.value)
     assert re.match(
         r"\d+\.\d% of the source \(en\) tokens of a training sample are <unk> under tokenizer .*/b ", message
@@ -76,7 +72,7 @@ def test_a_share_between_the_thresholds_warns_and_names_the_side(tiny, tmp_path,
         # three words of characters the tokenizer never saw (one <unk> each) on every line
         files[split].write_text("".join(f"{line} 漢 字 語\n" for line in lines))
     config = causal_lm_config(tiny, tmp_path / "out", data={"data_files": {k: str(v) for k, v in files.items()}})
-    prepared = trainer.prepare(from_dict(RunConfig, config))
+    prepared = prepare(from_dict(RunConfig, config))
     rows = prepared.datasets["train"]["input_ids"]
     assert len(rows) <= tokenizers.UNKNOWN_TOKEN_SAMPLE_ROWS  # the sample is every row
     share = tokenizers.unknown_token_share(rows, prepared.tokenizer.unk_token_id)
@@ -88,7 +84,7 @@ def test_a_share_between_the_thresholds_warns_and_names_the_side(tiny, tmp_path,
 
 
 def test_a_matching_tokenizer_passes_silently(tiny, tmp_path, capsys):
-    prepared = trainer.prepare(from_dict(RunConfig, translation_config(tiny, tmp_path / "out")))
+    prepared = prepare(from_dict(RunConfig, translation_config(tiny, tmp_path / "out")))
     assert "<unk>" not in capsys.readouterr().out
     unk = prepared.tokenizer.unk_token_id
     for column in ("input_ids", "labels"):
