@@ -27,8 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ds_distill.config.losses import KDOptions  # noqa: E402
 from ds_distill.objectives.cross_tokenizer import VocabularyMatch  # noqa: E402
-from ds_distill.objectives.logits import KDOptions, LogitDistillationLoss  # noqa: E402
+from ds_distill.objectives.logits import LogitDistillationLoss  # noqa: E402
 
 
 def groups_of(sizes: list[tuple[int, int]], rows: int, positions: int, side: int) -> torch.Tensor:

@@ -38,13 +38,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.smollm2_students import teacher_dir  # noqa: E402
 from ds_distill import models  # noqa: E402
 from ds_distill.config.deepspeed import PROJECT_ROOT  # noqa: E402
-from ds_distill.config.run import FromTeacherConfig, LayerMapConfig  # noqa: E402
+from ds_distill.config.losses import NORMALIZATIONS, LayerMapConfig  # noqa: E402
+from ds_distill.config.run import FromTeacherConfig  # noqa: E402
 from ds_distill.objectives.capture import FeatureCapture  # noqa: E402
 from ds_distill.objectives.features import forward_features  # noqa: E402
-from ds_distill.objectives.layerwise import (
-    NORMALIZATIONS,  # noqa: E402
-    ModelPair,  # noqa: E402
-)
+from ds_distill.objectives.layerwise import ModelPair  # noqa: E402
 from ds_distill.objectives.registry import build_losses  # noqa: E402
 from ds_distill.train.student import DistillationModule  # noqa: E402
 from tests.tiny_models import SHARED_DATA  # noqa: E402

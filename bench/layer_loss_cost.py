@@ -24,8 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ds_distill import dist  # noqa: E402
 from ds_distill.config.deepspeed import PROJECT_ROOT  # noqa: E402
-from ds_distill.config.load import expand_method, from_dict  # noqa: E402
+from ds_distill.config.load import expand_method  # noqa: E402
 from ds_distill.config.run import RunConfig  # noqa: E402
+from ds_distill.config.typed import from_dict  # noqa: E402
 from tests import tiny_models  # noqa: E402
 
 METHODS = ("kd", "cka", "miniend_d", "makd")

@@ -19,8 +19,8 @@ import fire
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ds_distill import dist  # noqa: E402
-from ds_distill.config.load import from_dict  # noqa: E402
 from ds_distill.config.run import RunConfig  # noqa: E402
+from ds_distill.config.typed import from_dict  # noqa: E402
 from tests import tiny_models  # noqa: E402
 from tests.conftest import translation_config  # noqa: E402
 

@@ -59,8 +59,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ds_distill import demo, models  # noqa: E402
 from ds_distill.config.deepspeed import PROJECT_ROOT  # noqa: E402
-from ds_distill.config.load import expand_method, from_dict  # noqa: E402
+from ds_distill.config.load import expand_method  # noqa: E402
 from ds_distill.config.run import RunConfig, to_dict  # noqa: E402
+from ds_distill.config.typed import from_dict  # noqa: E402
 
 TEACHER_STEPS, TEACHER_LR = 300, 7e-4
 STUDENT_LR, CUT_LR = 1e-3, 1e-3
@@ -435,7 +436,8 @@ def smollm2_cka(seeds: int = 3, steps: int = 60, batch: int = 4, block_size: int
     import torch
 
     from bench.hidden_normalization import HELD_OUT, as_batch, blocks, smollm2_and_text, teacher_outputs, train_row
-    from ds_distill.config.run import FromTeacherConfig, LayerMapConfig
+    from ds_distill.config.losses import LayerMapConfig
+    from ds_distill.config.run import FromTeacherConfig
     from ds_distill.objectives.layerwise import ModelPair
     from ds_distill.objectives.registry import build_losses
     from ds_distill.train.student import DistillationModule

@@ -37,8 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ds_distill import dist, models  # noqa: E402
 from ds_distill.config.deepspeed import PROJECT_ROOT  # noqa: E402
-from ds_distill.config.load import expand_method, from_dict  # noqa: E402
+from ds_distill.config.load import expand_method  # noqa: E402
 from ds_distill.config.run import RunConfig  # noqa: E402
+from ds_distill.config.typed import from_dict  # noqa: E402
 from ds_distill.data.tokenized import load_tokenized  # noqa: E402
 from ds_distill.data.tokenizers import load_tokenizer  # noqa: E402
 from tests.real_models import smollm2_gguf  # noqa: E402

@@ -50,8 +50,9 @@ import yaml
 
 from ds_distill import dist
 from ds_distill.config import paths
-from ds_distill.config.load import NAME, expand_method, from_dict, merge, parse_students, read_tree, with_base
+from ds_distill.config.load import NAME, expand_method, merge, parse_students, read_tree, with_base
 from ds_distill.config.run import RunConfig, to_dict, validate
+from ds_distill.config.typed import from_dict
 from ds_distill.errors import ConfigError
 from ds_distill.train import checkpoint
 

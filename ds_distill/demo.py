@@ -26,8 +26,8 @@ import torch
 
 from ds_distill import dist, models
 from ds_distill.config.deepspeed import PROJECT_ROOT
-from ds_distill.config.load import from_dict
 from ds_distill.config.run import FromTeacherConfig, RunConfig, to_dict
+from ds_distill.config.typed import from_dict
 from ds_distill.data.tokenizers import train_sentencepiece_tokenizer
 
 # -- the corpus ------------------------------------------------------------------------------------------

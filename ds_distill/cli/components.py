@@ -60,9 +60,9 @@ def keys(section: str | None = None):
 
     from ds_distill.config.keys import Key, described
     from ds_distill.config.keys import keys as config_keys
+    from ds_distill.config.losses import OPTIONS
     from ds_distill.config.run import RunConfig
     from ds_distill.errors import ConfigError
-    from ds_distill.objectives.registry import LOSSES
 
     found = config_keys(RunConfig)
     found.append(
@@ -74,9 +74,9 @@ def keys(section: str | None = None):
             "per student, each overriding the run's sections key by key (README, 'Several students').",
         )
     )
-    for name, loss in LOSSES.items():
+    for name, options in OPTIONS.items():
         found.append(Key(f"losses.{name}.weight", "float", "1.0", "The term's weight in the sum; 0 turns it off."))
-        for key in config_keys(loss.Options, f"losses.{name}.", whole=("layer_map",)):
+        for key in config_keys(options, f"losses.{name}.", whole=("layer_map",)):
             if key.name.endswith(".layer_map"):  # listed once, under the run's layer_map
                 key.doc += " Its keys are layer_map's (ds-distill keys layer_map)."
             found.append(key)

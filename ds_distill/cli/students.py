@@ -74,8 +74,8 @@ def make_student(
     """
     from ds_distill import models
     from ds_distill.config import run_dir
-    from ds_distill.config.load import coerce
     from ds_distill.config.run import FromTeacherConfig
+    from ds_distill.config.typed import coerce
     from ds_distill.data import tokenizers
     from ds_distill.surgery import students
     from ds_distill.surgery.vocabulary import transplant

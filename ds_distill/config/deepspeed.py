@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from ds_distill.config.load import unknown_key_error
 from ds_distill.config.paths import PROJECT_ROOT
 from ds_distill.config.run import LR_SCHEDULERS, TrainConfig
+from ds_distill.config.typed import unknown_key_error
 from ds_distill.errors import ConfigError
 
 # Top-level keys DeepSpeed reads (runtime/config.py and the feature configs it hands sections to).

@@ -51,13 +51,17 @@ def type_name(hint: Any) -> str:
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         return " | ".join(type_name(arg) for arg in typing.get_args(hint))
     if typing.get_origin(hint) is not None:
-        return repr(hint).replace("typing.", "")
+        origin = typing.get_origin(hint)
+        return (
+            f"{getattr(origin, '__name__', repr(origin))}[{', '.join(type_name(arg) for arg in typing.get_args(hint))}]"
+        )
     return "None" if hint is type(None) else getattr(hint, "__name__", repr(hint))
 
 
 def nested_dataclass(hint: Any) -> type | None:
     """The dataclass a field holds (itself or under `| None`), else None."""
-    for candidate in (hint, *typing.get_args(hint)):
+    union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+    for candidate in (hint, *(typing.get_args(hint) if union else ())):
         if dataclasses.is_dataclass(candidate) and isinstance(candidate, type):
             return candidate
     return None
@@ -74,7 +78,7 @@ def keys(cls: type, prefix: str = "", whole: tuple[str, ...] = ()) -> list[Key]:
         if field.default is not MISSING:
             default = repr(field.default)
         elif field.default_factory is not MISSING:  # a section always there shows its keys' defaults instead
-            default = "" if nested else repr(field.default_factory())
+            default = "" if nested or "parse" in field.metadata else repr(field.default_factory())
         else:
             default = "(required)"
         doc = docs.get(field.name, "")

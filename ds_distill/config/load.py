@@ -1,21 +1,14 @@
 """Reading a run config: YAML files and shipped recipes (`base:` chains), dotted overrides, method presets,
-and typed parsing into the dataclasses of config/run.py::
+then typed parsing (config/typed.py) into the dataclasses of config/run.py and validation::
 
     ds-distill distill --config=run.yaml --train.max_steps=10 --losses.kd.temperature=2
-
-Unknown keys are errors that list the valid ones. Values are coerced to the declared field types here,
-at the boundary, because fire guesses types from text (`--data.prefix=1` arrives as an int).
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
-import difflib
 import os
 import re
-import types
-import typing
 from pathlib import Path
 from typing import Any
 
@@ -24,93 +17,10 @@ import yaml
 from ds_distill.config import paths
 from ds_distill.config.methods import METHODS
 from ds_distill.config.run import RunConfig, validate
+from ds_distill.config.typed import field_names, from_dict, unknown_key_error
 from ds_distill.errors import ConfigError
 
 RECIPES_DIR = Path(__file__).parents[1] / "recipes"
-
-
-def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
-    args = typing.get_args(tp)
-    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
-        rest = [a for a in args if a is not type(None)]
-        return rest[0], True
-    return tp, False
-
-
-def coerce(value: Any, tp: Any, where: str) -> Any:
-    tp, optional = _unwrap_optional(tp)
-    if value is None or (optional and value in ("", "none", "None", "null")):
-        if optional:
-            return None
-        raise ConfigError(f"{where} must not be empty")
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where} must be a mapping of {_field_names(tp)}, got {value!r}")
-        return from_dict(tp, value, where)
-    origin = typing.get_origin(tp)
-    if origin is list:
-        if isinstance(value, str):  # "0,2,4" from a flag
-            value = [part for part in value.split(",") if part.strip()]
-        if not isinstance(value, (list, tuple)):  # fire reads `0,2,4` as a tuple and `0` as an int
-            value = [value]
-        (item_tp,) = typing.get_args(tp)
-        return [coerce(item, item_tp, f"{where}[{i}]") for i, item in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where} must be a mapping, got {value!r}")
-        key_tp, value_tp = typing.get_args(tp)
-        return {str(k): coerce(v, value_tp, f"{where}.{k}") for k, v in value.items()}
-    if tp is Any:
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        text = str(value).strip().lower()
-        if text in ("true", "1", "yes", "on"):
-            return True
-        if text in ("false", "0", "no", "off"):
-            return False
-        raise ConfigError(f"{where} must be true or false, got {value!r}")
-    if tp is int:
-        try:
-            number = float(value) if isinstance(value, str) else value  # "1e3" from YAML or a flag
-            if isinstance(number, bool) or not float(number).is_integer():
-                raise ValueError
-            return int(number)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where} must be an integer, got {value!r}") from None
-    if tp is float:
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where} must be a number, got {value!r}") from None
-    if tp is str:
-        if isinstance(value, (tuple, list)):  # fire reads `a,b` as a tuple
-            return ",".join(str(v) for v in value)
-        return str(value)
-    return value
-
-
-def _field_names(cls: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls)]
-
-
-def unknown_key_error(key: str, valid: list[str], where: str) -> ConfigError:
-    close = difflib.get_close_matches(key, valid, n=1)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
-    return ConfigError(f"unknown key '{where}{key}'.{hint} Valid keys: {', '.join(valid)}")
-
-
-def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
-    """Builds dataclass `cls` from `data`, coercing values to the field types; unknown keys are errors."""
-    hints = typing.get_type_hints(cls)
-    valid = _field_names(cls)
-    prefix = f"{where}." if where else ""
-    for key in data:
-        if key not in valid:
-            raise unknown_key_error(key, valid, prefix)
-    kwargs = {key: coerce(value, hints[key], f"{prefix}{key}") for key, value in data.items()}
-    return cls(**kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -147,9 +57,9 @@ def read_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError(f"config file {path} does not exist")
     tree = read_yaml(path)
     if tree is None:
-        raise ConfigError(f"{path} is empty; a run config holds the sections {_field_names(RunConfig)}")
+        raise ConfigError(f"{path} is empty; a run config holds the sections {field_names(RunConfig)}")
     if not isinstance(tree, dict):
-        raise ConfigError(f"{path} must hold a mapping with the sections {_field_names(RunConfig)}")
+        raise ConfigError(f"{path} must hold a mapping with the sections {field_names(RunConfig)}")
     if not path.resolve().is_relative_to(RECIPES_DIR.resolve()):  # a recipe's paths are the working directory's
         tree = paths.in_yaml(tree, path.parent, str(path))
     return with_base(tree, path, seen)
@@ -280,9 +190,9 @@ def parse_students(tree: dict[str, Any]) -> dict[str, RunConfig]:
                     f"{where}.{key}: one teacher pass and one batch stream serve every student; set {key} "
                     "outside students:"
                 )
-            if key not in _field_names(RunConfig):
+            if key not in field_names(RunConfig):
                 raise unknown_key_error(
-                    key, [f for f in _field_names(RunConfig) if f not in SHARED_SECTIONS], f"{where}."
+                    key, [f for f in field_names(RunConfig) if f not in SHARED_SECTIONS], f"{where}."
                 )
         for key in entry.get("train") or {}:
             if key in SHARED_TRAIN_KEYS:

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from ds_distill.config import paths
+from ds_distill.config.losses import LayerMapConfig, LossTerm, NoOptions, losses_tree, parse_losses
 from ds_distill.errors import ConfigError
 
 
@@ -192,18 +193,6 @@ class TrainConfig:
 
 
 @dataclass
-class LayerMapConfig:
-    """Which student layer learns from which teacher layer, per stack. Layer 0 is the embeddings' output,
-    layer i the output of block i. A strategy name (`uniform`, `last`; `ds-distill list`) or explicit pairs
-    `[[student, teacher], ...]` (also `"1:2,2:4"` on the command line); many-to-one is allowed."""
-
-    encoder: Any = "uniform"
-    decoder: Any = "uniform"
-    include_embeddings: bool = True
-    """Also pair the embeddings (layer 0 with layer 0)."""
-
-
-@dataclass
 class PruneConfig:
     """HomoDistil (`method: homodistil`): the student, starting at the teacher's width, is pruned step by step to
     these widths; unset ones are not pruned. The export is a dense model of the pruned widths."""
@@ -231,8 +220,11 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     layer_map: LayerMapConfig = field(default_factory=LayerMapConfig)
     """The default map of the layer-wise losses; each loss can carry its own `layer_map`."""
-    losses: dict[str, dict[str, Any]] = field(default_factory=lambda: {"ce": {"weight": 1.0}})
-    """Loss terms by registry name, each with its `weight` (0 turns a term off) and options (`ds-distill list`)."""
+    losses: dict[str, LossTerm] = field(
+        default_factory=lambda: {"ce": LossTerm(1.0, NoOptions())}, metadata={"parse": parse_losses}
+    )
+    """Loss terms by registry name, each with its `weight` (0 turns a term off) and options (`ds-distill list`,
+    `ds-distill keys losses`), typed as the config loads (config/losses.py). Default: `{ce: {weight: 1.0}}`."""
     train: TrainConfig = field(default_factory=TrainConfig)
     prune: PruneConfig | None = None
     """HomoDistil's width pruning (`method: homodistil` sets the losses)."""
@@ -287,10 +279,9 @@ def absolute_paths(run: RunConfig) -> None:
 
 
 def cross_tokenizer(run: RunConfig) -> str | None:
-    """`losses.kd.cross_tokenizer` (uld | hybrid) where the run distills across tokenizers, else None: the one
-    place that reads the key (losses stay an untyped mapping until they are built)."""
+    """`losses.kd.cross_tokenizer` (uld | hybrid) where the run distills across tokenizers, else None."""
     kd = run.losses.get("kd")
-    return kd.get("cross_tokenizer") if isinstance(kd, dict) else None
+    return kd.options.cross_tokenizer if kd is not None else None
 
 
 def validate(run: RunConfig) -> None:
@@ -321,7 +312,7 @@ def validate(run: RunConfig) -> None:
     kd = run.losses.get("kd")
     dims = student.init.from_teacher
     if dims and dims.tokenizer and not cross_tokenizer(run):
-        if isinstance(kd, dict) and kd.get("weight", 1.0) != 0:
+        if kd is not None and kd.weight != 0:
             raise ConfigError("student.init.from_teacher.tokenizer gives the student another vocabulary than the "
                               "teacher's: set losses.kd.cross_tokenizer (uld or hybrid)")  # fmt: skip
         if dims.strategy == "sliced" and dims.width == "importance":
@@ -381,7 +372,8 @@ def validate(run: RunConfig) -> None:
 
 
 def to_dict(run: RunConfig) -> dict[str, Any]:
-    return dataclasses.asdict(run)
+    """The run config as the YAML writes it, every key spelled out."""
+    return {**dataclasses.asdict(run), "losses": losses_tree(run.losses)}
 
 
 def to_yaml(run: RunConfig) -> str:

@@ -8,17 +8,16 @@ attention_kl: MiniLM (Wang et al. 2020); attention_mse: TinyBERT (Jiao et al. 20
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from ds_distill.config.run import LayerMapConfig
+from ds_distill.config.losses import LayerMapConfig
 from ds_distill.errors import ConfigError
 from ds_distill.objectives.base import token_mean
 from ds_distill.objectives.layer_map import LayerPair
-from ds_distill.objectives.layerwise import LayerwiseLoss, LayerwiseOptions, ModelPair, features
+from ds_distill.objectives.layerwise import LayerwiseLoss, ModelPair, features
 
 
 def _key_mask(query_mask: torch.Tensor, key_mask: torch.Tensor, causal: bool) -> torch.Tensor:
@@ -77,23 +76,9 @@ def relation_kl(
 LAST_LAYERS = LayerMapConfig(encoder="last", decoder="last", include_embeddings=False)
 
 
-@dataclass
-class RelationOptions(LayerwiseOptions):
-    layer_map: LayerMapConfig | None = None
-    """Default: last student layer <- last teacher layer in each stack."""
-    relation_heads: int = 8
-    """R: the projected width of each model is split into R slices (must divide both)."""
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.relation_heads < 1:
-            raise ConfigError("relation_heads must be at least 1")
-
-
 class RelationLoss(LayerwiseLoss):
     """relation: MiniLMv2 Q-Q, K-K, V-V self-attention relations, KL(teacher || student), padding/causal masked."""
 
-    Options = RelationOptions
     sites = ("self_q", "self_k", "self_v")
     default_layer_map = LAST_LAYERS
     takes_embeddings = False
@@ -143,18 +128,8 @@ class RelationLoss(LayerwiseLoss):
         return torch.stack(values).mean()
 
 
-@dataclass
-class MiniEnDOptions(RelationOptions):
-    encoder_self: bool = False
-    """MiniEnD-E: also the encoder's self-attention relations (MiniEnD-D without)."""
-    cross_query_key: bool = False
-    """Also the decoder-query / encoder-key relation of cross-attention."""
-
-
 class MiniEnDLoss(RelationLoss):
     """miniend: decoder self + cross-attention relations (decoder Q-Q, encoder K-K and V-V), optional encoder self."""
-
-    Options = MiniEnDOptions
 
     def resolve_pairs(self, spec, model_pair, where):
         if "encoder" not in model_pair.depths() or "decoder" not in model_pair.depths():
@@ -180,12 +155,6 @@ class MiniEnDLoss(RelationLoss):
         return tuple(sorted({site for q, k, _ in self.relations(pair) for site in (q, k)}))
 
 
-@dataclass
-class AttentionOptions(LayerwiseOptions):
-    average_heads: bool = False
-    """Compare head-averaged distributions even when the head counts match (they are averaged when they differ)."""
-
-
 def attention_probs(probs: torch.Tensor, average: bool, kept: torch.Tensor | None = None) -> torch.Tensor:
     """`[batch, heads, q, k]`, or `[batch, 1, q, k]` averaged over the heads (over the `kept` ones, [heads] bool)."""
     probs = probs.float()
@@ -200,7 +169,6 @@ def attention_probs(probs: torch.Tensor, average: bool, kept: torch.Tensor | Non
 class AttentionDistributionLoss(LayerwiseLoss):
     """Base of attention_kl and attention_mse on self-attention probabilities of mapped layers."""
 
-    Options = AttentionOptions
     sites = ("attention_probs",)
     takes_embeddings = False
 

@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
 
-@dataclass
-class NoOptions:
-    pass
-
-
 class DistillationLoss(torch.nn.Module):
-    """A loss term. Subclasses set `Options` (a dataclass the YAML fills), `needs` and `requires_teacher`.
+    """A loss term, built from its options (config/losses.py, typed as the config loads). Subclasses set `needs`
+    and `requires_teacher`.
 
     `needs` names the output features a term reads (`logits`, `labels`); layer-wise terms instead list
     captured feature keys in `student_keys` / `teacher_keys` once their layer map is resolved.
     """
 
-    Options: ClassVar[type] = NoOptions
     needs: ClassVar[frozenset[str]] = frozenset({"logits", "labels"})
     requires_teacher: ClassVar[bool] = True
 

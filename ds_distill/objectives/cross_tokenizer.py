@@ -45,8 +45,6 @@ import torch.nn.functional as F
 from ds_distill.data.alignment import token_bytes
 from ds_distill.objectives.divergences import divergence, temperature_scale
 
-KINDS = ("uld", "hybrid")
-
 
 @dataclass
 class VocabularyMatch:

@@ -38,9 +38,6 @@ def divergence(
     raise AssertionError(name)
 
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd")
-
-
 def temperature_scale(name: str, temperature: float) -> float:
     """What a divergence at temperature T is multiplied by so that its gradients keep their size as T grows.
 

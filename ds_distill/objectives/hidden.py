@@ -8,8 +8,6 @@ hidden_cosine: DistilBERT (Sanh et al. 2019); embedding_mse: HomoDistil (Liang e
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
@@ -18,10 +16,8 @@ from ds_distill.objectives.base import micro_batch_share, token_mean
 from ds_distill.objectives.layer_map import LayerPair
 from ds_distill.objectives.layerwise import (
     LayerwiseLoss,
-    LayerwiseOptions,
     ModelPair,
     build_aligners,
-    check_normalization,
     features,
     normalized,
     resolve_normalization,
@@ -85,32 +81,8 @@ def _unit_columns(centred: torch.Tensor) -> torch.Tensor:
     return centred / centred.norm(dim=0, keepdim=True).clamp_min(torch.finfo(centred.dtype).tiny)
 
 
-@dataclass
-class CKAOptions(LayerwiseOptions):
-    squared: bool = False
-    """1 - CKA instead of 1 - sqrt(CKA)."""
-    dtype: str = "float32"
-    """float32 | float64 | bfloat16: precision of the d x d products. bfloat16 (rows still centred and scaled in
-    float32; GPUs accumulate its products in float32) ran within 3.5e-4 of float64 on SmolLM2's states, with a
-    0.3-1.8% gradient error (bench/RESULTS.md, "CKA precision"): the fast choice on GPUs, slow on most CPUs."""
-    normalize: str = "auto"
-    """auto | none | rms | layer | channel: what is compared (see `cka_loss`). auto is rms where the teacher or the
-    student is pre-LN, none where both are post-LN: on SmolLM2 (13 pairs) CKA helped only on RMS-normalised
-    states, and on a pre-LN T5 it did no worse (bench/RESULTS.md, "What makes CKA help")."""
-    skip_first: bool = False
-    """Leave each sequence's first position out (in pre-LN models it carries massive activations)."""
-
-    def __post_init__(self):
-        super().__post_init__()
-        self.normalize = check_normalization(self.normalize)
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"cka dtype '{self.dtype}' is unknown; choose one of {', '.join(DTYPES)}")
-
-
 class CKALoss(LayerwiseLoss):
     """cka: 1 - sqrt(linear CKA) between mapped hidden states over the micro-batch's tokens; any widths, no projection."""
-
-    Options = CKAOptions
 
     def __init__(self, options, model_pair: ModelPair, where: str):
         super().__init__(options, model_pair, where)
@@ -134,28 +106,8 @@ class CKALoss(LayerwiseLoss):
         return micro_batch_share(value, tokens, pair.stack, mask.sum())
 
 
-@dataclass
-class ProjectedOptions(LayerwiseOptions):
-    projection: str = "none"
-    """none (equal widths) | linear (A h + b) | low_rank (d_S -> rank -> d_T)."""
-    rank: int = 64
-    per_pair: bool = False
-    """One projection per layer pair instead of one shared by all pairs."""
-    normalize: str = "auto"
-    """auto | none | rms | layer | channel: how both sides are normalised (the student after its projection)
-    before they are compared. auto is rms where the teacher or the student is pre-LN (T5, Llama, Qwen, Mistral,
-    GPT-2, mBART), whose block outputs are raw residual sums in the hundreds to thousands (raw MSE swamps CE
-    and KD), and none for post-LN BERT, RoBERTa and BART. true / false read as layer / none."""
-
-    def __post_init__(self):
-        super().__post_init__()
-        self.normalize = check_normalization(self.normalize)
-
-
 class ProjectedHiddenLoss(LayerwiseLoss):
     """Base for losses that compare (optionally projected) student states with teacher states."""
-
-    Options = ProjectedOptions
 
     def __init__(self, options, model_pair: ModelPair, where: str):
         super().__init__(options, model_pair, where)
@@ -193,15 +145,8 @@ class HiddenMSELoss(ProjectedHiddenLoss):
         return F.mse_loss(student, teacher, reduction="none").mean(-1)
 
 
-@dataclass
-class LinearOptions(ProjectedOptions):
-    projection: str = "linear"
-
-
 class LinearLoss(HiddenMSELoss):
     """linear: MSE(A h_S + b, h_T) through one learned projection shared by all pairs (per pair optional)."""
-
-    Options = LinearOptions
 
 
 class HiddenCosineLoss(ProjectedHiddenLoss):

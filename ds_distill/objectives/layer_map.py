@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ds_distill.config.run import LayerMapConfig
+from ds_distill.config.losses import LayerMapConfig
 from ds_distill.errors import ConfigError
 
 

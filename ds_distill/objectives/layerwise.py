@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from transformers import PretrainedConfig
 
 from ds_distill import models
-from ds_distill.config.run import LayerMapConfig
+from ds_distill.config.losses import LayerMapConfig
 from ds_distill.errors import ConfigError
 from ds_distill.objectives import layer_map
 from ds_distill.objectives.base import DistillationLoss, StepTokens
@@ -72,22 +72,9 @@ class ModelPair:
         }
 
 
-@dataclass
-class LayerwiseOptions:
-    layer_map: LayerMapConfig | None = None
-    """This term's own map; default: the term's documented default, else the run's `layer_map`."""
-    reduction: str = "sum"
-    """sum | mean over layer pairs."""
-
-    def __post_init__(self):
-        if self.reduction not in ("sum", "mean"):
-            raise ConfigError(f"reduction '{self.reduction}' is unknown; choose sum or mean")
-
-
 class LayerwiseLoss(DistillationLoss):
     """Base of losses computed per (student layer, teacher layer) pair."""
 
-    Options: ClassVar[type] = LayerwiseOptions
     needs = frozenset()
     sites: ClassVar[tuple[str, ...]] = ("hidden",)
     default_layer_map: ClassVar[LayerMapConfig | None] = None
@@ -137,17 +124,7 @@ def features(pair: LayerPair, site: str, student: dict, teacher: dict) -> tuple[
     )
 
 
-NORMALIZATIONS = ("auto", "none", "rms", "layer", "channel")
 PRE_LN_NORMALIZATION = "rms"  # what `auto` means where a model is pre-LN: bench/hidden_normalization.py
-
-
-def check_normalization(value: str | bool) -> str:
-    """A `normalize` option as one of `NORMALIZATIONS`; true / false (the option's first, boolean form) read as
-    layer / none."""
-    value = {"true": "layer", "false": "none"}.get(str(value).strip().lower(), str(value))
-    if value not in NORMALIZATIONS:
-        raise ConfigError(f"normalize '{value}' is unknown; choose one of {', '.join(NORMALIZATIONS)}")
-    return value
 
 
 def resolve_normalization(value: str, model_pair: ModelPair, notes: list[str]) -> str:

@@ -19,16 +19,14 @@ import contextlib
 import contextvars
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ds_distill.data import IGNORE_INDEX
-from ds_distill.errors import ConfigError
 from ds_distill.objectives import cross_tokenizer, topk
 from ds_distill.objectives.base import DistillationLoss, StepTokens
-from ds_distill.objectives.divergences import DIVERGENCES, divergence, temperature_scale
+from ds_distill.objectives.divergences import divergence, temperature_scale
 
 CHUNK_ELEMENTS = 2**25
 """Logits per chunk: CHUNK_ELEMENTS // vocabulary rows (682 of a 49k vocabulary, 1044 of T5's 32k), 128 MB per
@@ -222,74 +220,9 @@ class CrossEntropyLoss(LogitTerm):
         return fn, (student["labels"],), 1.0
 
 
-@dataclass
-class OnPolicyOptions:
-    """On-policy KD (GKD, Agarwal et al. 2024; train/on_policy.py): on `fraction` of the micro-batches the targets
-    are the student's own samples."""
-
-    fraction: float = 0.5
-    temperature: float = 1.0
-    """The student's sampling temperature (the divergence keeps losses.kd.temperature)."""
-    max_new_tokens: int = 64
-    prompt_tokens: int = 64
-    """Decoder-only (packed text): each block's first tokens that the student continues."""
-
-    def __post_init__(self):
-        if not 0 <= self.fraction <= 1:
-            raise ConfigError("losses.kd.on_policy.fraction must lie between 0 and 1")
-        if self.temperature <= 0:
-            raise ConfigError("losses.kd.on_policy.temperature must be positive")
-        for name in ("max_new_tokens", "prompt_tokens"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"losses.kd.on_policy.{name} must be at least 1")
-
-
-@dataclass
-class KDOptions:
-    divergence: str = "forward_kl"
-    """forward_kl | reverse_kl | jsd | skew_kl | tvd"""
-    temperature: float = 1.0
-    beta: float = 0.5
-    """jsd: weight of the teacher in the mixture (0 < beta < 1)."""
-    alpha: float = 0.1
-    """skew_kl: weight of the teacher in the skewed student distribution (0 < alpha < 1)."""
-    on_policy: OnPolicyOptions | None = None
-    """{fraction, temperature, max_new_tokens, prompt_tokens}: also on the student's own samples."""
-    cross_tokenizer: str | None = None
-    """uld | hybrid: compare the two models over groups of tokens that cover the same text, as needed where the
-    teacher's tokenizer is not the student's (objectives/cross_tokenizer.py); with one tokenizer, `hybrid` equals
-    the same-tokenizer term."""
-    hybrid_matched_weight: float | None = None
-    """hybrid: the weight of the divergence over the tokens both vocabularies hold (the other tokens' sorted L1
-    takes 1 minus it). None: the matched share of the teacher's vocabulary, as GOLD (an 8k student of a 49k
-    teacher: 0.15, however much of the probability the matched tokens carry)."""
-
-    def __post_init__(self):
-        if self.cross_tokenizer is not None and self.cross_tokenizer not in cross_tokenizer.KINDS:
-            raise ConfigError(
-                f"losses.kd.cross_tokenizer '{self.cross_tokenizer}' is unknown; choose one of "
-                f"{', '.join(cross_tokenizer.KINDS)}"
-            )
-        if self.hybrid_matched_weight is not None and self.cross_tokenizer != "hybrid":
-            raise ConfigError("losses.kd.hybrid_matched_weight weights the hybrid term; set "
-                              "losses.kd.cross_tokenizer: hybrid or remove it")  # fmt: skip
-        if self.hybrid_matched_weight is not None and not 0 <= self.hybrid_matched_weight <= 1:
-            raise ConfigError("losses.kd.hybrid_matched_weight must lie between 0 and 1")
-        if self.divergence not in DIVERGENCES:
-            raise ConfigError(
-                f"losses.kd.divergence '{self.divergence}' is unknown; choose one of {', '.join(DIVERGENCES)}"
-            )
-        if self.temperature <= 0:
-            raise ConfigError("losses.kd.temperature must be positive")
-        for name in ("beta", "alpha"):
-            if not 0 < getattr(self, name) < 1:
-                raise ConfigError(f"losses.kd.{name} must lie strictly between 0 and 1")
-
-
 class LogitDistillationLoss(LogitTerm):
     """kd: divergence between teacher and student token distributions at temperature T (scaled by T^2; TVD by T)."""
 
-    Options = KDOptions
     counted = ("targets", "sampled")
     vocabulary_match: cross_tokenizer.VocabularyMatch | None = None
     """Across tokenizers (`cross_tokenizer`): the tokens both vocabularies hold, set where the run starts."""

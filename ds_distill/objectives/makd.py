@@ -17,24 +17,20 @@ Each stage lasts `steps` optimizer steps; after the last stage every aspect with
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
 
-from ds_distill.errors import ConfigError
-from ds_distill.objectives.attention import AttentionKLLoss, AttentionOptions
+from ds_distill.config.losses import ASPECTS
+from ds_distill.objectives.attention import AttentionKLLoss
 from ds_distill.objectives.base import token_mean
 from ds_distill.objectives.layerwise import (
     Aligner,
     ModelPair,
-    check_normalization,
     features,
     normalized,
     resolve_normalization,
 )
 
-ASPECTS = ("attention", "hidden", "attention_output", "ffn_output")
 SITES = {
     "attention": "attention_probs",
     "hidden": "hidden",
@@ -43,39 +39,9 @@ SITES = {
 }
 
 
-@dataclass
-class MaKDOptions(AttentionOptions):
-    rank: int = 64
-    aspect_weights: dict[str, float] = field(default_factory=lambda: dict.fromkeys(ASPECTS, 1.0))
-    """Weight per aspect: attention, hidden, attention_output, ffn_output."""
-    stages: list[dict] = field(default_factory=list)
-    """[{steps: N, aspects: [...]}, ...]: which aspects count in each stage; empty: all, always."""
-    normalize: str = "auto"
-    """auto | none | rms | layer | channel for the MSE aspects (hidden, attention_output, ffn_output), as in
-    hidden_mse: auto is rms where a model is pre-LN, none where both are post-LN."""
-
-    def __post_init__(self):
-        super().__post_init__()
-        self.normalize = check_normalization(self.normalize)
-        unknown = set(self.aspect_weights) - set(ASPECTS)
-        if unknown:
-            raise ConfigError(
-                f"losses.makd.aspect_weights: unknown aspects {sorted(unknown)}; use {', '.join(ASPECTS)}"
-            )
-        self.aspect_weights = {**dict.fromkeys(ASPECTS, 1.0), **{k: float(v) for k, v in self.aspect_weights.items()}}
-        for stage in self.stages:
-            if not isinstance(stage, dict) or set(stage) != {"steps", "aspects"} or int(stage["steps"]) < 1:
-                raise ConfigError(f"losses.makd.stages: each stage is {{steps: N >= 1, aspects: [...]}}, got {stage!r}")
-            if set(stage["aspects"]) - set(ASPECTS):
-                raise ConfigError(f"losses.makd.stages: aspects are {', '.join(ASPECTS)}; got {stage['aspects']}")
-        if self.rank < 1:
-            raise ConfigError("losses.makd.rank must be at least 1")
-
-
 class MaKDLoss(AttentionKLLoss):
     """makd: MaKD aspects (attention KL, hidden, attention-output and FFN-output MSE) via low-rank aligners."""
 
-    Options = MaKDOptions
     takes_embeddings = True  # layer 0 contributes its hidden aspect only
 
     def __init__(self, options, model_pair: ModelPair, where: str):

@@ -1,4 +1,5 @@
-"""The loss registry: the YAML's `losses:` section names entries of `LOSSES`, each with a `weight` and options.
+"""The loss registry: the YAML's `losses:` section names entries of `LOSSES`, each with a `weight` and options
+(config/losses.py, `OPTIONS` by the same names).
 
 Every loss is a small `torch.nn.Module` with one signature::
 
@@ -22,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ds_distill.config.load import coerce, from_dict, unknown_key_error
+from ds_distill.config.losses import OPTIONS, LossTerm, parse_losses
 from ds_distill.errors import ConfigError
 from ds_distill.objectives.attention import AttentionKLLoss, AttentionMSELoss, MiniEnDLoss, RelationLoss
 from ds_distill.objectives.base import DistillationLoss, StepTokens
@@ -48,30 +49,24 @@ LOSSES: dict[str, type[DistillationLoss]] = {
 
 
 def build_losses(
-    spec: dict[str, dict[str, Any]], model_pair: ModelPair | None, vocab_size: int | None = None
+    losses: dict[str, LossTerm] | dict[str, dict[str, Any]], model_pair: ModelPair | None, vocab_size: int | None = None
 ) -> tuple[torch.nn.ModuleDict, dict[str, float]]:
-    """Builds the configured terms (weight 0 leaves a term out) and their weights; `model_pair` is None without
-    a teacher, `vocab_size` is the tokenizer's (logit terms ignore rows past it). Raises `ConfigError` on
-    unknown names or options and on layer maps the models do not fit."""
+    """Builds the configured terms (`RunConfig.losses`, or as the YAML writes them; weight 0 leaves a term out)
+    and their weights; `model_pair` is None without a teacher, `vocab_size` is the tokenizer's (logit terms
+    ignore rows past it). Raises `ConfigError` on a term that needs a teacher where there is none, and on layer
+    maps the models do not fit."""
     modules, weights = {}, {}
-    for name, options in spec.items():
-        if name not in LOSSES:
-            raise unknown_key_error(name, sorted(LOSSES), "losses.")
-        if not isinstance(options, dict | type(None)):
-            raise ConfigError(f"losses.{name} must be a mapping such as {{weight: 1.0}}, got {options!r}")
-        options = dict(options or {})
-        weight = coerce(options.pop("weight", 1.0), float, f"losses.{name}.weight")
-        if weight == 0:
+    for name, term in parse_losses(losses).items():
+        if term.weight == 0:
             continue
-        loss_class = LOSSES[name]
+        loss_class, where = LOSSES[name], f"losses.{name}"
         if loss_class.requires_teacher and model_pair is None:
-            raise ConfigError(f"losses.{name} compares with a teacher, but teacher.model_name_or_path is empty")
-        parsed = from_dict(loss_class.Options, options, f"losses.{name}")
+            raise ConfigError(f"{where} compares with a teacher, but teacher.model_name_or_path is empty")
         if issubclass(loss_class, LayerwiseLoss):
-            modules[name] = loss_class(parsed, model_pair, f"losses.{name}")
+            modules[name] = loss_class(term.options, model_pair, where)
         else:
-            modules[name] = loss_class(parsed, where=f"losses.{name}", vocab_size=vocab_size)
-        weights[name] = weight
+            modules[name] = loss_class(term.options, where=where, vocab_size=vocab_size)
+        weights[name] = term.weight
     if not modules:
         raise ConfigError("every loss term has weight 0; give at least one term a weight")
     return torch.nn.ModuleDict(modules), weights
@@ -94,3 +89,6 @@ def weighted_terms(
             values[name] = loss(student, teacher, tokens)
             total = total + weights[name] * values[name]
     return total, {name: values[name] for name in losses}
+
+
+assert LOSSES.keys() == OPTIONS.keys(), "every loss term has its options in config/losses.py, by the same name"

@@ -143,7 +143,9 @@ def make_plan(run: RunConfig, hw: Hardware, vocab: int | None = None, gpu: bool 
     spec = run.losses
     if cross_tokenizer(run):
         # its chunks hold the same student rows and gather the teacher's by group: traced as the same-tokenizer term
-        spec = {**spec, "kd": {k: v for k, v in spec["kd"].items() if k != "cross_tokenizer"}}
+        kd = spec["kd"]
+        same = dataclasses.replace(kd.options, cross_tokenizer=None, hybrid_matched_weight=None)
+        spec = {**spec, "kd": dataclasses.replace(kd, options=same)}
         notes.append("losses.kd.cross_tokenizer: traced as the same-tokenizer KD term (the same rows per chunk)")
     losses, weights = build_losses(spec, pair, vocab_size=vocab)
     loss_params = sum(p.numel() for p in losses.parameters())

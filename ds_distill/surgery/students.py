@@ -169,8 +169,9 @@ def calibration_batches(config: str, teacher: str, count: int):
     the teacher's tokenizer (only the sampled rows)."""
     import datasets
 
-    from ds_distill.config.load import from_dict, read_tree
+    from ds_distill.config.load import read_tree
     from ds_distill.config.run import DataConfig, TrainConfig
+    from ds_distill.config.typed import from_dict
     from ds_distill.data import batches, tokenizers
     from ds_distill.data import tokenized as data
 

@@ -16,13 +16,12 @@ from transformers import GenerationConfig, PretrainedConfig, PreTrainedTokenizer
 from ds_distill import dist, models
 from ds_distill.config import deepspeed as ds_config
 from ds_distill.config import run_dir
-from ds_distill.config.load import coerce, from_dict
+from ds_distill.config.losses import OnPolicyOptions
 from ds_distill.config.run import RunConfig, cross_tokenizer, to_yaml
 from ds_distill.data import batches, tokenizers
 from ds_distill.data import tokenized as data
 from ds_distill.errors import ConfigError
 from ds_distill.objectives.layerwise import ModelPair
-from ds_distill.objectives.logits import KDOptions, OnPolicyOptions
 from ds_distill.objectives.registry import build_losses
 from ds_distill.surgery import prune
 from ds_distill.train import checkpoint, export, teacher_cache
@@ -192,13 +191,8 @@ def check_models(run: RunConfig):
 def on_policy_options(run: RunConfig) -> OnPolicyOptions | None:
     """The KD term's on-policy options where the run samples (the term weighted, its fraction above 0), else
     None: the one rule for whether the KD term is also taken on the student's own samples (train/on_policy.py)."""
-    spec = run.losses.get("kd")
-    if not isinstance(spec, dict) or "on_policy" not in spec:  # a malformed term is build_losses' to refuse
-        return None
-    spec = dict(spec)
-    if coerce(spec.pop("weight", 1.0), float, "losses.kd.weight") == 0:
-        return None
-    options = from_dict(KDOptions, spec, "losses.kd").on_policy
+    kd = run.losses.get("kd")
+    options = kd.options.on_policy if kd is not None and kd.weight != 0 else None
     return options if options is not None and options.fraction > 0 else None
 
 

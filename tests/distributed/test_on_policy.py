@@ -64,8 +64,7 @@ def test_an_on_policy_zero3_run_killed_and_resumed_ends_as_an_uninterrupted_one(
 
 
 def test_each_of_two_on_policy_students_on_one_teacher_pass_trains_as_it_would_alone(tiny, tmp_path, whole):
-    """Student `a` is the uninterrupted run's config; `b` learns at another rate, so it samples other
-    continuations, which the teacher scores for it alone."""
+    """Student `a` is the uninterrupted run's config and ends as that run did; `b` learns at another rate."""
     config = {
         **on_policy_config(tiny, tmp_path / "students"),
         "students": {"a": {}, "b": {"train": {"learning_rate": 3e-3}}},

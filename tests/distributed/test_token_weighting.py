@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, T5Config
 
-from ds_distill.config.load import from_dict
 from ds_distill.config.run import RunConfig
+from ds_distill.config.typed import from_dict
 from ds_distill.models import adapter_for
 from ds_distill.train.student import build_student, student_hf_config
 from tests.conftest import run_cli, translation_config, write_yaml

@@ -86,8 +86,8 @@ def test_exported_student_reloads_with_the_trained_weights_and_generates(runs, s
     """The export scores on the validation set what the run's last evaluation, on the live engine, scored."""
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    from ds_distill.config.load import from_dict
     from ds_distill.config.run import RunConfig
+    from ds_distill.config.typed import from_dict
     from ds_distill.data import batches
     from ds_distill.data import tokenized as data
     from ds_distill.train.scoring import score

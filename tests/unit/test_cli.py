@@ -201,8 +201,8 @@ def test_homobert_recipes_export_the_papers_sizes(recipe, millions, capsys):
 
 
 def test_list_shows_recipes_methods_losses_strategies_and_families(capsys):
+    from ds_distill.config.losses import DIVERGENCES
     from ds_distill.config.methods import METHODS
-    from ds_distill.objectives.divergences import DIVERGENCES
     from ds_distill.objectives.registry import LOSSES
 
     cli.main(["list"])
@@ -215,8 +215,8 @@ def test_list_shows_recipes_methods_losses_strategies_and_families(capsys):
 def test_keys_lists_every_run_config_key_with_its_type_default_and_docstring(capsys):
     import dataclasses
 
+    from ds_distill.config.losses import KDOptions
     from ds_distill.config.run import DataConfig, TrainConfig
-    from ds_distill.objectives.logits import KDOptions
 
     cli.main(["keys"])
     everything = capsys.readouterr().out

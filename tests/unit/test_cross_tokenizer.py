@@ -9,12 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ds_distill.config.losses import KDOptions
 from ds_distill.data import IGNORE_INDEX
 from ds_distill.data.alignment import align, token_bytes, token_ends
 from ds_distill.objectives import cross_tokenizer, logits
 from ds_distill.objectives.cross_tokenizer import VocabularyMatch
 from ds_distill.objectives.divergences import divergence
-from ds_distill.objectives.logits import KDOptions, LogitDistillationLoss
+from ds_distill.objectives.logits import LogitDistillationLoss
 
 
 def test_tokens_end_at_the_byte_where_their_text_ends():

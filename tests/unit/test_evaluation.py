@@ -8,8 +8,8 @@ import sacrebleu
 import torch
 
 from ds_distill import models
-from ds_distill.config.load import from_dict
 from ds_distill.config.run import RunConfig
+from ds_distill.config.typed import from_dict
 from ds_distill.data import batches, tokenizers
 from ds_distill.data import tokenized as data
 from ds_distill.train.scoring import score

@@ -9,7 +9,8 @@ import torch
 import transformers
 
 from ds_distill import models
-from ds_distill.config.run import FromTeacherConfig, LayerMapConfig
+from ds_distill.config.losses import LayerMapConfig
+from ds_distill.config.run import FromTeacherConfig
 from ds_distill.errors import ConfigError
 from ds_distill.objectives.attention import relation_kl
 from ds_distill.objectives.capture import FeatureCapture

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from ds_distill.config.load import load_config
-from ds_distill.config.run import LayerMapConfig, to_yaml
+from ds_distill.config.losses import CKAOptions, LayerMapConfig, LossTerm, RelationOptions
+from ds_distill.config.run import to_yaml
 from ds_distill.errors import ConfigError
 from ds_distill.objectives.layer_map import resolve, resolve_stack, uniform
 
@@ -70,12 +71,12 @@ def test_method_presets_expand_and_the_config_wins(tmp_path):
     assert set(run.losses) == {"ce", "kd", "cka"}
     assert run.layer_map == LayerMapConfig("uniform", "uniform", True)
     run = load(tmp_path, {"method": "cka", "losses": {"cka": {"squared": True}, "kd": {"weight": 0}}})
-    assert run.losses["cka"] == {"weight": 1.0, "squared": True}
-    assert run.losses["kd"]["weight"] == 0  # turned off when the losses are built
+    assert run.losses["cka"] == LossTerm(1.0, CKAOptions(squared=True))
+    assert run.losses["kd"].weight == 0  # turned off when the losses are built
     run = load(tmp_path, {"method": "minilmv2"}, **{"losses.relation.relation_heads": 12, "layer_map.decoder": "last"})
-    assert run.losses["relation"] == {"weight": 1.0, "relation_heads": 12}
+    assert run.losses["relation"] == LossTerm(1.0, RelationOptions(relation_heads=12))
     assert run.layer_map.decoder == "last"
-    assert load(tmp_path, {"method": "miniend_e"}).losses["miniend"]["encoder_self"] is True
+    assert load(tmp_path, {"method": "miniend_e"}).losses["miniend"].options.encoder_self is True
     assert set(load(tmp_path, {"method": "tinybert"}).losses) == {"kd", "embedding_mse", "hidden_mse", "attention_mse"}
 
 

@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig
 
-from ds_distill.config.load import from_dict
+from ds_distill.config.losses import OnPolicyOptions
 from ds_distill.config.run import DataConfig, RunConfig
+from ds_distill.config.typed import from_dict
 from ds_distill.data import tokenized as data
 from ds_distill.data import tokenizers
 from ds_distill.errors import ConfigError
-from ds_distill.objectives.logits import OnPolicyOptions
 from ds_distill.objectives.registry import build_losses
 from ds_distill.train.on_policy import OnPolicy
 from ds_distill.train.prepare import on_policy_options

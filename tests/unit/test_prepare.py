@@ -5,8 +5,8 @@ import shutil
 
 import pytest
 
-from ds_distill.config.load import from_dict
 from ds_distill.config.run import RunConfig
+from ds_distill.config.typed import from_dict
 from ds_distill.errors import ConfigError
 from ds_distill.train.prepare import prepare
 from tests import tiny_models

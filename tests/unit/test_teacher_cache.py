@@ -14,8 +14,8 @@ import torch
 from transformers import AutoTokenizer
 
 from ds_distill import dist, models
-from ds_distill.config.load import from_dict
 from ds_distill.config.run import RunConfig
+from ds_distill.config.typed import from_dict
 from ds_distill.data import IGNORE_INDEX, batches
 from ds_distill.errors import ConfigError
 from ds_distill.objectives.registry import build_losses

@@ -8,11 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ds_distill.config.losses import DIVERGENCES
 from ds_distill.objectives import topk
 from ds_distill.objectives.registry import build_losses
 from tests.unit.test_losses import TEACHER_PRESENT
-
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd")
 
 
 def kd(divergence: str, temperature: float, vocab_size: int | None = None):

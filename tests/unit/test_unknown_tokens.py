@@ -11,8 +11,8 @@ import pytest
 from transformers import T5Tokenizer
 
 from ds_distill import dist
-from ds_distill.config.load import from_dict
 from ds_distill.config.run import DataConfig, RunConfig
+from ds_distill.config.typed import from_dict
 from ds_distill.data import tokenized as data
 from ds_distill.data import tokenizers
 from ds_distill.errors import ConfigError
