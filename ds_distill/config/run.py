@@ -285,9 +285,26 @@ def cross_tokenizer(run: RunConfig) -> str | None:
 
 
 def validate(run: RunConfig) -> None:
-    """Checks that need no weights and no files beyond the config itself (the run's paths expanded first)."""
+    """Checks that need no weights and no files beyond the config itself (the run's paths expanded first); the
+    loss terms' options were checked as they were typed (config/losses.py)."""
     absolute_paths(run)
-    data, train, student = run.data, run.train, run.student
+    check_data(run.data)
+    check_student(run)
+    check_train(run.train)
+    if run.method == "homodistil" and run.prune is None:
+        raise ConfigError(
+            "method homodistil prunes to the widths under prune: e.g. {d_model: 384, d_ff: 1024, steps: 2000}"
+        )
+    if run.prune is not None:
+        if not 0 <= run.prune.score_beta < 1:
+            raise ConfigError("prune.score_beta must lie in [0, 1)")
+        if run.prune.every_steps < 1 or run.prune.steps <= run.prune.start_step:
+            raise ConfigError("prune.steps must come after prune.start_step, and prune.every_steps be at least 1")
+    if not run.losses:
+        raise ConfigError("losses is empty: configure at least one term, e.g. {ce: {weight: 1.0}}")
+
+
+def check_data(data: DataConfig) -> None:
     if data.task not in TASKS:
         raise ConfigError(f"data.task '{data.task}' is unknown; choose one of {', '.join(TASKS)}")
     if data.dataset is None:
@@ -305,13 +322,24 @@ def validate(run: RunConfig) -> None:
         )
     if data.prompt_field and data.task != "causal_lm":
         raise ConfigError("data.prompt_field is for causal_lm data (translation and seq2seq have sources)")
-    if bool(student.model_name_or_path) == bool(student.init.from_teacher):
+    if data.validation_split_percentage is not None and not 0 < data.validation_split_percentage < 100:
+        raise ConfigError("data.validation_split_percentage must lie between 0 and 100 (a percent, e.g. 5)")
+    if data.task == "masked_lm" and not 0 <= data.mlm_probability < 1:
+        raise ConfigError("data.mlm_probability must lie in [0, 1)")
+    if data.line_by_line and data.task != "masked_lm":
+        raise ConfigError(f"data.line_by_line applies to masked_lm only; data.task '{data.task}' does not read it")
+
+
+def check_student(run: RunConfig) -> None:
+    student, dims = run.student, run.student.init.from_teacher
+    if bool(student.model_name_or_path) == bool(dims):
         raise ConfigError("give exactly one of student.model_name_or_path and student.init.from_teacher")
-    if student.init.from_teacher and not run.teacher.model_name_or_path:
+    if not dims:
+        return
+    if not run.teacher.model_name_or_path:
         raise ConfigError("student.init.from_teacher needs teacher.model_name_or_path")
     kd = run.losses.get("kd")
-    dims = student.init.from_teacher
-    if dims and dims.tokenizer and not cross_tokenizer(run):
+    if dims.tokenizer and not cross_tokenizer(run):
         if kd is not None and kd.weight != 0:
             raise ConfigError("student.init.from_teacher.tokenizer gives the student another vocabulary than the "
                               "teacher's: set losses.kd.cross_tokenizer (uld or hybrid)")  # fmt: skip
@@ -320,17 +348,18 @@ def validate(run: RunConfig) -> None:
                               "on its own tokens, which a run tokenizes only across tokenizers; set "
                               "losses.kd.cross_tokenizer (with kd's weight 0 to train on labels alone) or "
                               "width: first")  # fmt: skip
-    if student.init.from_teacher:
-        dims = student.init.from_teacher
-        for name, value, choices in (
-            ("strategy", dims.strategy, STRATEGIES),
-            ("layers", dims.layers, LAYER_CHOICES),
-            ("width", dims.width, WIDTH_CHOICES),
-        ):
-            if value not in choices:
-                raise ConfigError(
-                    f"student.init.from_teacher.{name} '{value}' is unknown; choose one of {', '.join(choices)}"
-                )
+    for name, value, choices in (
+        ("strategy", dims.strategy, STRATEGIES),
+        ("layers", dims.layers, LAYER_CHOICES),
+        ("width", dims.width, WIDTH_CHOICES),
+    ):
+        if value not in choices:
+            raise ConfigError(
+                f"student.init.from_teacher.{name} '{value}' is unknown; choose one of {', '.join(choices)}"
+            )
+
+
+def check_train(train: TrainConfig) -> None:
     if train.max_steps <= 0 and train.num_train_epochs <= 0:
         raise ConfigError("set train.max_steps or train.num_train_epochs to a positive number")
     if train.lr_scheduler_type not in LR_SCHEDULERS:
@@ -352,23 +381,6 @@ def validate(run: RunConfig) -> None:
             raise ConfigError(f"train.{name} must be at least 1")
     if train.dataloader_num_workers is not None and train.dataloader_num_workers < 0:
         raise ConfigError("train.dataloader_num_workers must be 0 or more")
-    if run.method == "homodistil" and run.prune is None:
-        raise ConfigError(
-            "method homodistil prunes to the widths under prune: e.g. {d_model: 384, d_ff: 1024, steps: 2000}"
-        )
-    if run.prune is not None:
-        if not 0 <= run.prune.score_beta < 1:
-            raise ConfigError("prune.score_beta must lie in [0, 1)")
-        if run.prune.every_steps < 1 or run.prune.steps <= run.prune.start_step:
-            raise ConfigError("prune.steps must come after prune.start_step, and prune.every_steps be at least 1")
-    if data.validation_split_percentage is not None and not 0 < data.validation_split_percentage < 100:
-        raise ConfigError("data.validation_split_percentage must lie between 0 and 100 (a percent, e.g. 5)")
-    if data.task == "masked_lm" and not 0 <= data.mlm_probability < 1:
-        raise ConfigError("data.mlm_probability must lie in [0, 1)")
-    if data.line_by_line and data.task != "masked_lm":
-        raise ConfigError(f"data.line_by_line applies to masked_lm only; data.task '{data.task}' does not read it")
-    if not run.losses:
-        raise ConfigError("losses is empty: configure at least one term, e.g. {ce: {weight: 1.0}}")
 
 
 def to_dict(run: RunConfig) -> dict[str, Any]:

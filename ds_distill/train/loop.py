@@ -122,17 +122,15 @@ class Trainer:
             with student.own_rng():  # sampling draws from it
                 steps[student.name] = student.step_batches(data)
         for index, batch in enumerate(data):
-            on_data = None  # the data's micro-batch on the device and the teacher's features of it
+            shared = None  # the data's micro-batch on the device with the teacher's features: once for all
             for student in self.students:
-                step, sampled = steps[student.name], steps[student.name].sampled[index]
-                if sampled:
-                    own = self.to_device(step.batches[index])
-                    teacher_features = self.teacher_features(own)
+                step = steps[student.name]
+                sampled = step.sampled[index]
+                if sampled:  # its own samples, which the teacher scores for it alone
+                    own, teacher_features = self.with_teacher(step.batches[index])
                 else:
-                    if on_data is None:
-                        on_device = self.to_device(batch)
-                        on_data = on_device, self.teacher_features(on_device)
-                    own, teacher_features = on_data
+                    shared = shared or self.with_teacher(batch)
+                    own, teacher_features = shared
                 with student.own_rng():  # dropout
                     only = on_policy.TERMS if sampled else None  # its own samples: the KD term alone
                     total, terms = student.engine(own, teacher_features, step.tokens, only)
@@ -150,6 +148,11 @@ class Trainer:
             if "align_group" in batch:  # a logit chunk ends only between groups
                 batch["chunk_breaks"] = cross_tokenizer.chunk_breaks(batch["align_group"].flatten()[index])
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def with_teacher(self, batch: dict[str, torch.Tensor]):
+        """(the batch on the device, the teacher's features of it)."""
+        on_device = self.to_device(batch)
+        return on_device, self.teacher_features(on_device)
 
     def teacher_features(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
         """What the students' terms read of the teacher on `batch` (on the device); None without a teacher."""

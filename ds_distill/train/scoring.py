@@ -56,6 +56,29 @@ def byte_lengths(tokenizer) -> torch.Tensor:
 
 
 @torch.no_grad()
+def add_token_sums(sums: dict, features: dict, real_rows: int, vocab: int, text_bytes: torch.Tensor | None) -> None:
+    """Adds a batch's summed token cross-entropy, its target tokens, the targets its argmax predicts and (given
+    each token's UTF-8 byte count) the targets' bytes to `sums`; the filler rows past `real_rows` do not count."""
+    labels = features["labels"][:real_rows]
+    logits = features["logits"][:real_rows, ..., :vocab].float()
+    sums["loss"] += float(
+        F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    )
+    real = labels != IGNORE_INDEX
+    sums["tokens"] += int(real.sum())
+    sums["correct"] += int((logits.argmax(-1) == labels)[real].sum())
+    if text_bytes is not None:
+        sums["bytes"] += int(text_bytes[labels[real]].sum())
+
+
+def in_dataset_order(hypotheses: list[str], references: list[str]) -> tuple[list[str], list[str]]:
+    """Every rank's hypotheses and references, gathered in the dataset's order (on every rank)."""
+    gathered = dist.all_gather_objects((hypotheses, references))
+    world = len(gathered)  # rank r held rows r, r + world, ...: interleave back into the dataset's order
+    order = [(i % world, i // world) for i in range(sum(len(hyps) for hyps, _ in gathered))]
+    return [gathered[rank][0][i] for rank, i in order], [gathered[rank][1][i] for rank, i in order]
+
+
 def score(
     model,
     dataset,
@@ -95,17 +118,7 @@ def score(
                 sums[name] += float(value) * real_rows
             sums["rows"] += real_rows
         else:
-            features = forward_features(model, adapter, batch)
-            labels = features["labels"][:real_rows]
-            logits = features["logits"][:real_rows, ..., : len(tokenizer)].float()
-            sums["loss"] += float(
-                F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-            )
-            real = labels != IGNORE_INDEX
-            sums["tokens"] += int(real.sum())
-            sums["correct"] += int((logits.argmax(-1) == labels)[real].sum())
-            if text_bytes is not None:
-                sums["bytes"] += int(text_bytes[labels[real]].sum())
+            add_token_sums(sums, forward_features(model, adapter, batch), real_rows, len(tokenizer), text_bytes)
         if generate:
             outputs = model.generate(
                 input_ids=batch["input_ids"],
@@ -130,11 +143,7 @@ def score(
     if totals.get("bytes"):
         results["bits_per_byte"] = totals["loss"] / math.log(2) / totals["bytes"]
     if generate:
-        gathered = dist.all_gather_objects((hypotheses, references))
-        world = len(gathered)  # rank r held rows r, r + world, ...: interleave back into the dataset's order
-        order = [(i % world, i // world) for i in range(sum(len(hyps) for hyps, _ in gathered))]
-        hypotheses = [gathered[rank][0][i] for rank, i in order]
-        references = [gathered[rank][1][i] for rank, i in order]
+        hypotheses, references = in_dataset_order(hypotheses, references)
         for metric in REPORTED[run.train.eval_metric]:
             results[metric] = corpus_score(metric, hypotheses, references)
         if texts is not None:
