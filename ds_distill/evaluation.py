@@ -9,10 +9,12 @@ import dataclasses
 import json
 from pathlib import Path
 
-from ds_distill import dist
+from ds_distill import dist, models
+from ds_distill.config.deepspeed import model_dtype
 from ds_distill.config.run import RunConfig
 from ds_distill.data import batches
 from ds_distill.errors import ConfigError
+from ds_distill.train import drafting
 from ds_distill.train.scoring import score
 
 DEFAULT_METRIC = {"translation": "bleu", "seq2seq": "rouge"}  # by data.task; other tasks: loss and perplexity
@@ -35,13 +37,16 @@ def model_directory(model: Path, output_dir: Path) -> Path:
 
 
 def evaluate_model(
-    model: str, run: RunConfig, output_dir: Path, split: str | None = None, deepspeed_config: str | None = None
-) -> dict[str, float]:
+    model: str, run: RunConfig, output_dir: Path, split: str | None = None, deepspeed_config: str | None = None,
+    draft_for: str | None = None, draft_prompts: int = drafting.PROMPTS,
+) -> dict[str, float]:  # fmt: skip
     """Scores a model on a split of the run's data (default: its validation split) and writes
     output_dir/report.json with hypotheses.txt and references.txt (one line per example, in the data's order).
 
     The model loads under `deepspeed_config` (default: the run's teacher placement, ZeRO-3 inference), so a
     model too large for one device is partitioned over the ranks; generation keeps the ranks in step.
+    `draft_for`: also the model as that target's speculative draft on the split's first `draft_prompts`
+    prompts (train/drafting.py), measured on the main rank.
     """
     from datasets import DatasetDict
     from deepspeed.accelerator import get_accelerator
@@ -57,6 +62,11 @@ def evaluate_model(
         run = dataclasses.replace(run, data=dataclasses.replace(run.data, validation_split=split))
     path = model_directory(Path(model), output_dir)
     tokenizer = tokenizers.load_tokenizer(str(path))
+    model_config = models.load_config(str(path), "--model")
+    if draft_for:  # refused before any weights load
+        target_tokenizer = tokenizers.load_tokenizer(draft_for)
+        drafting.check_pair(model_config, models.load_config(draft_for, "--draft_for"), tokenizer, target_tokenizer,
+                            "--draft_for")  # fmt: skip
     raw = data.load_raw(run.data, need_train=False)
     if split not in raw:
         raise ConfigError(f"dataset '{run.data.dataset}' has no split '{split}' (it has {', '.join(raw)})")
@@ -72,6 +82,10 @@ def evaluate_model(
     collate = batches.make_collator(run.data, tokenizer, engine.module)
     synced = ds_config.zero_stage(placement) == 3
     results = score(engine.module, dataset, collate, tokenizer, run, synced_gpus=synced, texts=texts)
+    engine.destroy()
+    if draft_for and dist.is_main():
+        prompts = drafting.draft_prompts(dataset, run.data, models.adapter_for(model_config).kind, draft_prompts)
+        results.update(draft_metrics(str(path), draft_for, prompts, run, model_dtype(placement)))
     if dist.is_main():
         output_dir.mkdir(parents=True, exist_ok=True)
         for name in ("hypotheses", "references"):
@@ -87,5 +101,21 @@ def evaluate_model(
         }
         (output_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     dist.barrier()
-    engine.destroy()
+    return results
+
+
+def draft_metrics(draft: str, target: str, prompts: list[list[int]], run: RunConfig, dtype) -> dict[str, float]:
+    """`draft` as `target`'s speculative draft (train/drafting.py): both loaded whole on this rank's device."""
+    from deepspeed.accelerator import get_accelerator
+
+    from ds_distill.data.tokenizers import load_tokenizer
+
+    device = get_accelerator().current_device_name()
+    loaded = {}
+    for role, path in (("draft", draft), ("target", target)):
+        adapter = models.adapter_for(models.load_config(path, role))
+        loaded[role] = adapter.from_pretrained(path, role, dtype=dtype).to(device).eval()
+    pad = load_tokenizer(target).pad_token_id
+    results = drafting.draft_scores(loaded["target"], loaded["draft"], prompts, run.train.generation_max_length, pad)
+    dist.print_main(f"as the draft of {target}: {drafting.described(results)}")
     return results

@@ -104,7 +104,8 @@ def unchanged():
 
 @pytest.fixture(scope="session")
 def t5_zero2(tiny, tmp_path_factory, unchanged) -> Run:
-    return unchanged(_launched(tmp_path_factory, "t5_zero2", lambda out: t5_config(tiny, out)))
+    drafts = {"eval_draft_for": str(tiny["t5"])}  # the student measured as the teacher's draft at each evaluation
+    return unchanged(_launched(tmp_path_factory, "t5_zero2", lambda out: t5_config(tiny, out, train=drafts)))
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,8 @@ def evaluate(
     max_new_tokens: int | None = None,
     batch_size: int | None = None,
     deepspeed_config: str | None = None,
+    draft_for: str | None = None,
+    draft_prompts: int = 32,
     **overrides,
 ):
     """Scores a model on a run's data: loss, perplexity, token accuracy, and BLEU + chrF (translation) or ROUGE-L (seq2seq)
@@ -26,6 +28,7 @@ def evaluate(
 
         ds-distill evaluate --model=runs/145m/model --config=run.yaml --num_beams=4
         ds-distill evaluate --model=runs/145m/checkpoints --recipe=flan_t5_3b_145m --split=test
+        ds-distill evaluate --model=runs/s/model --draft_for=TEACHER      # also as the teacher's speculative draft
         ds-distill evaluate --model=DIR --data.task=translation --data.dataset=json \
             --data.data_files.validation=valid.jsonl --data.source_lang=en --data.target_lang=de
         deepspeed --num_gpus 8 --module ds_distill evaluate --model=DIR --config=run.yaml   # ZeRO-3 over 8 GPUs
@@ -48,6 +51,11 @@ def evaluate(
         max_new_tokens: generation length limit (default: train.generation_max_length).
         batch_size: examples per rank per batch (default: train.per_device_eval_batch_size).
         deepspeed_config: where the model lives (default: teacher.deepspeed_config of the run).
+        draft_for: a model (hub id or directory) to measure this one as the speculative-decoding draft of:
+            Hugging Face assisted generation, greedy, on the split's first --draft_prompts prompts; reports the
+            acceptance rate, accepted tokens per target step, the speed-up, and that the outputs equal the
+            target's alone (train/drafting.py). Same tokenizer; decoder-only or encoder-decoder pairs.
+        draft_prompts: how many prompts the draft is measured on.
         **overrides: dotted flags such as --data.max_eval_samples=500.
     """
     import dataclasses
@@ -75,7 +83,7 @@ def evaluate(
         run.train, **{k: v for k, v in chosen.items() if v is not None}
     ))  # fmt: skip
     target = Path(output_dir) if output_dir else Path(model.rstrip("/")).parent / "eval"
-    results = evaluate_model(model, run, target, split, deepspeed_config)
+    results = evaluate_model(model, run, target, split, deepspeed_config, draft_for, int(draft_prompts))
     from ds_distill import dist
 
     dist.print_main(f"{described(results)}; report in {target}")

@@ -116,10 +116,16 @@ class DataConfig:
     """causal_lm: a field holding each example's prompt. Then an example is prompt + `text_field` (its completion)
     + the end-of-sequence token, one per row, not packed, cut at block_size, and only the completion's tokens
     are targets; `generate_targets` and on-policy KD continue the prompts."""
+    messages_field: str | None = None
+    """causal_lm: a field holding each example's conversation, a list of {role, content} (data/conversations.py).
+    Rendered with the tokenizer's chat template, one per row, not packed, cut at block_size; every assistant
+    turn is a target, with its end-of-turn token. `generate_targets` and on-policy KD continue each conversation
+    before its last assistant turn, and their reply takes that turn's place."""
     max_source_length: int = 128
     max_target_length: int = 128
     targets: str = "references"
-    """Training examples of translation, seq2seq or prompted causal_lm data: references (the data's targets) |
+    """Training examples of translation, seq2seq, prompted or conversation causal_lm data: references (the data's
+    targets; a conversation's last assistant turn) |
     teacher (the `teacher_target` field that `ds-distill generate_targets` adds: sequence-level KD) | both (each
     example twice, once with each). Evaluation always scores against the references."""
     block_size: int = 128
@@ -138,7 +144,11 @@ class DataConfig:
 
     def generates_from_sources(self) -> bool:
         """Whether examples have sources or prompts a model can continue (generate_targets, on-policy KD)."""
-        return self.task in ("translation", "seq2seq") or (self.task == "causal_lm" and bool(self.prompt_field))
+        return self.task in ("translation", "seq2seq") or self.prompted()
+
+    def prompted(self) -> bool:
+        """causal_lm examples one per row, each with a prompt: data.prompt_field or data.messages_field."""
+        return self.task == "causal_lm" and bool(self.prompt_field or self.messages_field)
 
 
 @dataclass
@@ -181,6 +191,11 @@ class TrainConfig:
     and rouge also generate (seq2seq models)."""
     generation_max_length: int = 128
     num_beams: int = 1
+    eval_draft_for: str | None = None
+    """A model (hub id or directory; usually the teacher) whose speculative-decoding draft the student is measured
+    as at every evaluation: acceptance rate, accepted tokens per step and speed-up in the log (`draft/*`,
+    train/drafting.py), on the validation split's first prompts, by the main rank with both models whole on its
+    device (a student under ZeRO-2; the target stays loaded beside it)."""
     dataloader_num_workers: int | None = None
     """Processes that collate batches ahead of the loop. None: 2 when training on a GPU, 0 on the CPU."""
     group_by_length: bool | None = None
@@ -318,10 +333,13 @@ def check_data(data: DataConfig) -> None:
     if data.targets != "references" and not data.generates_from_sources():
         raise ConfigError(
             f"data.targets '{data.targets}' needs sources to generate from: translation or seq2seq data, or "
-            "causal_lm with data.prompt_field"
+            "causal_lm with data.prompt_field or data.messages_field"
         )
-    if data.prompt_field and data.task != "causal_lm":
-        raise ConfigError("data.prompt_field is for causal_lm data (translation and seq2seq have sources)")
+    for key in ("prompt_field", "messages_field"):
+        if getattr(data, key) and data.task != "causal_lm":
+            raise ConfigError(f"data.{key} is for causal_lm data (translation and seq2seq have sources)")
+    if data.prompt_field and data.messages_field:
+        raise ConfigError("set one of data.prompt_field and data.messages_field: a conversation holds its prompts")
     if data.validation_split_percentage is not None and not 0 < data.validation_split_percentage < 100:
         raise ConfigError("data.validation_split_percentage must lie between 0 and 100 (a percent, e.g. 5)")
     if data.task == "masked_lm" and not 0 <= data.mlm_probability < 1:

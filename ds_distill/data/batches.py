@@ -40,7 +40,7 @@ def make_collator(data: DataConfig, tokenizer, model: torch.nn.Module | None = N
         tokenizer.padding_side = "right"
     if data.task in ("translation", "seq2seq"):
         return DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
-    if data.task == "causal_lm" and (data.prompt_field or rows_vary):  # rows of their own lengths, padded per batch
+    if data.task == "causal_lm" and (data.prompted() or rows_vary):  # rows of their own lengths, padded per batch
         return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
     if data.task == "causal_lm":
         return default_data_collator
@@ -225,9 +225,13 @@ def left_padded(sequences: list[list[int]], pad_token_id: int) -> dict[str, torc
 
 
 def prompts(batch: dict[str, torch.Tensor]) -> list[list[int]]:
-    """Each row's prompt in a batch of prompted causal_lm examples: its tokens before the first target."""
+    """Each row's prompt in a batch of prompted causal_lm examples: its tokens before its last run of targets
+    (a completion, or a conversation's last assistant turn)."""
     out = []
     for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist()):
-        first = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
-        out.append(ids[:first])
+        targets = [label != IGNORE_INDEX for label in labels]
+        last = max((i for i, target in enumerate(targets) if target), default=len(labels))
+        while last > 0 and targets[last - 1]:
+            last -= 1
+        out.append(ids[:last])
     return out

@@ -20,7 +20,7 @@ import datasets
 from ds_distill import dist
 from ds_distill.config.paths import FILE_BUILDERS
 from ds_distill.config.run import TEACHER_TARGET, DataConfig
-from ds_distill.data import IGNORE_INDEX
+from ds_distill.data import IGNORE_INDEX, conversations
 from ds_distill.data.alignment import TEACHER_VIEW, token_bytes, token_ends
 from ds_distill.data.packing import aligned_causal_lm_rows, causal_lm_rows, masked_lm_rows
 from ds_distill.data.tokenizers import check_unknown_tokens
@@ -254,9 +254,36 @@ def _tokenize_prompted(
     )
 
 
+def _tokenize_conversations(data: DataConfig, tokenizer, dataset: datasets.Dataset, split: str) -> datasets.Dataset:
+    """causal_lm conversations (data/conversations.py): one example per row, its assistant turns the targets;
+    with the teacher's replies (`data.targets`) in place of, or beside, each last assistant turn."""
+    training = split == data.train_split
+    teacher = training and data.targets != "references"
+    _check_fields(dataset, [data.messages_field] + ([TEACHER_TARGET] if teacher else []), split)
+    conversations.check_template(tokenizer)
+    conversations.check_rows(dataset[data.messages_field], f"split '{split}', data.{data.messages_field}")
+
+    def tokenize(batch):
+        rows = batch[data.messages_field]
+        if teacher:
+            replies = [conversations.with_reply(row, reply) for row, reply in zip(rows, batch[TEACHER_TARGET])]
+            rows = replies if data.targets == "teacher" else [row for pair in zip(rows, replies) for row in pair]
+        return conversations.conversation_features(tokenizer, rows, data.block_size)
+
+    return dataset.map(
+        tokenize,
+        batched=True,
+        remove_columns=dataset.column_names,
+        num_proc=_workers(data, len(dataset)),
+        desc=f"tokenizing {split} (chat template)",
+    )
+
+
 def _tokenize_text(
     data: DataConfig, tokenizer, dataset: datasets.Dataset, split: str, teacher_tokenizer=None
 ) -> datasets.Dataset:
+    if data.messages_field:  # across tokenizers refused before (train/prepare.py check_cross_tokenizer)
+        return _tokenize_conversations(data, tokenizer, dataset, split)
     if data.prompt_field:
         return _tokenize_prompted(data, tokenizer, dataset, split, teacher_tokenizer)
     _check_fields(dataset, [data.text_field], split)
@@ -282,6 +309,9 @@ def texts(data: DataConfig, dataset: datasets.Dataset, split: str) -> list[str]:
     if data.task == "translation":
         sources, targets = _translation_pairs(data, dataset, split)(dataset[:])
         return [*sources, *targets]
+    if data.messages_field:
+        _check_fields(dataset, [data.messages_field], split)
+        return conversations.texts(dataset[data.messages_field])
     fields = {"seq2seq": [data.source_field, data.target_field]}.get(data.task) or [
         *([data.prompt_field] if data.prompt_field else []), data.text_field]  # fmt: skip
     _check_fields(dataset, fields, split)
@@ -336,6 +366,9 @@ def describe(data: DataConfig, tokenizer, teacher_tokenizer=None) -> dict[str, A
     masked_lm = {"line_by_line": data.line_by_line} if data.task == "masked_lm" else {}
     targets = {"targets": data.targets} if data.targets != "references" else {}
     prompts = {"prompt_field": data.prompt_field} if data.prompt_field else {}
+    if data.messages_field:  # the rows are rendered by the chat template too
+        template = sha256((tokenizer.chat_template or "").encode()).hexdigest()
+        prompts = {"messages_field": data.messages_field, "chat_template_sha256": template}
     return {
         **prompts,
         **{key: getattr(data, key) for key in TOKENIZATION_KEYS},

@@ -8,7 +8,8 @@ sequence-level KD (Kim & Rush 2016: the student learns the teacher's beam-search
 
 DIR/train.jsonl holds the run's training examples as its data gives them (JSON lines, in the data's order, after
 data.max_train_samples), each with the field `teacher_target`: the teacher's output for its source (translation,
-seq2seq) or its continuation of the prompt (causal_lm with data.prompt_field);
+seq2seq), its continuation of the prompt (causal_lm with data.prompt_field) or its reply in place of each
+conversation's last assistant turn (data.messages_field);
 DIR/validation.jsonl the validation split unchanged (evaluation scores against the references). Every rank
 generates shards of its own (DIR/shards/part_*.jsonl; a ZeRO-3 teacher generates with the ranks in step), a
 killed run started again generates only the missing ones, and DIR/targets.json records the teacher, the data
@@ -30,7 +31,7 @@ from ds_distill.config.run import TEACHER_TARGET, RunConfig, cross_tokenizer
 from ds_distill.data import batches
 from ds_distill.data import tokenized as data
 from ds_distill.errors import ConfigError
-from ds_distill.train import shards
+from ds_distill.train import on_policy, shards
 from ds_distill.train.prepare import prepare
 from ds_distill.train.teacher import load_teacher
 from ds_distill.train.teacher_cache import split_digest, teacher_identity
@@ -63,7 +64,7 @@ def write_targets(run: RunConfig, directory: Path, settings: GenerationSettings,
     if not run.data.generates_from_sources():
         raise ConfigError(
             "generate_targets needs sources to continue: translation or seq2seq data, or causal_lm with "
-            "data.prompt_field"
+            "data.prompt_field or data.messages_field"
         )
     if not run.teacher.model_name_or_path:
         raise ConfigError("generate_targets needs teacher.model_name_or_path")
@@ -116,6 +117,7 @@ def _generate_shards(teacher, p, split, directory: Path, settings: GenerationSet
     lengths = batches.example_lengths(split)
     synced = ds_config.zero_stage(p.teacher_ds) == 3 and dist.world_size() > 1
     stand_in = [0]
+    end = on_policy.end_ids(p.tokenizer, teacher.module.generation_config)  # a chat model lists several
     progress = tqdm(total=total, initial=total - len(pending), desc="generate_targets", unit="shard",
                     disable=not dist.is_main(), dynamic_ncols=True)  # fmt: skip
     for mine, finished in shards.rounds(pending):
@@ -136,6 +138,7 @@ def _generate_shards(teacher, p, split, directory: Path, settings: GenerationSet
                     num_beams=settings.num_beams,
                     max_new_tokens=settings.max_new_tokens,
                     pad_token_id=p.tokenizer.pad_token_id,
+                    eos_token_id=end or None,
                     synced_gpus=synced,
                 )
             if decoder_only:  # the continuation only

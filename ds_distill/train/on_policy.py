@@ -5,7 +5,8 @@
 
 For `fraction` of the micro-batches, drawn from (seed, micro-batch number), so the same on every rank and in a
 resumed run, the student samples continuations (at `temperature`) of the batch's sources (encoder-decoder), of
-its prompts (decoder-only, data.prompt_field) or of each block's first `prompt_tokens` (decoder-only, packed
+its prompts (decoder-only, data.prompt_field; a conversation before its last assistant turn, data.messages_field)
+or of each block's first `prompt_tokens` (decoder-only, packed
 text); the batch then holds those samples as its
 targets, the teacher scores them like any batch, and the KD term (any divergence, at losses.kd.temperature) is
 taken on the sampled tokens only. The other micro-batches are teacher-forced on the data as before. CE and every

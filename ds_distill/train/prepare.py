@@ -24,7 +24,7 @@ from ds_distill.errors import ConfigError
 from ds_distill.objectives.layerwise import ModelPair
 from ds_distill.objectives.registry import build_losses
 from ds_distill.surgery import prune
-from ds_distill.train import checkpoint, export, teacher_cache
+from ds_distill.train import checkpoint, drafting, export, teacher_cache
 from ds_distill.train.student import student_hf_config
 
 
@@ -102,6 +102,8 @@ def prepare(run: RunConfig, resume: bool | str = False, overwrite: bool = False,
     if teacher_tokenizer is not None:  # the teacher's start and end ids are of another vocabulary
         source = run.student.model_name_or_path
     generation_config = export.generation_config(source, student_config, len(tokenizer))
+    if train.eval_draft_for:
+        check_draft(run, student_config, tokenizer, student_ds, validation_split)
     prepared = Prepared(
         run=run, output_dir=Path(train.output_dir), tokenizer=tokenizer, datasets=tokenized, teacher_ds=teacher_ds,
         student_ds=student_ds, student_config=student_config, generation_config=generation_config,
@@ -213,12 +215,27 @@ def check_cross_tokenizer(run: RunConfig, losses: dict) -> None:
     refused = {
         "teacher.cache": (run.teacher.cache, "a cache holds the teacher's top-k over its own vocabulary"),
         "data.targets": (run.data.targets != "references", "the teacher's generated targets are not aligned yet"),
+        "data.messages_field": (run.data.messages_field, "each tokenizer has a chat template of its own"),
         "losses.kd.on_policy": (on_policy_options(run), "the teacher would have to read the student's samples "
                                                         "in its own tokens"),
     }  # fmt: skip
     for key, (setting, reason) in refused.items():
         if setting:
             raise ConfigError(f"{where} does not work with {key} yet: {reason}")
+
+
+def check_draft(run: RunConfig, student_config, tokenizer, student_ds: dict, validation_split: str | None) -> None:
+    """What `train.eval_draft_for` needs: a target the student can draft for, a validation split, and the whole
+    student on each rank."""
+    where = "train.eval_draft_for"
+    target = run.train.eval_draft_for
+    drafting.check_pair(student_config, models.load_config(target, where), tokenizer,
+                        tokenizers.load_tokenizer(target), where)  # fmt: skip
+    if not validation_split:
+        raise ConfigError(f"{where} measures the draft on the validation split's prompts, and the run has none")
+    if ds_config.zero_stage(student_ds) == 3:
+        raise ConfigError(f"{where}: a ZeRO-3 student's weights are partitioned over the ranks; use a ZeRO-2 "
+                          "student, or measure its export with ds-distill evaluate --draft_for")  # fmt: skip
 
 
 def model_pair(run: RunConfig, student_config, teacher_config) -> ModelPair | None:

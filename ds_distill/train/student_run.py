@@ -23,7 +23,7 @@ from ds_distill.config import deepspeed as ds_config
 from ds_distill.data import batches
 from ds_distill.objectives.features import token_counts
 from ds_distill.surgery import prune
-from ds_distill.train import checkpoint, engines, export, on_policy, scoring
+from ds_distill.train import checkpoint, drafting, engines, export, on_policy, scoring
 from ds_distill.train.prepare import Prepared, on_policy_options, write_run_files
 from ds_distill.train.progress import LogWindow, RunLog, memory_in_use_gb, peak_memory_gb
 from ds_distill.train.student import build_student
@@ -65,7 +65,7 @@ class StudentRun:
         if options := on_policy_options(p.run):
             self.on_policy = on_policy.OnPolicy(
                 options, seed, self.adapter, p.tokenizer, p.generation_config,
-                synced=on_policy.synced_generation(p.student_ds), prompted=bool(p.run.data.prompt_field),
+                synced=on_policy.synced_generation(p.student_ds), prompted=p.run.data.prompted(),
             )  # fmt: skip
         self.pruner = prune.Pruner(self.engine.module.student, p.run.prune) if p.run.prune else None
         if self.pruner is not None:
@@ -81,6 +81,7 @@ class StudentRun:
         self.rng = checkpoint.rng_state() if own_rng else None  # as it seeded (or resumed) it
         self.log = RunLog(p.output_dir, self.step)
         self.progress = None
+        self._draft_target = None  # train.eval_draft_for's model, loaded at the first evaluation
 
     def _resume(self, tag: str) -> None:
         state = checkpoint.load(self.engine, self.checkpoints, tag)
@@ -233,10 +234,29 @@ class StudentRun:
             objective=objective,
             progress=sys.stderr.isatty(),  # under the training bar: on a terminal only, not into a log file
         )
+        if self.train_config.eval_draft_for:
+            results.update(self._draft_scores(student, self.p.datasets[split]))
         self.engine.train()
         self.log.write(self.step, {f"eval/{k}": v for k, v in results.items()})
         where = f"{self.name} " if self.name else ""
         dist.print_main(f"{where}step {self.step}: {scoring.described(results, prefix='eval ')}")
+
+    def _draft_scores(self, student, split) -> dict[str, float]:
+        """The student as `train.eval_draft_for`'s draft (train/drafting.py), measured by the main rank; the target
+        loads at the first evaluation and stays."""
+        results = {}
+        if dist.is_main():
+            target = self.train_config.eval_draft_for
+            if self._draft_target is None:
+                adapter = models.adapter_for(models.load_config(target, "train.eval_draft_for"))
+                dtype = next(student.parameters()).dtype
+                self._draft_target = adapter.from_pretrained(target, "teacher", dtype=dtype).to(self.device).eval()
+            prompts = drafting.draft_prompts(split, self.p.run.data, self.adapter.kind, drafting.PROMPTS)
+            pad = self.p.tokenizer.pad_token_id
+            max_new = self.train_config.generation_max_length
+            results = drafting.draft_scores(self._draft_target, student, prompts, max_new, pad, progress=False)
+        dist.barrier()
+        return results
 
     def save_checkpoint(self) -> None:
         state = {"step": self.step, "micro_batches_done": self.micro_batches_done}

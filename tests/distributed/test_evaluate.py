@@ -29,7 +29,8 @@ def test_evaluate_writes_what_it_scores_and_checkpoints_score_as_their_export(t5
     run_dir, config = t5_zero2.dir, t5_zero2.config
     config_path = write_yaml(tmp_path / "eval.yaml", config)
 
-    report = evaluate(tmp_path, "exported", run_dir / "model", config_path, "--max_new_tokens=12", "--num_beams=2")
+    report = evaluate(tmp_path, "exported", run_dir / "model", config_path, "--max_new_tokens=12", "--num_beams=2",
+                      f"--draft_for={config['teacher']['model_name_or_path']}", "--draft_prompts=4")  # fmt: skip
     hypotheses = (tmp_path / "exported" / "hypotheses.txt").read_text().splitlines()
     references = (tmp_path / "exported" / "references.txt").read_text().splitlines()
     raw = [json.loads(line)["translation"]["de"] for line in open(config["data"]["data_files"]["validation"])]
@@ -41,10 +42,23 @@ def test_evaluate_writes_what_it_scores_and_checkpoints_score_as_their_export(t5
     assert metrics["chrf"] == sacrebleu.corpus_chrf(hypotheses, [raw]).score > 0
     assert metrics["loss"] > 0 and metrics["perplexity"] > 1
     assert "eval (loss, generation): 100%" in (tmp_path / "exported.log").read_text()  # its progress bar
+    # as the teacher's speculative draft: greedy assisted generation gave the teacher's own outputs
+    assert metrics["draft/identical"] == 1.0 and metrics["draft/prompts"] == 4
+    assert 0 <= metrics["draft/acceptance_rate"] <= 1 and metrics["draft/speedup"] > 0
 
     from_checkpoint = evaluate(  # its data and settings from the run's config.yaml
         tmp_path, "checkpoint", run_dir / "checkpoints", None, "--max_new_tokens=12", "--num_beams=2"
     )
     assert (tmp_path / "checkpoint" / "model" / "config.json").is_file()  # exported there first
     for name, value in metrics.items():
-        assert from_checkpoint["metrics"][name] == pytest.approx(value, rel=1e-5), name
+        if not name.startswith("draft/"):  # (measured only with --draft_for)
+            assert from_checkpoint["metrics"][name] == pytest.approx(value, rel=1e-5), name
+
+
+def test_a_run_measures_its_student_as_the_teachers_draft_at_each_evaluation(t5_zero2):
+    """`train.eval_draft_for` (the shared `t5_zero2` run: its teacher) puts draft/* beside each evaluation."""
+    from tests.distributed.launch import training_log
+
+    evaluations = [row for row in training_log(t5_zero2.dir) if "eval/loss" in row]
+    assert evaluations and all(row["eval/draft/identical"] == 1.0 for row in evaluations)
+    assert all(0 <= row["eval/draft/acceptance_rate"] <= 1 and row["eval/draft/speedup"] > 0 for row in evaluations)
