@@ -1,0 +1,108 @@
+"""Students of SmolLM2-135M-Instruct as its speculative-decoding drafts (train/drafting.py; DistillSpec): does
+distillation raise the share of draft tokens the teacher accepts?
+
+    python bench/smollm2_drafts.py [--seeds=3] [--prompts=16] [--new_tokens=32]
+
+Students (12 blocks x 384, the teacher's vocabulary; bench/smollm2_vocabulary.py's runs, trained there or here
+with the same settings: 120 steps x 4 blocks x 64 tokens of the English side of wmt_ende_10k):
+    (a) cut from the teacher, before any training      the cut student's initial weights (its run's student_init)
+    (b) cut, CE + KD                                   the distilled student
+    (c) cut, CE                                        trained on the labels alone, no teacher
+    (d) random init, CE + KD                           distilled from random weights
+Each is measured by Hugging Face assisted generation, greedy, on the first `--prompts` held-out lines (their
+first 40 characters), `--new_tokens` new tokens each, one prompt at a time, one thread, the models one after the
+other: the acceptance rate, the mean accepted tokens per teacher step, the speed-up over the teacher alone, and
+whether the outputs equal the teacher's alone. Seeds 0..N-1 (the students' training seed): mean +- sd; paired:
+(b) minus (a) and (b) minus (c), seed by seed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import fire
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.quality import cost, mean_sd, named, run_jobs, write_table  # noqa: E402
+from bench.smollm2_students import STUDENT, english_text, teacher_dir  # noqa: E402
+from bench.smollm2_vocabulary import CUT, run_tree  # noqa: E402
+from ds_distill.config.deepspeed import PROJECT_ROOT  # noqa: E402
+from ds_distill.train import drafting  # noqa: E402
+
+TRAINED = {  # row -> (student.init, the KD term or None), as bench/smollm2_vocabulary.py names its runs
+    "(b) cut, CE + KD": ({**STUDENT, **CUT}, "kd"),
+    "(c) cut, CE": ({**STUDENT, **CUT}, None),
+    "(d) random init, CE + KD": ({**STUDENT, "strategy": "random"}, "kd"),
+}
+BEFORE = "(a) cut, before training"
+
+
+def main(seeds: int = 3, prompts: int = 16, new_tokens: int = 32, steps: int = 120, batch: int = 4,
+         block_size: int = 64, workers: int = 2, output_dir: str = "runs/bench/smollm2_vocabulary") -> None:  # fmt: skip
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = Path(output_dir).resolve()
+    started = time.perf_counter()
+    teacher = teacher_dir(PROJECT_ROOT / ".bench_assets")
+    files = english_text(out / "data")
+    jobs, cells = {}, {}
+    for (row, (init, kd)), seed in itertools.product(TRAINED.items(), range(seeds)):
+        prefix = f"teacher_{init['strategy']}_{init['decoder_layers']}_{kd or 'ce'}_s{seed}"
+        name, jobs[name] = named(out, prefix, run_tree(teacher, files, init, kd, steps, batch, block_size, seed))
+        cells.setdefault(row, []).append(Path(jobs[name]["train"]["output_dir"]) / "model")
+    results = run_jobs(jobs, out / "queue", workers)
+    cells = {BEFORE: [path.parent / "student_init" for path in cells["(b) cut, CE + KD"]], **cells}
+
+    torch.set_num_threads(1)
+    tokenizer = AutoTokenizer.from_pretrained(teacher)
+    lines = [json.loads(line)["text"][:40] for line in open(files["validation"])][:prompts]
+    prompt_ids = [tokenizer(line)["input_ids"] for line in lines]
+    target = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
+    scores = {}
+    for row, paths in cells.items():
+        for path in paths:
+            draft = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+            scores.setdefault(row, []).append(
+                drafting.draft_scores(target, draft, prompt_ids, new_tokens, tokenizer.pad_token_id, progress=False)
+            )
+            print(f"{row}, {path.parent.name}: {drafting.described(scores[row][-1])}", flush=True)
+
+    def column(row: str, key: str, digits: int = 3) -> str:
+        return mean_sd([result[key] for result in scores[row]], digits)
+
+    def paired(row: str, baseline: str) -> str:
+        pairs = zip(scores[row], scores[baseline], strict=True)
+        return mean_sd([a["draft/acceptance_rate"] - b["draft/acceptance_rate"] for a, b in pairs], 3)
+
+    table = [
+        f"Teacher SmolLM2-135M-Instruct; students 12 blocks x 384 (37.8M), the teacher's vocabulary, trained {steps} "
+        f"steps x {batch} x {block_size} tokens (bench/smollm2_vocabulary.py's settings). Hugging Face assisted "
+        f"generation, greedy, {prompts} held-out prompts (40 characters), {new_tokens} new tokens each, one thread, "
+        f"one prompt at a time. Seeds 0..{seeds - 1} (the students' training seed): mean +- sd.",
+        "",
+        "| draft | acceptance rate | accepted tokens per teacher step | speed-up | identical outputs |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for row in scores:
+        table.append(f"| {row} | {column(row, 'draft/acceptance_rate')} | "
+                     f"{column(row, 'draft/mean_accepted_tokens', 2)} | {column(row, 'draft/speedup', 3)} | "
+                     f"{column(row, 'draft/identical', 2)} |")  # fmt: skip
+    table += [
+        "",
+        f"Paired acceptance rate, seed by seed: (b) - (a) = {paired('(b) cut, CE + KD', BEFORE)}; "
+        f"(b) - (c) = {paired('(b) cut, CE + KD', '(c) cut, CE')}; "
+        f"(d) - (c) = {paired('(d) random init, CE + KD', '(c) cut, CE')}.",
+        "",
+        cost(results, started),
+    ]
+    write_table(out / "drafts", "SmolLM2-135M students as its speculative drafts", table)
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
