@@ -187,6 +187,12 @@ def _views(make, data: DataConfig, tokenizer, teacher_tokenizer=None):
     return both
 
 
+def _map_rows(data: DataConfig, dataset: datasets.Dataset, fn, desc: str) -> datasets.Dataset:
+    """`fn` (a batch of rows -> their tokenized columns) over the split, its own columns replaced."""
+    return dataset.map(fn, batched=True, remove_columns=dataset.column_names, num_proc=_workers(data, len(dataset)),
+                       desc=desc)  # fmt: skip
+
+
 def _tokenize_seq2seq(
     data: DataConfig, tokenizer, dataset: datasets.Dataset, split: str, teacher_tokenizer=None
 ) -> datasets.Dataset:
@@ -211,13 +217,7 @@ def _tokenize_seq2seq(
             features["reference"] = targets
         return features
 
-    return dataset.map(
-        tokenize,
-        batched=True,
-        remove_columns=dataset.column_names,
-        num_proc=_workers(data, len(dataset)),
-        desc=f"tokenizing {split}",
-    )
+    return _map_rows(data, dataset, tokenize, f"tokenizing {split}")
 
 
 def _targets(data: DataConfig, batch: dict, sources: list[str], targets: list[str], training: bool):
@@ -245,13 +245,7 @@ def _tokenize_prompted(
         prompts, completions = _targets(data, batch, batch[data.prompt_field], batch[data.text_field], training)
         return views(prompts, completions)
 
-    return dataset.map(
-        tokenize,
-        batched=True,
-        remove_columns=dataset.column_names,
-        num_proc=_workers(data, len(dataset)),
-        desc=f"tokenizing {split}",
-    )
+    return _map_rows(data, dataset, tokenize, f"tokenizing {split}")
 
 
 def _tokenize_conversations(data: DataConfig, tokenizer, dataset: datasets.Dataset, split: str) -> datasets.Dataset:
@@ -270,13 +264,7 @@ def _tokenize_conversations(data: DataConfig, tokenizer, dataset: datasets.Datas
             rows = replies if data.targets == "teacher" else [row for pair in zip(rows, replies) for row in pair]
         return conversations.conversation_features(tokenizer, rows, data.block_size)
 
-    return dataset.map(
-        tokenize,
-        batched=True,
-        remove_columns=dataset.column_names,
-        num_proc=_workers(data, len(dataset)),
-        desc=f"tokenizing {split} (chat template)",
-    )
+    return _map_rows(data, dataset, tokenize, f"tokenizing {split} (chat template)")
 
 
 def _tokenize_text(
@@ -295,13 +283,7 @@ def _tokenize_text(
         rows = (causal_lm_rows(data, tokenizer) if teacher_tokenizer is None
                 else aligned_causal_lm_rows(data, tokenizer, teacher_tokenizer))  # fmt: skip
         blocks = f" into blocks of {data.block_size}"
-    return dataset.map(
-        rows,
-        batched=True,
-        remove_columns=dataset.column_names,
-        num_proc=_workers(data, len(dataset)),
-        desc=f"tokenizing {split}{blocks}",
-    )
+    return _map_rows(data, dataset, rows, f"tokenizing {split}{blocks}")
 
 
 def texts(data: DataConfig, dataset: datasets.Dataset, split: str) -> list[str]:

@@ -95,7 +95,8 @@ def counted(target, counts: DraftCounts):
 def draft_scores(target, draft, prompts: list[list[int]], max_new_tokens: int, pad_token_id: int,
                  progress: bool = True) -> dict[str, float]:  # fmt: skip
     """The draft's acceptance and speed-up on `prompts` (see the module docstring)."""
-    target.eval(), draft.eval()
+    target.eval()
+    draft.eval()
     device = next(target.parameters()).device
     settings = {"do_sample": False, "num_beams": 1, "max_new_tokens": max_new_tokens, "pad_token_id": pad_token_id}
     counts, identical, tokens, alone_s, drafted_s = DraftCounts(), 0, 0, 0.0, 0.0
