@@ -9,11 +9,15 @@ with the same settings: 120 steps x 4 blocks x 64 tokens of the English side of 
     (b) cut, CE + KD                                   the distilled student
     (c) cut, CE                                        trained on the labels alone, no teacher
     (d) random init, CE + KD                           distilled from random weights
+    (e) own vocabulary, cut, CE                        a vocabulary of its own (`--vocab_size` ids), labels alone
+    (f) own vocabulary, cut, CE + hybrid               and KD across tokenizers (`cross_tokenizer: hybrid`)
+(e) and (f) draft across tokenizers (Hugging Face's universal assisted decoding: the text is re-encoded each step;
+proposals and acceptances are counted in the teacher's tokens).
 Each is measured by Hugging Face assisted generation, greedy, on the first `--prompts` held-out lines (their
 first 40 characters), `--new_tokens` new tokens each, one prompt at a time, one thread, the models one after the
 other: the acceptance rate, the mean accepted tokens per teacher step, the speed-up over the teacher alone, and
 whether the outputs equal the teacher's alone. Seeds 0..N-1 (the students' training seed): mean +- sd; paired:
-(b) minus (a) and (b) minus (c), seed by seed.
+(b) minus (a), (b) minus (c), (d) minus (c) and (f) minus (e), seed by seed.
 """
 
 from __future__ import annotations
@@ -31,29 +35,41 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.quality import cost, mean_sd, named, run_jobs, write_table  # noqa: E402
 from bench.smollm2_students import STUDENT, english_text, teacher_dir  # noqa: E402
-from bench.smollm2_vocabulary import CUT, run_tree  # noqa: E402
+from bench.smollm2_vocabulary import CUT, own_tokenizer, run_tree  # noqa: E402
 from ds_distill.config.deepspeed import PROJECT_ROOT  # noqa: E402
 from ds_distill.train import drafting  # noqa: E402
 
-TRAINED = {  # row -> (student.init, the KD term or None), as bench/smollm2_vocabulary.py names its runs
-    "(b) cut, CE + KD": ({**STUDENT, **CUT}, "kd"),
-    "(c) cut, CE": ({**STUDENT, **CUT}, None),
-    "(d) random init, CE + KD": ({**STUDENT, "strategy": "random"}, "kd"),
+TRAINED = {  # row -> (own vocabulary?, student.init, the KD term or None), as bench/smollm2_vocabulary.py has them
+    "(b) cut, CE + KD": (False, {**STUDENT, **CUT}, "kd"),
+    "(c) cut, CE": (False, {**STUDENT, **CUT}, None),
+    "(d) random init, CE + KD": (False, {**STUDENT, "strategy": "random"}, "kd"),
+    "(e) own vocabulary, cut, CE": (True, {**STUDENT, **CUT}, None),
+    "(f) own vocabulary, cut, CE + hybrid": (True, {**STUDENT, **CUT}, "hybrid"),
 }
 BEFORE = "(a) cut, before training"
+PAIRS = (  # (row, baseline): the acceptance rate's paired differences
+    ("(b) cut, CE + KD", BEFORE),
+    ("(b) cut, CE + KD", "(c) cut, CE"),
+    ("(d) random init, CE + KD", "(c) cut, CE"),
+    ("(f) own vocabulary, cut, CE + hybrid", "(e) own vocabulary, cut, CE"),
+)
 
 
 def main(seeds: int = 3, prompts: int = 16, new_tokens: int = 32, steps: int = 120, batch: int = 4,
-         block_size: int = 64, workers: int = 2, output_dir: str = "runs/bench/smollm2_vocabulary") -> None:  # fmt: skip
+         block_size: int = 64, vocab_size: int = 8000, workers: int = 2,
+         output_dir: str = "runs/bench/smollm2_vocabulary") -> None:  # fmt: skip
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = Path(output_dir).resolve()
     started = time.perf_counter()
     teacher = teacher_dir(PROJECT_ROOT / ".bench_assets")
     files = english_text(out / "data")
+    reference = run_tree(teacher, files, TRAINED["(b) cut, CE + KD"][1], "kd", steps, batch, block_size, 0)
+    vocabulary = own_tokenizer(out, reference, vocab_size)
     jobs, cells = {}, {}
-    for (row, (init, kd)), seed in itertools.product(TRAINED.items(), range(seeds)):
-        prefix = f"teacher_{init['strategy']}_{init['decoder_layers']}_{kd or 'ce'}_s{seed}"
+    for (row, (own, init, kd)), seed in itertools.product(TRAINED.items(), range(seeds)):
+        init = {**init, **({"tokenizer": str(vocabulary)} if own else {})}
+        prefix = f"{'own' if own else 'teacher'}_{init['strategy']}_{init['decoder_layers']}_{kd or 'ce'}_s{seed}"
         name, jobs[name] = named(out, prefix, run_tree(teacher, files, init, kd, steps, batch, block_size, seed))
         cells.setdefault(row, []).append(Path(jobs[name]["train"]["output_dir"]) / "model")
     results = run_jobs(jobs, out / "queue", workers)
@@ -68,9 +84,12 @@ def main(seeds: int = 3, prompts: int = 16, new_tokens: int = 32, steps: int = 1
     for row, paths in cells.items():
         for path in paths:
             draft = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+            draft_tokenizer = AutoTokenizer.from_pretrained(path)
+            drafting.check_pair(draft.config, target.config, draft_tokenizer, tokenizer, str(path))
             scores.setdefault(row, []).append(
-                drafting.draft_scores(target, draft, prompt_ids, new_tokens, tokenizer.pad_token_id, progress=False)
-            )
+                drafting.draft_scores(target, draft, prompt_ids, new_tokens, tokenizer.pad_token_id, False,
+                                      (tokenizer, draft_tokenizer))
+            )  # fmt: skip
             print(f"{row}, {path.parent.name}: {drafting.described(scores[row][-1])}", flush=True)
 
     def column(row: str, key: str, digits: int = 3) -> str:
@@ -95,9 +114,9 @@ def main(seeds: int = 3, prompts: int = 16, new_tokens: int = 32, steps: int = 1
                      f"{column(row, 'draft/identical', 2)} |")  # fmt: skip
     table += [
         "",
-        f"Paired acceptance rate, seed by seed: (b) - (a) = {paired('(b) cut, CE + KD', BEFORE)}; "
-        f"(b) - (c) = {paired('(b) cut, CE + KD', '(c) cut, CE')}; "
-        f"(d) - (c) = {paired('(d) random init, CE + KD', '(c) cut, CE')}.",
+        "Paired acceptance rate, seed by seed: "
+        + "; ".join(f"{row[:3]} - {baseline[:3]} = {paired(row, baseline)}" for row, baseline in PAIRS)
+        + ".",
         "",
         cost(results, started),
     ]

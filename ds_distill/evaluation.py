@@ -105,7 +105,8 @@ def evaluate_model(
 
 
 def draft_metrics(draft: str, target: str, prompts: list[list[int]], run: RunConfig, dtype) -> dict[str, float]:
-    """`draft` as `target`'s speculative draft (train/drafting.py): both loaded whole on this rank's device."""
+    """`draft` as `target`'s speculative draft (train/drafting.py): both loaded whole on this rank's device.
+    `prompts`: tokenized by the draft's tokenizer."""
     from deepspeed.accelerator import get_accelerator
 
     from ds_distill.data.tokenizers import load_tokenizer
@@ -115,7 +116,9 @@ def draft_metrics(draft: str, target: str, prompts: list[list[int]], run: RunCon
     for role, path in (("draft", draft), ("target", target)):
         adapter = models.adapter_for(models.load_config(path, role))
         loaded[role] = adapter.from_pretrained(path, role, dtype=dtype).to(device).eval()
-    pad = load_tokenizer(target).pad_token_id
-    results = drafting.draft_scores(loaded["target"], loaded["draft"], prompts, run.train.generation_max_length, pad)
+    tokenizers = load_tokenizer(target), load_tokenizer(draft)
+    prompts = drafting.in_target_tokens(prompts, tokenizers[1], tokenizers[0])
+    results = drafting.draft_scores(loaded["target"], loaded["draft"], prompts, run.train.generation_max_length,
+                                    tokenizers[0].pad_token_id, tokenizers=tokenizers)  # fmt: skip
     dist.print_main(f"as the draft of {target}: {drafting.described(results)}")
     return results

@@ -181,6 +181,34 @@ def causal_lm_config(tiny: dict, output_dir: Path, **sections) -> dict:
     return translation_config(tiny, output_dir, **defaults)
 
 
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'assistant:' }}{% endif %}"
+)
+
+
+def conversation_data(tiny: dict, directory: Path, train: int, validation: int) -> dict:
+    """`data:` of one-exchange conversations (`messages_field: messages`: the user's English, the assistant's
+    German, from the shared sample), read by the tiny tokenizer given a chat template, written into `directory`."""
+    from transformers import AutoTokenizer
+
+    lines = open(translation_config(tiny, "-")["data"]["data_files"]["train"]).readlines()
+    files = {}
+    for split, rows in (("train", lines[:train]), ("validation", lines[train : train + validation])):
+        files[split] = str(directory / f"{split}.jsonl")
+        with open(files[split], "w") as out:
+            for line in rows:
+                pair = json.loads(line)["translation"]
+                messages = [{"role": "user", "content": pair["en"][:60]},
+                            {"role": "assistant", "content": pair["de"][:60]}]  # fmt: skip
+                out.write(json.dumps({"messages": messages}) + "\n")
+    chat = AutoTokenizer.from_pretrained(tiny["tokenizer"])
+    chat.chat_template = TINY_CHAT_TEMPLATE
+    chat.save_pretrained(directory / "chat_tokenizer")
+    return {"dataset": "json", "data_files": files, "block_size": 96, "messages_field": "messages",
+            "tokenizer": str(directory / "chat_tokenizer")}  # fmt: skip
+
+
 def refuse_weights(monkeypatch) -> None:
     """Any load of the teacher's or a student's weights fails the test: what it checks must come first."""
     from ds_distill.train import loop, student_run

@@ -12,6 +12,10 @@ the draft (`draft/speedup`: the time alone over the time with the draft, one pro
 generation runs). Proposals are counted where Hugging Face's candidate generator hears each step's matches
 (`update_candidate_strategy`). Prompts: a seq2seq example's source, a prompted or conversation example's prompt,
 a packed block's first `PACKED_PROMPT_TOKENS`.
+
+A decoder-only draft with a vocabulary of its own (a student of another family, or one with a compact vocabulary)
+drafts through Hugging Face's universal assisted decoding: each step the text is re-encoded from one tokenizer
+into the other, and the counts are in the target's tokens.
 """
 
 from __future__ import annotations
@@ -48,9 +52,39 @@ def check_pair(draft_config, target_config, draft_tokenizer, target_tokenizer, w
         raise ConfigError(f"{where}: an encoder-only model does not generate, so it neither drafts nor is drafted for")
     if len(kinds) > 1:
         raise ConfigError(f"{where}: the draft and the target must both be decoder-only or both encoder-decoder")
-    if draft_tokenizer.get_vocab() != target_tokenizer.get_vocab():
-        raise ConfigError(f"{where}: the draft's tokenizer is not the target's; drafting across tokenizers (universal "
-                          "assisted decoding) is not supported yet")  # fmt: skip
+    if not across_tokenizers(target_tokenizer, draft_tokenizer):
+        return
+    if kinds == {"seq2seq"}:
+        raise ConfigError(f"{where}: the draft's tokenizer is not the target's, and drafting across tokenizers "
+                          "(Hugging Face's universal assisted decoding) re-encodes the generated text only, not an "
+                          "encoder's source: it works for decoder-only pairs")  # fmt: skip
+    sizes = [config.get_text_config().vocab_size for config in (draft_config, target_config)]
+    if sizes[0] == sizes[1]:  # Hugging Face tells the two cases apart by the embedding sizes
+        raise ConfigError(f"{where}: the draft's tokenizer is not the target's, but both models have {sizes[0]} "
+                          "embeddings, which Hugging Face's universal assisted decoding takes for one tokenizer")  # fmt: skip
+    for role, tokenizer in (("draft", draft_tokenizer), ("target", target_tokenizer)):
+        ids = tokenizer("a")["input_ids"]
+        if ids and tokenizer.eos_token_id is not None and ids[-1] == tokenizer.eos_token_id:
+            raise ConfigError(f"{where}: the {role}'s tokenizer appends its end token to every text, and drafting "
+                              "across tokenizers (universal assisted decoding) re-encodes each prefix with the "
+                              "special tokens: the draft would be shown an ended text at every step")  # fmt: skip
+
+
+def across_tokenizers(target_tokenizer, draft_tokenizer) -> dict:
+    """The arguments `generate` needs for a draft with another vocabulary (universal assisted decoding: the text
+    is re-encoded each step, and greedy decoding still keeps the target's output); none for the same one."""
+    if target_tokenizer is None or draft_tokenizer.get_vocab() == target_tokenizer.get_vocab():
+        return {}
+    return {"tokenizer": target_tokenizer, "assistant_tokenizer": draft_tokenizer}
+
+
+def in_target_tokens(prompts: list[list[int]], draft_tokenizer, target_tokenizer) -> list[list[int]]:
+    """Prompts tokenized by the draft's tokenizer (the split's), as the target's tokens: the same text."""
+    if not across_tokenizers(target_tokenizer, draft_tokenizer):
+        return prompts
+    bos = draft_tokenizer.bos_token_id
+    texts = [draft_tokenizer.decode(ids[1:] if ids[:1] == [bos] else ids) for ids in prompts]
+    return [target_tokenizer(text)["input_ids"] for text in texts]
 
 
 def draft_prompts(dataset, data: DataConfig, kind: str, limit: int) -> list[list[int]]:
@@ -93,25 +127,27 @@ def counted(target, counts: DraftCounts):
 
 @torch.no_grad()
 def draft_scores(target, draft, prompts: list[list[int]], max_new_tokens: int, pad_token_id: int,
-                 progress: bool = True) -> dict[str, float]:  # fmt: skip
-    """The draft's acceptance and speed-up on `prompts` (see the module docstring)."""
+                 progress: bool = True, tokenizers: tuple | None = None) -> dict[str, float]:  # fmt: skip
+    """The draft's acceptance and speed-up on `prompts` (the target's token ids; see the module docstring).
+    `tokenizers`: (the target's, the draft's) where they may differ."""
     target.eval()
     draft.eval()
     device = next(target.parameters()).device
     settings = {"do_sample": False, "num_beams": 1, "max_new_tokens": max_new_tokens, "pad_token_id": pad_token_id}
+    assisted = across_tokenizers(*tokenizers) if tokenizers else {}
     counts, identical, tokens, alone_s, drafted_s = DraftCounts(), 0, 0, 0.0, 0.0
     for index, prompt in enumerate(tqdm(prompts, desc="draft", unit="prompt", leave=False, disable=not progress)):
         inputs = {"input_ids": torch.tensor([prompt], device=device)}
         inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
         if index == 0:  # untimed, so neither side pays the first call's set-up in the timings
             target.generate(**inputs, **settings)
-            target.generate(**inputs, assistant_model=draft, **settings)
+            target.generate(**inputs, assistant_model=draft, **assisted, **settings)
         started = time.perf_counter()
         alone = target.generate(**inputs, **settings)
         alone_s += time.perf_counter() - started
         with counted(target, counts):
             started = time.perf_counter()
-            drafted = target.generate(**inputs, assistant_model=draft, **settings)
+            drafted = target.generate(**inputs, assistant_model=draft, **assisted, **settings)
             drafted_s += time.perf_counter() - started
         identical += int(alone.shape == drafted.shape and torch.equal(alone, drafted))
         tokens += alone.shape[1] - (1 if target.config.is_encoder_decoder else len(prompt))

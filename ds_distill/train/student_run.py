@@ -246,17 +246,23 @@ class StudentRun:
         loads at the first evaluation and stays."""
         results = {}
         if dist.is_main():
-            target = self.train_config.eval_draft_for
             if self._draft_target is None:
-                adapter = models.adapter_for(models.load_config(target, "train.eval_draft_for"))
-                dtype = next(student.parameters()).dtype
-                self._draft_target = adapter.from_pretrained(target, "teacher", dtype=dtype).to(self.device).eval()
+                self._draft_target = self._load_draft_target(next(student.parameters()).dtype)
+            target, target_tokenizer = self._draft_target
             prompts = drafting.draft_prompts(split, self.p.run.data, self.adapter.kind, drafting.PROMPTS)
-            pad = self.p.tokenizer.pad_token_id
-            max_new = self.train_config.generation_max_length
-            results = drafting.draft_scores(self._draft_target, student, prompts, max_new, pad, progress=False)
+            prompts = drafting.in_target_tokens(prompts, self.p.tokenizer, target_tokenizer)
+            results = drafting.draft_scores(target, student, prompts, self.train_config.generation_max_length,
+                                            target_tokenizer.pad_token_id, False, (target_tokenizer, self.p.tokenizer))  # fmt: skip
         dist.barrier()
         return results
+
+    def _load_draft_target(self, dtype) -> tuple:
+        from ds_distill.data.tokenizers import load_tokenizer
+
+        target = self.train_config.eval_draft_for
+        adapter = models.adapter_for(models.load_config(target, "train.eval_draft_for"))
+        model = adapter.from_pretrained(target, "teacher", dtype=dtype).to(self.device).eval()
+        return model, load_tokenizer(target)
 
     def save_checkpoint(self) -> None:
         state = {"step": self.step, "micro_batches_done": self.micro_batches_done}

@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoTokenizer
 
-from tests.conftest import causal_lm_config, run_cli, translation_config, write_yaml
+from tests.conftest import causal_lm_config, conversation_data, run_cli, translation_config, write_yaml
 from tests.distributed.launch import (
     deepspeed_command,
     distill,
@@ -115,38 +114,24 @@ def test_generate_targets_on_two_ranks_writes_what_one_writes_and_a_run_trains_o
     assert sorted(losses(tmp_path / "run")) == [1, 2]
 
 
-TINY_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + eos_token }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'assistant:' }}{% endif %}"
-)
-
-
 @pytest.mark.parametrize("examples", ["prompts", "conversations"])
 def test_a_decoder_continues_prompts_for_generate_targets_and_on_policy_kd(tiny, tmp_path, examples):
     """causal_lm with data.prompt_field or data.messages_field (a chat template given to the tiny tokenizer), one
     rank, the student under ZeRO-3: the teacher's continuations (replies) as targets, then a run on them with
     half its micro-batches on the student's own continuations."""
-    files, data = {}, {"dataset": "json", "block_size": 96}
-    lines = open(config_files(tiny)["train"]).readlines()
-    for split, rows in (("train", lines[:24]), ("validation", lines[24:32])):
-        files[split] = str(tmp_path / f"{split}.jsonl")
-        with open(files[split], "w") as out:
-            for line in rows:
-                pair = json.loads(line)["translation"]
-                if examples == "prompts":
-                    row = {"prompt": pair["en"][:80], "text": pair["de"][:80]}
-                else:
-                    row = {"messages": [{"role": "user", "content": pair["en"][:60]},
-                                        {"role": "assistant", "content": pair["de"][:60]}]}  # fmt: skip
-                out.write(json.dumps(row) + "\n")
     if examples == "prompts":
-        data["prompt_field"], key = "prompt", "prompt"
+        files = {}
+        lines = open(config_files(tiny)["train"]).readlines()
+        for split, rows in (("train", lines[:24]), ("validation", lines[24:32])):
+            files[split] = str(tmp_path / f"{split}.jsonl")
+            with open(files[split], "w") as out:
+                for line in rows:
+                    pair = json.loads(line)["translation"]
+                    out.write(json.dumps({"prompt": pair["en"][:80], "text": pair["de"][:80]}) + "\n")
+        data, key = {"dataset": "json", "block_size": 96, "prompt_field": "prompt"}, "prompt"
     else:
-        chat = AutoTokenizer.from_pretrained(tiny["tokenizer"])
-        chat.chat_template = TINY_CHAT_TEMPLATE
-        chat.save_pretrained(tmp_path / "chat_tokenizer")
-        data.update(messages_field="messages", tokenizer=str(tmp_path / "chat_tokenizer"))
-        key = "messages"
+        data, key = conversation_data(tiny, tmp_path, train=24, validation=8), "messages"
+        files = data.pop("data_files")
     config = causal_lm_config(tiny, tmp_path / "run", data={**data, "data_files": files}, train={"max_steps": 3})
     path = write_yaml(tmp_path / "prompted.yaml", config)
     generated = run_cli("generate_targets", f"--config={path}", f"--output_dir={tmp_path / 'targets'}",

@@ -64,17 +64,73 @@ def test_prompts_of_packed_and_prompted_rows(tiny):
     assert found == [row[: drafting.PACKED_PROMPT_TOKENS] for row in blocks[:3]["input_ids"]]
 
 
+def without_end_token(path):
+    """The byte-level test tokenizer at `path`, encoding a text without appending its end token (as GPT-2's and
+    Llama's do), which drafting across tokenizers needs."""
+    from tokenizers import processors
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(single="$A")
+    return tokenizer
+
+
 def test_pairs_that_cannot_draft_are_refused(tiny, tmp_path):
-    def check(draft, target, draft_tokenizer=tiny["tokenizer"]):
+    def check(draft, target, draft_tokenizer=None, target_tokenizer=None):
         configs = [AutoConfig.from_pretrained(path) for path in (draft, target)]
-        tokenizers = [AutoTokenizer.from_pretrained(path) for path in (draft_tokenizer, tiny["tokenizer"])]
-        drafting.check_pair(*configs, *tokenizers, "--draft_for")
+        draft_tokenizer = draft_tokenizer or AutoTokenizer.from_pretrained(tiny["tokenizer"])
+        drafting.check_pair(
+            *configs,
+            draft_tokenizer,
+            target_tokenizer or AutoTokenizer.from_pretrained(tiny["tokenizer"]),
+            "--draft_for",
+        )
 
     check(tiny["gpt2"], tiny["gpt2"])
     with pytest.raises(ConfigError, match="--draft_for: an encoder-only model does not generate"):
         check(tiny["bert"], tiny["bert"])
     with pytest.raises(ConfigError, match="both be decoder-only or both encoder-decoder"):
         check(tiny["gpt2"], tiny["t5"])
-    other = tiny_models.byte_level_gpt2(tmp_path / "other")
-    with pytest.raises(ConfigError, match="the draft's tokenizer is not the target's; drafting across tokenizers"):
-        check(other, tiny["gpt2"], draft_tokenizer=other)
+    other_t5 = tiny_models.byte_level_t5(tmp_path / "t5")
+    with pytest.raises(
+        ConfigError,
+        match="the draft's tokenizer is not the target's, and drafting across .* works for decoder-only pairs",
+    ):
+        check(other_t5, tiny["t5"], without_end_token(other_t5))
+    other = tiny_models.byte_level_gpt2(tmp_path / "gpt2")
+    with pytest.raises(ConfigError, match="the draft's tokenizer appends its end token to every text"):
+        check(other, tiny["gpt2"], AutoTokenizer.from_pretrained(other))
+    with pytest.raises(ConfigError, match="the target's tokenizer appends its end token"):
+        check(other, tiny["gpt2"], without_end_token(other))
+    with pytest.raises(ConfigError, match="both models have 1024 embeddings, which Hugging Face's universal"):
+        check(tiny["gpt2"], tiny["gpt2"], without_end_token(other))
+
+
+def test_a_draft_with_its_own_tokenizer_proposes_through_the_text(tmp_path):
+    """Universal assisted decoding: the target keeps its outputs, and the target itself behind another tokenizer
+    (its own plus two added tokens, its embeddings grown to match) has more of its proposals accepted than a
+    smaller random model with a vocabulary of its own."""
+    import copy
+
+    path = tiny_models.byte_level_gpt2(tmp_path / "target")
+    target = AutoModelForCausalLM.from_pretrained(path).eval()
+    target_tokenizer, itself_tokenizer = without_end_token(path), without_end_token(path)
+    itself_tokenizer.add_tokens(["qqzzx", "zzqqy"])
+    itself = copy.deepcopy(target)
+    itself.resize_token_embeddings(target.config.vocab_size + 8, mean_resizing=False)
+    other_path = tiny_models.byte_level_gpt2(tmp_path / "other", vocab_size=300)
+    other = AutoModelForCausalLM.from_pretrained(other_path).eval()
+
+    lines = ["The house is small and the", "A child watched the horse", "We agree that the", "Herr Präsident, ich"]
+    prompts = drafting.in_target_tokens([itself_tokenizer(line)["input_ids"] for line in lines], itself_tokenizer,
+                                        target_tokenizer)  # fmt: skip
+    assert prompts == [target_tokenizer(line)["input_ids"] for line in lines]
+    scores = {
+        name: drafting.draft_scores(target, draft, prompts, 12, 0, False, (target_tokenizer, tokenizer))
+        for name, draft, tokenizer in (("itself", itself, itself_tokenizer),
+                                       ("other", other, without_end_token(other_path)))
+    }  # fmt: skip
+    for results in scores.values():
+        assert results["draft/identical"] == 1.0 and results["draft/acceptance_rate"] > 0
+    # re-encoding a random model's greedy tokens merges some of them otherwise, so even the target itself is
+    # shown another context part of the time: 0.29 against 0.18 when written
+    assert scores["itself"]["draft/acceptance_rate"] > scores["other"]["draft/acceptance_rate"] + 0.05
