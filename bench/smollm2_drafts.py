@@ -1,7 +1,7 @@
 """Students of SmolLM2-135M-Instruct as its speculative-decoding drafts (train/drafting.py; DistillSpec): does
 distillation raise the share of draft tokens the teacher accepts?
 
-    python bench/smollm2_drafts.py [--seeds=3] [--prompts=16] [--new_tokens=32]
+    python bench/smollm2_drafts.py [--seeds=3] [--prompts=16] [--new_tokens=32] [--rows=abcdef]
 
 Students (12 blocks x 384, the teacher's vocabulary; bench/smollm2_vocabulary.py's runs, trained there or here
 with the same settings: 120 steps x 4 blocks x 64 tokens of the English side of wmt_ende_10k):
@@ -17,7 +17,8 @@ Each is measured by Hugging Face assisted generation, greedy, on the first `--pr
 first 40 characters), `--new_tokens` new tokens each, one prompt at a time, one thread, the models one after the
 other: the acceptance rate, the mean accepted tokens per teacher step, the speed-up over the teacher alone, and
 whether the outputs equal the teacher's alone. Seeds 0..N-1 (the students' training seed): mean +- sd; paired:
-(b) minus (a), (b) minus (c), (d) minus (c) and (f) minus (e), seed by seed.
+(b) minus (a), (b) minus (c), (d) minus (c) and (f) minus (e), seed by seed. `--rows`: the letters of the rows
+measured (the table goes to OUTPUT_DIR/drafts, or OUTPUT_DIR/drafts_ROWS for part of them).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ PAIRS = (  # (row, baseline): the acceptance rate's paired differences
 
 
 def main(seeds: int = 3, prompts: int = 16, new_tokens: int = 32, steps: int = 120, batch: int = 4,
-         block_size: int = 64, vocab_size: int = 8000, workers: int = 2,
+         block_size: int = 64, vocab_size: int = 8000, rows: str = "abcdef", workers: int = 2,
          output_dir: str = "runs/bench/smollm2_vocabulary") -> None:  # fmt: skip
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -66,14 +67,18 @@ def main(seeds: int = 3, prompts: int = 16, new_tokens: int = 32, steps: int = 1
     files = english_text(out / "data")
     reference = run_tree(teacher, files, TRAINED["(b) cut, CE + KD"][1], "kd", steps, batch, block_size, 0)
     vocabulary = own_tokenizer(out, reference, vocab_size)
+    chosen = [row for row in (BEFORE, *TRAINED) if row[1] in rows]
+    trained = {row: TRAINED[row] for row in TRAINED if row in chosen or (row.startswith("(b)") and BEFORE in chosen)}
     jobs, cells = {}, {}
-    for (row, (own, init, kd)), seed in itertools.product(TRAINED.items(), range(seeds)):
+    for (row, (own, init, kd)), seed in itertools.product(trained.items(), range(seeds)):
         init = {**init, **({"tokenizer": str(vocabulary)} if own else {})}
         prefix = f"{'own' if own else 'teacher'}_{init['strategy']}_{init['decoder_layers']}_{kd or 'ce'}_s{seed}"
         name, jobs[name] = named(out, prefix, run_tree(teacher, files, init, kd, steps, batch, block_size, seed))
         cells.setdefault(row, []).append(Path(jobs[name]["train"]["output_dir"]) / "model")
     results = run_jobs(jobs, out / "queue", workers)
-    cells = {BEFORE: [path.parent / "student_init" for path in cells["(b) cut, CE + KD"]], **cells}
+    if BEFORE in chosen:
+        cells[BEFORE] = [path.parent / "student_init" for path in cells["(b) cut, CE + KD"]]
+    cells = {row: cells[row] for row in chosen}
 
     torch.set_num_threads(1)
     tokenizer = AutoTokenizer.from_pretrained(teacher)
@@ -100,8 +105,9 @@ def main(seeds: int = 3, prompts: int = 16, new_tokens: int = 32, steps: int = 1
         return mean_sd([a["draft/acceptance_rate"] - b["draft/acceptance_rate"] for a, b in pairs], 3)
 
     table = [
-        f"Teacher SmolLM2-135M-Instruct; students 12 blocks x 384 (37.8M), the teacher's vocabulary, trained {steps} "
-        f"steps x {batch} x {block_size} tokens (bench/smollm2_vocabulary.py's settings). Hugging Face assisted "
+        f"Teacher SmolLM2-135M-Instruct; students 12 blocks x 384 (37.8M with the teacher's vocabulary; (e) and (f) "
+        f"have {vocab_size} ids of their own and draft across tokenizers, universal assisted decoding), trained "
+        f"{steps} steps x {batch} x {block_size} tokens (bench/smollm2_vocabulary.py's settings). Hugging Face assisted "
         f"generation, greedy, {prompts} held-out prompts (40 characters), {new_tokens} new tokens each, one thread, "
         f"one prompt at a time. Seeds 0..{seeds - 1} (the students' training seed): mean +- sd.",
         "",
@@ -115,12 +121,13 @@ def main(seeds: int = 3, prompts: int = 16, new_tokens: int = 32, steps: int = 1
     table += [
         "",
         "Paired acceptance rate, seed by seed: "
-        + "; ".join(f"{row[:3]} - {baseline[:3]} = {paired(row, baseline)}" for row, baseline in PAIRS)
+        + "; ".join(f"{a[:3]} - {b[:3]} = {paired(a, b)}" for a, b in PAIRS if a in scores and b in scores)
         + ".",
         "",
         cost(results, started),
     ]
-    write_table(out / "drafts", "SmolLM2-135M students as its speculative drafts", table)
+    where = out / ("drafts" if len(chosen) == 1 + len(TRAINED) else f"drafts_{rows}")
+    write_table(where, "SmolLM2-135M students as its speculative drafts", table)
 
 
 if __name__ == "__main__":

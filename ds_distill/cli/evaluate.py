@@ -54,7 +54,8 @@ def evaluate(
         draft_for: a model (hub id or directory) to measure this one as the speculative-decoding draft of:
             Hugging Face assisted generation, greedy, on the split's first --draft_prompts prompts; reports the
             acceptance rate, accepted tokens per target step, the speed-up, and that the outputs equal the
-            target's alone (train/drafting.py). Same tokenizer; decoder-only or encoder-decoder pairs.
+            target's alone (train/drafting.py). Decoder-only or encoder-decoder pairs; a decoder with another
+            tokenizer drafts through universal assisted decoding.
         draft_prompts: how many prompts the draft is measured on.
         **overrides: dotted flags such as --data.max_eval_samples=500.
     """

@@ -195,7 +195,8 @@ class TrainConfig:
     """A model (hub id or directory; usually the teacher) whose speculative-decoding draft the student is measured
     as at every evaluation: acceptance rate, accepted tokens per step and speed-up in the log (`draft/*`,
     train/drafting.py), on the validation split's first prompts, by the main rank with both models whole on its
-    device (a student under ZeRO-2; the target stays loaded beside it)."""
+    device (a student under ZeRO-2; the target stays loaded beside it). A decoder student with a vocabulary of its
+    own drafts through universal assisted decoding."""
     dataloader_num_workers: int | None = None
     """Processes that collate batches ahead of the loop. None: 2 when training on a GPU, 0 on the CPU."""
     group_by_length: bool | None = None
