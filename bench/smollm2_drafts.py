@@ -120,6 +120,10 @@ def main(seeds: int = 3, prompts: int = 16, new_tokens: int = 32, steps: int = 1
                      f"{column(row, 'draft/identical', 2)} |")  # fmt: skip
     table += [
         "",
+        "Prompts left out where Hugging Face's universal assisted decoding failed (per seed): "
+        + "; ".join(f"{row[:3]} {[r.get('draft/failed_prompts', 0) for r in scores[row]]}" for row in scores)
+        + ".",
+        "",
         "Paired acceptance rate, seed by seed: "
         + "; ".join(f"{a[:3]} - {b[:3]} = {paired(a, b)}" for a, b in PAIRS if a in scores and b in scores)
         + ".",

@@ -134,3 +134,20 @@ def test_a_draft_with_its_own_tokenizer_proposes_through_the_text(tmp_path):
     # re-encoding a random model's greedy tokens merges some of them otherwise, so even the target itself is
     # shown another context part of the time: 0.29 against 0.18 when written
     assert scores["itself"]["draft/acceptance_rate"] > scores["other"]["draft/acceptance_rate"] + 0.05
+
+    # a prompt on which universal assisted decoding raises (as Hugging Face's can, on a re-encoding that adds no
+    # draft token) is left out with a warning and counted; with one tokenizer the error is raised
+    generate = target.generate
+
+    def failing_on_the_second(*args, **kwargs):
+        if "assistant_model" in kwargs and kwargs["input_ids"][0].tolist() == prompts[1]:
+            raise RuntimeError("cannot reshape tensor of 0 elements")
+        return generate(*args, **kwargs)
+
+    target.generate = failing_on_the_second
+    with pytest.warns(UserWarning, match="universal assisted decoding failed on draft prompt 1 "):
+        partial = drafting.draft_scores(target, itself, prompts, 12, 0, False, (target_tokenizer, itself_tokenizer))
+    assert partial["draft/prompts"] == 3 and partial["draft/failed_prompts"] == 1
+    assert "(1 failed)" in drafting.described(partial)
+    with pytest.raises(RuntimeError, match="cannot reshape"):
+        drafting.draft_scores(target, target, prompts, 12, 0, False)
