@@ -46,11 +46,9 @@ class DraftCounts:
     """Verification steps of the target (one forward over a proposal each)."""
 
     def add(self, other: DraftCounts) -> None:
-        self.proposed, self.accepted, self.steps = (
-            self.proposed + other.proposed,
-            self.accepted + other.accepted,
-            self.steps + other.steps,
-        )
+        self.proposed += other.proposed
+        self.accepted += other.accepted
+        self.steps += other.steps
 
 
 def check_pair(draft_config, target_config, draft_tokenizer, target_tokenizer, where: str) -> None:
@@ -165,7 +163,7 @@ def draft_scores(target, draft, prompts: list[list[int]], max_new_tokens: int, p
             if not assisted:
                 raise
             warnings.warn(f"universal assisted decoding failed on draft prompt {index} ({error}); it is left out of "
-                          "the draft figures", stacklevel=2)  # fmt: skip
+                          "the draft figures", stacklevel=3)  # fmt: skip
             failed += 1
             continue
         counts.add(own)

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from ds_distill import dist, models
 from ds_distill.config import deepspeed as ds_config
 from ds_distill.data import batches
+from ds_distill.data.tokenizers import load_tokenizer
 from ds_distill.objectives.features import token_counts
 from ds_distill.surgery import prune
 from ds_distill.train import checkpoint, drafting, engines, export, on_policy, scoring
@@ -257,8 +258,6 @@ class StudentRun:
         return results
 
     def _load_draft_target(self, dtype) -> tuple:
-        from ds_distill.data.tokenizers import load_tokenizer
-
         target = self.train_config.eval_draft_for
         adapter = models.adapter_for(models.load_config(target, "train.eval_draft_for"))
         model = adapter.from_pretrained(target, "teacher", dtype=dtype).to(self.device).eval()
