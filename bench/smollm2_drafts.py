@@ -97,13 +97,6 @@ def main(seeds: int = 3, prompts: int = 16, new_tokens: int = 32, steps: int = 1
             )  # fmt: skip
             print(f"{row}, {path.parent.name}: {drafting.described(scores[row][-1])}", flush=True)
 
-    def column(row: str, key: str, digits: int = 3) -> str:
-        return mean_sd([result[key] for result in scores[row]], digits)
-
-    def paired(row: str, baseline: str) -> str:
-        pairs = zip(scores[row], scores[baseline], strict=True)
-        return mean_sd([a["draft/acceptance_rate"] - b["draft/acceptance_rate"] for a, b in pairs], 3)
-
     table = [
         f"Teacher SmolLM2-135M-Instruct; students 12 blocks x 384 (37.8M with the teacher's vocabulary; (e) and (f) "
         f"have {vocab_size} ids of their own and draft across tokenizers, universal assisted decoding), trained "
@@ -114,10 +107,7 @@ def main(seeds: int = 3, prompts: int = 16, new_tokens: int = 32, steps: int = 1
         "| draft | acceptance rate | accepted tokens per teacher step | speed-up | identical outputs |",
         "|---|---:|---:|---:|---:|",
     ]
-    for row in scores:
-        table.append(f"| {row} | {column(row, 'draft/acceptance_rate')} | "
-                     f"{column(row, 'draft/mean_accepted_tokens', 2)} | {column(row, 'draft/speedup', 3)} | "
-                     f"{column(row, 'draft/identical', 2)} |")  # fmt: skip
+    table += [f"| {row} | {draft_cells(scores[row])} |" for row in scores]
     table += [
         "",
         "Prompts left out where Hugging Face's universal assisted decoding failed (per seed): "
@@ -125,13 +115,29 @@ def main(seeds: int = 3, prompts: int = 16, new_tokens: int = 32, steps: int = 1
         + ".",
         "",
         "Paired acceptance rate, seed by seed: "
-        + "; ".join(f"{a[:3]} - {b[:3]} = {paired(a, b)}" for a, b in PAIRS if a in scores and b in scores)
+        + "; ".join(
+            f"{a[:3]} - {b[:3]} = {paired_acceptance(scores[a], scores[b])}"
+            for a, b in PAIRS
+            if a in scores and b in scores
+        )
         + ".",
         "",
         cost(results, started),
     ]
     where = out / ("drafts" if len(chosen) == 1 + len(TRAINED) else f"drafts_{rows}")
     write_table(where, "SmolLM2-135M students as its speculative drafts", table)
+
+
+def draft_cells(seeds: list[dict]) -> str:
+    """A row's draft figures over its seeds: acceptance rate | accepted tokens per step | speed-up | identical."""
+    keys = {"draft/acceptance_rate": 3, "draft/mean_accepted_tokens": 2, "draft/speedup": 2, "draft/identical": 2}
+    return " | ".join(mean_sd([result[key] for result in seeds], digits) for key, digits in keys.items())
+
+
+def paired_acceptance(seeds: list[dict], baseline: list[dict]) -> str:
+    """The acceptance rate minus the baseline's, seed by seed: mean +- sd."""
+    pairs = zip(seeds, baseline, strict=True)
+    return mean_sd([a["draft/acceptance_rate"] - b["draft/acceptance_rate"] for a, b in pairs], 3)
 
 
 if __name__ == "__main__":

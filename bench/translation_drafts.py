@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.quality import as_list, cost, mean_sd, prepare_teacher, run_jobs, student_run, write_table  # noqa: E402
+from bench.smollm2_drafts import draft_cells, paired_acceptance  # noqa: E402
 from ds_distill.train import drafting  # noqa: E402
 
 BEFORE = "(a) before training"
@@ -101,13 +102,6 @@ def run_pad_id(teacher: Path) -> int:
 
 
 def table(sizes, seeds, prompts, steps, scores, cells, results, started) -> list[str]:
-    def column(size: str, row: str, key: str, digits: int) -> str:
-        return mean_sd([result[key] for result in scores[size, row]], digits)
-
-    def paired(size: str, row: str, baseline: str) -> str:
-        pairs = zip(scores[size, row], scores[size, baseline], strict=True)
-        return mean_sd([a["draft/acceptance_rate"] - b["draft/acceptance_rate"] for a, b in pairs], 3)
-
     lines = [
         f"Teacher: bench/quality.py's translation T5 (7.41M). Students cut from it (layers alternate, width "
         f"importance), trained {steps} steps with bench/quality.py's settings. Hugging Face assisted generation, "
@@ -121,14 +115,11 @@ def table(sizes, seeds, prompts, steps, scores, cells, results, started) -> list
     ]
     for size, row in scores:
         bleu = mean_sd([results[name]["bleu"] for name in cells[size, row]], 1) if row in TRAINED else ""
-        lines.append(
-            f"| {size} | {row} | {bleu} | {column(size, row, 'draft/acceptance_rate', 3)} | "
-            f"{column(size, row, 'draft/mean_accepted_tokens', 2)} | {column(size, row, 'draft/speedup', 2)} | "
-            f"{column(size, row, 'draft/identical', 2)} |"
-        )
+        lines.append(f"| {size} | {row} | {bleu} | {draft_cells(scores[size, row])} |")
     lines += ["", "Paired acceptance rate, seed by seed:", ""]
     for size in sizes:
-        lines.append(f"- {size}: " + "; ".join(f"{a[:3]} - {b[:3]} = {paired(size, a, b)}" for a, b in PAIRS))
+        gains = (f"{a[:3]} - {b[:3]} = {paired_acceptance(scores[size, a], scores[size, b])}" for a, b in PAIRS)
+        lines.append(f"- {size}: " + "; ".join(gains))
     lines += ["", cost(results, started)]
     return lines
 
