@@ -151,3 +151,20 @@ def test_a_draft_with_its_own_tokenizer_proposes_through_the_text(tmp_path):
     assert "(1 failed)" in drafting.described(partial)
     with pytest.raises(RuntimeError, match="cannot reshape"):
         drafting.draft_scores(target, target, prompts, 12, 0, False)
+
+
+def test_an_output_that_differs_with_the_draft_is_reported_and_warned(tiny):
+    target = AutoModelForCausalLM.from_pretrained(tiny["gpt2"]).eval()
+    generate = target.generate
+
+    def one_token_off(*args, **kwargs):
+        output = generate(*args, **kwargs)
+        if "assistant_model" in kwargs and kwargs["input_ids"][0].tolist() == found[0]:
+            output[0, -1] += 1
+        return output
+
+    found = prompts(tiny, "causal")
+    target.generate = one_token_off
+    with pytest.warns(UserWarning, match="differs from its output alone on 1 of 6 prompts"):
+        results = drafting.draft_scores(target, target, found, 12, 0, False)
+    assert results["draft/identical"] == pytest.approx(5 / 6)
