@@ -6,8 +6,7 @@
 For `fraction` of the micro-batches, drawn from (seed, micro-batch number), so the same on every rank and in a
 resumed run, the student samples continuations (at `temperature`) of the batch's sources (encoder-decoder), of
 its prompts (decoder-only, data.prompt_field; a conversation before its last assistant turn, data.messages_field)
-or of each block's first `prompt_tokens` (decoder-only, packed
-text); the batch then holds those samples as its
+or of each block's first `prompt_tokens` (decoder-only, packed text); the batch then holds those samples as its
 targets, the teacher scores them like any batch, and the KD term (any divergence, at losses.kd.temperature) is
 taken on the sampled tokens only. The other micro-batches are teacher-forced on the data as before. CE and every
 other term stay means over the step's data tokens; KD becomes a mean over all its tokens, the data's and the
@@ -15,9 +14,9 @@ sampled ones ("sampled" in the step's token counts).
 
 The samples are pure ancestral samples of the student at `temperature`: of the model's generation config only
 its ids are kept (where a sequence starts and with what language, every id that ends one, what pads), none of
-its search settings or
-logits processors (beams, n-gram blocking, repetition penalties, minimum lengths, forced tokens: BART-base ships
-the first three, Qwen2.5-Instruct a repetition penalty), which would make the samples another policy's.
+its search settings or logits processors (beams, n-gram blocking, repetition penalties, minimum lengths, forced
+tokens: BART-base ships the first three, Qwen2.5-Instruct a repetition penalty), which would make the samples
+another policy's.
 Evaluation and the export keep that config as it is. A sample ends at its first end id, whichever of the
 model's it is (Qwen-Instruct ends at `<|im_end|>` or `<|endoftext|>`): nothing after it is a target.
 
