@@ -51,6 +51,7 @@ import yaml
 from ds_distill import dist
 from ds_distill.config import paths
 from ds_distill.config.load import NAME, expand_method, merge, parse_students, read_tree, with_base
+from ds_distill.config.losses import OPTIONS, LossTerm, losses_tree
 from ds_distill.config.run import RunConfig, to_dict, validate
 from ds_distill.config.typed import from_dict
 from ds_distill.errors import ConfigError
@@ -209,7 +210,13 @@ def settings(tree: dict) -> dict:
     """A resolved config tree (`to_dict`, or a run's saved config.yaml) reduced to what is set away from the
     defaults, as JSON holds it (tuples become lists); `method` is left out, already expanded into the losses."""
     tree = {k: v for k, v in json.loads(json.dumps(tree)).items() if k != "method"}
-    return _set_keys(tree, json.loads(json.dumps(to_dict(RunConfig()))))
+    losses = tree.pop("losses", None) or {}
+    kept = _set_keys(tree, json.loads(json.dumps(to_dict(RunConfig()))))
+    # every term by name, with what it sets away from its own options' defaults (a run writes them all)
+    defaults = losses_tree({name: LossTerm(1.0, OPTIONS[name]()) for name in losses if name in OPTIONS})
+    kept["losses"] = {name: _set_keys(term, json.loads(json.dumps(defaults.get(name, {}))))
+                      for name, term in losses.items()}  # fmt: skip
+    return kept
 
 
 def read_manifest(output_dir: Path) -> dict:

@@ -16,6 +16,7 @@ import yaml
 
 from ds_distill import dist
 from ds_distill.config import paths
+from ds_distill.config.losses import losses_tree, parse_losses
 from ds_distill.errors import ConfigError
 
 RESUMABLE = (
@@ -155,9 +156,18 @@ def changed_keys(saved: Path, config_yaml: str) -> list[tuple[str, object, objec
     before, after = (yaml.safe_load(text) or {} for text in (saved.read_text(), config_yaml))
     if not (isinstance(before, dict) and isinstance(after, dict)):
         return [("config.yaml", before, after)] if before != after else []
-    before, after = _flat(paths.absolute_tree(before)), _flat(after)  # a run saved with relative paths too
+    before, after = _flat(paths.absolute_tree(_spelled_out(before))), _flat(after)  # saved with relative paths too
     return [(key, before.get(key), after.get(key)) for key in sorted(before.keys() | after.keys())
             if before.get(key) != after.get(key)]  # fmt: skip
+
+
+def _spelled_out(tree: dict) -> dict:
+    """A saved config with every option of its loss terms spelled out, as this version writes them: a run saved
+    by an earlier version wrote only the options it set, and one that adds an option writes it at its default."""
+    try:
+        return {**tree, "losses": losses_tree(parse_losses(tree["losses"]))} if tree.get("losses") else tree
+    except ConfigError:  # a term or option this version lacks: compared as written, so it shows as changed
+        return tree
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

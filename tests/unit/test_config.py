@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from ds_distill.config.load import load_config, load_tree
 from ds_distill.config.run import RunConfig
@@ -249,3 +250,30 @@ def test_a_run_saved_with_relative_paths_is_the_same_run_with_them_absolute(tmp_
     now = f"data: {{dataset: json, data_files: {{train: {tmp_path}/t.jsonl}}}}\ntrain: {{output_dir: {tmp_path}/runs/x}}\n"
     assert changed_keys(saved, now) == []
     assert [key for key, *_ in changed_keys(saved, now.replace("runs/x", "runs/y"))] == ["train.output_dir"]
+
+
+def test_a_run_saved_with_only_the_loss_options_it_set_is_the_same_run_with_all_spelled_out(tmp_path):
+    """config.yaml spells out every option of every loss term; one that names only those it set (an earlier
+    version's) compares equal to it for --resume, and a chain's fingerprint of a stage is the same either way. A
+    term at its defaults still counts: {ce, kd} is not {ce}."""
+    from ds_distill.chain import settings
+    from ds_distill.config.run import to_dict, to_yaml
+    from ds_distill.config.run_dir import changed_keys
+
+    short = {"ce": {"weight": 1.0}, "kd": {"weight": 0.5, "temperature": 2.0}}
+    run = from_dict(RunConfig, {"losses": short, "train": {"output_dir": str(tmp_path / "r")}})
+    saved = tmp_path / "config.yaml"
+    saved.write_text(yaml.safe_dump({"losses": short, "train": {"output_dir": str(tmp_path / "r")}}))
+    full = yaml.safe_load(to_yaml(run))
+    assert full["losses"]["kd"]["divergence"] == "forward_kl"  # every option written
+
+    def changed_losses(now: str) -> list[str]:  # the saved file names nothing else
+        return [key for key, *_ in changed_keys(saved, now) if key.startswith("losses")]
+
+    assert changed_losses(to_yaml(run)) == []
+    assert changed_losses(to_yaml(run).replace("temperature: 2.0", "temperature: 3.0")) == ["losses.kd.temperature"]
+    assert settings({**to_dict(run), "losses": short}) == settings(to_dict(run))
+    assert settings(to_dict(run))["losses"] == {"ce": {}, "kd": {"weight": 0.5, "temperature": 2.0}}
+    ce_only = from_dict(RunConfig, {"losses": {"ce": {"weight": 1.0}}})
+    ce_kd = from_dict(RunConfig, {"losses": {"ce": {"weight": 1.0}, "kd": {}}})
+    assert settings(to_dict(ce_only)) != settings(to_dict(ce_kd))
