@@ -66,7 +66,7 @@ def evaluate_model(
     if draft_for:  # refused before any weights load
         target_tokenizer = tokenizers.load_tokenizer(draft_for)
         drafting.check_pair(model_config, models.load_config(draft_for, "--draft_for"), tokenizer, target_tokenizer,
-                            "--draft_for")  # fmt: skip
+                            "--draft_for", conversations=bool(run.data.messages_field))  # fmt: skip
     raw = data.load_raw(run.data, need_train=False)
     if split not in raw:
         raise ConfigError(f"dataset '{run.data.dataset}' has no split '{split}' (it has {', '.join(raw)})")

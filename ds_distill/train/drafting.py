@@ -13,9 +13,9 @@ generation runs). Proposals are counted where Hugging Face's candidate generator
 (`update_candidate_strategy`). Prompts: a seq2seq example's source, a prompted or conversation example's prompt,
 a packed block's first `PACKED_PROMPT_TOKENS`.
 
-A decoder-only draft with a vocabulary of its own (a student of another family, or one with a compact vocabulary)
-drafts through Hugging Face's universal assisted decoding: each step the text is re-encoded from one tokenizer
-into the other, and the counts are in the target's tokens.
+A decoder-only draft with a vocabulary of its own (a student of another family, or one with a compact vocabulary),
+or with its embeddings padded to another size, drafts through Hugging Face's universal assisted decoding: each
+step the text is re-encoded from one tokenizer into the other, and the counts are in the target's tokens.
 """
 
 from __future__ import annotations
@@ -51,42 +51,59 @@ class DraftCounts:
         self.steps += other.steps
 
 
-def check_pair(draft_config, target_config, draft_tokenizer, target_tokenizer, where: str) -> None:
-    """Refuses a draft that cannot propose for the target, in one line."""
+def check_pair(draft_config, target_config, draft_tokenizer, target_tokenizer, where: str,
+               conversations: bool = False) -> None:  # fmt: skip
+    """Refuses a draft that cannot propose for the target, in one line (`conversations`: the prompts are
+    conversations rendered by the draft's chat template)."""
     kinds = {models.adapter_for(config).kind for config in (draft_config, target_config)}
     if "encoder" in kinds:
         raise ConfigError(f"{where}: an encoder-only model does not generate, so it neither drafts nor is drafted for")
     if len(kinds) > 1:
         raise ConfigError(f"{where}: the draft and the target must both be decoder-only or both encoder-decoder")
-    if not across_tokenizers(target_tokenizer, draft_tokenizer):
-        return
-    if kinds == {"seq2seq"}:
-        raise ConfigError(f"{where}: the draft's tokenizer is not the target's, and drafting across tokenizers "
-                          "(Hugging Face's universal assisted decoding) re-encodes the generated text only, not an "
-                          "encoder's source: it works for decoder-only pairs")  # fmt: skip
+    same_vocabulary = same(draft_tokenizer, target_tokenizer)
     sizes = [config.get_text_config().vocab_size for config in (draft_config, target_config)]
+    if same_vocabulary and sizes[0] == sizes[1]:
+        return
+    # Hugging Face drafts across vocabularies, and across embedding sizes, only by universal assisted decoding
+    differ = ("the draft's tokenizer is not the target's" if not same_vocabulary
+              else f"the draft has {sizes[0]} embeddings and the target {sizes[1]}")  # fmt: skip
+    if kinds == {"seq2seq"}:
+        raise ConfigError(f"{where}: {differ}, so Hugging Face would draft by universal assisted decoding, which "
+                          "re-encodes the generated text only, not an encoder's source: it works for decoder-only "
+                          "pairs")  # fmt: skip
     if sizes[0] == sizes[1]:  # Hugging Face tells the two cases apart by the embedding sizes
         raise ConfigError(f"{where}: the draft's tokenizer is not the target's, but both models have {sizes[0]} "
                           "embeddings, which Hugging Face's universal assisted decoding takes for one tokenizer")  # fmt: skip
+    if conversations and not same_vocabulary:
+        raise ConfigError(f"{where}: the prompts are conversations rendered by the draft's chat template, which the "
+                          "target with another tokenizer does not read; measure the draft on packed or prompted "
+                          "text (data.prompt_field)")  # fmt: skip
     for role, tokenizer in (("draft", draft_tokenizer), ("target", target_tokenizer)):
         ids = tokenizer("a")["input_ids"]
         if ids and tokenizer.eos_token_id is not None and ids[-1] == tokenizer.eos_token_id:
-            raise ConfigError(f"{where}: the {role}'s tokenizer appends its end token to every text, and drafting "
-                              "across tokenizers (universal assisted decoding) re-encodes each prefix with the "
-                              "special tokens: the draft would be shown an ended text at every step")  # fmt: skip
+            raise ConfigError(f"{where}: {differ}, so Hugging Face drafts by universal assisted decoding, which "
+                              f"re-encodes each prefix with the special tokens; the {role}'s tokenizer appends its "
+                              "end token to every text, so the draft would be shown an ended text at every step")  # fmt: skip
 
 
-def across_tokenizers(target_tokenizer, draft_tokenizer) -> dict:
-    """The arguments `generate` needs for a draft with another vocabulary (universal assisted decoding: the text
-    is re-encoded each step, and greedy decoding still keeps the target's output); none for the same one."""
-    if target_tokenizer is None or draft_tokenizer.get_vocab() == target_tokenizer.get_vocab():
+def same(draft_tokenizer, target_tokenizer) -> bool:
+    return draft_tokenizer.get_vocab() == target_tokenizer.get_vocab()
+
+
+def universal_arguments(target, draft, tokenizers: tuple | None) -> dict:
+    """The arguments `generate` needs where Hugging Face drafts by universal assisted decoding (the text is
+    re-encoded each step; greedy decoding still keeps the target's output): where the two models' embedding
+    sizes differ, another vocabulary's or the same one padded otherwise. None where they are the same."""
+    if target.config.get_text_config().vocab_size == draft.config.get_text_config().vocab_size:
         return {}
-    return {"tokenizer": target_tokenizer, "assistant_tokenizer": draft_tokenizer}
+    if tokenizers is None:
+        raise ValueError("the draft's and the target's embedding sizes differ: give tokenizers=(target's, draft's)")
+    return {"tokenizer": tokenizers[0], "assistant_tokenizer": tokenizers[1]}
 
 
 def in_target_tokens(prompts: list[list[int]], draft_tokenizer, target_tokenizer) -> list[list[int]]:
     """Prompts tokenized by the draft's tokenizer (the split's), as the target's tokens: the same text."""
-    if not across_tokenizers(target_tokenizer, draft_tokenizer):
+    if same(draft_tokenizer, target_tokenizer):
         return prompts
     bos = draft_tokenizer.bos_token_id
     texts = [draft_tokenizer.decode(ids[1:] if ids[:1] == [bos] else ids) for ids in prompts]
@@ -135,13 +152,14 @@ def counted(target, counts: DraftCounts):
 def draft_scores(target, draft, prompts: list[list[int]], max_new_tokens: int, pad_token_id: int,
                  progress: bool = True, tokenizers: tuple | None = None) -> dict[str, float]:  # fmt: skip
     """The draft's acceptance and speed-up on `prompts` (the target's token ids; see the module docstring).
-    `tokenizers`: (the target's, the draft's) where they may differ. Across tokenizers, a prompt on which Hugging
-    Face's universal assisted decoding fails is left out, with a warning, and counted (`draft/failed_prompts`)."""
+    `tokenizers`: (the target's, the draft's), needed where the embedding sizes differ. There, a prompt on which
+    Hugging Face's universal assisted decoding fails is left out, with a warning, and counted
+    (`draft/failed_prompts`)."""
     target.eval()
     draft.eval()
     device = next(target.parameters()).device
     settings = {"do_sample": False, "num_beams": 1, "max_new_tokens": max_new_tokens, "pad_token_id": pad_token_id}
-    assisted = across_tokenizers(*tokenizers) if tokenizers else {}
+    assisted = universal_arguments(target, draft, tokenizers)
     counts, identical, tokens, alone_s, drafted_s, failed, warm = DraftCounts(), 0, 0, 0.0, 0.0, 0, False
     for index, prompt in enumerate(tqdm(prompts, desc="draft", unit="prompt", leave=False, disable=not progress)):
         inputs = {"input_ids": torch.tensor([prompt], device=device)}

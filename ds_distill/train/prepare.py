@@ -230,7 +230,7 @@ def check_draft(run: RunConfig, student_config, tokenizer, student_ds: dict, val
     where = "train.eval_draft_for"
     target = run.train.eval_draft_for
     drafting.check_pair(student_config, models.load_config(target, where), tokenizer,
-                        tokenizers.load_tokenizer(target), where)  # fmt: skip
+                        tokenizers.load_tokenizer(target), where, bool(run.data.messages_field))  # fmt: skip
     if not validation_split:
         raise ConfigError(f"{where} measures the draft on the validation split's prompts, and the run has none")
     if ds_config.zero_stage(student_ds) == 3:

@@ -93,7 +93,7 @@ def test_pairs_that_cannot_draft_are_refused(tiny, tmp_path):
     other_t5 = tiny_models.byte_level_t5(tmp_path / "t5")
     with pytest.raises(
         ConfigError,
-        match="the draft's tokenizer is not the target's, and drafting across .* works for decoder-only pairs",
+        match="the draft's tokenizer is not the target's, so Hugging Face would draft .* works for decoder-only pairs",
     ):
         check(other_t5, tiny["t5"], without_end_token(other_t5))
     other = tiny_models.byte_level_gpt2(tmp_path / "gpt2")
@@ -103,6 +103,16 @@ def test_pairs_that_cannot_draft_are_refused(tiny, tmp_path):
         check(other, tiny["gpt2"], without_end_token(other))
     with pytest.raises(ConfigError, match="both models have 1024 embeddings, which Hugging Face's universal"):
         check(tiny["gpt2"], tiny["gpt2"], without_end_token(other))
+    with pytest.raises(ConfigError, match="the prompts are conversations rendered by the draft's chat template"):
+        drafting.check_pair(AutoConfig.from_pretrained(other), AutoConfig.from_pretrained(tiny["gpt2"]),
+                            without_end_token(other), AutoTokenizer.from_pretrained(tiny["tokenizer"]), "--draft_for",
+                            conversations=True)  # fmt: skip
+    # one tokenizer, embeddings padded to another size: Hugging Face drafts by universal assisted decoding there too
+    tokenizer = AutoTokenizer.from_pretrained(tiny["tokenizer"])
+    for family, refused in (("t5", "works for decoder-only pairs"), ("gpt2", "the draft's tokenizer appends")):
+        grown = AutoConfig.from_pretrained(tiny[family], vocab_size=1032)
+        with pytest.raises(ConfigError, match=f"the draft has 1032 embeddings and the target 1024, .*{refused}"):
+            drafting.check_pair(grown, AutoConfig.from_pretrained(tiny[family]), tokenizer, tokenizer, "--draft_for")
 
 
 def test_a_draft_with_its_own_tokenizer_proposes_through_the_text(tmp_path):
@@ -132,8 +142,16 @@ def test_a_draft_with_its_own_tokenizer_proposes_through_the_text(tmp_path):
     for results in scores.values():
         assert results["draft/identical"] == 1.0 and results["draft/acceptance_rate"] > 0
     # re-encoding a random model's greedy tokens merges some of them otherwise, so even the target itself is
-    # shown another context part of the time: 0.29 against 0.18 when written
+    # shown another context part of the time: 0.38 against 0.31 when written
     assert scores["itself"]["draft/acceptance_rate"] > scores["other"]["draft/acceptance_rate"] + 0.05
+
+    # the target's own tokenizer, its embeddings grown: Hugging Face needs both tokenizers there too, and the
+    # proposals are those of the draft behind the two added tokens (which no text holds)
+    padded = drafting.draft_scores(target, itself, prompts, 12, 0, False, (target_tokenizer, target_tokenizer))
+    assert padded["draft/identical"] == 1.0
+    assert padded["draft/acceptance_rate"] == pytest.approx(scores["itself"]["draft/acceptance_rate"])
+    with pytest.raises(ValueError, match="embedding sizes differ: give tokenizers"):
+        drafting.draft_scores(target, itself, prompts, 12, 0, False)
 
     # a prompt on which universal assisted decoding raises (as Hugging Face's can, on a re-encoding that adds no
     # draft token) is left out with a warning and counted; with one tokenizer the error is raised
