@@ -4,8 +4,9 @@ own chat template, only the assistant turns as targets.
     data: {task: causal_lm, dataset: json, data_files: {train: chats.jsonl}, messages_field: messages}
 
 A row holds a list of `{role, content}` (roles: system, user, assistant, tool). Every assistant turn is a target,
-up to and with its first end-of-sequence token (the template's end of turn, `<|im_end|>` or `<|eot_id|>`), not
-what the template writes after it (a newline, the next turn's header). Where the template marks the assistant's
+up to and with the first special token after its text (the template's end of turn, `<|im_end|>` or `<|eot_id|>`,
+whether or not the tokenizer's EOS is that token), not what the template writes after it (a newline, the next
+turn's header). Where the template marks the assistant's
 tokens (`{% generation %}`), that mask is taken; otherwise each assistant turn is found by rendering the
 conversation before it (with the generation prompt) and through it, and both renderings must be prefixes of the
 whole one: a template that renders a prefix otherwise (one that drops earlier turns' reasoning) is refused.
@@ -94,11 +95,12 @@ def _marked(tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]:
 def _from_prefixes(tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]:
     """(ids, target per token): each assistant turn's text lies between the rendering of the conversation before
     it (with the generation prompt) and through it; its tokens are those that start there, up to and with the
-    first end-of-sequence token."""
+    first special token after its text (the template's end of turn)."""
     whole = tokenizer.apply_chat_template(messages, tokenize=False)
     encoded = tokenizer(whole, add_special_tokens=False, return_offsets_mapping=True)
     ids, starts = encoded["input_ids"], [start for start, _ in encoded["offset_mapping"]]
     targets = [False] * len(ids)
+    special = set(tokenizer.all_special_ids)  # the end-of-turn token is one, whether or not it is the EOS token
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
@@ -111,9 +113,12 @@ def _from_prefixes(tokenizer, messages: list[dict]) -> tuple[list[int], list[boo
                 "give it {% generation %} marks (transformers' assistant mask) or use data.prompt_field"
             )
         turn = [i for i, start in enumerate(starts) if len(before) <= start < len(through)]
+        written = False
         for i in turn:
             targets[i] = True
-            if ids[i] == tokenizer.eos_token_id:  # the end of the turn: what follows is the template's
+            if ids[i] not in special:
+                written = True
+            elif written:  # the end of the turn (`<|im_end|>`, `<|eot_id|>`, ...): what follows is the template's
                 break
     return ids, targets
 

@@ -87,6 +87,13 @@ def test_chatml_targets_each_assistant_turn_and_its_end_of_turn_not_the_newline_
     assert target_runs(chatml, row) == ["The capital is Paris.<|im_end|>", "It is Berlin.<|im_end|>"]
 
 
+def test_the_end_of_turn_ends_a_target_where_the_eos_token_is_another(chatml):
+    """A base model's tokenizer with a chat template (Qwen2.5's: EOS `<|endoftext|>`, turns ending `<|im_end|>`)."""
+    base = AutoTokenizer.from_pretrained(chatml.name_or_path)
+    base.eos_token = "<|endoftext|>"
+    assert target_runs(base, features(base)) == ["The capital is Paris.<|im_end|>", "It is Berlin.<|im_end|>"]
+
+
 def test_llama3_style_targets_each_assistant_turn_with_its_eot(llama3):
     row = features(llama3)
     assert target_runs(llama3, row) == ["The capital is Paris.<|eot_id|>", "It is Berlin.<|eot_id|>"]
