@@ -11,8 +11,9 @@ tokens (`{% generation %}`), that mask is taken; otherwise each assistant turn i
 conversation before it (with the generation prompt) and through it, and both renderings must be prefixes of the
 whole one: a template that renders a prefix otherwise (one that drops earlier turns' reasoning) is refused.
 
-`generate_targets` and on-policy KD continue each conversation before its last assistant turn; their reply takes
-that turn's place (`teacher_target` holds its content).
+`generate_targets` continues each conversation before its last assistant turn (`reply_prompt`, whatever
+`block_size` cuts), and its reply takes that turn's place (`teacher_target` holds its content). On-policy KD
+continues a block before its last run of targets: the last assistant turn the block holds.
 """
 
 from __future__ import annotations
@@ -64,6 +65,13 @@ def last_reply(messages: list[dict]) -> int:
 def before_reply(messages: list[dict]) -> list[dict]:
     """What a model continues in `generate_targets` and on-policy KD: the messages before the last assistant turn."""
     return messages[: last_reply(messages)]
+
+
+def reply_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    """The tokens a model continues to write the conversation's last assistant turn: the messages before it,
+    rendered with the generation prompt and tokenized as `conversation_features` tokenizes the whole."""
+    text = tokenizer.apply_chat_template(before_reply(messages), tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def with_reply(messages: list[dict], reply: str) -> list[dict]:

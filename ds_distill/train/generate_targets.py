@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from ds_distill import dist, models
 from ds_distill.config import deepspeed as ds_config
 from ds_distill.config.run import TEACHER_TARGET, RunConfig, cross_tokenizer
-from ds_distill.data import batches
+from ds_distill.data import batches, conversations
 from ds_distill.data import tokenized as data
 from ds_distill.errors import ConfigError
 from ds_distill.train import on_policy, shards
@@ -90,9 +90,13 @@ def write_targets(run: RunConfig, directory: Path, settings: GenerationSettings,
                            "generated targets", overwrite)  # fmt: skip
     if dist.is_main():
         (directory / "shards").mkdir(exist_ok=True)
+    chats = None
+    if run.data.messages_field:  # continued as the data holds them, not as block_size cut them
+        raw = data.load_raw(run.data)[run.data.train_split]
+        chats = data.limited(run.data, run.data.train_split, raw)[run.data.messages_field]
     teacher = load_teacher(models.teacher_weights(run.teacher), p.teacher_ds)
     try:
-        _generate_shards(teacher, p, split, directory, settings, pending, manifest["shards"])
+        _generate_shards(teacher, p, split, chats, directory, settings, pending, manifest["shards"])
     finally:
         teacher.destroy()
     if dist.is_main():
@@ -109,9 +113,10 @@ def write_targets(run: RunConfig, directory: Path, settings: GenerationSettings,
     return directory / "train.jsonl"
 
 
-def _generate_shards(teacher, p, split, directory: Path, settings: GenerationSettings, pending, total) -> None:
+def _generate_shards(teacher, p, split, chats, directory: Path, settings: GenerationSettings, pending,
+                     total) -> None:  # fmt: skip
     """Each rank's shards, round by round (`shards.rounds`), its `generate` calls in step with the other ranks'
-    (`shards.in_step`)."""
+    (`shards.in_step`). `chats`: the split's conversations (data.messages_field), else None."""
     pad = batches.make_collator(p.run.data, p.tokenizer)
     decoder_only = p.run.data.task == "causal_lm"  # prompted: continued after their left padding
     lengths = batches.example_lengths(split)
@@ -127,7 +132,10 @@ def _generate_shards(teacher, p, split, directory: Path, settings: GenerationSet
         texts: dict[int, str] = {}
         for group in shards.in_step(groups):
             rows = [split[i] for i in group or stand_in]
-            if decoder_only:
+            if chats is not None:
+                replied = [conversations.reply_prompt(p.tokenizer, chats[i]) for i in group or stand_in]
+                sources = batches.left_padded(replied, p.tokenizer.pad_token_id)
+            elif decoder_only:
                 sources = batches.left_padded(batches.prompts(pad(rows)), p.tokenizer.pad_token_id)
             else:
                 sources = pad([{key: row[key] for key in ("input_ids", "attention_mask")} for row in rows])

@@ -125,6 +125,11 @@ def test_the_prompt_of_a_conversation_is_everything_before_its_last_assistant_tu
     (prompt,) = batches.prompts(batch)
     rendered = chatml.apply_chat_template(CONVERSATION[:3], tokenize=False, add_generation_prompt=True)
     assert chatml.decode(prompt) == rendered
+    # generate_targets renders it from the messages: the same tokens, and still the whole of them where block_size
+    # cuts the last turn off (a block's own prompt is then what comes before its first turn)
+    assert conversations.reply_prompt(chatml, CONVERSATION) == prompt
+    short = {key: torch.tensor([value]) for key, value in features(chatml, block_size=len(prompt) - 2).items()}
+    assert batches.prompts(short)[0] != prompt and conversations.reply_prompt(chatml, CONVERSATION) == prompt
     assert conversations.with_reply(CONVERSATION, "Berlin.")[-1] == {"role": "assistant", "content": "Berlin."}
     assert conversations.with_reply(CONVERSATION, "Berlin.")[:3] == CONVERSATION[:3]
 
