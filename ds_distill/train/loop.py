@@ -73,7 +73,9 @@ class Trainer:
             teacher = load_teacher(models.teacher_weights(first.run.teacher), first.teacher_ds)
         self.teacher = teacher
         several = len(prepared) > 1
-        self.students = [StudentRun(p, teacher, name, tag, own_rng=several) for name, p in prepared.items()]
+        drafts = {}  # train.eval_draft_for's models, one copy for all the students
+        self.students = [StudentRun(p, teacher, name, tag, own_rng=several, draft_targets=drafts)
+                         for name, p in prepared.items()]  # fmt: skip
         self.adapter = self.students[0].adapter  # the students are of one kind: they share the batches
         self.device = self.students[0].device
         self.teacher_side = None

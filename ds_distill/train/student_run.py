@@ -44,7 +44,8 @@ class StepBatches:
 class StudentRun:
     """A student being trained: its DeepSpeed engine and pruner, its step counters, and its output_dir."""
 
-    def __init__(self, p: Prepared, teacher, name: str, resume_tag: str | None, own_rng: bool):
+    def __init__(self, p: Prepared, teacher, name: str, resume_tag: str | None, own_rng: bool,
+                 draft_targets: dict | None = None):  # fmt: skip
         """`teacher`: the run's teacher engine (a student cut from it reads its weights), or None; `name`: the
         student's name under `students:`, else ""; `resume_tag`: the checkpoint to go on from; `own_rng`: keep a
         random-number state of its own (one of several students: its dropout must not depend on the others')."""
@@ -82,7 +83,8 @@ class StudentRun:
         self.rng = checkpoint.rng_state() if own_rng else None  # as it seeded (or resumed) it
         self.log = RunLog(p.output_dir, self.step)
         self.progress = None
-        self._draft_target = None  # train.eval_draft_for's model, loaded at the first evaluation
+        # train.eval_draft_for's models by (path, dtype), loaded at the first evaluation; shared by a run's students
+        self.draft_targets = {} if draft_targets is None else draft_targets
 
     def _resume(self, tag: str) -> None:
         state = checkpoint.load(self.engine, self.checkpoints, tag)
@@ -244,12 +246,13 @@ class StudentRun:
 
     def _draft_scores(self, student, split) -> dict[str, float]:
         """The student as `train.eval_draft_for`'s draft (train/drafting.py), measured by the main rank; the target
-        loads at the first evaluation and stays."""
+        loads at the first evaluation and stays, one copy for every student of the run that drafts for it."""
         results = {}
         if dist.is_main():
-            if self._draft_target is None:
-                self._draft_target = self._load_draft_target(next(student.parameters()).dtype)
-            target, target_tokenizer = self._draft_target
+            key = (self.train_config.eval_draft_for, next(student.parameters()).dtype)
+            if key not in self.draft_targets:
+                self.draft_targets[key] = self._load_draft_target(key[1])
+            target, target_tokenizer = self.draft_targets[key]
             prompts = drafting.draft_prompts(split, self.p.run.data, self.adapter.kind, drafting.PROMPTS)
             prompts = drafting.in_target_tokens(prompts, self.p.tokenizer, target_tokenizer)
             results = drafting.draft_scores(target, student, prompts, self.train_config.generation_max_length,
